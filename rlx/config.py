@@ -1,0 +1,343 @@
+"""Typed config dataclasses: the single source of defaults.
+
+Precedence, lowest to highest: dataclass defaults, then a YAML file, then `key.sub=value` arguments:
+
+    cfg = load_config(GenerateConfig, "recipes/generate.yaml", ["rollout.temperature=0.7"])
+
+`from_dict` type-checks every value against its field's annotation before the dataclass's own
+`__post_init__` checks the ranges. To add a config, write a dataclass whose fields are declared with
+`knob(default, help=...)`; nested dataclasses and `list[SomeConfig]` need nothing else.
+"""
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tempfile
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value. Messages raised in `__post_init__` start with the field name, so that
+    `from_dict` can prefix the dotted path of the enclosing config (`rollout.` + `top_p must ...`)."""
+
+
+def knob(default: Any = dataclasses.MISSING, *, help: str) -> Any:
+    """A dataclass field with its help text; mutable defaults (lists, dicts, configs) are copied
+    for each instance. Leave `default` out for a required field."""
+    if default is not dataclasses.MISSING and type(default).__hash__ is None:
+        return dataclasses.field(
+            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}
+        )
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- config dataclasses
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The policy model."""
+
+    name: str = knob("smollm2", help='alias ("smollm2"), a local HF model directory, or a hub id')
+    dtype: Literal["float32", "bfloat16"] = knob("float32", help="trainer-side parameter dtype")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name", "a non-empty string", self.name)
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """How completions are sampled."""
+
+    backend: Literal["vllm", "hf"] = knob("vllm", help="generation engine; hf is the slow fallback")
+    num_samples: int = knob(8, help="completions sampled per prompt (the group size)")
+    max_new_tokens: int = knob(64, help="most tokens generated per completion")
+    temperature: float = knob(1.0, help="sampling temperature; 0 = greedy")
+    top_p: float = knob(1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    top_k: int = knob(-1, help="sample from the k most likely tokens; -1 = off")
+    stop: list[str] = knob(["</answer>"], help="stop after any of these strings (kept in output)")
+    dtype: Literal["auto", "float32", "bfloat16"] = knob(
+        "auto", help="engine dtype; auto = bfloat16 on CPU vLLM"
+    )
+    max_model_len: int = knob(1024, help="engine context length: prompt plus completion tokens")
+    kv_cache_gib: int = knob(1, help="KV cache size in whole GiB (vLLM CPU backend)")
+    seed: int = knob(0, help="sampling seed")
+    enable_lora: bool = knob(False, help="let the engine serve LoRA adapters")
+    max_loras: int = knob(1, help="LoRA adapters the engine holds at once")
+    max_lora_rank: int = knob(8, help="largest LoRA rank the engine accepts")
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
+        _require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        room = f"< max_model_len ({self.max_model_len}), leaving room for the prompt"
+        _require(
+            self.max_new_tokens < self.max_model_len, "max_new_tokens", room, self.max_new_tokens
+        )
+        _require(self.temperature >= 0, "temperature", ">= 0", self.temperature)
+        _require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        _require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (off) or >= 1", self.top_k)
+        _require(all(self.stop), "stop", "a list of non-empty strings", self.stop)
+        _require(self.kv_cache_gib >= 1, "kv_cache_gib", ">= 1", self.kv_cache_gib)
+        _require(self.max_loras >= 1, "max_loras", ">= 1", self.max_loras)
+        _require(self.max_lora_rank >= 1, "max_lora_rank", ">= 1", self.max_lora_rank)
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """Which prompts to use."""
+
+    name: str = knob(
+        "arithmetic", help="registered task name, or a path to a jsonl/parquet/saved dataset"
+    )
+    split: str = knob("test", help="dataset split to read")
+    num_prompts: int | None = knob(None, help="number of prompts to use; null = all")
+    seed: int = knob(0, help="seed for picking prompts and for generated tasks")
+    options: dict[str, Any] = knob({}, help="task-specific settings passed to the task builder")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name", "a non-empty string", self.name)
+        n = self.num_prompts
+        _require(n is None or n >= 1, "num_prompts", "null (all) or >= 1", n)
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    """One reward function and its weight in the total reward."""
+
+    func: str = knob(help='"path/to/file.py:function" or "package.module:function"')
+    weight: float = knob(1.0, help="multiplier of this reward in the weighted sum")
+
+    def __post_init__(self) -> None:
+        target, _, name = self.func.rpartition(":")
+        form = '"file.py:function" or "module:function"'
+        _require(bool(target and name), "func", form, self.func)
+        _require(math.isfinite(self.weight), "weight", "finite", self.weight)
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """`rlx generate`: sample completions for a task's prompts and score them."""
+
+    model: ModelConfig = knob(ModelConfig(), help="the policy model")
+    rollout: RolloutConfig = knob(RolloutConfig(), help="sampling settings")
+    task: TaskConfig = knob(TaskConfig(), help="prompt source")
+    rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
+    output_dir: str = knob("runs/generate", help="folder for completions, scores and config")
+    show_examples: int = knob(3, help="completions printed in the summary")
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
+        _require(self.show_examples >= 0, "show_examples", ">= 0", self.show_examples)
+
+
+# ----------------------------------------------------------------------------- dict -> dataclass
+
+
+def _join(prefix: str, name: Any) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is type(None):
+        return "None"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to `tp` (int -> float, dict -> dataclass) or raise ConfigError."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: keep X's precise error
+            return _check(value, arms[0], key)
+        for arm in arms:
+            try:
+                return _check(value, arm, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        # type() as well as ==, so that True does not pass for 1 nor 1 for 1.0
+        if any(type(value) is type(c) and value == c for c in args):
+            return value
+        choices = ", ".join(repr(c) for c in args)
+        raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
+    elif origin is list or tp is list:
+        if isinstance(value, list):
+            item = args[0] if args else Any
+            return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            k_tp, v_tp = args or (Any, Any)
+            return {_check(k, k_tp, key): _check(v, v_tp, _join(key, k)) for k, v in value.items()}
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return from_dict(tp, value, key)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is bool:  # no 0/1 or "true": a typo should not silently flip a switch
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    got = f"{value!r} ({type(value).__name__})"
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {got}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, checking keys and types; `prefix` is its dotted path."""
+    if not isinstance(data, Mapping):
+        got = f"{data!r} ({type(data).__name__})"
+        raise ConfigError(f"{prefix or cls.__name__}: expected {cls.__name__} mapping, got {got}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f"did you mean {_join(prefix, close[0])!r}?" if close else ""
+            hint = hint or f"valid keys: {', '.join(_join(prefix, f) for f in fields)}"
+            raise ConfigError(f"unknown key {_join(prefix, name)!r}; {hint}")
+        kwargs[name] = _check(value, hints[name], _join(prefix, name))
+    for name, f in fields.items():
+        if name not in kwargs and f.default is f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(prefix, name)} is required: {f.metadata.get('help', '')}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if prefix:
+            raise ConfigError(f"{prefix}.{e}") from None
+        raise
+
+
+# ----------------------------------------------------------------------------- YAML and overrides
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` and `3E8` as floats (YAML 1.1 wants `1.0e-5`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """Turn `["a.b=1", "c=[x,y]"]` into `{"a": {"b": 1}, "c": ["x", "y"]}`; values are YAML."""
+    out: dict = {}
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"bad override {arg!r}: expected key.sub=value (rollout.top_p=0.9)")
+        try:
+            value = _load_yaml(text)
+        except yaml.YAMLError:
+            value = text  # not YAML (e.g. "a: b: c"): keep the raw string
+        for part in reversed(parts):
+            value = {part: value}
+        out = merge(out, value)
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge into a new dict: nested dicts merge, every other value replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(cls: type, yaml_path: str | None = None, overrides: Sequence[str] = ()) -> Any:
+    """Defaults of `cls`, then the YAML file, then `key.sub=value` overrides, all checked."""
+    data = to_dict(cls())
+    if yaml_path is not None:
+        if not os.path.isfile(yaml_path):
+            raise ConfigError(f"config file not found: {yaml_path}")
+        with open(yaml_path) as f:
+            try:
+                loaded = _load_yaml(f.read())
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{yaml_path}: invalid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            got = type(loaded).__name__
+            raise ConfigError(f"{yaml_path}: top level must be a mapping of config keys, got {got}")
+        data = merge(data, loaded or {})
+    return from_dict(cls, merge(data, parse_overrides(list(overrides))))
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain dicts and lists (what `save_config` writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Write `cfg` as YAML atomically: a temp file in the same folder, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """Every field of `cls` (nested ones as dotted keys) with type, default and help, for --help."""
+    lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip()}", ""] if not prefix else []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp, help_ = _join(prefix, f.name), hints[f.name], f.metadata.get("help", "")
+        if dataclasses.is_dataclass(tp):
+            lines += [f"{key}: {help_}", describe(tp, key)]
+            continue
+        default = " (required)"
+        if f.default is not dataclasses.MISSING:
+            default = f" = {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f" = {f.default_factory()!r}"
+        lines += [f"  {key}: {_type_name(tp)}{default}", f"      {help_}"]
+        item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
+        if dataclasses.is_dataclass(item):
+            lines.append(describe(item, f"{key}[]"))
+    return "\n".join(lines)

