@@ -15,12 +15,13 @@ import difflib
 import math
 import os
 import re
-import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from rlx.atomic import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -309,17 +310,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str) -> None:
-    """Write `cfg` as YAML atomically: a temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write `cfg` as YAML atomically (see rlx.atomic)."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type, prefix: str = "") -> str:

@@ -272,3 +272,12 @@ def _callables_defined_in(module: ModuleType) -> list[str]:
         and not inspect.isclass(obj)
         and getattr(obj, "__module__", None) == module.__name__
     )
+
+
+def load_reward_functions(specs: Sequence[tuple[str, float]]) -> list[RewardFunction]:
+    """Load (spec, weight) pairs into RewardFunctions named after their functions."""
+    loaded = []
+    for spec, weight in specs:
+        fn = load_reward(spec)
+        loaded.append(RewardFunction(name=getattr(fn, "__name__", spec), fn=fn, weight=weight))
+    return loaded

