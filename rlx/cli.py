@@ -1,9 +1,9 @@
 """The `rlx` command.
 
-    rlx model fetch smollm2          download + convert + check the embedded default model
-    rlx generate [--config F] [key.sub=value ...]
-                                     sample and score completions for a task (baseline reward)
-    rlx generate --show-config       every knob of `rlx generate`, with defaults and help
+rlx model fetch smollm2          download + convert + check the embedded default model
+rlx generate [--config F] [key.sub=value ...]
+                                 sample and score completions for a task (baseline reward)
+rlx generate --show-config       every knob of `rlx generate`, with defaults and help
 """
 
 from __future__ import annotations

@@ -113,7 +113,9 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None) -> dict:
     out = Path(cfg.output_dir)
     rows = []
     for i, c in enumerate(completions):
-        rewards = {n: _finite_or_none(v) for n, v in zip(scores.names, scores.per_function[i])}
+        rewards = {
+            n: _finite_or_none(v) for n, v in zip(scores.names, scores.per_function[i], strict=True)
+        }
         rows.append({"prompt_index": c.prompt_index, "completion": c.text,
                      "reward": _finite_or_none(scores.total[i]), "rewards": rewards,
                      "finish_reason": c.finish_reason, "token_ids": c.token_ids,

@@ -33,7 +33,9 @@ def test_generate_writes_scored_completions(tiny_llama, tmp_path, backend):
         assert set(r["rewards"]) == {"correctness", "answer_format"}
         assert len(r["token_ids"]) == len(r["logprobs"]) <= 8
         # the weighted total is recomputed from the per-function rewards and the task's weights
-        expected = 0.8 * (r["rewards"]["correctness"] or 0) + 0.2 * (r["rewards"]["answer_format"] or 0)
+        expected = 0.8 * (r["rewards"]["correctness"] or 0) + 0.2 * (
+            r["rewards"]["answer_format"] or 0
+        )
         assert r["reward"] == pytest.approx(expected)
     assert summary["num_completions"] == 6
     assert summary["reward_mean"] == pytest.approx(sum(r["reward"] for r in rows) / 6)

@@ -19,7 +19,10 @@ def test_resolve_local_folder_and_errors(tiny_llama, tmp_path):
         resolve_model(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -28,7 +31,9 @@ def test_tiny_models_build_fast_and_load(tmp_path, arch):
     model, tokenizer = load_model_and_tokenizer(str(path))
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     assert model.config.tie_word_embeddings == (arch == "llama")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True
+    )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
     assert model(torch.tensor([ids])).logits.shape[-1] % 32 == 0
