@@ -11,68 +11,14 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from rlx.atomic import atomic_write_json, atomic_write_jsonl
 from rlx.config import GenerateConfig, save_config
-from rlx.rewards import RewardFunction, RewardScores, load_reward_functions, score_completions
-from rlx.rollout import Completion, Sampling, make_engine
-from rlx.tasks import TASKS, TaskError, load_task_dataset
-
-
-def task_reward_functions(cfg: GenerateConfig) -> list[RewardFunction]:
-    """The configured rewards, or the task's defaults when none are configured."""
-    if cfg.rewards:
-        return load_reward_functions([(r.func, r.weight) for r in cfg.rewards])
-    if cfg.task.name in TASKS:
-        return load_reward_functions(TASKS[cfg.task.name].default_rewards)
-    raise TaskError(
-        f"{cfg.task.name} is user data with no default rewards: name them, e.g. "
-        "rewards='[{func: rewards/arithmetic.py:correctness, weight: 1.0}]'"
-    )
-
-
-def score_rollout(dataset, completions: list[Completion], reward_fns) -> RewardScores:
-    """Score completions, passing each completion its prompt and its row's dataset columns."""
-    rows = [c.prompt_index for c in completions]
-    columns = {
-        name: [dataset[name][i] for i in rows] for name in dataset.column_names if name != "prompt"
-    }
-    prompts = [dataset["prompt"][i] for i in rows]
-    return score_completions(
-        reward_fns,
-        prompts=prompts,
-        completions=[c.text for c in completions],
-        columns=columns,
-        completion_ids=[c.token_ids for c in completions],
-    )
-
-
-def summarize(completions: list[Completion], scores: RewardScores, seconds: float) -> dict:
-    """Mean of each reward over the samples it applies to, total reward, best-of-n, lengths."""
-    lengths = np.array([len(c.token_ids) for c in completions])
-    total = scores.total
-    prompt_ids = np.array([c.prompt_index for c in completions])
-    best = [np.nanmax(total[prompt_ids == p]) for p in np.unique(prompt_ids)]
-    per_fn = {}
-    for k, name in enumerate(scores.names):
-        column = scores.per_function[:, k]
-        applicable = ~np.isnan(column)
-        per_fn[name] = float(column[applicable].mean()) if applicable.any() else math.nan
-    return {
-        "num_prompts": len(best),
-        "num_completions": len(completions),
-        "reward_mean": float(np.nanmean(total)),
-        "reward_std": float(np.nanstd(total)),
-        "reward_best_of_n": float(np.mean(best)),
-        "rewards": per_fn,
-        "completion_tokens_mean": float(lengths.mean()),
-        "stopped_fraction": float(np.mean([c.finish_reason == "stop" for c in completions])),
-        "generate_seconds": seconds,
-        "tokens_per_second": float(lengths.sum() / seconds),
-    }
+from rlx.evaluation import resolve_rewards, score_rollout, summarize
+from rlx.rollout import Sampling, make_engine
+from rlx.tasks import load_task_dataset
 
 
 def summary_table(summary: dict, title: str) -> Table:
@@ -98,7 +44,9 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None) -> dict:
     dataset = load_task_dataset(
         cfg.task.name, cfg.task.split, cfg.task.num_prompts, cfg.task.seed, **cfg.task.options
     )
-    reward_fns = task_reward_functions(cfg)  # fail on a bad reward before starting the engine
+    reward_fns = resolve_rewards(
+        cfg.task.name, cfg.rewards
+    )  # fail on a bad reward before starting the engine
     engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout)
     try:
         start = time.perf_counter()
