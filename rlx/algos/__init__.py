@@ -1,0 +1,1 @@
+"""Learner math as pure functions: pg.py (GRPO / RLOO / REINFORCE family)."""
