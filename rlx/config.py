@@ -39,7 +39,7 @@ def knob(default: Any = dataclasses.MISSING, *, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+def require(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{name} must be {rule}, got {value!r}")
 
@@ -55,7 +55,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = knob("float32", help="trainer-side parameter dtype")
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "name", "a non-empty string", self.name)
+        require(bool(self.name), "name", "a non-empty string", self.name)
 
 
 @dataclasses.dataclass
@@ -80,19 +80,19 @@ class RolloutConfig:
     max_lora_rank: int = knob(8, help="largest LoRA rank the engine accepts")
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
-        _require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        require(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
+        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         room = f"< max_model_len ({self.max_model_len}), leaving room for the prompt"
-        _require(
+        require(
             self.max_new_tokens < self.max_model_len, "max_new_tokens", room, self.max_new_tokens
         )
-        _require(self.temperature >= 0, "temperature", ">= 0", self.temperature)
-        _require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (off) or >= 1", self.top_k)
-        _require(all(self.stop), "stop", "a list of non-empty strings", self.stop)
-        _require(self.kv_cache_gib >= 1, "kv_cache_gib", ">= 1", self.kv_cache_gib)
-        _require(self.max_loras >= 1, "max_loras", ">= 1", self.max_loras)
-        _require(self.max_lora_rank >= 1, "max_lora_rank", ">= 1", self.max_lora_rank)
+        require(self.temperature >= 0, "temperature", ">= 0", self.temperature)
+        require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (off) or >= 1", self.top_k)
+        require(all(self.stop), "stop", "a list of non-empty strings", self.stop)
+        require(self.kv_cache_gib >= 1, "kv_cache_gib", ">= 1", self.kv_cache_gib)
+        require(self.max_loras >= 1, "max_loras", ">= 1", self.max_loras)
+        require(self.max_lora_rank >= 1, "max_lora_rank", ">= 1", self.max_lora_rank)
 
 
 @dataclasses.dataclass
@@ -108,9 +108,9 @@ class TaskConfig:
     options: dict[str, Any] = knob({}, help="task-specific settings passed to the task builder")
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "name", "a non-empty string", self.name)
+        require(bool(self.name), "name", "a non-empty string", self.name)
         n = self.num_prompts
-        _require(n is None or n >= 1, "num_prompts", "null (all) or >= 1", n)
+        require(n is None or n >= 1, "num_prompts", "null (all) or >= 1", n)
 
 
 @dataclasses.dataclass
@@ -123,8 +123,8 @@ class RewardConfig:
     def __post_init__(self) -> None:
         target, _, name = self.func.rpartition(":")
         form = '"file.py:function" or "module:function"'
-        _require(bool(target and name), "func", form, self.func)
-        _require(math.isfinite(self.weight), "weight", "finite", self.weight)
+        require(bool(target and name), "func", form, self.func)
+        require(math.isfinite(self.weight), "weight", "finite", self.weight)
 
 
 @dataclasses.dataclass
@@ -139,8 +139,8 @@ class GenerateConfig:
     show_examples: int = knob(3, help="completions printed in the summary")
 
     def __post_init__(self) -> None:
-        _require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
-        _require(self.show_examples >= 0, "show_examples", ">= 0", self.show_examples)
+        require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
+        require(self.show_examples >= 0, "show_examples", ">= 0", self.show_examples)
 
 
 # ----------------------------------------------------------------------------- dict -> dataclass

@@ -1,0 +1,429 @@
+"""Policy-gradient training: GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE(++) in one loop.
+
+    accelerate launch recipes/pg.py --config recipes/grpo.yaml [key.sub=value ...]
+    python recipes/pg.py --config recipes/grpo.yaml              # one process, same thing
+
+Each step: sample `rollout.num_samples` completions for `prompts_per_step` training prompts on the
+rollout engine (vLLM by default) -> score them -> group advantages -> one clipped policy-gradient
+update (micro-batched) -> push the new weights into the engine. The math lives in rlx/algos/pg.py;
+the learner is chosen by `algo.*` (recipes/grpo.yaml, rloo.yaml, reinforce.yaml).
+
+Deviations from the papers, on purpose: one optimizer step per rollout batch (PPO epochs = 1), so
+the trainer's logprobs at update time are the "old" ones and the clipped ratio is 1 except through
+the vLLM/trainer mismatch, which truncated importance sampling (TIS) corrects; the KL term (off by
+default) is added to the loss, not folded into the reward.
+
+Several processes: each rank generates and scores its share of the step's prompts; rewards are
+gathered so advantages, REINFORCE's global whitening and dynamic sampling see the whole batch; DDP
+averages the gradients. Outputs in `output_dir`: metrics.jsonl, eval.json, reward_curves.png,
+config.yaml, checkpoints/, tensorboard logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from tqdm.auto import tqdm
+
+from rlx.algos import pg
+from rlx.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rlx.config import ConfigError, load_config, save_config, to_dict
+from rlx.evaluation import evaluate, resolve_rewards, score_rollout
+from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
+from rlx.policy import build_batch, completion_logits, export_weights, load_policy
+from rlx.reporting import print_eval_table, read_eval, write_eval
+from rlx.rewards import RewardError
+from rlx.rollout import Sampling, encode_prompts, make_engine
+from rlx.tasks import load_task_dataset
+from rlx.train_config import LoraConfig, PGConfig
+
+STAT_SUMS = ("loss", "clip", "entropy", "kl", "gap_sum", "tis_sum", "tokens")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML recipe (PGConfig keys)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(PGConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"pg: error: {err}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+def train(cfg: PGConfig) -> dict:
+    """Run the loop; return eval.json's content."""
+    out = Path(cfg.output_dir)
+    # CPU processes talk over gloo; a single unlaunched process needs no process group at all.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    gloo = (
+        [InitProcessGroupKwargs(backend="gloo")]
+        if launched and not torch.cuda.is_available()
+        else []
+    )
+    accelerator = Accelerator(
+        log_with=list(cfg.log_with) or None, project_dir=str(out), kwargs_handlers=gloo
+    )
+    world, rank, main_proc = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
+    if cfg.prompts_per_step % world:
+        raise ConfigError(
+            f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes"
+        )
+    torch.manual_seed(cfg.seed)
+
+    # ---- models, data, rewards, rollout engine
+    model, tokenizer = load_policy(cfg.model, cfg.lora)
+    ref_model = None
+    if cfg.algo.kl_beta > 0:
+        ref_model, _ = load_policy(cfg.model, LoraConfig(enabled=False))
+        ref_model.eval().requires_grad_(False)
+    train_data = load_prompts(cfg, tokenizer, cfg.task.split, cfg.task.num_prompts)
+    eval_data = (
+        load_prompts(cfg, tokenizer, cfg.eval.split, cfg.eval.num_prompts)
+        if cfg.eval.enabled
+        else None
+    )
+    reward_fns = resolve_rewards(cfg.task.name, cfg.rewards)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    warmup = max(cfg.optim.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    policy = accelerator.unwrap_model(model)
+
+    start_step = 0
+    if cfg.resume_from:
+        ckpt = find_checkpoint(out, cfg.resume_from)
+        start_step = load_checkpoint(ckpt, policy, optimizer, scheduler)["step"]
+        engine.update_weights(export_weights(policy))
+        if main_proc:
+            truncate_metrics(out / "metrics.jsonl", start_step)
+            print(f"resumed from {ckpt} at step {start_step}")
+    log = None
+    if main_proc:
+        save_config(cfg, str(out / "config.yaml"))
+        log = MetricsLog(out / "metrics.jsonl", accelerator)
+    accelerator.init_trackers("rlx", config={k: str(v) for k, v in to_dict(cfg).items()})
+
+    results = read_eval(out / "eval.json") if start_step else {}
+    if eval_data is not None and main_proc and "before" not in results:
+        results["before"] = evaluate(
+            engine, eval_data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop
+        )
+        write_eval(out / "eval.json", results)
+
+    # ---- training
+    sampling = Sampling.from_config(cfg.rollout)
+    g = cfg.rollout.num_samples
+    began = time.perf_counter()
+    step = start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="training", disable=not main_proc)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        idx = prompt_indices(step, cfg.prompts_per_step, len(train_data), cfg.seed)[rank::world]
+        rows = train_data.select(idx)
+        # In-process vLLM samples with torch's global generator: seeding it per step makes a
+        # resumed run sample exactly what an uninterrupted run would have.
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        completions = engine.generate(rows["prompt"], sampling)
+        t_rollout = time.perf_counter() - t0
+        try:
+            scores = score_rollout(rows, completions, reward_fns)
+        except RewardError as err:
+            if cfg.bad_steps == "error":
+                raise
+            step = skip_step(log, bar, step, f"reward function failed: {err}")
+            continue
+        t_reward = time.perf_counter() - t0 - t_rollout
+
+        # Rewards of every rank -> advantages and kept groups for the whole step -> this rank's rows.
+        p_local = len(rows)
+        local = {
+            "total": torch.tensor(scores.total, dtype=torch.float32).view(p_local, g),
+            "per_fn": torch.tensor(scores.per_function, dtype=torch.float32).view(p_local, g, -1),
+            "length": torch.tensor([max(len(c.token_ids), 1) for c in completions], dtype=torch.float32).view(p_local, g),
+        }  # fmt: skip
+        full = {k: accelerator.gather(v) for k, v in local.items()}  # [P, G, ...] in rank order
+        advantages = group_advantages(cfg, full, [fn.weight for fn in reward_fns])
+        keep = groups_to_keep(full["total"], cfg.algo.dynamic_sampling)
+        mine = slice(rank * p_local, (rank + 1) * p_local)
+        adv_local, keep_local = advantages[mine], keep[mine]
+
+        t1 = time.perf_counter()
+        stats = None
+        if keep.any():
+            if not keep_local.any():  # DDP needs every rank's backward: one group at weight zero
+                keep_local, adv_local = keep_local.clone(), adv_local * 0
+                keep_local[0] = True
+            chosen = [
+                c for i in range(p_local) if keep_local[i] for c in completions[i * g : (i + 1) * g]
+            ]
+            batch = build_batch(chosen, tokenizer.pad_token_id)
+            stats = train_on_batch(
+                cfg, accelerator, model, ref_model, batch, adv_local[keep_local].reshape(-1)
+            )
+            stats = combine_stats(accelerator, stats)
+            if not math.isfinite(stats["loss"]):
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.bad_steps == "error":
+                    raise FloatingPointError(
+                        f"step {step + 1}: the loss is not finite; lower optim.lr or set bad_steps=skip"
+                    )
+                step = skip_step(log, bar, step, "non-finite loss")
+                continue
+            if cfg.optim.max_grad_norm > 0:
+                stats["grad_norm"] = float(
+                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        t_train = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        if stats is not None and (step + 1) % cfg.sync_every == 0:
+            engine.update_weights(export_weights(policy))
+        t_sync = time.perf_counter() - t2
+        step += 1
+
+        if main_proc:
+            times = {"rollout": t_rollout, "reward": t_reward, "train": t_train, "sync": t_sync}
+            row = step_metrics(step, full, keep, advantages, reward_fns, stats, times, time.perf_counter() - t0,
+                               scheduler.get_last_lr()[0])  # fmt: skip
+            log.log(row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gap=f"{row['logprob_gap_max']:.3f}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg)
+        if cfg.max_minutes and (time.perf_counter() - began) / 60 >= cfg.max_minutes:
+            if main_proc:
+                print(f"max_minutes={cfg.max_minutes} reached after {step} steps")
+            checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg)
+            break
+    bar.close()
+
+    # ---- held-out evaluation after training, report
+    if main_proc:
+        if eval_data is not None:
+            results["after"] = evaluate(
+                engine, eval_data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop
+            )
+            results["train_minutes"] = (time.perf_counter() - began) / 60
+            results["steps"] = step
+            write_eval(out / "eval.json", results)
+            print_eval_table(
+                results, f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
+            )
+        if (out / "metrics.jsonl").exists():
+            print(
+                f"reward curves: {plot_reward_curves(out / 'metrics.jsonl', out / 'reward_curves.png')}"
+            )
+    engine.close()
+    accelerator.end_training()
+    return results
+
+
+# ----------------------------------------------------------------------------- the step's pieces
+
+
+def load_prompts(cfg: PGConfig, tokenizer, split: str, num: int | None):
+    """A split of the task, with prompts over max_prompt_tokens rejected or dropped (logged)."""
+    data = load_task_dataset(cfg.task.name, split, num, cfg.task.seed, **cfg.task.options)
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, data["prompt"])]
+    long_rows = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens]
+    if not long_rows:
+        return data
+    if cfg.long_prompts == "error":
+        raise ConfigError(
+            f"{len(long_rows)} {split} prompt(s) exceed max_prompt_tokens={cfg.max_prompt_tokens} "
+            f"(longest {max(lengths)} tokens, first at row {long_rows[0]}): raise max_prompt_tokens "
+            "or set long_prompts=skip"
+        )
+    print(f"skipping {len(long_rows)} {split} prompts longer than {cfg.max_prompt_tokens} tokens")
+    dropped = set(long_rows)
+    return data.select([i for i in range(len(data)) if i not in dropped])
+
+
+def prompt_indices(step: int, per_step: int, dataset_size: int, seed: int) -> list[int]:
+    """The step's prompts: consecutive slices of a per-epoch shuffled order (a function of step)."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(pos, dataset_size)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(dataset_size)[offset]))
+    return out
+
+
+def group_advantages(cfg: PGConfig, full: dict, weights: list[float]) -> torch.Tensor:
+    """[P, G] advantages: of the weighted total ("sum_then_normalize"), or the weighted sum of
+    each reward function's own advantages ("normalize_then_sum"). NaN rewards count as 0."""
+    name = cfg.algo.advantage
+    if cfg.algo.reward_normalization == "sum_then_normalize":
+        return pg.compute_advantages(name, torch.nan_to_num(full["total"]), full["length"])
+    adv = torch.zeros_like(full["total"])
+    for k, weight in enumerate(weights):
+        adv += weight * pg.compute_advantages(
+            name, torch.nan_to_num(full["per_fn"][..., k]), full["length"]
+        )
+    return adv
+
+
+def groups_to_keep(total: torch.Tensor, dynamic_sampling: bool) -> torch.Tensor:
+    """[P] bool: groups with a reward for every sample and, with dynamic sampling, not all equal."""
+    keep = torch.isfinite(total).all(dim=1)
+    if dynamic_sampling:
+        keep &= (total.max(dim=1).values - total.min(dim=1).values) > 1e-9
+    return keep
+
+
+def train_on_batch(cfg: PGConfig, accelerator, model, ref_model, batch, advantages) -> dict:
+    """Micro-batched backward pass of the clipped policy loss over one rollout batch."""
+    n, mask_all = batch.input_ids.shape[0], batch.completion_mask
+    norm = {
+        "sequences": n,
+        "tokens": float(mask_all.sum().clamp(min=1)),
+        "length": cfg.rollout.max_new_tokens,
+    }
+    stats = {k: 0.0 for k in STAT_SUMS} | {"gap_max": 0.0, "tis_min": math.inf, "tis_max": 0.0}
+    temperature = max(cfg.rollout.temperature, 1e-6)
+    autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16_autocast)
+    starts = range(0, n, cfg.micro_batch_size)
+    for i, start in enumerate(starts):
+        mb = batch[start : start + cfg.micro_batch_size].to(accelerator.device)
+        adv, mask = (
+            advantages[start : start + cfg.micro_batch_size].to(accelerator.device),
+            mb.completion_mask,
+        )
+        last = i == len(starts) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with autocast:
+                logits = completion_logits(model, mb)  # [b, T, V]
+            logp = pg.token_logprobs(logits, mb.completion_ids, temperature)  # [b, T]
+            old = logp.detach()  # one update per rollout batch: the old policy is the current one
+            per_token, clip = pg.clipped_policy_loss(logp, old, adv, mask, cfg.algo.eps_low,
+                                                     cfg.algo.eps_high, cfg.algo.importance_level)  # fmt: skip
+            if cfg.algo.tis_cap > 0 and cfg.rollout.backend == "vllm":
+                tis = pg.truncated_is_weights(old, mb.sampler_logprobs, cfg.algo.tis_cap)  # [b, T]
+                per_token = per_token * tis
+                real = tis[mask > 0]
+                stats["tis_sum"] += float(real.sum())
+                stats["tis_min"] = min(stats["tis_min"], float(real.min()))
+                stats["tis_max"] = max(stats["tis_max"], float(real.max()))
+            if ref_model is not None:
+                with torch.no_grad(), autocast:
+                    ref_logits = completion_logits(ref_model, mb)
+                kl = pg.k3_kl(logp, pg.token_logprobs(ref_logits, mb.completion_ids, temperature))
+                per_token = per_token + cfg.algo.kl_beta * kl
+                stats["kl"] += float((kl.detach() * mask).sum())
+            loss = batch_share_of_loss(cfg.algo.loss_aggregation, per_token, mask, norm)
+            accelerator.backward(loss)
+        gap = (old - mb.sampler_logprobs).abs() * mask  # stale-weights alarm
+        stats["loss"] += float(loss.detach())
+        stats["clip"] += float(clip) * float(mask.sum())
+        stats["entropy"] += float((pg.token_entropy(logits.detach(), temperature) * mask).sum())
+        stats["gap_sum"] += float(gap.sum())
+        stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
+        stats["tokens"] += float(mask.sum())
+    return stats
+
+
+def batch_share_of_loss(mode: str, per_token, mask, norm: dict) -> torch.Tensor:
+    """A micro-batch's share of the whole batch's loss, so micro-batching changes nothing."""
+    masked = per_token * mask
+    if mode == "sequence_mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / norm["sequences"]
+    if mode == "token_mean":
+        return masked.sum() / norm["tokens"]
+    return masked.sum() / (norm["sequences"] * norm["length"])  # constant_length (Dr. GRPO)
+
+
+def combine_stats(accelerator, stats: dict) -> dict:
+    """Sum the additive stats over ranks; loss is averaged (DDP averages gradients)."""
+    if accelerator.num_processes == 1:
+        return stats
+    keys = list(stats)
+    rows = accelerator.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
+    merged = {k: float(rows[:, j].sum()) for j, k in enumerate(keys)}
+    merged["loss"] = float(rows[:, keys.index("loss")].mean())
+    merged["gap_max"] = float(rows[:, keys.index("gap_max")].max())
+    merged["tis_max"] = float(rows[:, keys.index("tis_max")].max())
+    merged["tis_min"] = float(rows[:, keys.index("tis_min")].min())
+    return merged
+
+
+def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_time, lr) -> dict:
+    """One metrics.jsonl row."""
+    total, per_fn, length = full["total"], full["per_fn"], full["length"]
+    row = {
+        "step": step,
+        "reward_mean": float(total.nanmean()),
+        "reward_std": float(np.nanstd(total.numpy())),
+    }
+    for k, fn in enumerate(reward_fns):
+        row[f"reward/{fn.name}"] = float(per_fn[..., k].nanmean())
+    row |= {
+        "advantage_mean": float(advantages.mean()), "advantage_std": float(advantages.std()),
+        "advantage_abs_max": float(advantages.abs().max()),
+        "groups_kept": int(keep.sum()), "groups_total": int(keep.numel()),
+        "completion_tokens_mean": float(length.mean()), "lr": lr,
+        "step_time_s": step_time, "tokens_per_s": float(length.sum()) / step_time,
+    }  # fmt: skip
+    row |= {f"time_{k}_s": v for k, v in times.items()}
+    if stats is None:
+        return row | {
+            "loss": math.nan,
+            "logprob_gap_max": math.nan,
+            "skipped": "no group with signal",
+        }
+    tokens = max(stats["tokens"], 1.0)
+    row |= {
+        "loss": stats["loss"], "clip_fraction": stats["clip"] / tokens, "entropy": stats["entropy"] / tokens,
+        "kl": stats["kl"] / tokens, "logprob_gap_max": stats["gap_max"], "logprob_gap_mean": stats["gap_sum"] / tokens,
+        "grad_norm": stats.get("grad_norm", math.nan),
+    }  # fmt: skip
+    if stats["tis_max"] > 0:
+        row |= {
+            "tis_mean": stats["tis_sum"] / tokens,
+            "tis_min": stats["tis_min"],
+            "tis_max": stats["tis_max"],
+        }
+    return row
+
+
+def skip_step(log, bar, step: int, reason: str) -> int:
+    """Log a skipped step (bad_steps=skip) and move on."""
+    if log is not None:
+        log.log({"step": step + 1, "skipped": reason, "reward_mean": math.nan, "loss": math.nan,
+                 "logprob_gap_max": math.nan, "step_time_s": math.nan})  # fmt: skip
+        bar.update(1)
+    print(f"step {step + 1} skipped: {reason}", file=sys.stderr)
+    return step + 1
+
+
+def checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg) -> None:
+    if accelerator.is_main_process:
+        save_checkpoint(
+            out, step, policy, optimizer, scheduler, {"data_position": step * cfg.prompts_per_step}
+        )
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder `<output_dir>/checkpoints/step-<N>/` holding the trainable weights
+(`model/` as safetensors: the full model, or only the LoRA adapter), `optimizer.pt`,
+`scheduler.pt`, `rng.pt` (python / numpy / torch generator states) and `state.json` (step, data
+position and anything else the loop needs). It is written to a hidden temporary folder and renamed
+into place, so a crash never leaves a half-written checkpoint under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PREFIX = "step-"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    """Every generator the loop draws from (vLLM in-process samples with torch's global one)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoint `step` atomically and return its folder. `model` is saved with
+    save_pretrained (a peft model saves only its adapter)."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{PREFIX}{step:06d}-"))
+    try:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def find_checkpoint(output_dir, resume_from: str) -> Path:
+    """`resume_from` is a checkpoint folder, or "latest" (the highest step in output_dir)."""
+    if resume_from != "latest":
+        path = Path(resume_from)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"resume_from={resume_from}: not a checkpoint folder")
+        return path
+    steps = sorted(checkpoint_root(output_dir).glob(f"{PREFIX}*"))
+    if not steps:
+        raise FileNotFoundError(
+            f"resume_from=latest: no checkpoint in {checkpoint_root(output_dir)}"
+        )
+    return steps[-1]
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states in place; return state.json."""
+    from safetensors.torch import load_file
+
+    weights = path / "model"
+    file = weights / "adapter_model.safetensors"
+    if not file.exists():
+        file = weights / "model.safetensors"
+    tensors = load_file(file)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, tensors)
+    else:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(
+                f"checkpoint {path} does not match the model: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())

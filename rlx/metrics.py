@@ -1,0 +1,79 @@
+"""Per-step metrics: `<output_dir>/metrics.jsonl`, accelerate trackers, and the reward-curve plot.
+
+metrics.jsonl gets one JSON object per step, appended with a single write and fsync, so a crash
+loses at most the step being written. On resume, rows past the checkpoint's step are dropped
+(atomically) so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from rlx.atomic import atomic_write_text
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep only the rows with step <= last_step (used when resuming from a checkpoint)."""
+    rows = [row for row in read_metrics(path) if row["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+class MetricsLog:
+    """Append step metrics to metrics.jsonl and forward them to accelerate's trackers."""
+
+    def __init__(self, path: str | Path, accelerator=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator
+
+    def log(self, metrics: dict) -> None:
+        line = json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.accelerator is not None:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            self.accelerator.log(scalars, step=metrics["step"])
+
+
+def plot_reward_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Total and per-function training reward per step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["reward_mean"] for r in rows], label="reward (weighted total)", lw=2)
+    for key in sorted({k for r in rows for k in r if k.startswith("reward/")}):
+        ax.plot(steps, [r.get(key, math.nan) for r in rows], label=key, alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean training reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

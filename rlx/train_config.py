@@ -1,0 +1,133 @@
+"""Configs of the training loops: the policy-gradient family (PGConfig) and the pieces the
+evolution-strategies loop shares with it (optimizer, LoRA, evaluation, checkpoints, logging).
+
+Like rlx/config.py, these dataclasses are the single source of defaults; recipes/*.yaml override them
+and `key.sub=value` arguments override the YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rlx.config import ModelConfig, RewardConfig, RolloutConfig, TaskConfig, knob, require
+
+
+@dataclasses.dataclass
+class AlgoConfig:
+    """Which member of the policy-gradient family: advantage estimator, clipping, loss reduction."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline"] = knob(
+        "grpo", help="advantage estimator (see rlx/algos/pg.py)"
+    )
+    loss_aggregation: Literal["sequence_mean", "token_mean", "constant_length"] = knob(
+        "token_mean",
+        help="sequence_mean (GRPO), token_mean (DAPO), constant_length (Dr. GRPO)",
+    )
+    importance_level: Literal["token", "sequence"] = knob(
+        "token", help="token ratios (GRPO/DAPO) or one sequence ratio (GSPO)"
+    )
+    eps_low: float = knob(0.2, help="lower clip: ratio >= 1 - eps_low")
+    eps_high: float = knob(0.28, help="upper clip: ratio <= 1 + eps_high (DAPO clip-higher)")
+    kl_beta: float = knob(0.0, help="weight of the k3 KL to the reference model; 0 = no reference")
+    tis_cap: float = knob(
+        2.0, help="truncated importance sampling cap for the vLLM/trainer mismatch; 0 = off"
+    )
+    dynamic_sampling: bool = knob(True, help="drop groups whose rewards are all equal")
+    reward_normalization: Literal["sum_then_normalize", "normalize_then_sum"] = knob(
+        "sum_then_normalize",
+        help="weighted sum of rewards then advantages, or advantages per reward then weighted sum",
+    )
+
+    def __post_init__(self) -> None:
+        require(0 <= self.eps_low < 1, "eps_low", "in [0, 1)", self.eps_low)
+        require(self.eps_high >= 0, "eps_high", ">= 0", self.eps_high)
+        require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
+        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "0 (off) or >= 1", self.tis_cap)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warm-up, then a constant learning rate."""
+
+    lr: float = knob(3e-5, help="peak learning rate")
+    weight_decay: float = knob(0.0, help="AdamW weight decay")
+    warmup_steps: int = knob(0, help="linear warm-up steps")
+    max_grad_norm: float = knob(1.0, help="gradient-norm clip; 0 = off")
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0", self.max_grad_norm)
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA through peft; merged into the weights pushed to the rollout engine."""
+
+    enabled: bool = knob(False, help="train a LoRA adapter instead of all weights")
+    rank: int = knob(16, help="adapter rank")
+    alpha: int = knob(32, help="adapter scale numerator (scale = alpha / rank)")
+    target_modules: list[str] = knob(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="module names that get adapters",
+    )
+
+    def __post_init__(self) -> None:
+        require(self.rank >= 1, "rank", ">= 1", self.rank)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out evaluation before and after training (greedy, one completion per prompt)."""
+
+    split: str = knob("test", help="held-out split of the task")
+    num_prompts: int = knob(200, help="held-out prompts evaluated")
+    max_new_tokens: int = knob(64, help="most tokens per evaluated completion")
+    enabled: bool = knob(True, help="run the before/after evaluation")
+
+    def __post_init__(self) -> None:
+        require(self.num_prompts >= 1, "num_prompts", ">= 1", self.num_prompts)
+
+
+@dataclasses.dataclass
+class PGConfig:
+    """recipes/pg.py: GRPO / RLOO / REINFORCE on rollouts from the rlx rollout engine."""
+
+    model: ModelConfig = knob(ModelConfig(), help="the policy model")
+    rollout: RolloutConfig = knob(RolloutConfig(), help="sampling settings for training rollouts")
+    task: TaskConfig = knob(TaskConfig(split="train"), help="training prompts")
+    rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
+    algo: AlgoConfig = knob(AlgoConfig(), help="the learner")
+    optim: OptimConfig = knob(OptimConfig(), help="optimizer")
+    lora: LoraConfig = knob(LoraConfig(), help="LoRA (off = full fine-tuning)")
+    eval: EvalConfig = knob(EvalConfig(), help="held-out evaluation")
+    steps: int = knob(30, help="optimizer steps (one rollout batch each)")
+    prompts_per_step: int = knob(8, help="prompts per step, over all processes")
+    micro_batch_size: int = knob(16, help="sequences per forward/backward pass")
+    sync_every: int = knob(1, help="push weights to the rollout engine every k steps")
+    max_prompt_tokens: int = knob(512, help="longest prompt accepted, in tokens")
+    long_prompts: Literal["error", "skip"] = knob(
+        "error", help="a prompt over max_prompt_tokens: stop with an error, or skip it (logged)"
+    )
+    bad_steps: Literal["error", "skip"] = knob(
+        "error",
+        help="a NaN loss or a reward function failure: stop with an error, or skip the step",
+    )
+    bf16_autocast: bool = knob(True, help="bf16 autocast for the trainer forward/backward")
+    seed: int = knob(0, help="seed for data order, sampling and initialisation")
+    output_dir: str = knob("runs/pg", help="metrics, checkpoints, eval.json, plots")
+    save_every: int = knob(0, help="checkpoint every k steps; 0 = only at the end")
+    resume_from: str | None = knob(None, help='checkpoint folder, or "latest" in output_dir')
+    log_with: list[str] = knob(["tensorboard"], help="accelerate trackers: tensorboard, wandb")
+    max_minutes: float = knob(0.0, help="stop training after this wall time; 0 = no limit")
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", ">= 1", self.steps)
+        require(self.prompts_per_step >= 1, "prompts_per_step", ">= 1", self.prompts_per_step)
+        require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
+        require(self.sync_every >= 1, "sync_every", ">= 1", self.sync_every)
+        require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
+        require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
+        if self.algo.advantage == "rloo" and self.rollout.num_samples < 2:
+            require(False, "rollout.num_samples", ">= 2 for RLOO", self.rollout.num_samples)
