@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from rlx.algos import pg
@@ -67,16 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: PGConfig) -> dict:
     """Run the loop; return eval.json's content."""
     out = Path(cfg.output_dir)
-    # CPU processes talk over gloo; a single unlaunched process needs no process group at all.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    gloo = (
-        [InitProcessGroupKwargs(backend="gloo")]
-        if launched and not torch.cuda.is_available()
-        else []
-    )
-    accelerator = Accelerator(
-        log_with=list(cfg.log_with) or None, project_dir=str(out), kwargs_handlers=gloo
-    )
+    # On CPU, Accelerator(cpu=True) under a multi-process launch selects MULTI_CPU over gloo.
+    accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=str(out),
+                              cpu=not torch.cuda.is_available())  # fmt: skip
     world, rank, main_proc = (
         accelerator.num_processes,
         accelerator.process_index,
@@ -86,6 +77,8 @@ def train(cfg: PGConfig) -> dict:
         raise ConfigError(
             f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes"
         )
+    if main_proc:
+        print(f"pg: {world} process(es) on {accelerator.device}, learner {cfg.algo.advantage}")
     torch.manual_seed(cfg.seed)
 
     # ---- models, data, rewards, rollout engine
@@ -238,6 +231,8 @@ def train(cfg: PGConfig) -> dict:
             )
     engine.close()
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo aborts the process at exit
     return results
 
 

@@ -36,19 +36,21 @@ def load_policy(model_cfg, lora_cfg):
 
 
 def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named weights for the rollout engine. A peft model is merged, exported, then unmerged;
-    the engine copies the tensors during the sync, so unmerging afterwards is safe."""
+    """HF-named weights for the rollout engine. A peft model is merged, copied out, and unmerged:
+    the copy matters because callers may hold the tensors past the unmerge."""
     if not hasattr(model, "peft_config"):
         yield from model.state_dict().items()
         return
     model.merge_adapter()
     try:
-        for name, tensor in model.get_base_model().state_dict().items():
-            if "lora_" in name:
-                continue
-            yield name.replace(".base_layer.", "."), tensor
+        merged = [
+            (name.replace(".base_layer.", "."), tensor.detach().clone())
+            for name, tensor in model.get_base_model().state_dict().items()
+            if "lora_" not in name
+        ]
     finally:
         model.unmerge_adapter()
+    yield from merged
 
 
 @dataclass
@@ -99,4 +101,9 @@ def completion_logits(model, batch: SequenceBatch) -> torch.Tensor:
         logits_to_keep=t + 1,
         use_cache=False,
     )
-    return out.logits[:, :-1]  # position j predicts completion token j
+    logits = out.logits[:, :-1]  # position j predicts completion token j
+    if logits.shape[1] != t:  # a wrapper that ignores logits_to_keep would misalign every token
+        raise RuntimeError(
+            f"model returned {logits.shape[1] + 1} logit positions, expected {t + 1}"
+        )
+    return logits

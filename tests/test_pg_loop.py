@@ -1,0 +1,197 @@
+"""recipes/pg.py end to end on a tiny model with the real vLLM engine: outputs, resume after
+SIGKILL, two processes, and the bad-input paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlx.config import load_config
+from rlx.metrics import read_metrics
+from rlx.train_config import PGConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "pg.py"
+REQUIRED = {"step", "reward_mean", "loss", "logprob_gap_max", "step_time_s"}
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("pg_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def length_reward(tmp_path_factory):
+    """A reward a tiny random model can move: longer completions score higher."""
+    path = tmp_path_factory.mktemp("rewards") / "length.py"
+    path.write_text(
+        "def longer(prompts, completions, **kw):\n"
+        "    return [min(len(c), 40) / 40 for c in completions]\n"
+        "def broken(prompts, completions, **kw):\n"
+        "    raise RuntimeError('boom')\n"
+        "def constant(prompts, completions, **kw):\n"
+        "    return [1.0] * len(completions)\n"
+    )
+    return path
+
+
+def overrides(model, out, reward, **extra) -> list[str]:
+    base = {
+        "model.name": model, "rollout.dtype": "float32", "rollout.num_samples": 4,
+        "rollout.max_new_tokens": 12, "prompts_per_step": 4, "steps": 3, "micro_batch_size": 8,
+        "eval.num_prompts": 6, "eval.max_new_tokens": 12, "output_dir": str(out), "log_with": "[]",
+        "rewards": f"[{{func: '{reward}', weight: 1.0}}]", "optim.lr": 1e-3,
+    }  # fmt: skip
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_short_run_writes_every_output(tiny_llama, tmp_path, length_reward):
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer")
+    )
+    results = load_recipe().train(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert REQUIRED <= set(r) and r["groups_total"] == 4
+        assert r["logprob_gap_max"] < 0.05  # fp32 engine, weights synced every step
+    assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"before", "after"}
+    assert results["after"]["num_completions"] == 6
+    assert (tmp_path / "reward_curves.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoints" / "step-000003" / "model" / "model.safetensors").exists()
+
+
+def test_sync_every_k_steps_shows_as_logprob_gap(tiny_llama, tmp_path, length_reward):
+    """Without a sync the engine samples from stale weights: the gap alarm must go up."""
+    extra = {"sync_every": 100, "eval.enabled": "false", "optim.lr": 1e-2}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
+    )
+    load_recipe().train(cfg)
+    gaps = [r["logprob_gap_max"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert gaps[0] < 0.05 and gaps[-1] > 0.1
+
+
+def test_lora_run_merges_for_sync(tiny_llama, tmp_path, length_reward):
+    extra = {"lora.enabled": "true", "lora.rank": 4, "eval.enabled": "false", "steps": 2}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
+    )
+    load_recipe().train(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["logprob_gap_max"] < 0.05 for r in rows)  # merged LoRA weights reached vLLM
+    assert (
+        tmp_path / "checkpoints" / "step-000002" / "model" / "adapter_model.safetensors"
+    ).exists()
+
+
+def test_all_equal_rewards_skip_the_update(tiny_llama, tmp_path, length_reward):
+    extra = {"eval.enabled": "false", "steps": 1}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:constant", **extra)
+    )
+    load_recipe().train(cfg)
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert row["groups_kept"] == 0 and row["skipped"] == "no group with signal"
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(tmp_path / "checkpoints" / "step-000001" / "model" / "model.safetensors")
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)  # no update happened
+
+
+def test_reward_failure_errors_or_skips(tiny_llama, tmp_path, length_reward):
+    recipe = load_recipe()
+    extra = {"eval.enabled": "false", "steps": 2}
+    cfg = load_config(
+        PGConfig,
+        overrides=overrides(tiny_llama, tmp_path / "a", f"{length_reward}:broken", **extra),
+    )
+    with pytest.raises(Exception, match="boom"):
+        recipe.train(cfg)
+    extra["bad_steps"] = "skip"
+    cfg = load_config(
+        PGConfig,
+        overrides=overrides(tiny_llama, tmp_path / "b", f"{length_reward}:broken", **extra),
+    )
+    recipe.train(cfg)
+    rows = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert len(rows) == 2 and all("reward function failed" in r["skipped"] for r in rows)
+
+
+def test_long_prompts_error_names_the_knob(tiny_llama, tmp_path, length_reward):
+    extra = {"max_prompt_tokens": 5}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
+    )
+    with pytest.raises(ValueError, match="max_prompt_tokens=5"):
+        load_recipe().train(cfg)
+
+
+def _launch(args: list[str], out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path, length_reward):
+    """Kill -9 after the step-2 checkpoint, resume from latest: same per-step rewards and losses."""
+    reward = f"{length_reward}:longer"
+    common = {"steps": 5, "save_every": 1, "eval.enabled": "false"}
+    full = tmp_path / "full"
+    cmd = [sys.executable, str(RECIPE)]
+    assert _launch(cmd + overrides(tiny_llama, full, reward, **common), full).wait(timeout=600) == 0
+
+    killed = tmp_path / "killed"
+    proc = _launch(cmd + overrides(tiny_llama, killed, reward, **common), killed)
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "step-000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step-000005").exists()
+    resumed = _launch(
+        cmd + overrides(tiny_llama, killed, reward, resume_from="latest", **common), killed
+    )
+    assert resumed.wait(timeout=600) == 0
+
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["reward_mean"] == rb["reward_mean"], ra["step"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-9), ra["step"]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_data_parallel(tiny_llama, tmp_path, length_reward):
+    """accelerate launch with two CPU processes (gloo): each rank rolls out half the prompts."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "launch" / "cpu_2proc.yaml"), str(RECIPE)]  # fmt: skip
+    proc = _launch(
+        cmd
+        + overrides(
+            tiny_llama, out, f"{length_reward}:longer", steps=2, **{"eval.enabled": "false"}
+        ),
+        out,
+    )
+    code = proc.wait(timeout=600)
+    log = (tmp_path / "two.log").read_text()
+    assert code == 0, log[-3000:]
+    assert "pg: 2 process(es)" in log
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["groups_total"] == 4 for r in rows)
