@@ -128,13 +128,17 @@ def bench_hf(model: str, prompts: list, args: argparse.Namespace) -> Result:
 
 
 def print_table(results: list[Result]) -> None:
-    header = f"{'backend':<34} {'sequences':>9} {'gen tokens':>10} {'median s':>9} {'tok/s':>8}"
+    header = (
+        f"{'backend':<34} {'sequences':>9} {'gen tokens':>10} {'median s':>9} {'tok/s':>8}"
+        "  tok/s of each repeat"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
+        rates = " ".join(f"{t / s:.0f}" for t, s in zip(r.tokens, r.seconds, strict=True))
         print(
             f"{r.backend:<34} {r.sequences:>9} {int(statistics.median(r.tokens)):>10} "
-            f"{statistics.median(r.seconds):>9.2f} {r.tokens_per_s:>8.1f}"
+            f"{statistics.median(r.seconds):>9.2f} {r.tokens_per_s:>8.1f}  {rates}"
         )
 
 
