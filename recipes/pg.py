@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 from rlx.algos import pg
 from rlx.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from rlx.config import ConfigError, load_config, save_config, to_dict
+from rlx.data import load_prompts, step_prompt_indices
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
 from rlx.policy import build_batch, completion_logits, export_weights, load_policy
 from rlx.reporting import print_eval_table, read_eval, write_eval
 from rlx.rewards import RewardError
-from rlx.rollout import Sampling, encode_prompts, make_engine
-from rlx.tasks import load_task_dataset
+from rlx.rollout import Sampling, make_engine
 from rlx.train_config import LoraConfig, PGConfig
 
 STAT_SUMS = ("loss", "clip", "entropy", "kl", "gap_sum", "tis_sum", "tokens")
@@ -87,9 +87,23 @@ def train(cfg: PGConfig) -> dict:
     if cfg.algo.kl_beta > 0:
         ref_model, _ = load_policy(cfg.model, LoraConfig(enabled=False))
         ref_model.eval().requires_grad_(False)
-    train_data = load_prompts(cfg, tokenizer, cfg.task.split, cfg.task.num_prompts)
+    train_data = load_prompts(
+        cfg.task,
+        cfg.task.split,
+        cfg.task.num_prompts,
+        tokenizer,
+        cfg.max_prompt_tokens,
+        cfg.long_prompts,
+    )
     eval_data = (
-        load_prompts(cfg, tokenizer, cfg.eval.split, cfg.eval.num_prompts)
+        load_prompts(
+            cfg.task,
+            cfg.eval.split,
+            cfg.eval.num_prompts,
+            tokenizer,
+            cfg.max_prompt_tokens,
+            cfg.long_prompts,
+        )
         if cfg.eval.enabled
         else None
     )
@@ -131,7 +145,9 @@ def train(cfg: PGConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=start_step, desc="training", disable=not main_proc)
     while step < cfg.steps:
         t0 = time.perf_counter()
-        idx = prompt_indices(step, cfg.prompts_per_step, len(train_data), cfg.seed)[rank::world]
+        idx = step_prompt_indices(step, cfg.prompts_per_step, len(train_data), cfg.seed)[
+            rank::world
+        ]
         rows = train_data.select(idx)
         # In-process vLLM samples with torch's global generator: seeding it per step makes a
         # resumed run sample exactly what an uninterrupted run would have.
@@ -237,33 +253,6 @@ def train(cfg: PGConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- the step's pieces
-
-
-def load_prompts(cfg: PGConfig, tokenizer, split: str, num: int | None):
-    """A split of the task, with prompts over max_prompt_tokens rejected or dropped (logged)."""
-    data = load_task_dataset(cfg.task.name, split, num, cfg.task.seed, **cfg.task.options)
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, data["prompt"])]
-    long_rows = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens]
-    if not long_rows:
-        return data
-    if cfg.long_prompts == "error":
-        raise ConfigError(
-            f"{len(long_rows)} {split} prompt(s) exceed max_prompt_tokens={cfg.max_prompt_tokens} "
-            f"(longest {max(lengths)} tokens, first at row {long_rows[0]}): raise max_prompt_tokens "
-            "or set long_prompts=skip"
-        )
-    print(f"skipping {len(long_rows)} {split} prompts longer than {cfg.max_prompt_tokens} tokens")
-    dropped = set(long_rows)
-    return data.select([i for i in range(len(data)) if i not in dropped])
-
-
-def prompt_indices(step: int, per_step: int, dataset_size: int, seed: int) -> list[int]:
-    """The step's prompts: consecutive slices of a per-epoch shuffled order (a function of step)."""
-    out = []
-    for pos in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(pos, dataset_size)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(dataset_size)[offset]))
-    return out
 
 
 def group_advantages(cfg: PGConfig, full: dict, weights: list[float]) -> torch.Tensor:
