@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from rlx.algos import pg
 from rlx.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from rlx.config import ConfigError, load_config, save_config, to_dict
+from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.data import load_prompts, step_prompt_indices
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
@@ -51,8 +51,12 @@ STAT_SUMS = ("loss", "clip", "entropy", "kl", "gap_sum", "tis_sum", "tokens")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML recipe (PGConfig keys)")
+    parser.add_argument("--show-config", action="store_true", help="list every knob and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
+    if args.show_config:
+        print(describe(PGConfig))
+        return 0
     try:
         cfg = load_config(PGConfig, args.config, args.overrides)
     except ConfigError as err:
