@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh constraints/cpu.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --config_file launch/cpu_1proc.yaml recipes/pg.py --config recipes/grpo.yaml
+	$(PY) recipes/pg.py --config recipes/grpo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -4,6 +4,10 @@ rlx model fetch smollm2          download + convert + check the embedded default
 rlx generate [--config F] [key.sub=value ...]
                                  sample and score completions for a task (baseline reward)
 rlx generate --show-config       every knob of `rlx generate`, with defaults and help
+rlx quantize --base B --finetuned F --method quantlrm --bits 4 --out DIR
+                                 int4 export for vLLM (rlx/quant/cli.py)
+rlx eval --model DIR [--model DIR2] --task arithmetic
+                                 held-out reward table through vLLM (rlx/eval_cli.py)
 """
 
 from __future__ import annotations
@@ -57,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--show-config", action="store_true", help="list every knob and exit")
     gen.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     gen.set_defaults(func=_generate)
+
+    from rlx.eval_cli import add_eval_parser
+    from rlx.quant.cli import add_quantize_parser
+
+    add_quantize_parser(commands)  # rlx quantize: rlx/quant/cli.py
+    add_eval_parser(commands)  # rlx eval: rlx/eval_cli.py
     return parser
 
 
