@@ -72,11 +72,8 @@ def train(cfg: PGConfig) -> dict:
     # On CPU, Accelerator(cpu=True) under a multi-process launch selects MULTI_CPU over gloo.
     accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=str(out),
                               cpu=not torch.cuda.is_available())  # fmt: skip
-    world, rank, main_proc = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.is_main_process,
-    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main_proc = accelerator.is_main_process
     if cfg.prompts_per_step % world:
         raise ConfigError(
             f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes"
@@ -91,26 +88,14 @@ def train(cfg: PGConfig) -> dict:
     if cfg.algo.kl_beta > 0:
         ref_model, _ = load_policy(cfg.model, LoraConfig(enabled=False))
         ref_model.eval().requires_grad_(False)
-    train_data = load_prompts(
-        cfg.task,
-        cfg.task.split,
-        cfg.task.num_prompts,
-        tokenizer,
-        cfg.max_prompt_tokens,
-        cfg.long_prompts,
-    )
-    eval_data = (
-        load_prompts(
-            cfg.task,
-            cfg.eval.split,
-            cfg.eval.num_prompts,
-            tokenizer,
-            cfg.max_prompt_tokens,
-            cfg.long_prompts,
+
+    def prompts(split: str, num: int | None):
+        return load_prompts(
+            cfg.task, split, num, tokenizer, cfg.max_prompt_tokens, cfg.long_prompts
         )
-        if cfg.eval.enabled
-        else None
-    )
+
+    train_data = prompts(cfg.task.split, cfg.task.num_prompts)
+    eval_data = prompts(cfg.eval.split, cfg.eval.num_prompts) if cfg.eval.enabled else None
     reward_fns = resolve_rewards(cfg.task.name, cfg.rewards)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -149,10 +134,8 @@ def train(cfg: PGConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=start_step, desc="training", disable=not main_proc)
     while step < cfg.steps:
         t0 = time.perf_counter()
-        idx = step_prompt_indices(step, cfg.prompts_per_step, len(train_data), cfg.seed)[
-            rank::world
-        ]
-        rows = train_data.select(idx)
+        idx = step_prompt_indices(step, cfg.prompts_per_step, len(train_data), cfg.seed)
+        rows = train_data.select(idx[rank::world])
         # In-process vLLM samples with torch's global generator: seeding it per step makes a
         # resumed run sample exactly what an uninterrupted run would have.
         torch.manual_seed(cfg.seed * 1_000_003 + step)
@@ -224,12 +207,12 @@ def train(cfg: PGConfig) -> dict:
             log.log(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gap=f"{row['logprob_gap_max']:.3f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        out_of_time = cfg.max_minutes and (time.perf_counter() - began) / 60 >= cfg.max_minutes
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
             checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg)
-        if cfg.max_minutes and (time.perf_counter() - began) / 60 >= cfg.max_minutes:
+        if out_of_time:
             if main_proc:
                 print(f"max_minutes={cfg.max_minutes} reached after {step} steps")
-            checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg)
             break
     bar.close()
 
