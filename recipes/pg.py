@@ -172,7 +172,7 @@ def train(cfg: PGConfig) -> dict:
             chosen = [
                 c for i in range(p_local) if keep_local[i] for c in completions[i * g : (i + 1) * g]
             ]
-            batch = build_batch(chosen, tokenizer.pad_token_id)
+            batch = build_batch(chosen, tokenizer.pad_token_id, g)
             stats = train_on_batch(
                 cfg, accelerator, model, ref_model, batch, adv_local[keep_local].reshape(-1)
             )
@@ -266,22 +266,18 @@ def groups_to_keep(total: torch.Tensor, dynamic_sampling: bool) -> torch.Tensor:
 
 def train_on_batch(cfg: PGConfig, accelerator, model, ref_model, batch, advantages) -> dict:
     """Micro-batched backward pass of the clipped policy loss over one rollout batch."""
-    n, mask_all = batch.input_ids.shape[0], batch.completion_mask
-    norm = {
-        "sequences": n,
-        "tokens": float(mask_all.sum().clamp(min=1)),
-        "length": cfg.rollout.max_new_tokens,
-    }
+    g, mask_all = batch.group_size, batch.completion_mask
+    norm = {"sequences": mask_all.shape[0], "tokens": float(mask_all.sum().clamp(min=1)),
+            "length": cfg.rollout.max_new_tokens}  # fmt: skip
     stats = {k: 0.0 for k in STAT_SUMS} | {"gap_max": 0.0, "tis_min": math.inf, "tis_max": 0.0}
     temperature = max(cfg.rollout.temperature, 1e-6)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16_autocast)
-    starts = range(0, n, cfg.micro_batch_size)
+    per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
+    starts = range(0, batch.num_groups, per_micro)
     for i, start in enumerate(starts):
-        mb = batch[start : start + cfg.micro_batch_size].to(accelerator.device)
-        adv, mask = (
-            advantages[start : start + cfg.micro_batch_size].to(accelerator.device),
-            mb.completion_mask,
-        )
+        mb = batch.groups(start, start + per_micro).to(accelerator.device)
+        adv = advantages[start * g : (start + per_micro) * g].to(accelerator.device)
+        mask = mb.completion_mask
         last = i == len(starts) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with autocast:

@@ -54,56 +54,93 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @dataclass
-class SequenceBatch:
-    """Tensors for one forward pass over prompt + completion sequences."""
+class RolloutBatch:
+    """P prompts with G completions each, as tensors for the trainer's forward pass."""
 
-    input_ids: torch.Tensor  # [B, W+T] left-padded prompts, then right-padded completions
-    attention_mask: torch.Tensor  # [B, W+T]
-    position_ids: torch.Tensor  # [B, W+T] 0 at each sequence's first real token
-    completion_ids: torch.Tensor  # [B, T]
-    completion_mask: torch.Tensor  # [B, T] float, 1 on real completion tokens
-    sampler_logprobs: torch.Tensor  # [B, T] the rollout engine's logprobs (0 on padding)
+    prompt_ids: torch.Tensor  # [P, W] left-padded
+    prompt_mask: torch.Tensor  # [P, W]
+    completion_ids: torch.Tensor  # [P*G, T] right-padded, prompt-major
+    completion_mask: torch.Tensor  # [P*G, T] float, 1 on real completion tokens
+    sampler_logprobs: torch.Tensor  # [P*G, T] the rollout engine's logprobs (0 on padding)
+    group_size: int
 
-    def to(self, device) -> SequenceBatch:
-        return SequenceBatch(*(t.to(device) for t in vars(self).values()))
+    @property
+    def num_groups(self) -> int:
+        return self.prompt_ids.shape[0]
 
-    def __getitem__(self, rows) -> SequenceBatch:
-        return SequenceBatch(*(t[rows] for t in vars(self).values()))
+    def groups(self, start: int, stop: int) -> RolloutBatch:
+        """Groups start..stop-1 (with all their completions)."""
+        g = self.group_size
+        rows = slice(start * g, stop * g)
+        return RolloutBatch(self.prompt_ids[start:stop], self.prompt_mask[start:stop],
+                            self.completion_ids[rows], self.completion_mask[rows],
+                            self.sampler_logprobs[rows], g)  # fmt: skip
+
+    def to(self, device) -> RolloutBatch:
+        tensors = (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask,
+                   self.sampler_logprobs)  # fmt: skip
+        return RolloutBatch(*(t.to(device) for t in tensors), self.group_size)
 
 
-def build_batch(completions: list[Completion], pad_id: int) -> SequenceBatch:
-    """Stack completions (with their prompts) into a SequenceBatch."""
-    width = max(len(c.prompt_token_ids) for c in completions)
+def build_batch(completions: list[Completion], pad_id: int, group_size: int) -> RolloutBatch:
+    """Stack prompt-major groups of `group_size` completions into a RolloutBatch."""
+    groups = [completions[i : i + group_size] for i in range(0, len(completions), group_size)]
+    if any(
+        len(gr) != group_size or any(c.prompt_index != gr[0].prompt_index for c in gr)
+        for gr in groups
+    ):
+        raise ValueError(f"completions must come in prompt-major groups of {group_size}")
+    width = max(len(gr[0].prompt_token_ids) for gr in groups)
     t_max = max(max(len(c.token_ids) for c in completions), 1)
-    b = len(completions)
-    ids = torch.full((b, width + t_max), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width + t_max), dtype=torch.long)
-    comp_mask = torch.zeros((b, t_max))
-    sampler = torch.zeros((b, t_max))
+    prompt_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(groups), width), dtype=torch.long)
+    for row, gr in enumerate(groups):
+        ids = gr[0].prompt_token_ids
+        prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids) :] = 1
+    comp_ids = torch.full((len(completions), t_max), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros((len(completions), t_max))
+    sampler = torch.zeros((len(completions), t_max))
     for row, c in enumerate(completions):
-        p, t = len(c.prompt_token_ids), len(c.token_ids)
-        ids[row, width - p : width] = torch.tensor(c.prompt_token_ids)
-        ids[row, width : width + t] = torch.tensor(c.token_ids, dtype=torch.long)
-        attn[row, width - p : width + t] = 1
+        t = len(c.token_ids)
+        comp_ids[row, :t] = torch.tensor(c.token_ids, dtype=torch.long)
         comp_mask[row, :t] = 1
         sampler[row, :t] = torch.tensor(c.logprobs)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    return SequenceBatch(ids, attn, positions, ids[:, width:], comp_mask, sampler)
+    return RolloutBatch(prompt_ids, prompt_mask, comp_ids, comp_mask, sampler, group_size)
 
 
-def completion_logits(model, batch: SequenceBatch) -> torch.Tensor:
-    """Logits predicting each completion token. -> [B, T, V]."""
-    t = batch.completion_ids.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=t + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]  # position j predicts completion token j
-    if logits.shape[1] != t:  # a wrapper that ignores logits_to_keep would misalign every token
-        raise RuntimeError(
-            f"model returned {logits.shape[1] + 1} logit positions, expected {t + 1}"
-        )
+def completion_logits(model, batch: RolloutBatch) -> torch.Tensor:
+    """Logits predicting each completion token, [P*G, T, V], running each prompt once.
+
+    The prompt's forward pass (with gradients) builds a KV cache that is repeated for its G
+    completions, so the G copies of the prompt are not recomputed; gradients flow back through
+    the repeat. Equal to `completion_logits_reference` (tests/test_policy.py).
+    """
+    g, t = batch.group_size, batch.completion_ids.shape[1]
+    prompt_pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [P, W]
+    prompt_out = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                       position_ids=prompt_pos, use_cache=True, logits_to_keep=1)  # fmt: skip
+    first = prompt_out.logits[:, -1:].repeat_interleave(g, dim=0)  # [B, 1, V] predicts token 0
+    cache = prompt_out.past_key_values
+    cache.batch_repeat_interleave(g)
+    mask = torch.cat([batch.prompt_mask.repeat_interleave(g, dim=0),
+                      batch.completion_mask.long()], dim=1)  # fmt: skip
+    start = batch.prompt_mask.sum(-1).repeat_interleave(g)  # [B] real prompt lengths
+    positions = start[:, None] + torch.arange(t, device=start.device)  # [B, T]
+    out = model(input_ids=batch.completion_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True)  # fmt: skip
+    logits = torch.cat([first, out.logits[:, :-1]], dim=1)  # [B, T, V]
+    if logits.shape[1] != t:
+        raise RuntimeError(f"got {logits.shape[1]} logit positions, expected {t}")
     return logits
+
+
+def completion_logits_reference(model, batch: RolloutBatch) -> torch.Tensor:
+    """Plain reference for completion_logits: one forward per prompt+completion sequence."""
+    g, rows = batch.group_size, []
+    for i in range(batch.completion_ids.shape[0]):
+        prompt = batch.prompt_ids[i // g][batch.prompt_mask[i // g] > 0]
+        ids = torch.cat([prompt, batch.completion_ids[i]])[None]
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+        rows.append(logits[len(prompt) - 1 : -1])  # [T, V]
+    return torch.stack(rows)

@@ -104,7 +104,9 @@ class PGConfig:
     eval: EvalConfig = knob(EvalConfig(), help="held-out evaluation")
     steps: int = knob(30, help="optimizer steps (one rollout batch each)")
     prompts_per_step: int = knob(8, help="prompts per step, over all processes")
-    micro_batch_size: int = knob(16, help="sequences per forward/backward pass")
+    micro_batch_size: int = knob(
+        16, help="sequences per forward/backward pass (rounded down to whole groups, at least one)"
+    )
     sync_every: int = knob(1, help="push weights to the rollout engine every k steps")
     max_prompt_tokens: int = knob(512, help="longest prompt accepted, in tokens")
     long_prompts: Literal["error", "skip"] = knob(
