@@ -42,6 +42,8 @@ def length_reward(tmp_path_factory):
         "    raise RuntimeError('boom')\n"
         "def constant(prompts, completions, **kw):\n"
         "    return [1.0] * len(completions)\n"
+        "def nones(prompts, completions, **kw):\n"
+        "    return [None] * len(completions)\n"
     )
     return path
 
@@ -58,9 +60,9 @@ def overrides(model, out, reward, **extra) -> list[str]:
 
 
 def test_short_run_writes_every_output(tiny_llama, tmp_path, length_reward):
-    cfg = load_config(
-        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer")
-    )
+    extra = {"log_with": "[tensorboard]"}
+    reward = f"{length_reward}:longer"
+    cfg = load_config(PGConfig, overrides=overrides(tiny_llama, tmp_path, reward, **extra))
     results = load_recipe().train(cfg)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -71,6 +73,7 @@ def test_short_run_writes_every_output(tiny_llama, tmp_path, length_reward):
     assert results["after"]["num_completions"] == 6
     assert (tmp_path / "reward_curves.png").stat().st_size > 1000
     assert (tmp_path / "checkpoints" / "step-000003" / "model" / "model.safetensors").exists()
+    assert list(tmp_path.rglob("events.out.tfevents*")), "tensorboard tracker wrote nothing"
 
 
 def test_sync_every_k_steps_shows_as_logprob_gap(tiny_llama, tmp_path, length_reward):
@@ -111,6 +114,72 @@ def test_all_equal_rewards_skip_the_update(tiny_llama, tmp_path, length_reward):
     saved = load_file(tmp_path / "checkpoints" / "step-000001" / "model" / "model.safetensors")
     original = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
     assert all(torch.equal(saved[k], original[k]) for k in saved)  # no update happened
+
+
+def test_kl_to_reference_model(tiny_llama, tmp_path, length_reward):
+    extra = {"algo.kl_beta": 0.1, "eval.enabled": "false", "steps": 2, "optim.lr": 1e-2}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
+    )
+    load_recipe().train(cfg)
+    kl = [r["kl"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert kl[0] == pytest.approx(0, abs=1e-6) and kl[1] > 1e-6  # policy == reference, then moves
+
+
+def test_reward_none_for_whole_groups_drops_them(tiny_llama, tmp_path, length_reward):
+    extra = {"eval.enabled": "false", "steps": 1}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:nones", **extra)
+    )
+    load_recipe().train(cfg)
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert row["groups_kept"] == 0 and row["reward_mean"] is None
+
+
+def test_non_finite_loss_errors_or_skips(tiny_llama, tmp_path, length_reward, monkeypatch):
+    recipe = load_recipe()
+    real = recipe.pg.clipped_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        per_token, clip = real(*args, **kwargs)
+        return per_token * float("nan"), clip
+
+    monkeypatch.setattr(recipe.pg, "clipped_policy_loss", nan_loss)
+    extra = {"eval.enabled": "false", "steps": 1}
+    cfg = load_config(
+        PGConfig,
+        overrides=overrides(tiny_llama, tmp_path / "a", f"{length_reward}:longer", **extra),
+    )
+    with pytest.raises(FloatingPointError, match="not finite"):
+        recipe.train(cfg)
+    extra["bad_steps"] = "skip"
+    cfg = load_config(
+        PGConfig,
+        overrides=overrides(tiny_llama, tmp_path / "b", f"{length_reward}:longer", **extra),
+    )
+    recipe.train(cfg)
+    (row,) = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert row["skipped"] == "non-finite loss"
+
+
+def test_group_advantages_both_normalisations():
+    recipe = load_recipe()
+    per_fn = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # one group of 2, two reward functions
+    full = {
+        "total": 0.5 * per_fn[..., 0] + 0.5 * per_fn[..., 1],
+        "per_fn": per_fn,
+        "length": torch.ones(1, 2),
+    }
+    cfg = load_config(PGConfig, overrides=["algo.advantage=dr_grpo"])
+    assert torch.allclose(
+        recipe.group_advantages(cfg, full, [0.5, 0.5]), torch.tensor([[0.25, -0.25]])
+    )
+    cfg = load_config(
+        PGConfig, overrides=["algo.advantage=grpo", "algo.reward_normalization=normalize_then_sum"]
+    )
+    # function 1: (r - mean) / std = +-0.5 / sqrt(0.5) (unbiased std of [1, 0]); function 2: 0
+    expected = 0.5 * torch.tensor([[0.5, -0.5]]) / (0.5**0.5 + 1e-6)
+    assert torch.allclose(recipe.group_advantages(cfg, full, [0.5, 0.5]), expected)
 
 
 def test_reward_failure_errors_or_skips(tiny_llama, tmp_path, length_reward):
@@ -174,6 +243,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path, len
     for ra, rb in zip(a, b, strict=True):
         assert ra["reward_mean"] == rb["reward_mean"], ra["step"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-9), ra["step"]
+
+
+def test_accelerate_launch_one_process(tiny_llama, tmp_path, length_reward):
+    out = tmp_path / "one"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(RECIPE)]
+    proc = _launch(
+        cmd
+        + overrides(
+            tiny_llama, out, f"{length_reward}:longer", steps=1, **{"eval.enabled": "false"}
+        ),
+        out,
+    )
+    assert proc.wait(timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
 
 
 @pytest.mark.multiprocess

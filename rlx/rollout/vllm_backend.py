@@ -69,7 +69,7 @@ class VLLMEngine:
         from rlx.models import resolve_model
 
         os.environ.update(vllm_process_env(kv_cache_gib))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-call thread warnings are noise
         from transformers import AutoTokenizer
         from vllm import LLM
 
