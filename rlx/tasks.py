@@ -26,6 +26,8 @@ SYSTEM_PROMPT = (
     "for example <answer>42</answer>."
 )
 
+FORMAT_HINT = "Put the final number inside <answer></answer> tags."
+
 # A 135M model never produces the tags zero-shot, so prompts can carry this worked example.
 ONE_SHOT_QUESTION = "Ana has 3 pears and buys 4 more. How many pears does Ana have now?"
 ONE_SHOT_ANSWER = "Ana starts with 3 pears and buys 4 more, so 3 + 4 = 7.\n<answer>7</answer>"
@@ -90,11 +92,14 @@ def build_arithmetic(
     max_operand: int = 20,
     ops: tuple[str, ...] | list[str] = ("+", "-"),
     one_shot: bool = True,
+    format_hint: bool = False,
 ) -> datasets.Dataset:
     """Generate arithmetic word problems: columns `prompt` (chat messages), `answer`, `question`.
 
     Knobs: operands come from 1..max_operand; `ops` picks from "+" and "-" (subtraction results
-    are never negative); one_shot prepends a worked example that shows the tag format. The same
+    are never negative); one_shot prepends a worked example that shows the tag format;
+    format_hint repeats the tag instruction at the end of the question (small models follow the
+    user turn more than the system prompt). The same
     (split, seed, options) always gives the same rows; no question appears in more than one row.
     """
     if split not in DEFAULT_SIZES:
@@ -124,7 +129,11 @@ def build_arithmetic(
             questions.setdefault(question, a + b if op == "+" else a - b)
 
     rows = [
-        {"prompt": arithmetic_prompt(q, one_shot), "answer": str(result), "question": q}
+        {
+            "prompt": arithmetic_prompt(q, one_shot, format_hint),
+            "answer": str(result),
+            "question": q,
+        }
         for q, result in questions.items()
     ]
     return datasets.Dataset.from_list(rows)
@@ -138,7 +147,9 @@ def equation_split(a: int, op: str, b: int) -> str:
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < TEST_FRACTION else "train"
 
 
-def arithmetic_prompt(question: str, one_shot: bool = True) -> list[dict[str, str]]:
+def arithmetic_prompt(
+    question: str, one_shot: bool = True, format_hint: bool = False
+) -> list[dict[str, str]]:
     """Chat messages for one question: system prompt, optional worked example, the question."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     if one_shot:
@@ -146,7 +157,9 @@ def arithmetic_prompt(question: str, one_shot: bool = True) -> list[dict[str, st
             {"role": "user", "content": ONE_SHOT_QUESTION},
             {"role": "assistant", "content": ONE_SHOT_ANSWER},
         ]
-    messages.append({"role": "user", "content": question})
+    messages.append(
+        {"role": "user", "content": f"{question} {FORMAT_HINT}" if format_hint else question}
+    )
     return messages
 
 
