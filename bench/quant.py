@@ -1,0 +1,225 @@
+"""QuantLRM vs AWQ vs RTN on a fine-tuned SmolLM2-135M: held-out reward, quantisation time, tok/s.
+
+What it measures, in one run:
+  1. the fine-tuned model: until the RL learners land, a short supervised fine-tune of SmolLM2 on
+     the arithmetic train split (rlx.quant.pseudo_finetune.sft_arithmetic, cached in the rlx cache);
+     (base = SmolLM2 before that fine-tune, fine-tuned = after) is QuantLRM's dW pair;
+  2. RTN, AWQ and QuantLRM at W4 g128 and W3 g128 (asymmetric, zero point; group 128 falls back to
+     64 on the 576-wide inputs of q/k/v/o/gate/up, see rlx/quant/checks.py), each through
+     `rlx.quant.quantize_model` with the same calibration data (arithmetic train, 8 x 256 tokens);
+     wall time of each quantisation, loading and export included;
+  3. held-out reward of every model: greedy, arithmetic test split (200 prompts), at most 64 new
+     tokens, stop at </answer>, the task's default rewards (rlx.evaluation.evaluate through the
+     in-process VLLMEngine, bf16). W4 exports are served as int4 (compressed-tensors); vLLM-CPU's
+     int kernel is 4-bit only, so W3 results are served from a dequantised (dense) export;
+  4. QuantLRM W4 once more as if there were no "before" model: dW from pseudo-fine-tuning
+     (rlx/quant/pseudo_finetune.py), its time included in the quantisation time;
+  5. vLLM tokens/s, bf16 fine-tuned vs the QuantLRM int4 export: 64 prompts x 128 new tokens
+     (ignore_eos), in-process engine, best of 2 timed runs.
+On CPUs with AMX, vLLM-CPU by default quantises activations of int4 layers to int8 (W4A8,
+VLLM_CPU_INT4_W4A8=1). The rewards here are measured as W4A16 (VLLM_CPU_INT4_W4A8=0, what the
+quantisation optimises and what GPUs run); the W4A8 reward and speed of QuantLRM W4 are extra rows.
+
+Command (from the repository root; about 15 minutes on 2 busy cores, the fine-tune is cached):
+    .venv/bin/python bench/quant.py
+    .venv/bin/python bench/quant.py --prompts 50 --bits 4      # quicker look
+
+Targets: QuantLRM >= RTN and AWQ at equal bits; W4 retention >= 0.95; <= 60 s per quantisation.
+The last line printed is exactly `quantlrm_retention_w4=<QuantLRM W4 reward / fine-tuned reward>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ["VLLM_CPU_INT4_W4A8"] = "0"  # W4A16 for the quality numbers (see docstring)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="folder for exports (default: rlx cache)")
+    p.add_argument(
+        "--finetuned", default=None,
+        help="fine-tuned model folder, e.g. an RL run's checkpoints/step-N/model from recipes/pg.py "
+        "(default: the supervised stand-in, made and cached on first use)",
+    )  # fmt: skip
+    p.add_argument("--base", default="smollm2", help="the model before fine-tuning")
+    p.add_argument("--prompts", type=int, default=200, help="held-out prompts per evaluation")
+    p.add_argument("--bits", default="4,3", help="comma-separated bit widths")
+    p.add_argument("--methods", default="rtn,awq,quantlrm")
+    p.add_argument(
+        "--quant-threads", type=int, default=1,
+        help="torch threads while quantising (0 = default). 1 on a shared 2-core machine: when "
+        "another process holds a core, 2 OpenMP threads made the search 6x slower (measured)",
+    )  # fmt: skip
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument(
+        "--no-pseudo", action="store_true", help="skip QuantLRM W4 with pseudo-fine-tuned dW"
+    )
+    return p.parse_args()
+
+
+def set_w4a8(on: bool) -> None:
+    """Switch vLLM-CPU's int8-activation path for int4 layers for the next engine."""
+    import vllm.envs as envs
+
+    os.environ["VLLM_CPU_INT4_W4A8"] = "1" if on else "0"
+    envs.disable_envs_cache()  # the first engine caches every VLLM_* variable
+
+
+def evaluate_model(model: str, dataset, reward_fns) -> dict:
+    from rlx.evaluation import evaluate
+    from rlx.rollout.vllm_backend import VLLMEngine
+
+    engine = VLLMEngine(model, max_model_len=1024, kv_cache_gib=1)
+    try:
+        return evaluate(engine, dataset, reward_fns, max_new_tokens=64, stop=["</answer>"])
+    finally:
+        engine.close()
+
+
+def throughput(model: str, prompts, n_prompts: int = 64, new_tokens: int = 128) -> float:
+    """Generated tokens per second, fixed length (ignore_eos), best of 2 timed runs."""
+    from vllm import SamplingParams
+
+    from rlx.rollout import encode_prompts
+    from rlx.rollout.vllm_backend import VLLMEngine
+
+    engine = VLLMEngine(model, max_model_len=1024, kv_cache_gib=1)
+    try:
+        ids = encode_prompts(engine.tokenizer, prompts[:n_prompts])
+        requests = [{"prompt_token_ids": x} for x in ids]
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0)
+        engine.llm.generate(requests[:4], params, use_tqdm=False)  # warm-up
+        best = 0.0
+        for _ in range(2):
+            start = time.perf_counter()
+            outs = engine.llm.generate(requests, params, use_tqdm=False)
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            best = max(best, tokens / (time.perf_counter() - start))
+        return best
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    args = parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlx.evaluation import resolve_rewards
+    from rlx.models import resolve_model
+    from rlx.models.smollm2 import cache_root
+    from rlx.quant import QuantizeConfig, quantize_model
+    from rlx.quant.pseudo_finetune import sft_arithmetic
+    from rlx.tasks import load_task_dataset
+
+    console = Console(width=110)  # wide enough for the tables when output is piped
+    root = Path(args.out) if args.out else cache_root() / "bench" / "quant"
+    base = resolve_model(args.base)
+    bits_list = [int(b) for b in args.bits.split(",")]
+    methods = args.methods.split(",")
+
+    # 1. fine-tuned model and 2. quantisations: all torch work before any vLLM engine starts
+    import torch
+
+    if args.quant_threads:
+        torch.set_num_threads(args.quant_threads)  # the fine-tune too (same contention)
+    t = time.perf_counter()
+    finetuned = args.finetuned or str(sft_arithmetic(base, root / "smollm2-arith-sft"))
+    console.print(f"fine-tuned model: {finetuned} ({time.perf_counter() - t:.0f} s)")
+    exports, seconds, notes = {}, {}, set()
+    for bits in bits_list:
+        for method in methods:
+            cfg = QuantizeConfig(
+                base=base, finetuned=finetuned, method=method, bits=bits, group_size=128,
+                out=str(root / f"{method}-w{bits}"), overwrite=True, num_threads=args.quant_threads,
+            )  # fmt: skip
+            result = quantize_model(cfg)
+            exports[(method, bits)] = str(result.out)
+            seconds[(method, bits)] = result.seconds["total"]
+            notes.update(n for n in result.plan.notes if n.startswith("group size"))
+            console.print(f"{method} W{bits}: {result.seconds['total']:.1f} s -> {result.out}")
+    if not args.no_pseudo and 4 in bits_list:  # QuantLRM as if there were no "before" checkpoint
+        cfg = QuantizeConfig(
+            finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
+            out=str(root / "quantlrm-pseudo-w4"), overwrite=True, num_threads=args.quant_threads,
+        )  # fmt: skip
+        result = quantize_model(cfg)
+        exports[("quantlrm-pseudo", 4)] = str(result.out)
+        seconds[("quantlrm-pseudo", 4)] = result.seconds["total"]
+
+    # 3. held-out reward of every model
+    dataset = load_task_dataset("arithmetic", split="test", num_examples=args.prompts)
+    reward_fns = resolve_rewards("arithmetic", [])
+    rows = [
+        (
+            "base (SmolLM2, before fine-tune)",
+            "bf16",
+            evaluate_model(base, dataset, reward_fns),
+            None,
+        )
+    ]
+    ft_metrics = evaluate_model(finetuned, dataset, reward_fns)
+    rows.append(("fine-tuned", "bf16", ft_metrics, None))
+    for (method, bits), path in exports.items():
+        served = "int4 W4A16" if bits == 4 else "dequantised W3 (bf16)"
+        name = (
+            "quantlrm W4 g128, pseudo-FT dW"
+            if method == "quantlrm-pseudo"
+            else f"{method} W{bits} g128"
+        )
+        rows.append((name, served, evaluate_model(path, dataset, reward_fns),
+                     seconds[(method, bits)]))  # fmt: skip
+    qlrm4 = exports.get(("quantlrm", 4))
+    if qlrm4:
+        set_w4a8(True)
+        rows.append(("quantlrm W4 g128", "int4 W4A8 (vLLM-CPU default)",
+                     evaluate_model(qlrm4, dataset, reward_fns), None))  # fmt: skip
+        set_w4a8(False)
+
+    ft_reward = ft_metrics["reward_mean"]
+    table = Table(title=f"arithmetic test, {len(dataset)} prompts, greedy, vLLM in-process (CPU)")
+    for col in ("model", "served as", "reward", "correct", "format", "retention", "quant s"):
+        table.add_column(col, justify="left" if col in ("model", "served as") else "right")
+    for name, served, m, secs in rows:
+        table.add_row(
+            name, served, f"{m['reward_mean']:.3f}", f"{m['rewards']['correctness']:.3f}",
+            f"{m['rewards']['answer_format']:.3f}", f"{m['reward_mean'] / ft_reward:.3f}",
+            f"{secs:.1f}" if secs is not None else "",
+        )  # fmt: skip
+    console.print(table)
+    for note in sorted(notes):
+        console.print(f"note: {note}")
+
+    # 4. throughput
+    if not args.skip_throughput and qlrm4:
+        speed = Table(title="vLLM generation, 64 prompts x 128 new tokens (ignore_eos)")
+        speed.add_column("weights")
+        speed.add_column("tok/s", justify="right")
+        speed.add_column("vs bf16", justify="right")
+        ref = throughput(finetuned, dataset["prompt"])
+        speed.add_row("fine-tuned, bf16", f"{ref:.0f}", "1.00")
+        w4a16 = throughput(qlrm4, dataset["prompt"])
+        speed.add_row("QuantLRM int4, W4A16", f"{w4a16:.0f}", f"{w4a16 / ref:.2f}")
+        set_w4a8(True)
+        w4a8 = throughput(qlrm4, dataset["prompt"])
+        speed.add_row("QuantLRM int4, W4A8 (default)", f"{w4a8:.0f}", f"{w4a8 / ref:.2f}")
+        console.print(speed)
+
+    load = os.getloadavg()[0]
+    console.print(f"load average while running: {load:.1f} (2 cores; other jobs share them)")
+    q4 = next(
+        (m for name, s, m, _ in rows if name.startswith("quantlrm W4") and "W4A16" in s), None
+    )
+    if q4 is not None:
+        print(f"quantlrm_retention_w4={q4['reward_mean'] / ft_reward:.3f}")
+
+
+if __name__ == "__main__":
+    main()

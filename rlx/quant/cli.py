@@ -1,0 +1,78 @@
+"""`rlx quantize`: the argparse wiring (rlx/cli.py adds it); the work is in rlx.quant.pipeline.
+
+    rlx quantize --base smollm2 --finetuned runs/rl/final --method quantlrm --bits 4 \
+        --group-size 128 --calib arithmetic --out runs/q4
+    rlx quantize --config recipes/quantize_smollm2.yaml calib.num_sequences=16
+    rlx quantize --show-config
+
+Flags are shorthands for config keys; `key.sub=value` arguments override both the YAML and them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+FLAGS = {
+    "base": "base",
+    "finetuned": "finetuned",
+    "method": "method",
+    "bits": "bits",
+    "group_size": "group_size",
+    "calib": "calib.source",
+    "out": "out",
+}
+
+
+def add_quantize_parser(commands) -> None:
+    """Register `rlx quantize` on the subcommand parser of rlx/cli.py."""
+    p = commands.add_parser(
+        "quantize",
+        help="quantise a fine-tuned model (QuantLRM / AWQ / RTN) and export it for vLLM",
+        description="Flags set config keys; key.sub=value overrides (e.g. calib.num_sequences=16) "
+        "win over --config and the flags.",
+    )
+    p.add_argument("--config", help="YAML file with QuantizeConfig keys")
+    p.add_argument("--show-config", action="store_true", help="list every knob and exit")
+    p.add_argument("--base", help="model before fine-tuning (QuantLRM's dW)")
+    p.add_argument("--finetuned", help="the model to quantise")
+    p.add_argument("--method", choices=("quantlrm", "awq", "rtn"))
+    p.add_argument("--bits", type=int, choices=(3, 4))
+    p.add_argument("--group-size", dest="group_size", type=int, choices=(32, 64, 128))
+    p.add_argument("--calib", help="calibration task name or file")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=run_quantize_command)
+
+
+def run_quantize_command(args) -> int:
+    """Build the config from --config, flags and overrides; quantise; print a summary."""
+    from rlx.config import describe, load_config
+    from rlx.quant.config import QuantizeConfig
+
+    if args.show_config:
+        print(describe(QuantizeConfig))
+        return 0
+    # JSON is YAML: a path stays a string even if it looks like a number or a date
+    flags = [
+        f"{k}={json.dumps(getattr(args, a))}"
+        for a, k in FLAGS.items()
+        if getattr(args, a) is not None
+    ]
+    cfg = load_config(QuantizeConfig, args.config, [*flags, *args.overrides])
+
+    from rlx.quant.checks import QuantError
+    from rlx.quant.pipeline import plan_quantization, quantize_model
+
+    try:
+        plan = plan_quantization(cfg)
+        for note in plan.notes:
+            print(f"note: {note}")
+        result = quantize_model(cfg)
+    except QuantError as err:
+        print(f"rlx: error: {err}", file=sys.stderr)
+        return 2
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    print(f"wrote {result.out} ({cfg.method}, W{cfg.bits}, {cfg.resolved_format}); {seconds}")
+    print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}")
+    return 0
