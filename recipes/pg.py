@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -216,8 +217,9 @@ def train(cfg: PGConfig) -> dict:
             break
     bar.close()
 
-    # ---- held-out evaluation after training, report
+    # ---- the trained model as a plain HF folder (LoRA merged), held-out evaluation, report
     if main_proc:
+        print(f"final model: {save_final_model(policy, tokenizer, out / 'final')}")
         if eval_data is not None:
             results["after"] = evaluate(
                 engine, eval_data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop
@@ -390,6 +392,31 @@ def checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg) -> Non
             out, step, policy, optimizer, scheduler, {"data_position": step * cfg.prompts_per_step}
         )
     accelerator.wait_for_everyone()
+
+
+def save_final_model(policy, tokenizer, folder: Path) -> Path:
+    """Weights (LoRA merged) and tokenizer, loadable by transformers, vLLM and `rlx quantize`;
+    written to a temporary folder and renamed, like the checkpoints."""
+    model = policy
+    if hasattr(policy, "peft_config"):
+        policy.merge_adapter()
+        model = policy.get_base_model()
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        state = {
+            k.replace(".base_layer.", "."): v
+            for k, v in model.state_dict().items()
+            if "lora_" not in k
+        }
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if model is not policy:
+            policy.unmerge_adapter()
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from rlx.config import load_config
 from rlx.metrics import read_metrics
@@ -74,6 +75,8 @@ def test_short_run_writes_every_output(tiny_llama, tmp_path, length_reward):
     assert (tmp_path / "reward_curves.png").stat().st_size > 1000
     assert (tmp_path / "checkpoints" / "step-000003" / "model" / "model.safetensors").exists()
     assert list(tmp_path.rglob("events.out.tfevents*")), "tensorboard tracker wrote nothing"
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # plain HF folder + tokenizer
+    assert (tmp_path / "final" / "tokenizer.json").exists() and final.config.vocab_size > 0
 
 
 def test_sync_every_k_steps_shows_as_logprob_gap(tiny_llama, tmp_path, length_reward):
