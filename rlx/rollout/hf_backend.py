@@ -21,7 +21,6 @@ class HFEngine:
 
         self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)
         self.batch_size = batch_size  # sequences per generate() call
-        self.generator_seed = seed
         torch.manual_seed(seed)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
