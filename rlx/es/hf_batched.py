@@ -1,0 +1,96 @@
+"""Backend (a): the whole population in batched HF generate with the EGGROLL population forward.
+
+Rows of several members go through one `generate` call; every evolved nn.Linear computes
+x W^T + (x B_m) A_m^T per row (rlx.kernels.perturbed_linears): one dense GEMM shared by all members
+plus batched rank-r terms, with the KV cache as usual. The backend keeps its own copy of the model
+in `dtype` (bfloat16 is several times faster than float32 on CPUs with AVX-512 bf16) and takes
+the centre weights with `sync`. Only low-rank noise is supported here; full-rank noise needs
+the inplace backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from rlx.algos.eggroll import NoiseSpec, population_factors
+from rlx.es.generation import hf_generate
+from rlx.es.population import PopulationPlan, chunk_plan, plan_rows
+from rlx.kernels import perturbed_linears
+from rlx.rollout import Completion, Sampling
+
+
+class HFBatchedPopulation:
+    """Population evaluation in batched HF generate (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        noise: NoiseSpec,
+        shapes: Mapping[str, Sequence[int]],
+        dtype: str = "bfloat16",
+        members_per_batch: int = 0,
+        ignore_eos: bool = False,
+        model=None,
+        tokenizer=None,
+    ):
+        """`shapes`: evolved parameter name ("...q_proj.weight") -> [out, in]. `members_per_batch`
+        members share one generate call (0 = all of a plan). Pass `model`/`tokenizer` to use an
+        already loaded model instead of loading `model_name`."""
+        if noise.kind != "low_rank":
+            raise ValueError("hf_batched evaluates low-rank noise only; use the inplace backend")
+        if model is None:
+            from rlx.models import load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.noise, self.shapes = noise, dict(shapes)
+        self.members_per_batch, self.ignore_eos = members_per_batch, ignore_eos
+        missing = [
+            n for n in self.shapes if n.removesuffix(".weight") not in dict(model.named_modules())
+        ]
+        if missing:
+            raise ValueError(f"hf_batched: the model has no linear layer for {missing[:3]}")
+
+    def factors(self, epoch: int, members: Sequence[int]) -> dict:
+        """module name -> (A [M, out, r], B [M, in, r]) of `members` at `epoch`."""
+        return {
+            name.removesuffix(".weight"): population_factors(
+                self.noise, name, shape, epoch, members
+            )
+            for name, shape in self.shapes.items()
+        }
+
+    def evaluate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        plan: PopulationPlan,
+        epoch: int,
+        sampling: Sampling,
+    ) -> list[Completion]:
+        """Completions of every row of `plan`, `members_per_batch` members per generate call."""
+        completions = []
+        for chunk in chunk_plan(plan, self.members_per_batch):
+            row_member, row_prompt = plan_rows(chunk)
+            local = {m: i for i, m in enumerate(chunk.members)}
+            index = torch.tensor([local[m] for m in row_member])  # [R] member within the chunk
+            rows = [prompt_ids[p] for p in row_prompt]
+            with perturbed_linears(self.model, self.factors(epoch, chunk.members), index):
+                completions += hf_generate(self.model, self.tokenizer, rows, row_prompt,
+                                           sampling, self.ignore_eos)  # fmt: skip
+        return completions
+
+    @torch.no_grad()
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new centre weights into the backend's model (cast to its dtype)."""
+        own = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name in own:
+                if own[name].data_ptr() != tensor.data_ptr():  # the master itself: nothing to do
+                    own[name].copy_(tensor)
+            elif not (name == "lm_head.weight" and self.model.config.tie_word_embeddings):
+                raise KeyError(f"hf_batched sync: no parameter named {name!r}")
+
+    def close(self) -> None:
+        del self.model

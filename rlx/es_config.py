@@ -1,0 +1,135 @@
+"""Configs of the evolution-strategies loop (recipes/es.py): EGGROLL's knobs and the run around them.
+
+Like rlx/config.py these dataclasses are the single source of defaults; recipes/es*.yaml override
+them and `key.sub=value` arguments override the YAML. Shared pieces come from rlx.config (model,
+rollout, task, rewards) and rlx.train_config (held-out evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rlx.config import (
+    ConfigError,
+    ModelConfig,
+    RewardConfig,
+    RolloutConfig,
+    TaskConfig,
+    knob,
+    require,
+)
+from rlx.train_config import EvalConfig
+
+LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class EggrollConfig:
+    """The ES learner: population, noise, fitness shaping, optimizer, population backend."""
+
+    population_size: int = knob(32, help="members N per step; even (antithetic pairs)")
+    rank: int = knob(1, help="rank r of each member's perturbation A B^T")
+    sigma: float = knob(1e-3, help="noise scale: E = A B^T has entries of std sigma")
+    noise: Literal["low_rank", "full_rank"] = knob(
+        "low_rank", help="EGGROLL low-rank noise, or full-rank Gaussian (the plain ES baseline)"
+    )
+    noise_reuse: int = knob(1, help="steps sharing one noise draw; 0 = one draw for the whole run")
+    fitness_shaping: Literal["zscore", "group_zscore", "pair_sign", "none"] = knob(
+        "group_zscore", help="fitness -> update weights (rlx/algos/eggroll.py SHAPERS)"
+    )
+    prompt_assignment: Literal["all", "grouped"] = knob(
+        "all",
+        help="all: every member answers every step prompt; grouped: N/P members per prompt",
+    )
+    backend: Literal["hf_batched", "vllm_lora", "inplace"] = knob(
+        "hf_batched",
+        help="population evaluation: batched HF forward, vLLM multi-LoRA, or in-place perturbation",
+    )
+    population_dtype: Literal["float32", "bfloat16"] = knob(
+        "bfloat16", help="dtype of the hf_batched backend's model copy"
+    )
+    members_per_batch: int = knob(
+        0, help="members per generate call; 0 = all of a process's members (vllm_lora: up to 16)"
+    )
+    target_modules: list[str] = knob(
+        LINEAR_PROJECTIONS,
+        help='evolved nn.Linear module names; "all-linear" = every nn.Linear but a tied lm_head',
+    )
+    optimizer: Literal["sgd", "adam"] = knob("sgd", help="torch optimizer fed -step_direction")
+    lr: float = knob(5e-4, help="learning rate: SGD moves W by lr * (1/N) sum f~_i E_i / sigma")
+    momentum: float = knob(0.0, help="SGD momentum")
+    weight_decay: float = knob(0.0, help="optimizer weight decay")
+    warmup_steps: int = knob(0, help="linear learning-rate warm-up steps")
+
+    def __post_init__(self) -> None:
+        n = self.population_size
+        require(n >= 2 and n % 2 == 0, "population_size", "even and >= 2", n)
+        require(self.rank >= 1, "rank", ">= 1", self.rank)
+        require(self.sigma > 0, "sigma", "> 0", self.sigma)
+        require(self.noise_reuse >= 0, "noise_reuse", ">= 0", self.noise_reuse)
+        require(self.members_per_batch >= 0, "members_per_batch", ">= 0", self.members_per_batch)
+        require(
+            bool(self.target_modules), "target_modules", "a non-empty list", self.target_modules
+        )
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        if self.noise == "full_rank" and self.backend != "inplace":
+            raise ConfigError(
+                f"backend {self.backend!r} evaluates low-rank noise only: "
+                "use es.backend=inplace for es.noise=full_rank"
+            )
+
+
+@dataclasses.dataclass
+class ESConfig:
+    """recipes/es.py: EGGROLL evolution strategies on the rlx tasks and rewards."""
+
+    model: ModelConfig = knob(ModelConfig(), help="the policy model (float32 master weights)")
+    rollout: RolloutConfig = knob(
+        RolloutConfig(num_samples=1, temperature=0.0),
+        help="decoding of population members (greedy by default) and the engine for evaluation",
+    )
+    task: TaskConfig = knob(TaskConfig(split="train"), help="training prompts")
+    rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
+    es: EggrollConfig = knob(EggrollConfig(), help="the ES learner")
+    eval: EvalConfig = knob(
+        EvalConfig(), help="held-out evaluation (greedy, on the rollout engine)"
+    )
+    steps: int = knob(20, help="ES updates (one population evaluation each)")
+    prompts_per_step: int = knob(8, help="training prompts per step (shared by all members)")
+    max_prompt_tokens: int = knob(512, help="longest prompt accepted, in tokens")
+    long_prompts: Literal["error", "skip"] = knob(
+        "error", help="a prompt over max_prompt_tokens: stop with an error, or skip it"
+    )
+    bad_steps: Literal["error", "skip"] = knob(
+        "error", help="a reward function failure: stop with an error, or skip the step"
+    )
+    seed: int = knob(0, help="seed of the data order and of the noise")
+    output_dir: str = knob("runs/es", help="metrics, checkpoints, eval.json, plots")
+    save_every: int = knob(0, help="checkpoint every k steps; 0 = only at the end")
+    resume_from: str | None = knob(None, help='checkpoint folder, or "latest" in output_dir')
+    log_with: list[str] = knob(["tensorboard"], help="accelerate trackers: tensorboard, wandb")
+    max_minutes: float = knob(0.0, help="stop training after this wall time; 0 = no limit")
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", ">= 1", self.steps)
+        require(self.prompts_per_step >= 1, "prompts_per_step", ">= 1", self.prompts_per_step)
+        require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
+        require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
+        r = self.rollout
+        if r.temperature == 0 and r.num_samples > 1:
+            require(False, "rollout.num_samples", "1 with greedy decoding (temperature 0)",
+                    r.num_samples)  # fmt: skip
+        if self.es.backend == "vllm_lora" and r.backend != "vllm":
+            raise ConfigError("es.backend=vllm_lora needs rollout.backend=vllm")
+        if self.es.prompt_assignment == "grouped":
+            group, rest = divmod(self.es.population_size, self.prompts_per_step)
+            if rest or group % 2:
+                raise ConfigError(
+                    f"es.prompt_assignment=grouped needs es.population_size "
+                    f"({self.es.population_size}) = prompts_per_step ({self.prompts_per_step}) "
+                    "x an even group size (antithetic pairs share a prompt)"
+                )

@@ -1,0 +1,146 @@
+"""The three population backends on a tiny model: each member's greedy completions equal HF
+generation with explicitly merged weights W + E_m; the vLLM adapter-slot bug is kept away; the
+in-place baseline restores the engine's weights exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlx.algos.eggroll import NoiseSpec, evolved_parameters, perturbation
+from rlx.es import make_backend, plan_population
+from rlx.es.vllm_lora import engine_lora_rank
+from rlx.rollout import Sampling, encode_prompts
+from rlx.rollout.hf_backend import HFEngine
+from rlx.rollout.vllm_backend import VLLMEngine
+
+PROMPTS = ["Sam has 7 apples", [{"role": "user", "content": "What is 3 + 4?"}]]
+GREEDY = Sampling(n=1, max_new_tokens=10, temperature=0.0)
+SPEC = NoiseSpec(seed=1, sigma=0.05, rank=1)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    params = evolved_parameters(model, TARGETS)
+    engine = HFEngine(tiny_llama)
+    return {"path": tiny_llama, "params": params, "tokenizer": engine.tokenizer,
+            "ids": encode_prompts(engine.tokenizer, PROMPTS)}  # fmt: skip
+
+
+def merged_greedy(setup, member: int, kind_spec=SPEC) -> list[list[int]]:
+    """Reference: HF generate, one prompt at a time, with W + E_member written into the weights."""
+    model = AutoModelForCausalLM.from_pretrained(setup["path"], dtype=torch.float32).eval()
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in setup["params"].items():
+            own[name] += perturbation(kind_spec, name, p.shape, 0, member)
+        out = []
+        for ids in setup["ids"]:
+            t = torch.tensor([ids])
+            gen = model.generate(t, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
+                                 pad_token_id=setup["tokenizer"].pad_token_id)  # fmt: skip
+            tokens = gen[0, len(ids) :].tolist()
+            eos = setup["tokenizer"].eos_token_id
+            out.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+    return out
+
+
+def by_member(completions, plan) -> dict[int, list[list[int]]]:
+    out, i = {}, 0
+    for m, prompts in zip(plan.members, plan.prompts, strict=True):
+        out[m] = [completions[i + k].token_ids for k in range(len(prompts))]
+        i += len(prompts)
+    return out
+
+
+def shapes(setup):
+    return {n: tuple(p.shape) for n, p in setup["params"].items()}
+
+
+def test_hf_batched_equals_merged_weights(setup):
+    backend = make_backend("hf_batched", model_name=setup["path"], noise=SPEC,
+                           shapes=shapes(setup), dtype="float32", members_per_batch=3)  # fmt: skip
+    plan = plan_population(4, 2, "all", [0, 1, 2, 3])
+    got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
+    for m in plan.members:
+        assert got[m] == merged_greedy(setup, m), f"member {m}"
+    assert got[0] != got[1]
+
+
+def test_vllm_lora_equals_merged_weights_and_frees_slots(setup):
+    engine = VLLMEngine(setup["path"], dtype="float32", max_model_len=256, enable_lora=True,
+                        max_loras=3, max_lora_rank=engine_lora_rank(SPEC.rank))  # fmt: skip
+    try:
+        plain_before = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
+        backend = make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup),
+                               members_per_batch=2)  # fmt: skip
+        plan = plan_population(6, 2, "all", list(range(6)))  # 6 adapters through 3 slots
+        got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
+        for m in (0, 1, 5):
+            assert got[m] == merged_greedy(setup, m), f"member {m}"
+        # adapter-slot bug: adapter-less requests after a population call must see the centre
+        assert not engine.llm.llm_engine.list_loras()
+        assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == plain_before
+        from rlx.es.generation import vllm_generate
+
+        with pytest.raises(ValueError, match="every row an adapter"):
+            vllm_generate(engine.llm, setup["ids"], [0, 1], GREEDY, [backend.request(0, 0), None])
+        with pytest.raises(ValueError, match="max_loras"):
+            make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup),
+                         members_per_batch=3)  # fmt: skip
+        backend.close()
+    finally:
+        engine.close()
+
+
+def test_inplace_hf_restores_weights_exactly(setup):
+    engine = HFEngine(setup["path"])
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    full = NoiseSpec(seed=1, sigma=0.05, rank=1, kind="full_rank")
+    backend = make_backend("inplace", engine=engine, noise=full, centre=setup["params"])
+    plan = plan_population(2, 2, "all", [0, 1])
+    got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
+    assert got[1] == merged_greedy(setup, 1, full)
+    after = engine.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_inplace_vllm_low_rank_equals_merged_and_restores(setup):
+    engine = VLLMEngine(setup["path"], dtype="float32", max_model_len=256)
+    try:
+        ids = [1, 57, 210, 33, 99, 140, 260, 301]
+        before = engine.prompt_logprobs([ids])[0]
+        backend = make_backend("inplace", engine=engine, noise=SPEC, centre=setup["params"])
+        plan = plan_population(2, 2, "all", [0, 1])
+        got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
+        assert got[0] == merged_greedy(setup, 0)
+        assert engine.prompt_logprobs([ids])[0] == before  # the restore is a copy: bit-exact
+    finally:
+        engine.close()
+
+
+def test_hf_generate_matches_the_hf_engine_with_stop_strings(setup):
+    """Row-level generation agrees with rlx's HF engine: tokens, text, stop handling."""
+    from rlx.es.generation import hf_generate
+
+    engine = HFEngine(setup["path"])
+    sampling = Sampling(n=1, max_new_tokens=12, temperature=0.0, stop=["ooo", " sum"])
+    ref = engine.generate(PROMPTS, sampling)
+    got = hf_generate(engine.model, engine.tokenizer, setup["ids"], [0, 1], sampling)
+    for a, b in zip(got, ref, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert a.prompt_index == b.prompt_index
+    assert [c.finish_reason for c in got] == ["stop", "stop"]  # both rows hit a stop string
+    fixed = hf_generate(engine.model, engine.tokenizer, setup["ids"], [0, 1], sampling, True)
+    assert all(len(c.token_ids) == 12 for c in fixed)
+
+
+def test_low_rank_backends_reject_full_rank_noise(setup):
+    full = NoiseSpec(seed=1, sigma=0.05, kind="full_rank")
+    with pytest.raises(ValueError, match="inplace"):
+        make_backend("hf_batched", model_name=setup["path"], noise=full, shapes=shapes(setup))
+    with pytest.raises(ValueError, match="unknown population backend"):
+        make_backend("jax", noise=SPEC)
