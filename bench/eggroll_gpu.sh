@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout 540 "$PY" bench/eggroll_throughput.py \
   --model random-0.5b \
   --population 128 --prompts 2 --max-new-tokens 128 \
-  --rank 1 --repeats 3 \
+  --rank 1 --repeats 2 \
   --hf-dtype bfloat16 --vllm-dtype bfloat16 \
   --members-per-batch 32 --kv-cache-gib 8 \
   --backends hf_batched,vllm_lora 2>&1 | grep -v -E "^(INFO|WARNING)" | tail -20

@@ -21,7 +21,7 @@ prompt by default (es.prompt_assignment=grouped gives the reference's one-prompt
 Several processes: population members are split across ranks; every rank regenerates all noise from
 seeds and computes the same update from the gathered [members, prompts] score matrix, so only
 fitness scalars cross processes. Outputs in `output_dir`: metrics.jsonl, eval.json,
-reward_curves.png, config.yaml, checkpoints/, tensorboard logs.
+reward_curves.png, config.yaml, checkpoints/, final/ (the trained model), tensorboard logs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,8 +99,9 @@ def train(cfg: ESConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     # ---- master weights, data, rewards, engines
+    # Not frozen on purpose (no autograd runs: generation is under no_grad, gradients are written
+    # by hand): a frozen lm_head makes HF prefill very slow on CPU (rlx/es/hf_batched.py).
     master, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype)
-    master.requires_grad_(False)
     params = evolved_parameters(master, cfg.es.target_modules)  # name -> Parameter, updated here
     train_data = load_prompts(cfg.task, cfg.task.split, cfg.task.num_prompts, tokenizer,
                               cfg.max_prompt_tokens, cfg.long_prompts)  # fmt: skip
@@ -202,8 +204,9 @@ def train(cfg: ESConfig) -> dict:
             break
     bar.close()
 
-    # ---- held-out evaluation after training, report
+    # ---- the trained model as a plain HF folder, held-out evaluation, report
     if main_proc:
+        print(f"final model: {save_final_model(master, tokenizer, out / 'final')}")
         if eval_data is not None:
             results["after"] = evaluate(engine, eval_data, reward_fns, cfg.eval.max_new_tokens,
                                         cfg.rollout.stop)  # fmt: skip
@@ -304,6 +307,18 @@ def skip_step(log, bar, step: int, reason: str) -> int:
         bar.update(1)
     print(f"step {step + 1} skipped: {reason}", file=sys.stderr)
     return step + 1
+
+
+def save_final_model(master, tokenizer, folder: Path) -> Path:
+    """Weights and tokenizer for transformers, vLLM and `rlx quantize` (like recipes/pg.py's
+    final/), written to a temporary folder and renamed."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    master.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
 
 
 def checkpoint(accelerator, out, step, master, optimizer, scheduler, cfg) -> None:

@@ -73,6 +73,8 @@ def test_short_run_writes_every_output(tiny_llama, tmp_path, vowel_reward):
     assert set(json.loads((tmp_path / "eval.json").read_text())) >= {"before", "after"}
     assert results["after"]["num_completions"] == 6
     assert (tmp_path / "reward_curves.png").stat().st_size > 1000
+    assert (tmp_path / "final" / "config.json").exists()
+    assert (tmp_path / "final" / "tokenizer_config.json").exists()
     weights = final_weights(tmp_path, 3)
     from transformers import AutoModelForCausalLM
 

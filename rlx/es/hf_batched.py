@@ -5,7 +5,8 @@ x W^T + (x B_m) A_m^T per row (rlx.kernels.perturbed_linears): one dense GEMM sh
 plus batched rank-r terms, with the KV cache as usual. The backend keeps its own copy of the model
 in `dtype` (bfloat16 is several times faster than float32 on CPUs with AVX-512 bf16) and takes
 the centre weights with `sync`. Only low-rank noise is supported here; full-rank noise needs
-the inplace backend.
+the inplace backend. The model's parameters keep requires_grad (see __init__: freezing them makes
+torch's CPU matmul expand lm_head's weight per row in HF's prefill).
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class HFBatchedPopulation:
             from rlx.models import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
-        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        # Keep requires_grad as loaded: generation runs under no_grad anyway, and on torch 2.13 CPU
+        # F.linear(non-contiguous 3-D input, weight without requires_grad) expands the weight per
+        # row. HF's prefill feeds lm_head hidden[:, -1:, :], so a frozen lm_head cost 7 GB and
+        # ~20 s per 128-row prefill for SmolLM2 (measured; with requires_grad: 0.03 s).
+        self.model, self.tokenizer = model.eval(), tokenizer
         self.noise, self.shapes = noise, dict(shapes)
         self.members_per_batch, self.ignore_eos = members_per_batch, ignore_eos
         missing = [
@@ -62,6 +67,7 @@ class HFBatchedPopulation:
             for name, shape in self.shapes.items()
         }
 
+    @torch.no_grad()
     def evaluate(
         self,
         prompt_ids: Sequence[Sequence[int]],
