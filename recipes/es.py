@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from rlx.algos.eggroll import (
     set_es_gradients,
     shape_fitness,
 )
-from rlx.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.data import load_prompts, step_prompt_indices
 from rlx.es import make_backend, plan_population, score_matrix, split_members
@@ -307,25 +306,6 @@ def skip_step(log, bar, step: int, reason: str) -> int:
         bar.update(1)
     print(f"step {step + 1} skipped: {reason}", file=sys.stderr)
     return step + 1
-
-
-def save_final_model(master, tokenizer, folder: Path) -> Path:
-    """Weights and tokenizer for transformers, vLLM and `rlx quantize` (like recipes/pg.py's
-    final/), written to a temporary folder and renamed."""
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    master.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
-
-
-def checkpoint(accelerator, out, step, master, optimizer, scheduler, cfg) -> None:
-    if accelerator.is_main_process:
-        save_checkpoint(out, step, master, optimizer, scheduler,
-                        {"data_position": step * cfg.prompts_per_step})  # fmt: skip
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from rlx.algos import pg
-from rlx.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.data import load_prompts, step_prompt_indices
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
@@ -384,39 +383,6 @@ def skip_step(log, bar, step: int, reason: str) -> int:
         bar.update(1)
     print(f"step {step + 1} skipped: {reason}", file=sys.stderr)
     return step + 1
-
-
-def checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg) -> None:
-    if accelerator.is_main_process:
-        save_checkpoint(
-            out, step, policy, optimizer, scheduler, {"data_position": step * cfg.prompts_per_step}
-        )
-    accelerator.wait_for_everyone()
-
-
-def save_final_model(policy, tokenizer, folder: Path) -> Path:
-    """Weights (LoRA merged) and tokenizer, loadable by transformers, vLLM and `rlx quantize`;
-    written to a temporary folder and renamed, like the checkpoints."""
-    model = policy
-    if hasattr(policy, "peft_config"):
-        policy.merge_adapter()
-        model = policy.get_base_model()
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        state = {
-            k.replace(".base_layer.", "."): v
-            for k, v in model.state_dict().items()
-            if "lora_" not in k
-        }
-        model.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-    finally:
-        if model is not policy:
-            policy.unmerge_adapter()
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
 
 
 if __name__ == "__main__":

@@ -102,3 +102,38 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())
+
+
+def checkpoint(accelerator, output_dir, step: int, model, optimizer, scheduler, cfg) -> None:
+    """save_checkpoint on the main process (data position from `cfg.prompts_per_step`), then a
+    barrier so no rank runs ahead of a checkpoint being written."""
+    if accelerator.is_main_process:
+        position = {"data_position": step * cfg.prompts_per_step}
+        save_checkpoint(output_dir, step, model, optimizer, scheduler, position)
+    accelerator.wait_for_everyone()
+
+
+def save_final_model(model, tokenizer, folder: Path) -> Path:
+    """Weights (a peft adapter merged in) and tokenizer as a plain HF folder, loadable by
+    transformers, vLLM and `rlx quantize`; written to a temporary folder, then renamed."""
+    base = model
+    if hasattr(model, "peft_config"):
+        model.merge_adapter()
+        base = model.get_base_model()
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        state = {
+            k.replace(".base_layer.", "."): v
+            for k, v in base.state_dict().items()
+            if "lora_" not in k
+        }
+        base.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if base is not model:
+            model.unmerge_adapter()
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
