@@ -314,20 +314,31 @@ def save_config(cfg: Any, path: str) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> str:
-    """Every field of `cls` (nested ones as dotted keys) with type, default and help, for --help."""
+_REQUIRED = object()
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _REQUIRED
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """Every field of `cls` (nested ones as dotted keys) with type, default and help, for --help.
+
+    `defaults` is the instance whose values are shown (a nested section's defaults are those of
+    its parent's default instance, which may differ from the nested class's own defaults)."""
     lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip()}", ""] if not prefix else []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key, tp, help_ = _join(prefix, f.name), hints[f.name], f.metadata.get("help", "")
+        value = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
-            lines += [f"{key}: {help_}", describe(tp, key)]
+            lines += [f"{key}: {help_}", describe(tp, key, None if value is _REQUIRED else value)]
             continue
-        default = " (required)"
-        if f.default is not dataclasses.MISSING:
-            default = f" = {f.default!r}"
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f" = {f.default_factory()!r}"
+        default = " (required)" if value is _REQUIRED else f" = {value!r}"
         lines += [f"  {key}: {_type_name(tp)}{default}", f"      {help_}"]
         item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
         if dataclasses.is_dataclass(item):

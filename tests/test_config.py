@@ -12,6 +12,7 @@ from rlx.config import (
     TaskConfig,
     describe,
     from_dict,
+    knob,
     load_config,
     merge,
     parse_overrides,
@@ -247,3 +248,16 @@ def test_every_field_has_help_and_describe_mentions_it():
         assert key in text and f.metadata["help"] in text, key
     assert "rollout.backend: 'vllm' | 'hf' = 'vllm'" in text
     assert "rewards[].func: str (required)" in text
+
+
+def test_describe_shows_the_parents_default_for_a_nested_section():
+    @dataclasses.dataclass
+    class Inner:
+        size: int = knob(1, help="a size")
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = knob(Inner(size=7), help="an inner section")
+
+    text = describe(Outer)
+    assert "inner.size: int = 7" in text and "= 1" not in text
