@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from rlx.algos import pg
 from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
@@ -102,8 +103,8 @@ def train(cfg: PGConfig) -> dict:
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True
     )
-    warmup = max(cfg.optim.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    schedule = {"constant": "constant_with_warmup"}.get(cfg.optim.schedule, cfg.optim.schedule)
+    scheduler = get_scheduler(schedule, optimizer, cfg.optim.warmup_steps, cfg.steps)
     engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)

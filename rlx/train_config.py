@@ -48,11 +48,14 @@ class AlgoConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW with linear warm-up, then a constant learning rate."""
+    """AdamW with linear warm-up, then a constant or decaying learning rate."""
 
     lr: float = knob(3e-5, help="peak learning rate")
     weight_decay: float = knob(0.0, help="AdamW weight decay")
     warmup_steps: int = knob(0, help="linear warm-up steps")
+    schedule: Literal["constant", "linear", "cosine"] = knob(
+        "constant", help="after warm-up: keep lr, or decay it to 0 at the run's last step (`steps`)"
+    )
     max_grad_norm: float = knob(1.0, help="gradient-norm clip; 0 = off")
 
     def __post_init__(self) -> None:

@@ -91,13 +91,15 @@ def test_sync_every_k_steps_shows_as_logprob_gap(tiny_llama, tmp_path, length_re
 
 
 def test_lora_run_merges_for_sync(tiny_llama, tmp_path, length_reward):
-    extra = {"lora.enabled": "true", "lora.rank": 4, "eval.enabled": "false", "steps": 2}
+    extra = {"lora.enabled": "true", "lora.rank": 4, "eval.enabled": "false", "steps": 2,
+             "optim.schedule": "linear"}  # fmt: skip
     cfg = load_config(
         PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
     )
     load_recipe().train(cfg)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert all(r["logprob_gap_max"] < 0.05 for r in rows)  # merged LoRA weights reached vLLM
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 0.0])  # linear decay to 0 at `steps`
     assert (
         tmp_path / "checkpoints" / "step-000002" / "model" / "adapter_model.safetensors"
     ).exists()
