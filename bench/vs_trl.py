@@ -11,7 +11,7 @@ correctness and answer-format rewards (0.5 each) and take one optimizer step, bf
 The step time of TRL is measured by a TrainerCallback (step begin -> end: generation, scoring and
 the update); rlx reports `step_time_s` per step in metrics.jsonl. The median skips warm-up effects.
 
-    .venv/bin/python bench/vs_trl.py                       # smollm2, 4 steps each (several minutes)
+    .venv/bin/python bench/vs_trl.py                       # smollm2, 5 steps each (about 4 minutes)
     .venv/bin/python bench/vs_trl.py --model tiny --steps 3
 
 The last line is `step_time_ratio=<rlx (vLLM) median step time / TRL median step time>`; goal
@@ -29,13 +29,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARDS = [("rewards/arithmetic.py:correctness", 0.5), ("rewards/arithmetic.py:answer_format", 0.5)]
-TASK_OPTIONS = {"one_shot": False, "max_operand": 10}
+TASK_OPTIONS = {"one_shot": True, "max_operand": 20}  # the main job's prompts (recipes/grpo.yaml)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help='alias, folder or "tiny"')
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (P)")
     p.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -101,7 +101,7 @@ def run_rlx(model_path: str, backend: str, args, out: Path) -> dict:
             f"rollout.num_samples={args.group}", f"rollout.max_new_tokens={args.max_new_tokens}",
             "rollout.stop=[]", "rollout.temperature=1.0", f"prompts_per_step={args.prompts}",
             f"steps={args.steps}", f"optim.lr={args.lr}", f"micro_batch_size={args.prompts * args.group}",
-            "task.options={one_shot: false, max_operand: 10}", f"rewards=[{rewards}]",
+            "task.options={one_shot: true, max_operand: 20}", f"rewards=[{rewards}]",
             "eval.enabled=false", "log_with=[]", f"output_dir={out}",
             "algo.loss_aggregation=token_mean", "algo.dynamic_sampling=false",
         ],
