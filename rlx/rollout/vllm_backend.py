@@ -69,7 +69,8 @@ class VLLMEngine:
         from rlx.models import resolve_model
 
         os.environ.update(vllm_process_env(kv_cache_gib))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-call thread warnings are noise
+        # vLLM-CPU's per-call thread-binding warnings are noise
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from transformers import AutoTokenizer
         from vllm import LLM
 
