@@ -26,7 +26,6 @@ reward_curves.png, config.yaml, checkpoints/, final/ (the trained model), tensor
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -45,16 +44,17 @@ from rlx.algos.eggroll import (
     set_es_gradients,
     shape_fitness,
 )
-from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
-from rlx.config import ConfigError, describe, load_config, save_config, to_dict
+from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint
+from rlx.config import ConfigError, save_config, to_dict
 from rlx.data import load_prompts, step_prompt_indices
 from rlx.es import make_backend, plan_population, score_matrix, split_members
 from rlx.es.vllm_lora import engine_lora_rank
 from rlx.es_config import ESConfig
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
-from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
+from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.models import load_model_and_tokenizer
-from rlx.reporting import print_eval_table, read_eval, write_eval
+from rlx.recipe import finish_run, run_recipe, shutdown
+from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, encode_prompts, make_engine
 
@@ -62,21 +62,7 @@ VLLM_MEMBERS_PER_BATCH = 16  # default adapters per vLLM call (each costs a slot
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML recipe (ESConfig keys)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--show-config", action="store_true", help="list every knob and exit")
-    args = parser.parse_args(argv)
-    if args.show_config:
-        print(describe(ESConfig))
-        return 0
-    try:
-        cfg = load_config(ESConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"es: error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+    return run_recipe(ESConfig, train, argv, __doc__, "es")
 
 
 def train(cfg: ESConfig) -> dict:
@@ -205,24 +191,13 @@ def train(cfg: ESConfig) -> dict:
 
     # ---- the trained model as a plain HF folder, held-out evaluation, report
     if main_proc:
-        print(f"final model: {save_final_model(master, tokenizer, out / 'final')}")
-        if eval_data is not None:
-            results["after"] = evaluate(engine, eval_data, reward_fns, cfg.eval.max_new_tokens,
-                                        cfg.rollout.stop)  # fmt: skip
-            results["train_minutes"] = (time.perf_counter() - began) / 60
-            results["steps"] = step
-            write_eval(out / "eval.json", results)
-            print_eval_table(results, f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, "
-                                      f"greedy) after ES")  # fmt: skip
-        if (out / "metrics.jsonl").exists():
-            png = plot_reward_curves(out / "metrics.jsonl", out / "reward_curves.png")
-            print(f"reward curves: {png}")
+        title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy) after ES"
+        finish_run(cfg, out, master, tokenizer, engine, eval_data, reward_fns, results, began,
+                   step, title)  # fmt: skip
     backend.close()  # backends never close the engine they were given: its owner does
     if engine is not None:
         engine.close()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # else gloo aborts the process at exit
+    shutdown(accelerator)
     return results
 
 

@@ -21,7 +21,6 @@ config.yaml, checkpoints/, tensorboard logs.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
@@ -35,13 +34,14 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlx.algos import pg
-from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
-from rlx.config import ConfigError, describe, load_config, save_config, to_dict
+from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint
+from rlx.config import ConfigError, save_config, to_dict
 from rlx.data import load_prompts, step_prompt_indices
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
-from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
+from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.policy import build_batch, completion_logits, export_weights, load_policy
-from rlx.reporting import print_eval_table, read_eval, write_eval
+from rlx.recipe import finish_run, run_recipe, shutdown
+from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, make_engine
 from rlx.train_config import LoraConfig, PGConfig
@@ -50,21 +50,7 @@ STAT_SUMS = ("loss", "clip", "entropy", "kl", "gap_sum", "tis_sum", "tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML recipe (PGConfig keys)")
-    parser.add_argument("--show-config", action="store_true", help="list every knob and exit")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    if args.show_config:
-        print(describe(PGConfig))
-        return 0
-    try:
-        cfg = load_config(PGConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"pg: error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+    return run_recipe(PGConfig, train, argv, __doc__, "pg")
 
 
 def train(cfg: PGConfig) -> dict:
@@ -222,25 +208,11 @@ def train(cfg: PGConfig) -> dict:
 
     # ---- the trained model as a plain HF folder (LoRA merged), held-out evaluation, report
     if main_proc:
-        print(f"final model: {save_final_model(policy, tokenizer, out / 'final')}")
-        if eval_data is not None:
-            results["after"] = evaluate(
-                engine, eval_data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop
-            )
-            results["train_minutes"] = (time.perf_counter() - began) / 60
-            results["steps"] = step
-            write_eval(out / "eval.json", results)
-            print_eval_table(
-                results, f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
-            )
-        if (out / "metrics.jsonl").exists():
-            print(
-                f"reward curves: {plot_reward_curves(out / 'metrics.jsonl', out / 'reward_curves.png')}"
-            )
+        title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
+        finish_run(cfg, out, policy, tokenizer, engine, eval_data, reward_fns, results, began,
+                   step, title)  # fmt: skip
     engine.close()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # else gloo aborts the process at exit
+    shutdown(accelerator)
     return results
 
 
