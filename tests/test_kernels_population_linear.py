@@ -150,3 +150,52 @@ def test_forward_restored_on_error_and_bad_names_rejected(tiny_llama):
     with pytest.raises(ValueError, match="do not fit"):
         perturbed_linears(model, {"model.layers.0.mlp.down_proj": up}, rows).__enter__()
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- on a CUDA device
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("method", ["fused", "bmm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference_at_smollm2_shapes(method, dtype):
+    """Both paths on the GPU, at SmolLM2's widest projection (576 -> 1536), 32 members x 2 rows."""
+    members, per_member, t, d_in, d_out = 32, 2, 9, 576, 1536
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(members * per_member, t, d_in, generator=gen)
+    w = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    a, b = random_factors(members, d_out, d_in, 1, seed=5)
+    row_member = torch.arange(members).repeat_interleave(per_member)
+    ref = reference_population_linear(x, w, None, a, b, row_member)  # fp32 on the CPU
+    on_gpu = [v.to("cuda", dtype) for v in (x, w, a, b)]
+    got = population_linear(on_gpu[0], on_gpu[1], None, on_gpu[2], on_gpu[3],
+                            row_member.cuda(), method).float().cpu()  # fmt: skip
+    tol = 1e-3 if dtype == torch.float32 else 0.02
+    assert (got - ref).abs().max() < tol * ref.abs().max()
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_generation_equals_merged_weights(tiny_llama):
+    """KV-cached greedy generation of a population on the GPU equals each member's merged model."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda().eval()
+    spec = NoiseSpec(seed=0, sigma=SIGMA, rank=1)
+    names = list(evolved_parameters(model, ["all-linear"]))
+    members = [0, 1, 2, 3]
+    ids = torch.randint(3, 400, (2, 7), generator=torch.Generator().manual_seed(0))
+    rows = ids.repeat(len(members), 1).cuda()
+    factors = {n: tuple(f.cuda() for f in fs)
+               for n, fs in member_factors(model, spec, names, members).items()}  # fmt: skip
+    row_member = torch.arange(len(members)).repeat_interleave(2).cuda()
+    with torch.no_grad(), perturbed_linears(model, factors, row_member):
+        generated = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=8,
+                                   do_sample=False, pad_token_id=0).cpu()  # fmt: skip
+    for i, m in enumerate(members):
+        ref_model = merged_model(tiny_llama, spec, names, m).cuda()
+        with torch.no_grad():
+            ref = ref_model.generate(ids.cuda(), attention_mask=torch.ones_like(ids).cuda(),
+                                     max_new_tokens=8, do_sample=False, pad_token_id=0).cpu()  # fmt: skip
+        assert torch.equal(generated[2 * i : 2 * i + 2], ref)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -283,3 +284,19 @@ def test_two_processes_train_data_parallel(tiny_llama, tmp_path, length_reward):
     assert "pg: 2 process(es)" in log
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(r["groups_total"] == 4 for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hf_backend_run_on_cuda(tiny_llama, tmp_path, length_reward):
+    """The whole loop on a GPU with the HF generate fallback (no vLLM needed): it trains and
+    the synced rollout weights match the trainer's, so the logprob gap stays small."""
+    extra = {"rollout.backend": "hf", "steps": 2}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
+    )
+    results = load_recipe().train(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["logprob_gap_max"] < 0.05 and math.isfinite(r["loss"]) for r in rows)
+    assert results["after"]["num_completions"] == 6

@@ -1,7 +1,8 @@
 """Rollouts with HF `generate`: the fallback when vLLM is not available, behind the same interface.
 
 It keeps its own copy of the model, so `update_weights` is a plain `load_state_dict`. Slower than
-vLLM (about 10x on CPU, see bench/rollout.py) but needs nothing beyond transformers.
+vLLM (about 10x on CPU, see bench/rollout.py) but needs nothing beyond transformers. The copy lives
+on the GPU when there is one (`device=None`), else on the CPU.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from rlx.rollout.base import Completion, Prompt, Sampling, check_sampling, encod
 class HFEngine:
     """The rlx rollout engine on HF transformers `generate` (left-padded batches)."""
 
-    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, batch_size: int = 64):
+    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, batch_size: int = 64,
+                 device: str | None = None):  # fmt: skip
         from rlx.models import load_model_and_tokenizer
 
         self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
         self.batch_size = batch_size  # sequences per generate() call
         torch.manual_seed(seed)
         if self.tokenizer.pad_token_id is None:
@@ -57,8 +61,8 @@ class HFEngine:
         ids, mask = self._pad_left(chunk)
         greedy = sampling.temperature == 0
         out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
@@ -74,6 +78,7 @@ class HFEngine:
         new_tokens = out.sequences[:, ids.shape[1] :]  # [B*n, T_new]
         scores = torch.stack(out.scores, dim=1).float()  # [B*n, T_new, V]
         logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
+        new_tokens, logprobs = new_tokens.cpu(), logprobs.cpu()
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         completions = []
@@ -101,7 +106,7 @@ class HFEngine:
         """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution)."""
         result = []
         for seq in token_ids:
-            ids = torch.tensor([list(seq)])  # [1, T]
+            ids = torch.tensor([list(seq)], device=self.device)  # [1, T]
             logits = self.model(ids).logits[0, :-1].float()  # [T-1, V]
             lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
             result.append(lp.tolist())
