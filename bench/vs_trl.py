@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
 import tempfile
 import time
@@ -29,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARDS = [("rewards/arithmetic.py:correctness", 0.5), ("rewards/arithmetic.py:answer_format", 0.5)]
-TASK_OPTIONS = {"one_shot": True, "max_operand": 20}  # the main job's prompts (recipes/grpo.yaml)
+# the main job's prompts (recipes/grpo.yaml): one-shot, two-digit addition
+TASK_OPTIONS = {"one_shot": True, "max_operand": 99, "ops": ["+"]}
 
 
 def parse_args() -> argparse.Namespace:
@@ -101,7 +103,7 @@ def run_rlx(model_path: str, backend: str, args, out: Path) -> dict:
             f"rollout.num_samples={args.group}", f"rollout.max_new_tokens={args.max_new_tokens}",
             "rollout.stop=[]", "rollout.temperature=1.0", f"prompts_per_step={args.prompts}",
             f"steps={args.steps}", f"optim.lr={args.lr}", f"micro_batch_size={args.prompts * args.group}",
-            "task.options={one_shot: true, max_operand: 20}", f"rewards=[{rewards}]",
+            f"task.options={json.dumps(TASK_OPTIONS)}", f"rewards=[{rewards}]",
             "eval.enabled=false", "log_with=[]", f"output_dir={out}",
             "algo.loss_aggregation=token_mean", "algo.dynamic_sampling=false",
         ],
