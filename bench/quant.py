@@ -7,6 +7,7 @@ What it measures, in one run:
   2. RTN, AWQ and QuantLRM at W4 g128 and W3 g128 (asymmetric, zero point; group 128 falls back to
      64 on the 576-wide inputs of q/k/v/o/gate/up, see rlx/quant/checks.py), each through
      `rlx.quant.quantize_model` with the same calibration data (arithmetic train, 8 x 256 tokens);
+     AWQ and QuantLRM once rounding to nearest and once with GPTQ rounding ("+gptq");
      wall time of each quantisation, loading and export included;
   3. held-out reward of every model: greedy, arithmetic test split (200 prompts), at most 64 new
      tokens, stop at </answer>, the task's default rewards (rlx.evaluation.evaluate through the
@@ -23,6 +24,8 @@ quantisation optimises and what GPUs run); the W4A8 reward and speed of QuantLRM
 Command (from the repository root; about 15 minutes on 2 busy cores, the fine-tune is cached):
     .venv/bin/python bench/quant.py
     .venv/bin/python bench/quant.py --prompts 50 --bits 4      # quicker look
+    .venv/bin/python bench/quant.py --finetuned runs/grpo_smollm2/final \
+        --task-options '{max_operand: 99, ops: ["+"]}'           # the main job's model, its task
 
 Targets: QuantLRM >= RTN and AWQ at equal bits; W4 retention >= 0.95; <= 60 s per quantisation.
 The last line printed is exactly `quantlrm_retention_w4=<QuantLRM W4 reward / fine-tuned reward>`.
@@ -34,6 +37,8 @@ import argparse
 import os
 import time
 from pathlib import Path
+
+import yaml
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -50,8 +55,17 @@ def parse_args() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--base", default="smollm2", help="the model before fine-tuning")
     p.add_argument("--prompts", type=int, default=200, help="held-out prompts per evaluation")
+    p.add_argument(
+        "--task-options", type=yaml.safe_load, default={},
+        help="options of the held-out arithmetic split, as YAML: use the fine-tuned model's own, e.g. "
+        "'{max_operand: 99, ops: [\"+\"]}' for recipes/grpo.yaml (default: the task's defaults)",
+    )  # fmt: skip
     p.add_argument("--bits", default="4,3", help="comma-separated bit widths")
     p.add_argument("--methods", default="rtn,awq,quantlrm")
+    p.add_argument(
+        "--roundings", default="nearest,gptq",
+        help="roundings of awq and quantlrm after their searches (rtn is always nearest)",
+    )  # fmt: skip
     p.add_argument(
         "--quant-threads", type=int, default=1,
         help="torch threads while quantising (0 = default). 1 on a shared 2-core machine: when "
@@ -124,6 +138,8 @@ def main() -> None:
     base = resolve_model(args.base)
     bits_list = [int(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
+    roundings = args.roundings.split(",")
+    variants = [(m, r) for m in methods for r in (["nearest"] if m == "rtn" else roundings)]
 
     # 1. fine-tuned model and 2. quantisations: all torch work before any vLLM engine starts
     import torch
@@ -135,16 +151,18 @@ def main() -> None:
     console.print(f"fine-tuned model: {finetuned} ({time.perf_counter() - t:.0f} s)")
     exports, seconds, notes = {}, {}, set()
     for bits in bits_list:
-        for method in methods:
+        for method, rounding in variants:
+            key = (method + ("+gptq" if rounding == "gptq" else ""), bits)
             cfg = QuantizeConfig(
                 base=base, finetuned=finetuned, method=method, bits=bits, group_size=128,
-                out=str(root / f"{method}-w{bits}"), overwrite=True, num_threads=args.quant_threads,
+                rounding=rounding, out=str(root / f"{key[0]}-w{bits}"), overwrite=True,
+                num_threads=args.quant_threads,
             )  # fmt: skip
             result = quantize_model(cfg)
-            exports[(method, bits)] = str(result.out)
-            seconds[(method, bits)] = result.seconds["total"]
+            exports[key] = str(result.out)
+            seconds[key] = result.seconds["total"]
             notes.update(n for n in result.plan.notes if n.startswith("group size"))
-            console.print(f"{method} W{bits}: {result.seconds['total']:.1f} s -> {result.out}")
+            console.print(f"{key[0]} W{bits}: {result.seconds['total']:.1f} s -> {result.out}")
     if not args.no_pseudo and 4 in bits_list:  # QuantLRM as if there were no "before" checkpoint
         cfg = QuantizeConfig(
             finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
@@ -155,7 +173,8 @@ def main() -> None:
         seconds[("quantlrm-pseudo", 4)] = result.seconds["total"]
 
     # 3. held-out reward of every model
-    dataset = load_task_dataset("arithmetic", split="test", num_examples=args.prompts)
+    dataset = load_task_dataset("arithmetic", split="test", num_examples=args.prompts,
+                                **args.task_options)  # fmt: skip
     reward_fns = resolve_rewards("arithmetic", [])
     rows = [
         (
@@ -176,10 +195,12 @@ def main() -> None:
         )
         rows.append((name, served, evaluate_model(path, dataset, reward_fns),
                      seconds[(method, bits)]))  # fmt: skip
-    qlrm4 = exports.get(("quantlrm", 4))
+    # the headline variant: QuantLRM with the rounding `rlx quantize` uses by default
+    headline = "quantlrm" + ("+gptq" if QuantizeConfig().rounding == "gptq" else "")
+    qlrm4 = exports.get((headline, 4))
     if qlrm4:
         set_w4a8(True)
-        rows.append(("quantlrm W4 g128", "int4 W4A8 (vLLM-CPU default)",
+        rows.append((f"{headline} W4 g128", "int4 W4A8 (vLLM-CPU default)",
                      evaluate_model(qlrm4, dataset, reward_fns), None))  # fmt: skip
         set_w4a8(False)
 
@@ -214,9 +235,8 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     console.print(f"load average while running: {load:.1f} (2 cores; other jobs share them)")
-    q4 = next(
-        (m for name, s, m, _ in rows if name.startswith("quantlrm W4") and "W4A16" in s), None
-    )
+    q4 = next((m for name, s, m, _ in rows if name == f"{headline} W4 g128" and "W4A16" in s),
+              None)  # fmt: skip
     if q4 is not None:
         print(f"quantlrm_retention_w4={q4['reward_mean'] / ft_reward:.3f}")
 

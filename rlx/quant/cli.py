@@ -19,6 +19,7 @@ FLAGS = {
     "method": "method",
     "bits": "bits",
     "group_size": "group_size",
+    "rounding": "rounding",
     "calib": "calib.source",
     "out": "out",
 }
@@ -39,6 +40,7 @@ def add_quantize_parser(commands) -> None:
     p.add_argument("--method", choices=("quantlrm", "awq", "rtn"))
     p.add_argument("--bits", type=int, choices=(3, 4))
     p.add_argument("--group-size", dest="group_size", type=int, choices=(32, 64, 128))
+    p.add_argument("--rounding", choices=("nearest", "gptq"), help="awq/quantlrm rounding")
     p.add_argument("--calib", help="calibration task name or file")
     p.add_argument("--out", help="output folder")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")

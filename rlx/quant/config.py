@@ -73,6 +73,12 @@ class QuantizeConfig:
         "update); auto = the dtype the fine-tuned checkpoint is stored in",
     )
     clip: bool = knob(True, help="run AWQ's weight-clipping search after the scale search")
+    rounding: Literal["nearest", "gptq"] = knob(
+        "nearest",
+        help="how awq/quantlrm round the scaled, clipped weights: to the nearest grid point, or "
+        "GPTQ (each column's error pushed onto later columns through the calibration Hessian); "
+        "rtn always rounds to nearest",
+    )
     clip_grid: int = knob(20, help="clip ratios 1 - i/n")
     clip_max_shrink: float = knob(0.5, help="largest fraction of max|w| clipped away")
     search_dtype: Literal["bfloat16", "float32"] = knob(

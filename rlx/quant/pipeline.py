@@ -215,7 +215,8 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
 
     report: dict = {"notes": plan.notes}
     geo, search_dtype = plan.geometry, DTYPES[cfg.search_dtype]
-    alphas = []
+    alphas, gptq = [], {}
+    gptq_dtype = DTYPES[cfg.dtype] if cfg.rounding == "gptq" else None
     if cfg.method != "rtn":
         t = time.perf_counter()
         importance_for = _importance_fn(cfg, plan, model, base_weights, layer_names, blocks, report)
@@ -223,15 +224,17 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
         t = time.perf_counter()
         x, layer_kwargs = _first_layer_inputs(model, blocks, search_dtype)
         heads = HeadLayout(geo.heads, geo.kv_heads, geo.head_dim)
-        desc = f"{cfg.method} W{cfg.bits}: scale + clip search"
+        desc = f"{cfg.method} W{cfg.bits}: scale + clip search" + (" + GPTQ" if gptq_dtype else "")
         for i, layer in enumerate(
             tqdm(model.model.layers, desc=desc, unit="layer", disable=not show_progress)
         ):
             result = awq_layer(
                 layer, x, layer_kwargs, importance_for(i), plan.group_sizes, cfg.bits,
                 heads, cfg.alpha_grid, cfg.clip, cfg.clip_grid, cfg.clip_max_shrink, search_dtype,
+                gptq_dtype,
             )  # fmt: skip
             alphas.append(result.alphas)
+            gptq.update({f"model.layers.{i}.{k}.weight": q for k, q in result.quantized.items()})
             x = result.output
         times["search"] = time.perf_counter() - t
     report["alphas"] = alphas
@@ -242,7 +245,7 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
     with torch.no_grad():
         for row in layer_names:
             for name, lin in zip(row, LINEAR_NAMES, strict=True):
-                quantized[name] = quantize_weight(
+                quantized[name] = gptq.get(name) or quantize_weight(
                     model.get_parameter(name), cfg.bits, plan.group_sizes[lin], dtype
                 )
         # The fake-quantised model stays float32: exact dequantised linears, and every other

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlx.quant.quantizer import clip_groups, fake_quantize
+from rlx.quant.gptq import gptq_quantize, hessian
+from rlx.quant.quantizer import QuantizedWeight, clip_groups, fake_quantize
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ class LayerReport:
     alphas: dict[str, float]
     clipped: list[str]
     output: torch.Tensor  # [N, L, H] in the search dtype
+    quantized: dict[str, QuantizedWeight]  # GPTQ-rounded linears by local name ({} = round later)
 
 
 def awq_layer(
@@ -224,12 +226,15 @@ def awq_layer(
     clip_grid: int = 20,
     clip_max_shrink: float = 0.5,
     search_dtype: torch.dtype = torch.bfloat16,
+    gptq_dtype: torch.dtype | None = None,
 ) -> LayerReport:
     """Scale search, folding and clipping for one float32 decoder layer, in place.
 
     `x` [N, L, H] is the layer's input on the calibration data (already in `search_dtype`);
     `importance(linear_name, its_input)` gives the channel importance of a group's first linear.
-    As in llm-awq, the next layer's input is this layer's unquantised output.
+    As in llm-awq, the next layer's input is this layer's unquantised output. With `gptq_dtype`
+    (the export's scale dtype) every linear is then GPTQ-rounded on the scaled calibration inputs
+    (rlx.quant.gptq) and returned in `quantized`; otherwise the caller rounds to nearest.
     """
     work = copy.deepcopy(layer).to(search_dtype)
     feats, output = capture_inputs(work, x, layer_kwargs)
@@ -270,4 +275,11 @@ def awq_layer(
                 with torch.no_grad():
                     lin.weight.copy_(clip_groups(lin.weight.float(), g, max_val))
                 clipped.append(name)
-    return LayerReport({k: v[1] for k, v in found.items()}, clipped, output)
+    quantized = {}
+    if gptq_dtype is not None:
+        for group in SCALE_GROUPS:
+            h = hessian(feats[group.linears[0]])
+            for name in group.linears:
+                weight = layer.get_submodule(name).weight
+                quantized[name] = gptq_quantize(weight, h, bits, group_sizes[name], gptq_dtype)
+    return LayerReport({k: v[1] for k, v in found.items()}, clipped, output, quantized)
