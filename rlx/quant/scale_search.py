@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlx.quant.gptq import gptq_quantize, hessian
+from rlx.quant.gptq import gptq_quantize_shared, hessian
 from rlx.quant.quantizer import QuantizedWeight, clip_groups, fake_quantize
 
 
@@ -277,9 +277,11 @@ def awq_layer(
                 clipped.append(name)
     quantized = {}
     if gptq_dtype is not None:
-        for group in SCALE_GROUPS:
+        for group in SCALE_GROUPS:  # the linears of a group read the same (scaled) input
             h = hessian(feats[group.linears[0]])
-            for name in group.linears:
-                weight = layer.get_submodule(name).weight
-                quantized[name] = gptq_quantize(weight, h, bits, group_sizes[name], gptq_dtype)
+            for size in {group_sizes[name] for name in group.linears}:
+                names = [name for name in group.linears if group_sizes[name] == size]
+                weights = [layer.get_submodule(name).weight for name in names]
+                results = gptq_quantize_shared(weights, h, bits, size, gptq_dtype)
+                quantized.update(zip(names, results, strict=True))
     return LayerReport({k: v[1] for k, v in found.items()}, clipped, output, quantized)
