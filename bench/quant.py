@@ -21,7 +21,8 @@ On CPUs with AMX, vLLM-CPU by default quantises activations of int4 layers to in
 VLLM_CPU_INT4_W4A8=1). The rewards here are measured as W4A16 (VLLM_CPU_INT4_W4A8=0, what the
 quantisation optimises and what GPUs run); the W4A8 reward and speed of QuantLRM W4 are extra rows.
 
-Command (from the repository root; about 15 minutes on 2 busy cores, the fine-tune is cached):
+Command (from the repository root; about 16 minutes on an idle 2-core machine; the supervised
+stand-in, when used, is made once and cached):
     .venv/bin/python bench/quant.py
     .venv/bin/python bench/quant.py --prompts 50 --bits 4      # quicker look
     .venv/bin/python bench/quant.py --finetuned runs/grpo_smollm2/final \

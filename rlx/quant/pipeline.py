@@ -7,8 +7,9 @@ Order of work: every check that can fail on bad input (models, shapes, kernel li
 calibration source and data, output folder) runs first, from config files and the tokenizer only;
 then the models are loaded, importance computed (QuantLRM: dW from base and fine-tuned weights, or
 from a pseudo-fine-tune; AWQ: calibration activations; RTN: none), each layer is searched and
-clipped (rlx.quant.scale_search), every linear quantised (rlx.quant.quantizer) and the result
-exported (rlx.quant.export). A failure at any point leaves no output folder behind.
+clipped (rlx.quant.scale_search), every linear GPTQ-rounded (rlx.quant.gptq) or rounded to
+nearest (rlx.quant.quantizer), and the result exported (rlx.quant.export). A failure at any
+point leaves no output folder behind.
 """
 
 from __future__ import annotations
