@@ -92,6 +92,7 @@ def test_export_layout_and_group_fallback(exported):
     assert all(not g["weights"]["symmetric"] for g in q["config_groups"].values())
     meta = json.loads((result.out / "rlx_quant.json").read_text())
     assert meta["group_sizes"]["mlp.down_proj"] == 128
+    assert meta["rounding"] == meta["config"]["rounding"]
     assert (result.out / "tokenizer.json").is_file()
     assert not [p for p in result.out.parent.iterdir() if p.name.startswith(".q4")]  # no temp left
 
@@ -158,6 +159,7 @@ def test_w3_dequantized_export_matches_fake_quantised(tmp_path):
     result = quantize_model(cfg, show_progress=False)
     config = json.loads((result.out / "config.json").read_text())
     assert "quantization_config" not in config
+    assert json.loads((result.out / "rlx_quant.json").read_text())["rounding"] == "nearest"  # RTN
     loaded = AutoModelForCausalLM.from_pretrained(result.out, dtype=torch.float32)
     assert torch.equal(logprobs(loaded), logprobs(result.model))
     w = loaded.model.layers[0].mlp.down_proj.weight.view(192, 2, 128)  # 3 bits: <= 8 levels/group

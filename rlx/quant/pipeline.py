@@ -275,6 +275,7 @@ def _metadata(cfg: QuantizeConfig, plan: Plan, times: dict, report: dict) -> dic
     return {
         "config": to_dict(cfg),
         "format": cfg.resolved_format,
+        "rounding": "nearest" if cfg.method == "rtn" else cfg.rounding,  # what was applied
         "group_sizes": plan.group_sizes,
         "notes": plan.notes,
         "seconds_before_export": dict(times),
