@@ -79,6 +79,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def variant_name(method: str, rounding: str) -> str:
+    """Row name of a method: "+gptq" marks GPTQ rounding."""
+    return method + ("+gptq" if rounding == "gptq" else "")
+
+
 def set_w4a8(on: bool) -> None:
     """Switch vLLM-CPU's int8-activation path for int4 layers for the next engine."""
     import vllm.envs as envs
@@ -153,7 +158,7 @@ def main() -> None:
     exports, seconds, notes = {}, {}, set()
     for bits in bits_list:
         for method, rounding in variants:
-            key = (method + ("+gptq" if rounding == "gptq" else ""), bits)
+            key = (variant_name(method, rounding), bits)
             cfg = QuantizeConfig(
                 base=base, finetuned=finetuned, method=method, bits=bits, group_size=128,
                 rounding=rounding, out=str(root / f"{key[0]}-w{bits}"), overwrite=True,
@@ -197,7 +202,7 @@ def main() -> None:
         rows.append((name, served, evaluate_model(path, dataset, reward_fns),
                      seconds[(method, bits)]))  # fmt: skip
     # the headline variant: QuantLRM with the rounding `rlx quantize` uses by default
-    headline = "quantlrm" + ("+gptq" if QuantizeConfig().rounding == "gptq" else "")
+    headline = variant_name("quantlrm", QuantizeConfig().rounding)
     qlrm4 = exports.get((headline, 4))
     if qlrm4:
         set_w4a8(True)

@@ -116,24 +116,15 @@ def checkpoint(accelerator, output_dir, step: int, model, optimizer, scheduler, 
 def save_final_model(model, tokenizer, folder: Path) -> Path:
     """Weights (a peft adapter merged in) and tokenizer as a plain HF folder, loadable by
     transformers, vLLM and `rlx quantize`; written to a temporary folder, then renamed."""
-    base = model
-    if hasattr(model, "peft_config"):
-        model.merge_adapter()
-        base = model.get_base_model()
+    from rlx.policy import export_weights  # the merged, HF-named weights the rollout engine gets
+
+    state = dict(export_weights(model))
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        state = {
-            k.replace(".base_layer.", "."): v
-            for k, v in base.state_dict().items()
-            if "lora_" not in k
-        }
-        base.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-    finally:
-        if base is not model:
-            model.unmerge_adapter()
+    base.save_pretrained(tmp, state_dict=state)
+    tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
