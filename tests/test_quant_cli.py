@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,16 +117,21 @@ def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
     code = main([
         "quantize", "--base", tiny_llama, "--finetuned", tiny_ft, "--method", "quantlrm",
         "--bits", "4", "--group-size", "128", "--calib", "arithmetic", "--out", str(out),
-        "calib.num_sequences=2", "calib.seq_len=32", "alpha_grid=4",
+        "calib.num_sequences=2", "calib.seq_len=32", "alpha_grid=4", "calib.options.max_operand=30",
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    hint = next(line for line in printed.splitlines() if line.startswith("evaluate it:"))
+    assert hint.endswith("--task arithmetic 'task.options.max_operand=30'")  # the calibration task
     meta = json.loads((out / "rlx_quant.json").read_text())
     assert meta["config"]["method"] == "quantlrm" and meta["delta_stats"]["nonzero"] > 0
+    assert meta["config"]["calib"]["options"] == {"max_operand": 30}
     results = tmp_path / "eval.json"
     code = main([
         "eval", "--model", tiny_ft, "--model", str(out), "--task", "arithmetic",
         "--num-prompts", "4", "max_new_tokens=8", f"output_json={results}",
+        "task.options.max_operand=30",
     ])  # fmt: skip
     assert code == 0
     rows = json.loads(results.read_text())
@@ -182,6 +188,21 @@ def test_calibration_blocks_and_arithmetic_completion(tiny_llama, tmp_path):
     data.write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
     with pytest.raises(QuantError, match="tokens"):
         calibration_blocks(tokenizer, str(data), 4, 64)
+
+
+def test_calibration_options_select_the_task_variant(tiny_llama):
+    """calib.options reach the task builder: the blocks hold that variant's questions."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+
+    def operands(options):
+        blocks = calibration_blocks(tokenizer, "arithmetic", 4, 128, options=options)
+        text = tokenizer.decode(blocks.flatten())
+        return [int(n) for n in re.findall(r"We need (\d+) [+-] (\d+)", text) for n in n]
+
+    assert max(operands({})) <= 20  # the task's default operand range
+    assert max(operands({"max_operand": 99, "ops": ["+"], "one_shot": False})) > 20
+    with pytest.raises(QuantError, match="max_operand"):
+        calibration_blocks(tokenizer, "arithmetic", 2, 32, options={"max_operand": 0})
 
 
 def test_shipped_quantize_recipes_load():

@@ -67,12 +67,14 @@ def calibration_blocks(
     seq_len: int,
     split: str = "train",
     seed: int = 0,
+    options: dict | None = None,
 ) -> torch.Tensor:
-    """Token blocks [num_sequences, seq_len] packed from the calibration source's rows."""
+    """Token blocks [num_sequences, seq_len] packed from the calibration source's rows
+    (`options`: a registered task's options, as in `rlx.tasks.load_task_dataset`)."""
     check_calibration_source(source)
     need = num_sequences * seq_len
     try:
-        dataset = load_task_dataset(source, split=split, seed=seed)
+        dataset = load_task_dataset(source, split=split, seed=seed, **(options or {}))
     except TaskError as err:
         raise QuantError(f"calibration source {source!r}: {err}") from err
     stream: list[int] = []

@@ -76,5 +76,6 @@ def run_quantize_command(args) -> int:
         return 2
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"wrote {result.out} ({cfg.method}, W{cfg.bits}, {cfg.resolved_format}); {seconds}")
-    print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}")
+    options = "".join(f" 'task.options.{k}={json.dumps(v)}'" for k, v in cfg.calib.options.items())
+    print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}{options}")
     return 0

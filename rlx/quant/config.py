@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from rlx.config import ConfigError, RewardConfig, TaskConfig, knob
 
@@ -26,6 +26,11 @@ class CalibrationConfig:
     num_sequences: int = knob(8, help="calibration blocks (paper: 128; CPU default 8)")
     seq_len: int = knob(256, help="tokens per block, rows packed back to back (paper: 512)")
     seed: int = knob(0, help="seed of generated tasks")
+    options: dict[str, Any] = knob(
+        {},
+        help="options of a registered task, e.g. {max_operand: 99, ops: ['+']}: calibrate on "
+        "the task the model was fine-tuned on",
+    )
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "source", "a task name or a path", self.source)

@@ -207,7 +207,7 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer)
     blocks = calibration_blocks(
         tokenizer, cfg.calib.source, cfg.calib.num_sequences, cfg.calib.seq_len,
-        cfg.calib.split, cfg.calib.seed,
+        cfg.calib.split, cfg.calib.seed, cfg.calib.options,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32).eval()
     layer_names = _linear_weights(model, plan.geometry.layers)
