@@ -237,7 +237,7 @@ def main() -> None:
         )
 
     table = Table(title=f"arithmetic test, {len(dataset)} prompts, greedy, vLLM in-process (CPU); "
-                  f"quantised rows: mean over calibration seeds")  # fmt: skip
+                  "quantised rows: mean over calibration seeds")  # fmt: skip
     for col in ("model", "served as", "reward", "correct", "format", "retention",
                 "retention per seed", "quant s"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("model", "served as") else "right")
