@@ -195,8 +195,9 @@ def main() -> None:
                 console.print(f"{key[0]} W{bits} seed {seed}: {result.seconds['total']:.1f} s")
     if not args.no_pseudo and 4 in bits_list:  # QuantLRM as if there were no "before" checkpoint
         cfg = dataclasses.replace(
-            settings, finetuned=finetuned, method="quantlrm", bits=4, group_size=128, calib=calib,
-            out=str(root / "quantlrm-pseudo-w4"), overwrite=True, num_threads=args.quant_threads,
+            settings, base=None, finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
+            calib=calib, out=str(root / "quantlrm-pseudo-w4"), overwrite=True,
+            num_threads=args.quant_threads,
         )  # fmt: skip
         result = quantize_model(cfg)
         exports[("quantlrm-pseudo", 4)] = [str(result.out)]

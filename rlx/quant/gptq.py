@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from rlx.quant.quantizer import QuantizedWeight
+from rlx.quant.quantizer import QuantizedWeight, stored_scale_zero
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +62,8 @@ def gptq_quantize(
         a, b = g * group_size, (g + 1) * group_size
         block, hb = w[a:b], hinv[a:b, a:b]  # [g, O] (a view: updated in place), [g, g]
         lo, hi = block.amin(0).clamp(max=0), block.amax(0).clamp(min=0)  # the range holds 0
-        scale = ((hi - lo) / qmax).clamp(min=1e-5).to(dtype)  # as quantize_weight: stored dtype
+        scale, z = stored_scale_zero(lo, hi, bits, dtype)  # as quantize_weight
         s = scale.float()
-        z = torch.round(-lo / s).clamp(0, qmax)
         errors = torch.empty_like(block)
         inv_diag = 1.0 / hb.diagonal()
         for j in range(group_size):

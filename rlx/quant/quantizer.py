@@ -49,6 +49,17 @@ def group_scale_zero(
     return scale, zero
 
 
+def stored_scale_zero(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale of a range [lo, hi] (which holds 0) rounded to the storage `dtype`, and the zero point
+    computed from that rounded scale (float32, holding integers): what the export stores."""
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp(min=MIN_SCALE).to(dtype)
+    zero = torch.round(-lo / scale.float()).clamp(0, qmax)
+    return scale, zero
+
+
 def codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
@@ -94,10 +105,8 @@ def quantize_weight(
     The zero points and codes are computed with the scale already rounded to `dtype`, so the
     stored (codes, scale, zero) reproduce the weight as well as that dtype allows.
     """
-    scale, _ = group_scale_zero(w, bits, group_size)
-    scale = scale.to(dtype)
-    rounded = scale.float()  # [O, G]
-    lo = _grouped(w.float(), group_size).amin(-1).clamp(max=0)  # [O, G]
-    zero = torch.round(-lo / rounded).clamp(0, 2**bits - 1)  # [O, G]
-    q = codes(w, rounded, zero, bits, group_size)
+    wg = _grouped(w.float(), group_size)  # [O, G, g]
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [O, G]
+    scale, zero = stored_scale_zero(lo, hi, bits, dtype)
+    q = codes(w, scale.float(), zero, bits, group_size)
     return QuantizedWeight(q, scale, zero.to(torch.int16), bits, group_size)
