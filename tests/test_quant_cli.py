@@ -105,6 +105,13 @@ def test_config_rejects_3_bit_pack_quantized_and_bad_group_size():
     assert QuantizeConfig(bits=3).resolved_format == "dequantized"
 
 
+def test_clipping_runs_by_default_only_before_nearest_rounding():
+    assert not QuantizeConfig().resolved_clip  # GPTQ rounding is the default
+    assert QuantizeConfig(rounding="nearest").resolved_clip
+    assert QuantizeConfig(clip=True).resolved_clip
+    assert not load_config(QuantizeConfig, None, ["rounding=nearest", "clip=false"]).resolved_clip
+
+
 def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_llama, tiny_qwen2, capsys):
     out = tmp_path / "o"
     code = main(["quantize", "--base", tiny_qwen2, "--finetuned", tiny_llama, "--out", str(out)])
@@ -127,6 +134,7 @@ def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
     meta = json.loads((out / "rlx_quant.json").read_text())
     assert meta["config"]["method"] == "quantlrm" and meta["delta_stats"]["nonzero"] > 0
     assert meta["config"]["calib"]["options"] == {"max_operand": 30}
+    assert meta["rounding"] == "gptq" and meta["clip"] is False  # the defaults, as applied
     results = tmp_path / "eval.json"
     code = main([
         "eval", "--model", tiny_ft, "--model", str(out), "--task", "arithmetic",

@@ -77,13 +77,23 @@ class QuantizeConfig:
         help="precision in which W_before and W_after are compared (what counts as a zero "
         "update); auto = the dtype the fine-tuned checkpoint is stored in",
     )
-    clip: bool = knob(True, help="run AWQ's weight-clipping search after the scale search")
+    clip: bool | None = knob(
+        None,
+        help="run AWQ's weight-clipping search after the scale search; null = only with rounding "
+        "nearest (before GPTQ rounding it raised the token KL to the fine-tuned model by a third, "
+        "see README)",
+    )
     rounding: Literal["nearest", "gptq"] = knob(
         "gptq",
         help="how awq/quantlrm round the scaled, clipped weights: GPTQ (each column's error pushed "
         "onto later columns through the calibration Hessian; W4 retention 0.79 -> 0.88 for "
         "QuantLRM in bench/quant.py, one calibration seed) or to the nearest grid point; rtn "
         "always rounds to nearest",
+    )
+    act_order: bool = knob(
+        True,
+        help="GPTQ: quantise input channels in order of decreasing activation energy, with each "
+        "group's range fixed beforehand (same export layout; see rlx/quant/gptq.py)",
     )
     clip_grid: int = knob(20, help="clip ratios 1 - i/n")
     clip_max_shrink: float = knob(0.5, help="largest fraction of max|w| clipped away")
@@ -122,6 +132,11 @@ class QuantizeConfig:
                 "export_format pack-quantized needs bits 4: vLLM's CPU kernel is 4-bit only and "
                 "vLLM packs 3-bit weights differently from compressed-tensors; use dequantized"
             )
+
+    @property
+    def resolved_clip(self) -> bool:
+        """Whether the clipping search runs, after resolving null."""
+        return self.rounding == "nearest" if self.clip is None else self.clip
 
     @property
     def resolved_format(self) -> str:

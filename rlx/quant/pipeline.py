@@ -231,8 +231,8 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
         ):
             result = awq_layer(
                 layer, x, layer_kwargs, importance_for(i), plan.group_sizes, cfg.bits,
-                heads, cfg.alpha_grid, cfg.clip, cfg.clip_grid, cfg.clip_max_shrink, search_dtype,
-                gptq_dtype,
+                heads, cfg.alpha_grid, cfg.resolved_clip, cfg.clip_grid, cfg.clip_max_shrink,
+                search_dtype, gptq_dtype, cfg.act_order,
             )  # fmt: skip
             alphas.append(result.alphas)
             gptq.update({f"model.layers.{i}.{k}.weight": q for k, q in result.quantized.items()})
@@ -276,6 +276,7 @@ def _metadata(cfg: QuantizeConfig, plan: Plan, times: dict, report: dict) -> dic
         "config": to_dict(cfg),
         "format": cfg.resolved_format,
         "rounding": "nearest" if cfg.method == "rtn" else cfg.rounding,  # what was applied
+        "clip": cfg.method != "rtn" and cfg.resolved_clip,
         "group_sizes": plan.group_sizes,
         "notes": plan.notes,
         "seconds_before_export": dict(times),

@@ -227,6 +227,7 @@ def awq_layer(
     clip_max_shrink: float = 0.5,
     search_dtype: torch.dtype = torch.bfloat16,
     gptq_dtype: torch.dtype | None = None,
+    act_order: bool = True,
 ) -> LayerReport:
     """Scale search, folding and clipping for one float32 decoder layer, in place.
 
@@ -234,7 +235,8 @@ def awq_layer(
     `importance(linear_name, its_input)` gives the channel importance of a group's first linear.
     As in llm-awq, the next layer's input is this layer's unquantised output. With `gptq_dtype`
     (the export's scale dtype) every linear is then GPTQ-rounded on the scaled calibration inputs
-    (rlx.quant.gptq) and returned in `quantized`; otherwise the caller rounds to nearest.
+    (rlx.quant.gptq, in `act_order` if set) and returned in `quantized`; otherwise the caller
+    rounds to nearest.
     """
     work = copy.deepcopy(layer).to(search_dtype)
     feats, output = capture_inputs(work, x, layer_kwargs)
@@ -282,6 +284,8 @@ def awq_layer(
             for size in {group_sizes[name] for name in group.linears}:
                 names = [name for name in group.linears if group_sizes[name] == size]
                 weights = [layer.get_submodule(name).weight for name in names]
-                results = gptq_quantize_shared(weights, h, bits, size, gptq_dtype)
+                results = gptq_quantize_shared(
+                    weights, h, bits, size, gptq_dtype, act_order=act_order
+                )
                 quantized.update(zip(names, results, strict=True))
     return LayerReport({k: v[1] for k, v in found.items()}, clipped, output, quantized)
