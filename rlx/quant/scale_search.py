@@ -6,7 +6,8 @@ importance^alpha; every linear of the group becomes Q(W diag(scales)) diag(scale
 whose inspected module (the attention block, o_proj, the MLP, down_proj) gives the smallest output
 MSE against the full-precision layer on the calibration activations wins. Then 1/scales is folded
 into the preceding norm or linear (exact: the layer computes the same function before
-quantisation), and the clipping search picks, per output row and group, the clip range in
+quantisation), and the clipping search (if on: by default only before rounding to nearest, see
+QuantizeConfig.clip) picks, per output row and group, the clip range in
 {max|w| (1 - i/n)}, i < n * max_shrink, that minimises the linear's output MSE. q and k are not
 clipped (as in llm-awq: their error is amplified by the attention softmax).
 
