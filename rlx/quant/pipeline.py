@@ -225,7 +225,12 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
         t = time.perf_counter()
         x, layer_kwargs = _first_layer_inputs(model, blocks, search_dtype)
         heads = HeadLayout(geo.heads, geo.kv_heads, geo.head_dim)
-        desc = f"{cfg.method} W{cfg.bits}: scale + clip search" + (" + GPTQ" if gptq_dtype else "")
+        steps = ["scale search"]
+        if cfg.resolved_clip:
+            steps.append("clip search")
+        if gptq_dtype:
+            steps.append("GPTQ")
+        desc = f"{cfg.method} W{cfg.bits}: " + " + ".join(steps)
         for i, layer in enumerate(
             tqdm(model.model.layers, desc=desc, unit="layer", disable=not show_progress)
         ):
