@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="QuantizeConfig override for every quantisation, e.g. --set clip=false "
+        help="QuantizeConfig override for every quantisation, e.g. --set act_order=false "
         "(repeatable; the bench's own settings - method, bits, rounding, seed - win)",
     )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true")

@@ -228,7 +228,7 @@ def awq_layer(
     clip_max_shrink: float = 0.5,
     search_dtype: torch.dtype = torch.bfloat16,
     gptq_dtype: torch.dtype | None = None,
-    act_order: bool = True,
+    act_order: bool = False,
 ) -> LayerReport:
     """Scale search, folding and clipping for one float32 decoder layer, in place.
 
