@@ -24,7 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from rlx.quant.quantizer import QuantizedWeight, stored_scale_zero
+from rlx.quant.quantizer import (
+    QuantizedWeight,
+    stored_group_scale_zero,
+    stored_scale_zero,
+    zero_inclusive_range,
+)
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -39,11 +44,6 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     h.diagonal().add_(damp * h.diagonal().mean().clamp(min=1e-8))
     inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inv, upper=True)
-
-
-def _range(cols: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max along `dim`, widened to hold 0 (as quantize_weight does)."""
-    return cols.amin(dim).clamp(max=0), cols.amax(dim).clamp(min=0)
 
 
 def gptq_quantize(
@@ -69,8 +69,7 @@ def gptq_quantize(
     qmax = 2**bits - 1
     groups = in_features // group_size
     if act_order:  # static groups: every range from the weights before any error is pushed on
-        grouped = w.t().reshape(out_features, groups, group_size)
-        scales, zeros = stored_scale_zero(*_range(grouped, -1), bits, dtype)  # [O, G] each
+        scales, zeros = stored_group_scale_zero(w.t(), bits, group_size, dtype)  # as RTN's
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
         w, h = w[order], h[order][:, order]
     else:
@@ -85,7 +84,7 @@ def gptq_quantize(
         block, hb = w[a:b], hinv[a:b, a:b]  # [g, O] (a view: updated in place), [g, g]
         if not act_order:  # this block is group a // group_size: its range as it stands now
             scales[:, a // group_size], zeros[:, a // group_size] = stored_scale_zero(
-                *_range(block, 0), bits, dtype
+                *zero_inclusive_range(block, 0), bits, dtype
             )
         s = scales[:, group_of[a:b]].float().t()  # [g, O]: each column's scale and zero point
         z = zeros[:, group_of[a:b]].t()

@@ -35,14 +35,20 @@ def clip_groups(w: torch.Tensor, group_size: int, max_val: torch.Tensor) -> torc
     return _grouped(w, group_size).clamp(-limit, limit).reshape(w.shape)
 
 
+def zero_inclusive_range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `x` along `dim`, widened to hold 0.
+
+    The range always holds 0 (as GPTQ / compressed-tensors observers do): a one-signed group would
+    otherwise need a zero point outside [0, qmax] (llm-awq clamps it and breaks the group).
+    """
+    return x.amin(dim).clamp(max=0), x.amax(dim).clamp(min=0)  # amin + amax: 4x aminmax
+
+
 def group_scale_zero(
     w: torch.Tensor, bits: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 scale and zero point per (row, group), both [O, G] (zeros hold integers)."""
-    wg = _grouped(w.float(), group_size)  # [O, G, g]
-    # the range always holds 0 (as GPTQ / compressed-tensors observers do): a one-signed group
-    # would otherwise need a zero point outside [0, qmax] (llm-awq clamps it and breaks the group)
-    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [O, G] (amin+amax: 4x aminmax)
+    lo, hi = zero_inclusive_range(_grouped(w.float(), group_size), -1)  # [O, G]
     qmax = 2**bits - 1
     scale = ((hi - lo) / qmax).clamp_(min=MIN_SCALE)  # [O, G]
     zero = (-lo / scale).round_().clamp_(0, qmax)  # [O, G]
@@ -58,6 +64,16 @@ def stored_scale_zero(
     scale = ((hi - lo) / qmax).clamp(min=MIN_SCALE).to(dtype)
     zero = torch.round(-lo / scale.float()).clamp(0, qmax)
     return scale, zero
+
+
+def stored_group_scale_zero(
+    w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`stored_scale_zero` of every (row, group) of `w` [O, I]: scale [O, G] in `dtype`, zero
+    point [O, G] in float32."""
+    return stored_scale_zero(
+        *zero_inclusive_range(_grouped(w.float(), group_size), -1), bits, dtype
+    )
 
 
 def codes(
@@ -105,8 +121,6 @@ def quantize_weight(
     The zero points and codes are computed with the scale already rounded to `dtype`, so the
     stored (codes, scale, zero) reproduce the weight as well as that dtype allows.
     """
-    wg = _grouped(w.float(), group_size)  # [O, G, g]
-    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # [O, G]
-    scale, zero = stored_scale_zero(lo, hi, bits, dtype)
+    scale, zero = stored_group_scale_zero(w, bits, group_size, dtype)  # [O, G] each
     q = codes(w, scale.float(), zero, bits, group_size)
     return QuantizedWeight(q, scale, zero.to(torch.int16), bits, group_size)
