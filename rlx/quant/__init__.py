@@ -5,13 +5,20 @@
     rlx eval --model runs/rl/final --model runs/q4 --task arithmetic
 
 Modules: importance.py (QuantLRM and AWQ channel importance), quantizer.py (asymmetric group
-quantisation), scale_search.py (AWQ scale + clip search per layer), pseudo_finetune.py (dW for a
-model with no "before" checkpoint), calibration.py, export.py (compressed-tensors pack-quantized),
-checks.py (bad input and vLLM kernel limits), pipeline.py (the whole run), config.py.
+quantisation), scale_search.py (AWQ scale + clip search per layer), gptq.py (GPTQ rounding),
+pseudo_finetune.py (dW for a model with no "before" checkpoint), tune.py (optional tuning of the
+stored scales), calibration.py, export.py (compressed-tensors pack-quantized), checks.py (bad
+input and vLLM kernel limits), pipeline.py (the whole run), config.py.
 """
 
 from rlx.quant.checks import QuantError
-from rlx.quant.config import CalibrationConfig, EvalConfig, PseudoFinetuneConfig, QuantizeConfig
+from rlx.quant.config import (
+    CalibrationConfig,
+    EvalConfig,
+    PseudoFinetuneConfig,
+    QuantizeConfig,
+    TuneConfig,
+)
 from rlx.quant.importance import (
     DeltaStats,
     activation_importance,
@@ -31,6 +38,7 @@ __all__ = [
     "QuantResult",
     "QuantizeConfig",
     "QuantizedWeight",
+    "TuneConfig",
     "activation_importance",
     "channel_importance",
     "delta_stats",

@@ -53,6 +53,30 @@ class PseudoFinetuneConfig:
 
 
 @dataclasses.dataclass
+class TuneConfig:
+    """End-to-end tuning of the stored scales and norm weights after rounding (rlx/quant/tune.py)."""
+
+    steps: int = knob(
+        0,
+        help="Adam steps of KL distillation from the fine-tuned model; 0 = off (it costs minutes "
+        "on CPU: README, 'Tuning the scales')",
+    )
+    lr: float = knob(2e-4, help="learning rate of the log-gains (scale = stored scale * exp(u))")
+    num_sequences: int = knob(
+        96,
+        help="calibration blocks it trains on (calib.seq_len tokens each); with the searches' 8 "
+        "it fits them and the held-out KL barely moves",
+    )
+    batch_sequences: int = knob(4, help="calibration blocks per step")
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 0, "steps", ">= 0", self.steps)
+        _require(self.lr > 0, "lr", "> 0", self.lr)
+        _require(self.num_sequences >= 1, "num_sequences", ">= 1", self.num_sequences)
+        _require(self.batch_sequences >= 1, "batch_sequences", ">= 1", self.batch_sequences)
+
+
+@dataclasses.dataclass
 class QuantizeConfig:
     """`rlx quantize`: weight-only int quantisation (QuantLRM, AWQ or RTN) and export."""
 
@@ -110,6 +134,9 @@ class QuantizeConfig:
     )
     pseudo_finetune: PseudoFinetuneConfig = knob(
         PseudoFinetuneConfig(), help="used by method=quantlrm when base is null"
+    )
+    tune: TuneConfig = knob(
+        TuneConfig(), help="optional tuning of the scales and norm weights after rounding"
     )
     out: str = knob("runs/quantize", help="output folder (written atomically)")
     overwrite: bool = knob(False, help="replace an existing output folder")

@@ -8,7 +8,8 @@ calibration source and data, output folder) runs first, from config files and th
 then the models are loaded, importance computed (QuantLRM: dW from base and fine-tuned weights, or
 from a pseudo-fine-tune; AWQ: calibration activations; RTN: none), each layer is searched and
 clipped (rlx.quant.scale_search), every linear GPTQ-rounded (rlx.quant.gptq) or rounded to
-nearest (rlx.quant.quantizer), and the result exported (rlx.quant.export). A failure at any
+nearest (rlx.quant.quantizer), optionally the scales tuned (rlx.quant.tune), and the result
+exported (rlx.quant.export). A failure at any
 point leaves no output folder behind.
 """
 
@@ -38,6 +39,7 @@ from rlx.quant.importance import activation_importance, quantlrm_importances
 from rlx.quant.pseudo_finetune import pseudo_finetune
 from rlx.quant.quantizer import QuantizedWeight, quantize_weight
 from rlx.quant.scale_search import SCALE_GROUPS, HeadLayout, awq_layer
+from rlx.quant.tune import tune_scales
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -205,10 +207,14 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
     start = time.perf_counter()
     plan = plan_quantization(cfg)
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer)
-    blocks = calibration_blocks(
-        tokenizer, cfg.calib.source, cfg.calib.num_sequences, cfg.calib.seq_len,
+    # One packed stream: the searches read its first calib.num_sequences blocks, tuning (if on)
+    # its first tune.num_sequences. Packing it once up front also fails early on a short source.
+    n_blocks = max(cfg.calib.num_sequences, cfg.tune.num_sequences if cfg.tune.steps else 0)
+    all_blocks = calibration_blocks(
+        tokenizer, cfg.calib.source, n_blocks, cfg.calib.seq_len,
         cfg.calib.split, cfg.calib.seed, cfg.calib.options,
     )  # fmt: skip
+    blocks = all_blocks[: cfg.calib.num_sequences]
     model = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32).eval()
     layer_names = _linear_weights(model, plan.geometry.layers)
     base_weights = _load_base(plan, model, layer_names) if plan.base else None
@@ -258,6 +264,15 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
         # tensor rounded to the export dtype, i.e. exactly what the export decodes to.
         for name, p in model.named_parameters():
             p.copy_(quantized[name].dequantize() if name in quantized else p.to(dtype).float())
+    if cfg.tune.steps:
+        t_tune = time.perf_counter()
+        teacher = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32).eval()
+        report["tune_kl"] = tune_scales(
+            model, teacher, quantized, all_blocks[: cfg.tune.num_sequences], cfg.tune.steps,
+            cfg.tune.lr, cfg.tune.batch_sequences, dtype, show_progress=show_progress,
+        )  # fmt: skip
+        del teacher
+        times["tune"] = time.perf_counter() - t_tune
     metadata = _metadata(cfg, plan, times, report)
     if cfg.resolved_format == "pack-quantized":
         tied = getattr(model.config, "tie_word_embeddings", False)
@@ -269,7 +284,7 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
                              plan.group_sizes, dtype, metadata, cfg.overwrite)  # fmt: skip
     else:
         write_dequantized(plan.out, model, tokenizer, plan.finetuned, metadata, cfg.overwrite)
-    times["quantize_export"] = time.perf_counter() - t
+    times["quantize_export"] = time.perf_counter() - t - times.get("tune", 0.0)
     times["total"] = time.perf_counter() - start
     return QuantResult(plan.out, model, plan, times, report)
 
@@ -287,4 +302,5 @@ def _metadata(cfg: QuantizeConfig, plan: Plan, times: dict, report: dict) -> dic
         "seconds_before_export": dict(times),
         "delta_stats": report.get("delta_stats"),
         "alphas": report.get("alphas"),
+        "tune_kl": report.get("tune_kl"),  # calibration KL per tuning step (null: no tuning)
     }
