@@ -229,7 +229,7 @@ def main() -> None:
         name = (
             "quantlrm W4 g128, pseudo-FT dW"
             if method == "quantlrm-pseudo"
-            else f"{method.removesuffix('-tuned')} W{bits} g128, tuned scales ({args.tune_steps} steps)"
+            else f"{method.removesuffix('-tuned')}+tune{args.tune_steps} W{bits} g128"
             if method.endswith("-tuned")
             else f"{method} W{bits} g128"
         )
@@ -288,7 +288,7 @@ def main() -> None:
     console.print(f"load average while running: {load:.1f} (2 cores; other jobs share them)")
     q4 = next((m for name, s, m, _ in rows if name == f"{headline} W4 g128" and "W4A16" in s),
               None)  # fmt: skip
-    tuned4 = next((m for name, _, m, _ in rows if "tuned scales" in name), None)
+    tuned4 = next((m for name, _, m, _ in rows if "+tune" in name), None)
     if tuned4 is not None:
         print(f"quantlrm_tuned_retention_w4={mean(tuned4) / ft_reward:.3f}")
     if q4 is not None:
