@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlx.cli import main
 from rlx.config import ConfigError, load_config
 from rlx.models.tiny import build_tiny_model
-from rlx.quant import CalibrationConfig, QuantError, QuantizeConfig, plan_quantization
+from rlx.quant import (
+    CalibrationConfig,
+    QuantError,
+    QuantizeConfig,
+    TuneConfig,
+    plan_quantization,
+    quantize_model,
+)
 from rlx.quant.calibration import arithmetic_completion, calibration_blocks
 from rlx.quant.config import EvalConfig
 from rlx.quant.pseudo_finetune import pseudo_finetune
@@ -149,8 +156,6 @@ def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
 
 
 def test_checkpoint_without_tokenizer_takes_the_base_tokenizer(tmp_path, tiny_llama, tiny_ft):
-    from rlx.quant import quantize_model
-
     bare = tmp_path / "model"  # like recipes/pg.py's checkpoints/*/model: weights and config only
     AutoModelForCausalLM.from_pretrained(tiny_ft).save_pretrained(bare)
     cfg = QuantizeConfig(finetuned=str(bare), method="rtn", calib=SMALL, out=str(tmp_path / "q"))
@@ -196,6 +201,18 @@ def test_calibration_blocks_and_arithmetic_completion(tiny_llama, tmp_path):
     data.write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n")
     with pytest.raises(QuantError, match="tokens"):
         calibration_blocks(tokenizer, str(data), 4, 64)
+
+
+def test_calibration_too_short_for_tuning_fails_before_any_work(tiny_llama, tmp_path):
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n"
+                            for i in range(20)))  # fmt: skip
+    calib = CalibrationConfig(source=str(data), num_sequences=1, seq_len=16)
+    cfg = QuantizeConfig(finetuned=tiny_llama, method="rtn", calib=calib, out=str(tmp_path / "o"),
+                         tune=TuneConfig(steps=1, num_sequences=400))  # fmt: skip
+    with pytest.raises(QuantError, match=r"400 x 16 .* tune.num_sequences"):
+        quantize_model(cfg, show_progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_calibration_options_select_the_task_variant(tiny_llama):

@@ -85,6 +85,7 @@ def calibration_blocks(
     if len(stream) < need:
         raise QuantError(
             f"calibration source {source!r} ({split}) has {len(stream)} tokens; "
-            f"{num_sequences} x {seq_len} = {need} needed: lower calib.num_sequences or seq_len"
+            f"{num_sequences} x {seq_len} = {need} needed: lower calib.num_sequences (or "
+            "tune.num_sequences, when tuning) or calib.seq_len"
         )
     return torch.tensor(stream[:need]).view(num_sequences, seq_len)
