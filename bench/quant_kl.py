@@ -10,6 +10,9 @@ finer measure on the same held-out prompts:
   3. per variant, the mean over seeds of: KL(fine-tuned || quantised) per completion token,
      top-1 agreement per token, and the fraction of completions the quantised model would
      reproduce token for token under greedy decoding ("same greedy").
+With `--reference-rows` the table also shows where simpler perturbations of the fine-tuned model
+land: all its weights rounded to bf16, and its linears rounded to nearest at 8, 6 and 5 bits with
+the export's group sizes (no calibration, one row each).
 The prompts share a long prefix (system prompt and one-shot example); it is run once per batch
 and its KV cache reused, which cuts the forward work by about 3x.
 
@@ -50,6 +53,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds per variant")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument(
+        "--reference-rows", action="store_true",
+        help="also rows for the fine-tuned model with its weights rounded to bf16 and with its "
+        "linears rounded to nearest at 8, 6 and 5 bits (same group sizes): a scale for the KL",
+    )  # fmt: skip
     args = p.parse_args()
     if len(args.variant) < 2:
         p.error("give at least two --variant LABEL [KEY=VALUE ...]")
@@ -128,6 +136,26 @@ class TeacherForced:
         return {"kl": kl / tokens, "agree": agree / tokens, "same_greedy": same / seqs}
 
 
+def perturbed(model, group_sizes: dict[str, int], bits: int | None):
+    """A copy of `model` with every weight rounded to bf16 (bits None), or with its quantised
+    linears fake-quantised to nearest at `bits` with the export's group sizes."""
+    import copy
+
+    import torch
+
+    from rlx.quant import fake_quantize
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            linear = ".".join(name.split(".")[-3:-1])  # e.g. self_attn.q_proj
+            if bits is None:
+                p.copy_(p.to(torch.bfloat16).float())
+            elif name.endswith(".weight") and linear in group_sizes:
+                p.copy_(fake_quantize(p, bits, group_sizes[linear]))
+    return out
+
+
 def main() -> None:
     args = parse_args()
     import torch
@@ -136,7 +164,7 @@ def main() -> None:
 
     from rlx.config import load_config
     from rlx.models import resolve_model
-    from rlx.quant import QuantizeConfig, quantize_model
+    from rlx.quant import QuantizeConfig, plan_quantization, quantize_model
     from rlx.rollout import Sampling, encode_prompts
     from rlx.rollout.hf_backend import HFEngine
     from rlx.tasks import load_task_dataset
@@ -159,7 +187,16 @@ def main() -> None:
 
     base = resolve_model(args.base)
     results: dict[str, list[dict]] = {}
+    labels = [(label, " ".join(overrides)) for label, *overrides in args.variant]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.reference_rows:
+            plan = plan_quantization(QuantizeConfig(finetuned=args.finetuned, out=f"{tmp}/q"))
+            for bits in (None, 8, 6, 5):
+                label = "fine-tuned, bf16 weights" if bits is None else f"rtn W{bits} (reference)"
+                row = forced.compare(reference, perturbed(engine.model, plan.group_sizes, bits))
+                results[label] = [{**row, "seconds": None}]
+                labels.append((label, ""))
+                console.print(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
         for label, *overrides in args.variant:
             settings = load_config(QuantizeConfig, None, overrides)
             calib = dataclasses.replace(settings.calib, options=args.task_options)
@@ -181,15 +218,16 @@ def main() -> None:
                 "quant s"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("variant", "overrides") else "right")
     means = {}
-    for label, *overrides in args.variant:
+    for label, overrides in labels:
         rows = results[label]
         means[label] = statistics.mean(r["kl"] for r in rows)
         table.add_row(
-            label, " ".join(overrides), f"{means[label]:.4f}",
+            label, overrides, f"{means[label]:.4f}",
             " ".join(f"{r['kl']:.4f}" for r in rows),
             f"{statistics.mean(r['agree'] for r in rows):.4f}",
             f"{statistics.mean(r['same_greedy'] for r in rows):.3f}",
-            f"{statistics.mean(r['seconds'] for r in rows):.1f}",
+            "" if rows[0]["seconds"] is None
+            else f"{statistics.mean(r['seconds'] for r in rows):.1f}",
         )  # fmt: skip
     console.print(table)
     first, second = (v[0] for v in args.variant[:2])

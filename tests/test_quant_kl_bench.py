@@ -45,3 +45,27 @@ def test_prefix_cache_matches_whole_sequences(tiny_llama):
     same = forced.compare(forced.logprobs(model), model)
     assert same["kl"] == pytest.approx(0.0, abs=1e-6)
     assert same["agree"] == 1.0 and same["same_greedy"] == 1.0
+
+
+def test_reference_rows_perturb_what_they_say(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlx.quant import QuantizeConfig, plan_quantization
+
+    bench = load_bench()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    sizes = plan_quantization(QuantizeConfig(finetuned=tiny_llama, out=str(tmp_path / "q")))
+    original = dict(model.named_parameters())
+    bf16 = dict(bench.perturbed(model, sizes.group_sizes, None).named_parameters())
+    assert all(torch.equal(bf16[n], p.to(torch.bfloat16).float()) for n, p in original.items())
+    errors = {}
+    for bits in (8, 5):
+        params = dict(bench.perturbed(model, sizes.group_sizes, bits).named_parameters())
+        for name, p in original.items():
+            if name.endswith("proj.weight"):
+                assert not torch.equal(params[name], p)
+            else:  # embeddings and norms keep full precision
+                assert torch.equal(params[name], p)
+        errors[bits] = (params["model.layers.0.mlp.down_proj.weight"]
+                        - original["model.layers.0.mlp.down_proj.weight"]).abs().max()  # fmt: skip
+    assert errors[8] < errors[5] / 4
