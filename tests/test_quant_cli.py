@@ -132,16 +132,18 @@ def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
         "quantize", "--base", tiny_llama, "--finetuned", tiny_ft, "--method", "quantlrm",
         "--bits", "4", "--group-size", "128", "--calib", "arithmetic", "--out", str(out),
         "calib.num_sequences=2", "calib.seq_len=32", "alpha_grid=4", "calib.options.max_operand=30",
+        "tune.steps=2", "tune.num_sequences=3", "tune.batch_sequences=2",
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "wrote" in printed
+    assert "wrote" in printed and "tuned scales: calibration KL" in printed
     hint = next(line for line in printed.splitlines() if line.startswith("evaluate it:"))
     assert hint.endswith("--task arithmetic 'task.options.max_operand=30'")  # the calibration task
     meta = json.loads((out / "rlx_quant.json").read_text())
     assert meta["config"]["method"] == "quantlrm" and meta["delta_stats"]["nonzero"] > 0
     assert meta["config"]["calib"]["options"] == {"max_operand": 30}
     assert meta["rounding"] == "gptq" and meta["clip"] is False  # the defaults, as applied
+    assert len(meta["tune_kl"]) == 2 and meta["seconds_before_export"]["tune"] > 0
     results = tmp_path / "eval.json"
     code = main([
         "eval", "--model", tiny_ft, "--model", str(out), "--task", "arithmetic",

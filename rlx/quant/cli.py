@@ -76,6 +76,10 @@ def run_quantize_command(args) -> int:
         return 2
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"wrote {result.out} ({cfg.method}, W{cfg.bits}, {cfg.resolved_format}); {seconds}")
+    if kl := result.report.get("tune_kl"):
+        k = max(1, len(kl) // 10)
+        print(f"tuned scales: calibration KL to the fine-tuned model {sum(kl[:k]) / k:.4f} -> "
+              f"{sum(kl[-k:]) / k:.4f} (mean of the first / last {k} steps)")  # fmt: skip
     options = "".join(f" 'task.options.{k}={json.dumps(v)}'" for k, v in cfg.calib.options.items())
     print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}{options}")
     return 0

@@ -9,8 +9,7 @@ then the models are loaded, importance computed (QuantLRM: dW from base and fine
 from a pseudo-fine-tune; AWQ: calibration activations; RTN: none), each layer is searched and
 clipped (rlx.quant.scale_search), every linear GPTQ-rounded (rlx.quant.gptq) or rounded to
 nearest (rlx.quant.quantizer), optionally the scales tuned (rlx.quant.tune), and the result
-exported (rlx.quant.export). A failure at any
-point leaves no output folder behind.
+exported (rlx.quant.export). A failure at any point leaves no output folder behind.
 """
 
 from __future__ import annotations
