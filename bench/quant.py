@@ -182,30 +182,36 @@ def main() -> None:
     console.print(f"fine-tuned model: {finetuned} ({time.perf_counter() - t:.0f} s)")
     settings = load_config(QuantizeConfig, None, args.set)  # --set overrides, else defaults
     calib = dataclasses.replace(settings.calib, options=args.task_options)  # the evaluated task
-    exports: dict[tuple[str, int], list[str]] = {}  # (variant, bits) -> one export per seed
-    seconds: dict[tuple[str, int], list[float]] = {}
+    exports: dict[str, list[str]] = {}  # row name -> one export per seed
+    seconds: dict[str, list[float]] = {}
+    served: dict[str, int] = {}  # row name -> bits
     notes = set()
-    runs = [(variant_name(m, r), m, r, bits, settings) for bits in bits_list for m, r in variants]
+    runs = [  # (row name, method, rounding, bits, settings)
+        (f"{variant_name(m, r)} W{bits} g128", m, r, bits, settings)
+        for bits in bits_list
+        for m, r in variants
+    ]
     if args.tune_steps and 4 in bits_list:  # the headline variant with tuned scales
         tuned = dataclasses.replace(
             settings, tune=dataclasses.replace(settings.tune, steps=args.tune_steps)
         )
         rounding = QuantizeConfig().rounding
-        runs.append((f"{variant_name('quantlrm', rounding)}-tuned", "quantlrm", rounding, 4, tuned))
-    for name, method, rounding, bits, run_settings in runs:
-        key = (name, bits)
+        name = f"{variant_name('quantlrm', rounding)}+tune{args.tune_steps} W4 g128"
+        runs.append((name, "quantlrm", rounding, 4, tuned))
+    for key, method, rounding, bits, run_settings in runs:
+        served[key] = bits
         for seed in range(1 if method == "rtn" else args.seeds):  # rtn reads no calibration
             cfg = dataclasses.replace(
                 run_settings, base=base, finetuned=finetuned, method=method, bits=bits,
                 group_size=128, rounding=rounding, calib=dataclasses.replace(calib, seed=seed),
-                out=str(root / f"{key[0]}-w{bits}-seed{seed}"), overwrite=True,
+                out=str(root / f"{key.split()[0]}-w{bits}-seed{seed}"), overwrite=True,
                 num_threads=args.quant_threads,
             )  # fmt: skip
             result = quantize_model(cfg)
             exports.setdefault(key, []).append(str(result.out))
             seconds.setdefault(key, []).append(result.seconds["total"])
             notes.update(n for n in result.plan.notes if n.startswith("group size"))
-            console.print(f"{key[0]} W{bits} seed {seed}: {result.seconds['total']:.1f} s")
+            console.print(f"{key} seed {seed}: {result.seconds['total']:.1f} s")
     if not args.no_pseudo and 4 in bits_list:  # QuantLRM as if there were no "before" checkpoint
         cfg = dataclasses.replace(
             settings, base=None, finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
@@ -213,8 +219,8 @@ def main() -> None:
             num_threads=args.quant_threads,
         )  # fmt: skip
         result = quantize_model(cfg)
-        exports[("quantlrm-pseudo", 4)] = [str(result.out)]
-        seconds[("quantlrm-pseudo", 4)] = [result.seconds["total"]]
+        key = "quantlrm W4 g128, pseudo-FT dW"
+        exports[key], seconds[key], served[key] = [str(result.out)], [result.seconds["total"]], 4
 
     # 3. held-out reward of every model: rows of (name, served as, [metrics per seed], seconds)
     dataset = load_task_dataset("arithmetic", split="test", num_examples=args.prompts,
@@ -224,20 +230,13 @@ def main() -> None:
              None)]  # fmt: skip
     ft_metrics = evaluate_model(finetuned, dataset, reward_fns)
     rows.append(("fine-tuned", "bf16", [ft_metrics], None))
-    for (method, bits), paths in exports.items():
-        served = "int4 W4A16" if bits == 4 else "dequantised W3 (bf16)"
-        name = (
-            "quantlrm W4 g128, pseudo-FT dW"
-            if method == "quantlrm-pseudo"
-            else f"{method.removesuffix('-tuned')}+tune{args.tune_steps} W{bits} g128"
-            if method.endswith("-tuned")
-            else f"{method} W{bits} g128"
-        )
+    for name, paths in exports.items():
+        form = "int4 W4A16" if served[name] == 4 else "dequantised W3 (bf16)"
         metrics = [evaluate_model(path, dataset, reward_fns) for path in paths]
-        rows.append((name, served, metrics, statistics.mean(seconds[(method, bits)])))
+        rows.append((name, form, metrics, statistics.mean(seconds[name])))
     # the headline variant: QuantLRM with the rounding `rlx quantize` uses by default
     headline = variant_name("quantlrm", QuantizeConfig().rounding)
-    qlrm4 = exports.get((headline, 4), [None])[0]  # seed 0's export for W4A8 and tok/s
+    qlrm4 = exports.get(f"{headline} W4 g128", [None])[0]  # seed 0's export: W4A8, tok/s
     if qlrm4:
         set_w4a8(True)
         rows.append((f"{headline} W4 g128, seed 0", "int4 W4A8 (vLLM-CPU default)",
