@@ -2,9 +2,9 @@
 
 Models: a tied Llama with hidden 192 (group 128 does not divide 192, so q/k/v/o/gate/up fall back
 to 64 while down_proj keeps 128: two compressed-tensors config groups), a Qwen2 (q/k/v biases,
-untied head), the Llama again with GPTQ rounding, and with GPTQ and tuned scales (rlx.quant.tune). Their weights are drawn 5x larger than the
-usual 0.02 init so the logprobs move visibly under 4-bit quantisation and the comparison can tell
-models apart.
+untied head), the Llama again with GPTQ rounding, and with GPTQ and tuned scales (rlx.quant.tune).
+Their weights are drawn 5x larger than the usual 0.02 init so the logprobs move visibly under
+4-bit quantisation and the comparison can tell models apart.
 
 Tolerances: transformers decompresses the checkpoint to exactly the fake-quantised weights, so its
 logprobs match to 1e-5. vLLM-CPU serves int4 only in bfloat16 (no float32 int4 kernel): with
