@@ -58,9 +58,9 @@ class TuneConfig:
 
     steps: int = knob(
         0,
-        help="Adam steps of KL distillation from the fine-tuned model; 0 = off. 120 raised W4 "
-        "retention from 0.901 to 0.942 on the main job's model, at 440 s instead of 36 s on 2 CPU "
-        "threads (README, 'Tuning the scales')",
+        help="Adam steps of KL distillation from the fine-tuned model; 0 = off. On the main job's "
+        "model W4 retention went from 0.901 to 0.942 with 120 steps and to 0.962 with 240, at 440 s "
+        "and 690 s instead of 36 s on 2 CPU threads (README, 'Tuning the scales')",
     )
     lr: float = knob(2e-4, help="learning rate of the log-gains (scale = stored scale * exp(u))")
     num_sequences: int = knob(
