@@ -104,6 +104,19 @@ def test_missing_model_and_nonempty_output_are_refused(tmp_path, tiny_llama):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
 
 
+def test_a_gpu_torch_does_not_see_is_refused(tmp_path, tiny_llama):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    _fails_cleanly(
+        QuantizeConfig(finetuned=tiny_llama, out=str(tmp_path / "o"), device=f"cuda:{count}"),
+        f"torch sees {count} CUDA device",
+    )
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        load_config(QuantizeConfig, None, ["device=gpu"])
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_quantization(QuantizeConfig(finetuned=tiny_llama, out=str(tmp_path / "p")))
+    assert plan.device.type == expected
+
+
 def test_config_rejects_3_bit_pack_quantized_and_bad_group_size():
     with pytest.raises(ConfigError, match="4-bit only"):
         QuantizeConfig(bits=3, export_format="pack-quantized")
@@ -137,6 +150,8 @@ def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "wrote" in printed and "tuned scales: calibration KL" in printed
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # device=auto
+    assert f"quantizing on {device}" in printed
     hint = next(line for line in printed.splitlines() if line.startswith("evaluate it:"))
     assert hint.endswith("--task arithmetic 'task.options.max_operand=30'")  # the calibration task
     meta = json.loads((out / "rlx_quant.json").read_text())
@@ -144,6 +159,7 @@ def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
     assert meta["config"]["calib"]["options"] == {"max_operand": 30}
     assert meta["rounding"] == "gptq" and meta["clip"] is False  # the defaults, as applied
     assert len(meta["tune_kl"]) == 2 and meta["seconds_before_export"]["tune"] > 0
+    assert meta["device"] == device and meta["tune"] == {"cuda_graph": False}  # 2 steps: eager
     results = tmp_path / "eval.json"
     code = main([
         "eval", "--model", tiny_ft, "--model", str(out), "--task", "arithmetic",

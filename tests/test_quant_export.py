@@ -187,3 +187,38 @@ def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         quantize_model(cfg, show_progress=False)
     assert sorted(os.listdir(tmp_path)) == ["base"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("with_base", [True, False], ids=["dW", "pseudo_finetune"])
+def test_quantize_on_cuda_exports_as_well_as_on_cpu(tmp_path, with_base):
+    """The pipeline on the GPU (importance or pseudo-fine-tune, searches, GPTQ, tuning with CUDA
+    graphs): its export loads exactly in transformers and is as close to the fine-tuned model as
+    the CPU run's."""
+    from rlx.quant.tune import token_kl
+
+    base = build(tmp_path / "base", llama192())
+    finetuned = build(tmp_path / "finetuned", llama192(), noise=0.01, seed=1)
+    results = {}
+    for device in ("cpu", "cuda"):
+        cfg = QuantizeConfig(
+            base=base if with_base else None, finetuned=finetuned, method="quantlrm",
+            calib=CalibrationConfig(num_sequences=4, seq_len=64), alpha_grid=10,
+            tune=TuneConfig(steps=5, num_sequences=4, batch_sequences=2),
+            out=str(tmp_path / f"q4_{device}"), device=device,
+        )  # fmt: skip
+        results[device] = quantize_model(cfg, show_progress=False)
+    on_gpu = results["cuda"]
+    meta = json.loads((on_gpu.out / "rlx_quant.json").read_text())
+    assert meta["device"] == "cuda" and len(meta["tune_kl"]) == 5
+    assert meta["tune"] == {"cuda_graph": True}  # steps 4 and 5 replayed from the graph
+    loaded = AutoModelForCausalLM.from_pretrained(on_gpu.out, dtype=torch.float32)
+    assert torch.allclose(logprobs(loaded), logprobs(on_gpu.model), atol=1e-5)
+    reference = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32)
+    vocab = reference.config.vocab_size
+    ids = torch.randint(3, vocab, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = reference(ids).logits
+        kl = {d: token_kl(target, r.model(ids).logits).item() for d, r in results.items()}
+    assert 0 < kl["cuda"] < 1.5 * kl["cpu"], kl

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from rlx.config import ConfigError
 from rlx.models.tiny import tiny_config
-from rlx.quant import TuneConfig, quantize_weight
+from rlx.quant import QuantizedWeight, TuneConfig, quantize_weight
 from rlx.quant.tune import is_norm_weight, token_kl, tune_scales
 
 BLOCKS = torch.randint(3, 500, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -93,3 +93,32 @@ def test_interrupted_tuning_leaves_model_and_stored_weights_in_agreement():
 def test_tune_config_rejects_bad_values(field, value):
     with pytest.raises(ConfigError, match=field):
         TuneConfig(**{field: value})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_steps_match_eager_steps():
+    """Replaying the step from a CUDA graph computes what the eager steps compute; batches of
+    unequal size stay eager."""
+    runs = {}
+    for graph in (False, True):
+        teacher, model, quantized = quantised_pair(seed=2)
+        teacher, model = teacher.cuda(), model.cuda()
+        quantized = {n: QuantizedWeight(q.codes.cuda(), q.scale.cuda(), q.zero.cuda(), q.bits,
+                                        q.group_size) for n, q in quantized.items()}  # fmt: skip
+        report = {}
+        losses = tune_scales(model, teacher, quantized, BLOCKS.cuda(), steps=12, lr=1e-2,
+                             batch=4, dtype=torch.bfloat16, show_progress=False,
+                             cuda_graph=graph, report=report)  # fmt: skip
+        assert report == {"cuda_graph": graph}
+        runs[graph] = losses, {n: q.scale.float() for n, q in quantized.items()}
+    (eager, eager_scales), (graphed, graphed_scales) = runs[False], runs[True]
+    assert len(graphed) == 12 and graphed[-1] < graphed[0]
+    assert torch.allclose(torch.tensor(graphed), torch.tensor(eager), rtol=1e-2)  # bf16, atomics
+    for name, scale in eager_scales.items():
+        assert torch.allclose(graphed_scales[name], scale, rtol=1e-2), name
+    teacher, model, quantized = quantised_pair(seed=2)
+    report = {}
+    tune_scales(model.cuda(), teacher.cuda(), {}, BLOCKS[:7].cuda(), steps=5, lr=1e-2, batch=4,
+                dtype=torch.bfloat16, show_progress=False, report=report)  # fmt: skip
+    assert report == {"cuda_graph": False}

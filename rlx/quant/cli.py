@@ -68,6 +68,7 @@ def run_quantize_command(args) -> int:
 
     try:
         plan = plan_quantization(cfg)
+        print(f"quantizing on {plan.device}")
         for note in plan.notes:
             print(f"note: {note}")
         result = quantize_model(cfg)

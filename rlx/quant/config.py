@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 from rlx.config import ConfigError, RewardConfig, TaskConfig, knob
@@ -60,7 +61,8 @@ class TuneConfig:
         0,
         help="Adam steps of KL distillation from the fine-tuned model; 0 = off. On the main job's "
         "model W4 retention went from 0.901 to 0.942 with 120 steps and to 0.962 with 240, at 440 s "
-        "and 690 s instead of 36 s on 2 CPU threads (README, 'Tuning the scales')",
+        "and 690 s instead of 36 s on 2 CPU threads; 240 steps take 7-10 s on one H200 (README, "
+        "'Tuning the scales')",
     )
     lr: float = knob(2e-4, help="learning rate of the log-gains (scale = stored scale * exp(u))")
     num_sequences: int = knob(
@@ -145,9 +147,18 @@ class QuantizeConfig:
     num_threads: int = knob(
         0, help="torch CPU threads while quantising; 0 = torch's default (all cores)"
     )
+    device: str = knob(
+        "auto",
+        help="where the searches, GPTQ and tuning run: auto = cuda when torch sees a GPU, else "
+        "cpu; or cpu, cuda, cuda:N. The export is the same either way (written from the CPU)",
+    )
 
     def __post_init__(self) -> None:
         _require(self.num_threads >= 0, "num_threads", ">= 0", self.num_threads)
+        _require(
+            self.device in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", self.device)),
+            "device", "auto, cpu, cuda or cuda:N", self.device,
+        )  # fmt: skip
         _require(bool(self.finetuned), "finetuned", "a model name or folder", self.finetuned)
         _require(self.group_size in (32, 64, 128), "group_size", "32, 64 or 128", self.group_size)
         _require(self.alpha_grid >= 1, "alpha_grid", ">= 1", self.alpha_grid)

@@ -73,12 +73,12 @@ def gptq_quantize(
         order = torch.argsort(h.diagonal(), descending=True, stable=True)
         w, h = w[order], h[order][:, order]
     else:
-        scales = torch.empty(out_features, groups, dtype=dtype)
-        zeros = torch.empty(out_features, groups)
-        order = torch.arange(in_features)
+        scales = torch.empty(out_features, groups, dtype=dtype, device=w.device)
+        zeros = torch.empty(out_features, groups, device=w.device)
+        order = torch.arange(in_features, device=w.device)
     hinv = _inverse_cholesky(h, damp)
     group_of = order // group_size  # the group of each column, in processing order
-    codes = torch.empty(in_features, out_features)
+    codes = torch.empty(in_features, out_features, device=w.device)
     for a in range(0, in_features, group_size):
         b = a + group_size
         block, hb = w[a:b], hinv[a:b, a:b]  # [g, O] (a view: updated in place), [g, g]

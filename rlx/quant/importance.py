@@ -56,7 +56,7 @@ def delta_stats(abs_deltas: Iterable[torch.Tensor]) -> DeltaStats:
         flat = d.reshape(-1)
         nz = flat[flat > 0]
         zeros += flat.numel() - nz.numel()
-        values.append(nz.numpy().astype(np.float32, copy=False))
+        values.append(nz.cpu().numpy().astype(np.float32, copy=False))
     allv = np.concatenate(values) if values else np.zeros(0, np.float32)
     n = allv.size
     if n == 0:

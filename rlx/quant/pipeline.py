@@ -9,7 +9,9 @@ then the models are loaded, importance computed (QuantLRM: dW from base and fine
 from a pseudo-fine-tune; AWQ: calibration activations; RTN: none), each layer is searched and
 clipped (rlx.quant.scale_search), every linear GPTQ-rounded (rlx.quant.gptq) or rounded to
 nearest (rlx.quant.quantizer), optionally the scales tuned (rlx.quant.tune), and the result
-exported (rlx.quant.export). A failure at any point leaves no output folder behind.
+exported (rlx.quant.export). The work between loading and export runs on `QuantizeConfig.device`
+(a GPU when there is one); the export is written from CPU memory. A failure at any point leaves
+no output folder behind.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Plan:
     out: Path
     stored_dtype: torch.dtype  # the fine-tuned checkpoint's dtype
     tokenizer: str  # where the tokenizer comes from: the fine-tuned folder, else the base
+    device: torch.device  # where the searches, GPTQ and tuning run
     notes: list[str] = field(default_factory=list)
 
 
@@ -104,7 +107,23 @@ def plan_quantization(cfg: QuantizeConfig) -> Plan:
     stored_dtype = getattr(torch, str(stored).removeprefix("torch."), torch.float32)
     tokenizer = _tokenizer_source(source, base_source, notes)
     base = base_source if cfg.method == "quantlrm" else None  # only QuantLRM loads its weights
-    return Plan(source, base, geo, plan, out, stored_dtype, tokenizer, notes)
+    device = _device(cfg.device)
+    return Plan(source, base, geo, plan, out, stored_dtype, tokenizer, device, notes)
+
+
+def _device(name: str) -> torch.device:
+    """`QuantizeConfig.device` resolved; QuantError for a GPU that torch does not see."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise QuantError(
+                f"device={name}, but torch sees {count} CUDA device(s) (torch {torch.__version__}); "
+                "use device=cpu, or auto to take a GPU only when there is one"
+            )
+    return device
 
 
 def _tokenizer_source(finetuned: str, base: str | None, notes: list[str]) -> str:
@@ -185,7 +204,7 @@ def _load_base(plan: Plan, model, layer_names) -> dict[str, torch.Tensor]:
         if name not in weights or weights[name].shape != ours[name].shape:
             got = tuple(weights[name].shape) if name in weights else "missing"
             raise QuantError(f"base {name}: {got} vs fine-tuned {tuple(ours[name].shape)}")
-    return {n: weights[n].detach() for row in layer_names for n in row}
+    return {n: weights[n].detach().to(plan.device) for row in layer_names for n in row}
 
 
 def quantize_model(cfg: QuantizeConfig, show_progress: bool = True) -> QuantResult:
@@ -212,9 +231,10 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
     all_blocks = calibration_blocks(
         tokenizer, cfg.calib.source, n_blocks, cfg.calib.seq_len,
         cfg.calib.split, cfg.calib.seed, cfg.calib.options,
-    )  # fmt: skip
+    ).to(plan.device)  # fmt: skip
     blocks = all_blocks[: cfg.calib.num_sequences]
-    model = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32)
+    model = model.to(plan.device).eval()
     layer_names = _linear_weights(model, plan.geometry.layers)
     base_weights = _load_base(plan, model, layer_names) if plan.base else None
     times["load"] = time.perf_counter() - start
@@ -265,13 +285,18 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
             p.copy_(quantized[name].dequantize() if name in quantized else p.to(dtype).float())
     if cfg.tune.steps:
         t_tune = time.perf_counter()
-        teacher = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32).eval()
+        teacher = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32)
+        teacher = teacher.to(plan.device).eval()
+        report["tune"] = {}
         report["tune_kl"] = tune_scales(
             model, teacher, quantized, all_blocks[: cfg.tune.num_sequences], cfg.tune.steps,
             cfg.tune.lr, cfg.tune.batch_sequences, dtype, show_progress=show_progress,
+            report=report["tune"],
         )  # fmt: skip
         del teacher
         times["tune"] = time.perf_counter() - t_tune
+    model = model.cpu()  # the export is written, and the result returned, from CPU memory
+    quantized = {name: q.cpu() for name, q in quantized.items()}
     metadata = _metadata(cfg, plan, times, report)
     if cfg.resolved_format == "pack-quantized":
         tied = getattr(model.config, "tie_word_embeddings", False)
@@ -294,6 +319,7 @@ def _metadata(cfg: QuantizeConfig, plan: Plan, times: dict, report: dict) -> dic
     return {
         "config": to_dict(cfg),
         "format": cfg.resolved_format,
+        "device": str(plan.device),  # where the searches, GPTQ and tuning ran
         "rounding": "nearest" if cfg.method == "rtn" else cfg.rounding,  # what was applied
         "clip": cfg.method != "rtn" and cfg.resolved_clip,
         "group_sizes": plan.group_sizes,
@@ -302,4 +328,5 @@ def _metadata(cfg: QuantizeConfig, plan: Plan, times: dict, report: dict) -> dic
         "delta_stats": report.get("delta_stats"),
         "alphas": report.get("alphas"),
         "tune_kl": report.get("tune_kl"),  # calibration KL per tuning step (null: no tuning)
+        "tune": report.get("tune"),  # {"cuda_graph": whether the steps were replayed, ...}
     }

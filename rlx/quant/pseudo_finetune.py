@@ -70,7 +70,7 @@ def train_steps(
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step")
     for _, (ids, mask, labels) in zip(bar, batches, strict=False):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = lm_loss(model, ids, mask, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -106,6 +106,12 @@ class QuantizedWeight:
     bits: int
     group_size: int
 
+    def cpu(self) -> QuantizedWeight:
+        """The same weight with its tensors in CPU memory (what the export writes from)."""
+        return QuantizedWeight(
+            self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.bits, self.group_size
+        )
+
     def dequantize(self) -> torch.Tensor:
         """(q - z) * s in float32: exact (a bits-wide integer times a bf16 or fp32 scale fits in
         float32), and what transformers decompresses the export to when it loads it in float32."""
