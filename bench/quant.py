@@ -19,8 +19,9 @@ What it measures, in one run:
      int kernel is 4-bit only, so W3 results are served from a dequantised (dense) export;
   4. QuantLRM W4 once more as if there were no "before" model: dW from pseudo-fine-tuning
      (rlx/quant/pseudo_finetune.py), its time included in the quantisation time; with
-     `--tune-steps N`, QuantLRM W4 also with its scales tuned for N steps (rlx/quant/tune.py),
-     once per seed, its tuning time included;
+     `--tune-steps N`, every method at W4 also with its scales tuned for N steps
+     (rlx/quant/tune.py), once per seed, its tuning time included (a line
+     `<method>_tuned_retention_w4=` each, before the last line);
   5. vLLM tokens/s, bf16 fine-tuned vs the QuantLRM int4 export: 64 prompts x 128 new tokens
      (ignore_eos), in-process engine, best of 2 timed runs.
 On CPUs with AMX, vLLM-CPU by default quantises activations of int4 layers to int8 (W4A8,
@@ -93,8 +94,8 @@ def parse_args() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--tune-steps", type=int, default=0,
-        help="also quantise QuantLRM W4 with its scales tuned for this many steps (tune.steps; "
-        "rlx/quant/tune.py), once per seed, as an extra row (0 = no such row)",
+        help="also quantise every method at W4 with its scales tuned for this many steps "
+        "(tune.steps; rlx/quant/tune.py), once per seed, as extra rows (0 = no such rows)",
     )  # fmt: skip
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument(
@@ -191,16 +192,19 @@ def main() -> None:
         for bits in bits_list
         for m, r in variants
     ]
-    if args.tune_steps and 4 in bits_list:  # the headline variant with tuned scales
+    if args.tune_steps and 4 in bits_list:  # every method again with tuned scales
         tuned = dataclasses.replace(
             settings, tune=dataclasses.replace(settings.tune, steps=args.tune_steps)
         )
-        rounding = QuantizeConfig().rounding
-        name = f"{variant_name('quantlrm', rounding)}+tune{args.tune_steps} W4 g128"
-        runs.append((name, "quantlrm", rounding, 4, tuned))
+        default_rounding = QuantizeConfig().rounding
+        for m in methods:
+            rounding = "nearest" if m == "rtn" else default_rounding
+            name = f"{variant_name(m, rounding)}+tune{args.tune_steps} W4 g128"
+            runs.append((name, m, rounding, 4, tuned))
     for key, method, rounding, bits, run_settings in runs:
         served[key] = bits
-        for seed in range(1 if method == "rtn" else args.seeds):  # rtn reads no calibration
+        untuned_rtn = method == "rtn" and not run_settings.tune.steps  # reads no calibration
+        for seed in range(1 if untuned_rtn else args.seeds):
             cfg = dataclasses.replace(
                 run_settings, base=base, finetuned=finetuned, method=method, bits=bits,
                 group_size=128, rounding=rounding, calib=dataclasses.replace(calib, seed=seed),
@@ -287,9 +291,11 @@ def main() -> None:
     console.print(f"load average while running: {load:.1f} (2 cores; other jobs share them)")
     q4 = next((m for name, s, m, _ in rows if name == f"{headline} W4 g128" and "W4A16" in s),
               None)  # fmt: skip
-    tuned4 = next((m for name, _, m, _ in rows if "+tune" in name), None)
-    if tuned4 is not None:
-        print(f"quantlrm_tuned_retention_w4={mean(tuned4) / ft_reward:.3f}")
+    for method in methods:
+        tuned4 = next((m for name, _, m, _ in rows if name.startswith(f"{method}+")
+                       and "+tune" in name), None)  # fmt: skip
+        if tuned4 is not None:
+            print(f"{method}_tuned_retention_w4={mean(tuned4) / ft_reward:.3f}")
     if q4 is not None:
         print(f"quantlrm_retention_w4={mean(q4) / ft_reward:.3f}")
 
