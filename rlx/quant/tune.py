@@ -82,6 +82,8 @@ class _Step:
         self.use_graph, self.done = use_graph, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
+        self.static_ids: torch.Tensor | None = None  # the graph's input and output buffers
+        self.static_loss: torch.Tensor | None = None
 
     def _forward_backward(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast,
