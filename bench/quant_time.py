@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from rlx.quant import CalibrationConfig, QuantizeConfig, TuneConfig, quantize_model
+from rlx.quant.tune import kl_first_last
 
 TARGET_SECONDS = 60.0
 STAGES = ("load", "importance", "search", "tune", "quantize_export", "total")
@@ -103,15 +104,13 @@ def main() -> None:
             )  # fmt: skip
             result = quantize_model(cfg)
             meta = json.loads((result.out / "rlx_quant.json").read_text())
-            kl = meta["tune_kl"] or []
-            k = max(1, len(kl) // 10)  # one step's KL is one batch's: average a tenth of them
+            kl = kl_first_last(meta["tune_kl"]) if meta["tune_kl"] else (None, None, 0)
             rows.append({
                 "tune_steps": steps, "device": meta["device"],
                 "cuda_graph": (meta["tune"] or {}).get("cuda_graph", False),
                 "graph_error": (meta["tune"] or {}).get("cuda_graph_error"),
                 **{s: result.seconds.get(s, 0.0) for s in STAGES},
-                "tune_kl_first": sum(kl[:k]) / k if kl else None,
-                "tune_kl_last": sum(kl[-k:]) / k if kl else None,
+                "tune_kl_first": kl[0], "tune_kl_last": kl[1],
             })  # fmt: skip
             shutil.rmtree(result.out)
     finally:

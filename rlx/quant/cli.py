@@ -65,6 +65,7 @@ def run_quantize_command(args) -> int:
 
     from rlx.quant.checks import QuantError
     from rlx.quant.pipeline import plan_quantization, quantize_model
+    from rlx.quant.tune import kl_first_last
 
     try:
         plan = plan_quantization(cfg)
@@ -78,9 +79,9 @@ def run_quantize_command(args) -> int:
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"wrote {result.out} ({cfg.method}, W{cfg.bits}, {cfg.resolved_format}); {seconds}")
     if kl := result.report.get("tune_kl"):
-        k = max(1, len(kl) // 10)
-        print(f"tuned scales: calibration KL to the fine-tuned model {sum(kl[:k]) / k:.4f} -> "
-              f"{sum(kl[-k:]) / k:.4f} (mean of the first / last {k} steps)")  # fmt: skip
+        first, last, k = kl_first_last(kl)
+        print(f"tuned scales: calibration KL to the fine-tuned model {first:.4f} -> {last:.4f} "
+              f"(mean of the first / last {k} steps)")  # fmt: skip
     options = "".join(f" 'task.options.{k}={json.dumps(v)}'" for k, v in cfg.calib.options.items())
     print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}{options}")
     return 0

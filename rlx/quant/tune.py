@@ -56,6 +56,13 @@ def is_norm_weight(name: str) -> bool:
     return name.endswith("norm.weight")
 
 
+def kl_first_last(losses: list[float]) -> tuple[float, float, int]:
+    """Mean tuning KL over the first and the last tenth of the steps, and that step count (one
+    step's KL is one batch's, so single steps are noisy)."""
+    k = max(1, len(losses) // 10)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k, k
+
+
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) of the next-token distributions."""
     t = torch.log_softmax(teacher_logits.float(), -1)
@@ -161,16 +168,17 @@ def tune_scales(
         p.requires_grad_(False)
     tuned = {name: q.group_size for name, q in quantized.items()}
     tuned.update({n: 1 for n, _ in model.named_parameters() if is_norm_weight(n)})
-    gains = {}
+    gains = {}  # name -> (module, tensor name, its _Gain)
     for name, group in tuned.items():
         module_name, _, tensor = name.rpartition(".")
         module = model.get_submodule(module_name)
-        gains[name] = _Gain(getattr(module, tensor), group)
-        parametrize.register_parametrization(module, tensor, gains[name])
+        gains[name] = module, tensor, _Gain(getattr(module, tensor), group)
+        parametrize.register_parametrization(module, tensor, gains[name][2])
     batches = torch.split(torch.arange(blocks.shape[0]), batch)
     use_graph = (cuda_graph and blocks.is_cuda and steps > _Step.WARMUP
                  and len({len(b) for b in batches}) == 1)  # fmt: skip
-    opt = torch.optim.Adam([g.log_gain for g in gains.values()], lr=lr, capturable=use_graph)
+    params = [gain.log_gain for _, _, gain in gains.values()]
+    opt = torch.optim.Adam(params, lr=lr, capturable=use_graph)
     step = _Step(model, teacher, opt, autocast, use_graph)
     order = itertools.cycle(batches)
     losses: list[torch.Tensor] = []
@@ -183,9 +191,7 @@ def tune_scales(
                 bar.set_postfix(kl=f"{losses[-1].item():.4f}")
     finally:  # the model and `quantized` agree even when interrupted
         with torch.no_grad():
-            for name, gain in gains.items():
-                module_name, _, tensor = name.rpartition(".")
-                module = model.get_submodule(module_name)
+            for name, (module, tensor, gain) in gains.items():
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
                 if name in quantized:
                     q = quantized[name]
