@@ -51,12 +51,13 @@ from rlx.es import make_backend, plan_population, score_matrix, split_members
 from rlx.es.vllm_lora import engine_lora_rank
 from rlx.es_config import ESConfig
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
+from rlx.hardware import auto_dtype, describe_choice
 from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.models import load_model_and_tokenizer
 from rlx.recipe import finish_run, run_recipe, shutdown
 from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
-from rlx.rollout import Sampling, encode_prompts, make_engine
+from rlx.rollout import Sampling, encode_prompts, engine_dtype, make_engine
 
 VLLM_MEMBERS_PER_BATCH = 16  # default adapters per vLLM call (each costs a slot and ~20 ms to load)
 
@@ -81,6 +82,8 @@ def train(cfg: ESConfig) -> dict:
         raise ConfigError(f"es.population_size: {err}") from None
     if main_proc:
         print(f"es: {world} process(es), population {cfg.es.population_size} on {cfg.es.backend}")
+        population = auto_dtype(cfg.es.population_dtype) if cfg.es.backend == "hf_batched" else None
+        print(describe_choice(engine=engine_dtype(cfg.rollout), population=population or "engine"))
     torch.manual_seed(cfg.seed)
 
     # ---- master weights, data, rewards, engines
@@ -224,9 +227,10 @@ def build_population(cfg: ESConfig, master, tokenizer, params, noise, local_memb
         engine = make_engine(rollout.backend, cfg.model.name, rollout)
     if es.backend == "inplace":
         return engine, make_backend("inplace", engine=engine, noise=noise, centre=params)
-    shared = es.population_dtype == cfg.model.dtype  # no copy needed: evaluate on the master
+    population_dtype = auto_dtype(es.population_dtype)
+    shared = population_dtype == cfg.model.dtype  # no copy needed: evaluate on the master
     backend = make_backend("hf_batched", model_name=cfg.model.name, noise=noise, shapes=shapes,
-                           dtype=es.population_dtype, members_per_batch=es.members_per_batch,
+                           dtype=population_dtype, members_per_batch=es.members_per_batch,
                            model=master if shared else None,
                            tokenizer=tokenizer if shared else None)  # fmt: skip
     return engine, backend

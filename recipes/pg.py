@@ -38,12 +38,13 @@ from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint
 from rlx.config import ConfigError, save_config, to_dict
 from rlx.data import load_prompts, step_prompt_indices
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
+from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.policy import build_batch, completion_logits, export_weights, load_policy
 from rlx.recipe import finish_run, run_recipe, shutdown
 from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
-from rlx.rollout import Sampling, make_engine
+from rlx.rollout import Sampling, engine_dtype, make_engine
 from rlx.train_config import LoraConfig, PGConfig
 
 STAT_SUMS = ("loss", "clip", "entropy", "kl", "gap_sum", "tis_sum", "tokens")
@@ -67,6 +68,8 @@ def train(cfg: PGConfig) -> dict:
         )
     if main_proc:
         print(f"pg: {world} process(es) on {accelerator.device}, learner {cfg.algo.advantage}")
+        trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
+        print(describe_choice(engine=engine_dtype(cfg.rollout), trainer=trainer))
     torch.manual_seed(cfg.seed)
 
     # ---- models, data, rewards, rollout engine
@@ -248,7 +251,8 @@ def train_on_batch(cfg: PGConfig, accelerator, model, ref_model, batch, advantag
             "length": cfg.rollout.max_new_tokens}  # fmt: skip
     stats = {k: 0.0 for k in STAT_SUMS} | {"gap_max": 0.0, "tis_min": math.inf, "tis_max": 0.0}
     temperature = max(cfg.rollout.temperature, 1e-6)
-    autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=cfg.bf16_autocast)
+    bf16 = autocast_enabled(cfg.bf16_autocast)
+    autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
     per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
     starts = range(0, batch.num_groups, per_micro)
     for i, start in enumerate(starts):

@@ -1,5 +1,6 @@
 """The `rlx` command.
 
+rlx env                          what rlx found on this machine (start every bug report with it)
 rlx model fetch smollm2          download + convert + check the embedded default model
 rlx generate [--config F] [key.sub=value ...]
                                  sample and score completions for a task (baseline reward)
@@ -13,6 +14,7 @@ rlx eval --model DIR [--model DIR2] --task arithmetic
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from rlx.config import ConfigError, GenerateConfig, describe, load_config
@@ -29,6 +31,14 @@ def _model_fetch(args) -> int:
     return 0
 
 
+def _env(args) -> int:
+    from rlx.hardware import format_report, report
+
+    info = report()
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
 def _generate(args) -> int:
     if args.show_config:
         print(describe(GenerateConfig))
@@ -42,6 +52,12 @@ def _generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlx", description="RL and ES trainer for causal LMs")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    env = commands.add_parser(
+        "env", help="CPU features, vLLM build, auto dtypes, int4 serving, GPU: for bug reports"
+    )
+    env.add_argument("--json", action="store_true", help="print as JSON")
+    env.set_defaults(func=_env)
 
     model = commands.add_parser("model", help="manage models").add_subparsers(
         dest="action", required=True
@@ -72,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rlx.hardware import HardwareError
     from rlx.rewards import RewardError
     from rlx.tasks import TaskError
 
     try:
         return args.func(args)
-    except (ConfigError, TaskError, RewardError, FileNotFoundError) as err:
+    except (ConfigError, TaskError, RewardError, FileNotFoundError, HardwareError) as err:
         print(f"rlx: error: {err}", file=sys.stderr)
         return 2
 

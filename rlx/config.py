@@ -70,7 +70,9 @@ class RolloutConfig:
     top_k: int = knob(-1, help="sample from the k most likely tokens; -1 = off")
     stop: list[str] = knob(["</answer>"], help="stop after any of these strings (kept in output)")
     dtype: Literal["auto", "float32", "bfloat16"] = knob(
-        "auto", help="engine dtype; auto = bfloat16 on CPU vLLM"
+        "auto",
+        help="engine dtype; auto = bfloat16 where the hardware computes it (GPU, AVX-512 bf16 or "
+        "AMX CPU), else float32 (the HF backend: float32)",
     )
     max_model_len: int = knob(1024, help="engine context length: prompt plus completion tokens")
     kv_cache_gib: int = knob(1, help="KV cache size in whole GiB (vLLM CPU backend)")

@@ -46,8 +46,10 @@ class EggrollConfig:
         "hf_batched",
         help="population evaluation: batched HF forward, vLLM multi-LoRA, or in-place perturbation",
     )
-    population_dtype: Literal["float32", "bfloat16"] = knob(
-        "bfloat16", help="dtype of the hf_batched backend's model copy"
+    population_dtype: Literal["auto", "float32", "bfloat16"] = knob(
+        "auto",
+        help="dtype of the hf_batched backend's model copy; auto = bfloat16 where the hardware "
+        "computes it (GPU, AVX-512 bf16 or AMX CPU), else float32",
     )
     members_per_batch: int = knob(
         0, help="members per generate call; 0 = all of a process's members (vllm_lora: up to 16)"

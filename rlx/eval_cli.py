@@ -6,8 +6,9 @@
 
 Each model gets its own in-process vLLM engine, one at a time (one engine per process), greedy
 decoding on the task's test split with the task's default rewards (rlx.evaluation.evaluate, the
-same measurement the learners report). Int4 compressed-tensors checkpoints need bfloat16 on CPU
-(vLLM-CPU's int4 kernel has no float32 version), which is what dtype=auto picks.
+same measurement the learners report). Int4 compressed-tensors checkpoints are served by vLLM's
+int4 kernel in bfloat16 where the installed vLLM build has it, else dequantized to float32 on the
+same engine (`int4`, rlx/quant/serve.py); one line of output says which.
 """
 
 from __future__ import annotations
@@ -59,31 +60,35 @@ def evaluate_models(cfg, console=None) -> list[dict]:
     from rich.console import Console
 
     from rlx.evaluation import evaluate, resolve_rewards
-    from rlx.rollout.vllm_backend import VLLMEngine
+    from rlx.quant.serve import serving_engine, serving_plan
     from rlx.tasks import load_task_dataset
 
     console = console or Console(width=max(Console().width, 120))  # piped output is 80 wide
     t = cfg.task
     dataset = load_task_dataset(t.name, t.split, t.num_prompts, t.seed, **t.options)
     reward_fns = resolve_rewards(t.name, cfg.rewards)  # fail on a bad reward before any engine
+    for name in cfg.models:  # fail on an int4 model this vLLM cannot serve before any engine
+        serving_plan(name, cfg.int4, cfg.dtype)
     rows = []
     for name in cfg.models:
-        with console.status(f"evaluating {name} on {len(dataset)} {t.name} ({t.split}) prompts"):
-            engine = VLLMEngine(
-                name,
-                dtype=cfg.dtype,
-                max_model_len=cfg.max_model_len,
-                kv_cache_gib=cfg.kv_cache_gib,
-            )
-            try:
+        serve = serving_engine(
+            name,
+            int4=cfg.int4,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            kv_cache_gib=cfg.kv_cache_gib,
+            say=console.print,
+        )
+        with serve as (engine, how):
+            status = f"evaluating {name} on {len(dataset)} {t.name} ({t.split}) prompts"
+            with console.status(status):
                 metrics = evaluate(engine, dataset, reward_fns, cfg.max_new_tokens, cfg.stop)
-            finally:
-                engine.close()
         label = Path(name).name if Path(name).expanduser().exists() else name
-        rows.append(
-            {"model": name, "label": label, "weights": describe_weights(name),
-             "size_mb": weights_megabytes(name), **metrics}
-        )  # fmt: skip
+        weights = describe_weights(name) + (
+            " (evaluated dequantized)" if how == "dequantize" else ""
+        )
+        row = {"model": name, "label": label, "weights": weights, "served": how}
+        rows.append(row | {"size_mb": weights_megabytes(name), **metrics})
     console.print(results_table(rows, f"{t.name} ({t.split}, {len(dataset)} prompts, greedy)"))
     if cfg.output_json:
         from rlx.atomic import atomic_write_json

@@ -119,7 +119,11 @@ class PGConfig:
         "error",
         help="a NaN loss or a reward function failure: stop with an error, or skip the step",
     )
-    bf16_autocast: bool = knob(True, help="bf16 autocast for the trainer forward/backward")
+    bf16_autocast: bool | Literal["auto"] = knob(
+        "auto",
+        help="bf16 autocast for the trainer forward/backward; auto = on where the hardware "
+        "computes bf16 (GPU, AVX-512 bf16 or AMX CPU), off (float32) elsewhere",
+    )
     seed: int = knob(0, help="seed for data order, sampling and initialisation")
     output_dir: str = knob("runs/pg", help="metrics, checkpoints, eval.json, plots")
     save_every: int = knob(0, help="checkpoint every k steps; 0 = only at the end")

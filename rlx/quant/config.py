@@ -124,8 +124,10 @@ class QuantizeConfig:
     )
     clip_grid: int = knob(20, help="clip ratios 1 - i/n")
     clip_max_shrink: float = knob(0.5, help="largest fraction of max|w| clipped away")
-    search_dtype: Literal["bfloat16", "float32"] = knob(
-        "bfloat16", help="dtype of the layer forwards inside the searches"
+    search_dtype: Literal["auto", "bfloat16", "float32"] = knob(
+        "auto",
+        help="dtype of the layer forwards inside the searches; auto = bfloat16 where the hardware "
+        "computes it (GPU, AVX-512 bf16 or AMX CPU), else float32",
     )
     export_format: Literal["auto", "pack-quantized", "dequantized"] = knob(
         "auto",
@@ -197,7 +199,14 @@ class EvalConfig:
     max_new_tokens: int = knob(64, help="most tokens generated per completion")
     stop: list[str] = knob(["</answer>"], help="stop strings")
     dtype: Literal["auto", "float32", "bfloat16"] = knob(
-        "auto", help="engine dtype; auto = bfloat16 on CPU (int4 checkpoints need bf16 there)"
+        "auto",
+        help="engine dtype; auto = bfloat16 where the hardware computes it (GPU, AVX-512 bf16 or "
+        "AMX CPU), else float32; int4 served by vLLM-CPU's kernel is always bfloat16",
+    )
+    int4: Literal["auto", "vllm", "dequantize"] = knob(
+        "auto",
+        help="int4 exports: vllm = vLLM's int4 kernel (an error where the vLLM build lacks it), "
+        "dequantize = unpack to float32 and serve that, auto = vllm where available",
     )
     max_model_len: int = knob(1024, help="engine context length")
     kv_cache_gib: int = knob(1, help="KV cache size in GiB (vLLM CPU)")

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlx.hardware import auto_dtype
 from rlx.quant.calibration import calibration_blocks, check_calibration_source
 from rlx.quant.checks import (
     LINEAR_NAMES,
@@ -240,7 +241,7 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
     times["load"] = time.perf_counter() - start
 
     report: dict = {"notes": plan.notes}
-    geo, search_dtype = plan.geometry, DTYPES[cfg.search_dtype]
+    geo, search_dtype = plan.geometry, DTYPES[auto_dtype(cfg.search_dtype)]
     alphas, gptq = [], {}
     gptq_dtype = DTYPES[cfg.dtype] if cfg.rounding == "gptq" else None
     if cfg.method != "rtn":

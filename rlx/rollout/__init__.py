@@ -5,6 +5,15 @@ from rlx.rollout.base import Completion, RolloutEngine, Sampling, encode_prompts
 BACKENDS = ("vllm", "hf")
 
 
+def engine_dtype(rollout_cfg) -> str:
+    """The dtype the configured engine runs in (`auto` resolved by rlx.hardware)."""
+    from rlx.hardware import auto_dtype
+
+    if rollout_cfg.backend == "hf" and rollout_cfg.dtype == "auto":
+        return "float32"  # HF generate keeps the trainer's float32 weights
+    return auto_dtype(rollout_cfg.dtype)
+
+
 def make_engine(backend: str, model: str, rollout_cfg) -> RolloutEngine:
     """Build the engine named by `backend` from an rlx.config.RolloutConfig."""
     if backend == "vllm":
@@ -18,4 +27,12 @@ def make_engine(backend: str, model: str, rollout_cfg) -> RolloutEngine:
     raise ValueError(f"unknown rollout backend {backend!r}: choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Completion", "RolloutEngine", "Sampling", "encode_prompts", "make_engine"]
+__all__ = [
+    "BACKENDS",
+    "Completion",
+    "RolloutEngine",
+    "Sampling",
+    "encode_prompts",
+    "engine_dtype",
+    "make_engine",
+]

@@ -13,6 +13,7 @@ sync exact; log the vLLM-vs-trainer logprob gap during training as the stale-wei
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 
@@ -32,6 +33,14 @@ def vllm_process_env(kv_cache_gib: int) -> dict[str, str]:
         # Without this vLLM-CPU sizes its KV cache as a fraction of all RAM.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # whole GiB only
     return env
+
+
+def reset_vllm_process_state() -> None:
+    """Tear down what an in-process engine leaves in vLLM's globals (parallel groups, the
+    torch.distributed group, cached VLLM_* env values), as vLLM's own tests do between engines."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
 
 
 def _sync_weights_on_worker(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
@@ -74,13 +83,14 @@ class VLLMEngine:
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        if dtype == "auto" and not on_gpu():
-            dtype = "bfloat16"  # vLLM-CPU runs bf16 by default; fp32 only when asked
+        from rlx.hardware import auto_dtype
+
+        self.dtype = auto_dtype(dtype)  # bf16 only where the hardware computes it
         source = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         kwargs = dict(
             model=source,
-            dtype=dtype,
+            dtype=self.dtype,
             max_model_len=max_model_len,
             seed=seed,
             distributed_executor_backend="uni",
@@ -92,7 +102,11 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if enable_lora:
             kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            reset_vllm_process_state()  # a half-built engine must not break the next one
+            raise
 
     @classmethod
     def from_config(cls, model: str, cfg) -> VLLMEngine:
@@ -169,8 +183,12 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Free the engine (the process can start another one afterwards)."""
-        import gc
-
-        del self.llm
-        gc.collect()
+        """Free the engine and vLLM's process state, so this process can start another engine
+        (also after a failed call). Closing twice is harmless."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            # a broken engine may fail to shut down; the process state is reset below anyway
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+        reset_vllm_process_state()
