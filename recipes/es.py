@@ -54,7 +54,7 @@ from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.hardware import auto_dtype, describe_choice
 from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.models import load_model_and_tokenizer
-from rlx.recipe import finish_run, run_recipe, shutdown
+from rlx.recipe import RunClock, finish_run, run_recipe, shutdown
 from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, encode_prompts, engine_dtype, make_engine
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: ESConfig) -> dict:
     """Run the loop; return eval.json's content."""
     out = Path(cfg.output_dir)
+    clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
     accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=str(out),
                               cpu=not torch.cuda.is_available())  # fmt: skip
     world, rank, main_proc = (
@@ -129,6 +130,7 @@ def train(cfg: ESConfig) -> dict:
     # ---- training
     sampling = Sampling.from_config(cfg.rollout, n=1)  # samples are laid out as rows
     began = time.perf_counter()
+    clock.start_training(results.get("before", {}).get("generate_seconds", 0.0))
     step = start_step
     bar = tqdm(total=cfg.steps, initial=start_step, desc="training", disable=not main_proc)
     while step < cfg.steps:
@@ -183,12 +185,12 @@ def train(cfg: ESConfig) -> dict:
             log.log(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", fit_std=f"{row['fitness_std']:.3f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        out_of_time = clock.out_of_time(time.perf_counter() - t0, accelerator)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
             checkpoint(accelerator, out, step, master, optimizer, scheduler, cfg)
-        if cfg.max_minutes and (time.perf_counter() - began) / 60 >= cfg.max_minutes:
+        if out_of_time:
             if main_proc:
-                print(f"max_minutes={cfg.max_minutes} reached after {step} steps")
-            checkpoint(accelerator, out, step, master, optimizer, scheduler, cfg)
+                print(f"stopping after {step} steps: {out_of_time}")
             break
     bar.close()
 

@@ -41,7 +41,7 @@ from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.policy import build_batch, completion_logits, export_weights, load_policy
-from rlx.recipe import finish_run, run_recipe, shutdown
+from rlx.recipe import RunClock, finish_run, run_recipe, shutdown
 from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, engine_dtype, make_engine
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: PGConfig) -> dict:
     """Run the loop; return eval.json's content."""
     out = Path(cfg.output_dir)
+    clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
     # On CPU, Accelerator(cpu=True) under a multi-process launch selects MULTI_CPU over gloo.
     accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=str(out),
                               cpu=not torch.cuda.is_available())  # fmt: skip
@@ -123,6 +124,7 @@ def train(cfg: PGConfig) -> dict:
     sampling = Sampling.from_config(cfg.rollout)
     g = cfg.rollout.num_samples
     began = time.perf_counter()
+    clock.start_training(results.get("before", {}).get("generate_seconds", 0.0))
     step = start_step
     bar = tqdm(total=cfg.steps, initial=start_step, desc="training", disable=not main_proc)
     while step < cfg.steps:
@@ -200,12 +202,12 @@ def train(cfg: PGConfig) -> dict:
             log.log(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gap=f"{row['logprob_gap_max']:.3f}")
-        out_of_time = cfg.max_minutes and (time.perf_counter() - began) / 60 >= cfg.max_minutes
+        out_of_time = clock.out_of_time(time.perf_counter() - t0, accelerator)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
             checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg)
         if out_of_time:
             if main_proc:
-                print(f"max_minutes={cfg.max_minutes} reached after {step} steps")
+                print(f"stopping after {step} steps: {out_of_time}")
             break
     bar.close()
 

@@ -76,6 +76,11 @@ class RolloutConfig:
     )
     max_model_len: int = knob(1024, help="engine context length: prompt plus completion tokens")
     kv_cache_gib: int = knob(1, help="KV cache size in whole GiB (vLLM CPU backend)")
+    block_size: int | None = knob(
+        None,
+        help="vLLM KV block size in tokens; prompts share cached prefixes in whole blocks; "
+        "null = 32 on CPU (vLLM-CPU's own default is 128), vLLM's default on GPU",
+    )
     seed: int = knob(0, help="sampling seed")
     enable_lora: bool = knob(False, help="let the engine serve LoRA adapters")
     max_loras: int = knob(1, help="LoRA adapters the engine holds at once")
@@ -93,6 +98,8 @@ class RolloutConfig:
         require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (off) or >= 1", self.top_k)
         require(all(self.stop), "stop", "a list of non-empty strings", self.stop)
         require(self.kv_cache_gib >= 1, "kv_cache_gib", ">= 1", self.kv_cache_gib)
+        b = self.block_size
+        require(b is None or (b >= 16 and b % 16 == 0), "block_size", "null or a multiple of 16", b)
         require(self.max_loras >= 1, "max_loras", ">= 1", self.max_loras)
         require(self.max_lora_rank >= 1, "max_lora_rank", ">= 1", self.max_lora_rank)
 

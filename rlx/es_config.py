@@ -115,12 +115,18 @@ class ESConfig:
     resume_from: str | None = knob(None, help='checkpoint folder, or "latest" in output_dir')
     log_with: list[str] = knob(["tensorboard"], help="accelerate trackers: tensorboard, wandb")
     max_minutes: float = knob(0.0, help="stop training after this wall time; 0 = no limit")
+    max_run_minutes: float = knob(
+        0.0,
+        help="stop training early enough that the whole run, start-up and the final evaluation "
+        "included, ends within this wall time; 0 = no limit",
+    )
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", ">= 1", self.steps)
         require(self.prompts_per_step >= 1, "prompts_per_step", ">= 1", self.prompts_per_step)
         require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
         require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
+        require(self.max_run_minutes >= 0, "max_run_minutes", ">= 0", self.max_run_minutes)
         r = self.rollout
         if r.temperature == 0 and r.num_samples > 1:
             require(False, "rollout.num_samples", "1 with greedy decoding (temperature 0)",

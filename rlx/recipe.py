@@ -39,6 +39,51 @@ def run_recipe(config_cls: type, train: Callable[[Any], Any], argv: list[str] | 
     return 0
 
 
+class RunClock:
+    """The wall-time limits of a run, the same decision on every process.
+
+    `max_minutes` bounds the training loop. `max_run_minutes` bounds the whole run, start-up and
+    the final held-out evaluation included: training stops before the step that would leave too
+    little time for that evaluation, which is expected to take as long as the first one did.
+    """
+
+    MARGIN_S = 15.0  # saving the final model and plotting, after the last evaluation
+
+    def __init__(self, max_minutes: float, max_run_minutes: float):
+        import psutil
+
+        self.max_minutes, self.max_run_minutes = max_minutes, max_run_minutes
+        # the run began when this process did: imports and set-up count too
+        process_age = max(time.time() - psutil.Process().create_time(), 0.0)
+        self.run_began = time.perf_counter() - process_age
+        self.train_began = self.run_began
+        self.final_eval_s = 0.0
+
+    def start_training(self, eval_seconds: float = 0.0) -> None:
+        """Training starts now; the final evaluation will take about `eval_seconds`."""
+        self.train_began = time.perf_counter()
+        self.final_eval_s = eval_seconds
+
+    def out_of_time(self, last_step_s: float, accelerator=None) -> str | None:
+        """Why training must stop now (None: go on), judged before another step like the last."""
+        now = time.perf_counter()
+        reason = None
+        if self.max_minutes and (now - self.train_began) / 60 >= self.max_minutes:
+            reason = f"max_minutes={self.max_minutes} reached"
+        elif self.max_run_minutes:
+            needed = last_step_s + 1.1 * self.final_eval_s + self.MARGIN_S
+            if now - self.run_began + needed > 60 * self.max_run_minutes:
+                reason = (
+                    f"max_run_minutes={self.max_run_minutes}: another step and the final "
+                    f"evaluation (about {self.final_eval_s:.0f} s) would not fit"
+                )
+        if accelerator is not None and accelerator.num_processes > 1:  # main decides for all
+            flag = torch.tensor([1.0 if reason else 0.0], device=accelerator.device)
+            if accelerator.reduce(flag, reduction="max").item() and reason is None:
+                reason = "another process ran out of time"
+        return reason
+
+
 def finish_run(cfg, out: Path, model, tokenizer, engine, eval_data, reward_fns, results: dict,
                began: float, steps: int, title: str) -> dict:  # fmt: skip
     """Main process only: the trained model as a plain HF folder (out/final), the held-out "after"

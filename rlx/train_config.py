@@ -130,6 +130,11 @@ class PGConfig:
     resume_from: str | None = knob(None, help='checkpoint folder, or "latest" in output_dir')
     log_with: list[str] = knob(["tensorboard"], help="accelerate trackers: tensorboard, wandb")
     max_minutes: float = knob(0.0, help="stop training after this wall time; 0 = no limit")
+    max_run_minutes: float = knob(
+        0.0,
+        help="stop training early enough that the whole run, start-up and the final evaluation "
+        "included, ends within this wall time; 0 = no limit",
+    )
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", ">= 1", self.steps)
@@ -138,5 +143,6 @@ class PGConfig:
         require(self.sync_every >= 1, "sync_every", ">= 1", self.sync_every)
         require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
         require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
+        require(self.max_run_minutes >= 0, "max_run_minutes", ">= 0", self.max_run_minutes)
         if self.algo.advantage == "rloo" and self.rollout.num_samples < 2:
             require(False, "rollout.num_samples", ">= 2 for RLOO", self.rollout.num_samples)

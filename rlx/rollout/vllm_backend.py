@@ -21,6 +21,8 @@ import torch
 
 from rlx.rollout.base import Completion, Prompt, Sampling, check_sampling, encode_prompts
 
+CPU_BLOCK_SIZE = 32  # tokens per KV block on CPU (vLLM-CPU wants multiples of 32)
+
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
@@ -74,6 +76,7 @@ class VLLMEngine:
         max_loras: int = 1,
         max_lora_rank: int = 8,
         enforce_eager: bool = True,
+        block_size: int | None = None,
     ):
         from rlx.models import resolve_model
 
@@ -100,6 +103,11 @@ class VLLMEngine:
         )
         if on_gpu():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        # Prefix caching reuses whole KV blocks: vLLM-CPU's default block of 128 tokens is longer
+        # than a typical shared system prompt / few-shot prefix, so nothing would be reused.
+        block_size = block_size or (None if on_gpu() else CPU_BLOCK_SIZE)
+        if block_size:
+            kwargs["block_size"] = block_size
         if enable_lora:
             kwargs.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
         try:
@@ -120,6 +128,7 @@ class VLLMEngine:
             enable_lora=cfg.enable_lora,
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
+            block_size=cfg.block_size,
         )
 
     def _params(self, sampling: Sampling, **extra):

@@ -11,7 +11,9 @@ one clear error, and that an engine that failed on the int4 export leaves the ne
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import sys
 
@@ -19,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import rlx  # noqa: F401  (applies RLX_CPU_ISA before vLLM loads its kernels)
+from rlx import cli
 from rlx.hardware import HardwareError, report
 from rlx.quant.serve import dequantize_export, serving_engine, serving_plan
 from rlx.rollout import Sampling
@@ -60,6 +63,11 @@ def main(model: str, export: str, workdir: str) -> dict:
             serving_plan(export, int4="vllm")
         except HardwareError as err:
             out["int4_vllm_error"] = str(err)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            args = ["eval", "--model", export, "--num-prompts", "2", "int4=vllm"]
+            out["eval_int4_vllm_exit"] = cli.main(args)
+        out["eval_int4_vllm_stderr"] = stderr.getvalue()
         failure = None
         broken = VLLMEngine(export, dtype="bfloat16", max_model_len=256)  # starts, fails to run
         try:

@@ -100,6 +100,19 @@ def test_forced_vllm_build(isa, tiny_llama, int4_export, tmp_path):
         assert out["int4_served"] == "dequantize" and out["int4_gap"] <= 1e-4  # float32, exact
         assert "has no int4 kernel" in out["int4_note"]
         assert "cpu_gemm_wna16" in out["int4_vllm_error"]
+        assert out["eval_int4_vllm_exit"] == 2  # rlx eval int4=vllm: one line, exit status 2
+        assert out["eval_int4_vllm_stderr"].strip() == f"rlx: error: {out['int4_vllm_error']}"
         assert out["int4_engine_failed"], "vLLM served int4 without its int4 kernel?"
         assert out["after_failure_gap"] <= 1e-4, "a failed engine broke the next one"
         assert out["after_failure_sampled"] == [True, True]
+
+
+def test_rlx_env_reports_what_it_found(capsys):
+    from rlx.cli import main
+
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vllm_build"] in (*hardware.VLLM_BUILDS, "cuda")
+    assert info["int4_serving"] is hardware.int4_serving_available()
+    assert set(info["auto_dtype"].values()) == {auto_dtype("auto")}
+    assert info["cpu_flags"] and info["torch"] == torch.__version__
