@@ -27,9 +27,11 @@ BUILD_OF_ISA = {isa: build for build, isa in hardware.VLLM_BUILDS.items()}
 
 
 def real_isa() -> str:
-    if torch.cpu._is_avx512_bf16_supported():
+    """The CPU's own class, from its flags (this process may itself run under RLX_CPU_ISA)."""
+    flags = hardware.cpu_flags()
+    if "avx512_bf16" in flags:
         return "avx512_bf16"
-    return "avx512" if torch.cpu._is_avx512_supported() else "avx2"
+    return "avx512" if "avx512f" in flags else "avx2"
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def restore_torch_cpu(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dtype choice (a GPU decides by itself)")
 def test_auto_dtypes_follow_native_bf16(restore_torch_cpu):
-    native = real_isa() == "avx512_bf16" or torch.cpu._is_amx_tile_supported()
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert auto_dtype("auto") == ("bfloat16" if native else "float32")
     assert autocast_enabled("auto") is native
     force_cpu_isa("avx512")  # AVX-512 without bf16: emulated bf16, so float32
