@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=1)
     p.add_argument("--sigma", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best and median)")
-    p.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--hf-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--vllm-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--members-per-batch", type=int, default=16, help="vllm_lora adapters per call")
     p.add_argument("--backends", default=",".join(BACKENDS))
@@ -139,6 +139,7 @@ def run_worker(args) -> dict:
     from rlx.algos.eggroll import NoiseSpec, evolved_parameters
     from rlx.es import make_backend
     from rlx.es.generation import hf_generate, vllm_generate
+    from rlx.hardware import auto_dtype
     from rlx.models import load_model_and_tokenizer
     from rlx.rollout import Sampling
 
@@ -146,7 +147,7 @@ def run_worker(args) -> dict:
     noise = NoiseSpec(seed=0, sigma=args.sigma, rank=args.rank)
     sampling = Sampling(n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.hf_dtype if name == "hf_batched" else "float32"
+    dtype = auto_dtype(args.hf_dtype) if name == "hf_batched" else "float32"
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     params = evolved_parameters(model, targets)

@@ -58,7 +58,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=4, help="completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
-    p.add_argument("--dtype", default="bfloat16", help="vLLM dtype")
+    p.add_argument(
+        "--dtype", default="auto", help="vLLM dtype (auto: bf16 where native, else fp32)"
+    )
     p.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--skip-hf", action="store_true", help="do not run the HF generate fallback")
     p.add_argument("--hf-prompts", type=int, default=8, help="prompts for HF (it is ~10x slower)")
@@ -80,6 +82,7 @@ def bench_vllm(model: str, prompts: list, args: argparse.Namespace) -> tuple[Res
     from rlx.rollout.vllm_backend import VLLMEngine
 
     engine = VLLMEngine(model, dtype=args.dtype, seed=0)
+    args.dtype = engine.dtype  # what auto resolved to, for the report
     sampling = Sampling(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0)
     # The direct path gets pre-tokenized prompts: what a hand-written vLLM rollout would pass.
     requests = [{"prompt_token_ids": ids} for ids in encode_prompts(engine.tokenizer, prompts)]

@@ -7,7 +7,8 @@ What runs (same model, prompts, rewards, batch shape, learning rate and number o
   (c) rlx   recipes/pg.py with the vLLM backend (in-process engine, weight sync every step).
 Both libraries sample G completions for each of P prompts per step at temperature 1, stop at EOS or
 the token limit (no stop strings: TRL's HF path has none configured), score them with the arithmetic
-correctness and answer-format rewards (0.5 each) and take one optimizer step, bf16 autocast on CPU.
+correctness and answer-format rewards (0.5 each) and take one optimizer step, bf16 autocast where
+the CPU computes bf16 natively (AVX-512 bf16 / AMX), fp32 elsewhere, the same for both trainers.
 The step time of TRL is measured by a TrainerCallback (step begin -> end: generation, scoring and
 the update); rlx reports `step_time_s` per step in metrics.jsonl. The median skips warm-up effects.
 
@@ -51,6 +52,7 @@ def run_trl(model_path: str, args, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from rlx.hardware import native_bf16
     from rlx.rewards import load_reward
     from rlx.tasks import load_task_dataset
 
@@ -65,7 +67,7 @@ def run_trl(model_path: str, args, out: Path) -> dict:
             times.append(time.perf_counter() - self.t)
 
     config = GRPOConfig(
-        output_dir=str(out), use_cpu=True, bf16=True, report_to=[], save_strategy="no",
+        output_dir=str(out), use_cpu=True, bf16=native_bf16(), report_to=[], save_strategy="no",
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps,
         per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
         gradient_accumulation_steps=1, max_completion_length=args.max_new_tokens,
