@@ -39,6 +39,12 @@ def knob(default: Any = dataclasses.MISSING, *, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+AUTO_DTYPE = (
+    "auto = bfloat16 where the hardware computes it (GPU, AVX-512 bf16 or AMX CPU), else float32"
+)
+"""What `auto` means for every dtype knob (rlx.hardware.auto_dtype)."""
+
+
 def require(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{name} must be {rule}, got {value!r}")
@@ -71,8 +77,7 @@ class RolloutConfig:
     stop: list[str] = knob(["</answer>"], help="stop after any of these strings (kept in output)")
     dtype: Literal["auto", "float32", "bfloat16"] = knob(
         "auto",
-        help="engine dtype; auto = bfloat16 where the hardware computes it (GPU, AVX-512 bf16 or "
-        "AMX CPU), else float32 (the HF backend: float32)",
+        help=f"engine dtype; {AUTO_DTYPE} (the HF backend: float32)",
     )
     max_model_len: int = knob(1024, help="engine context length: prompt plus completion tokens")
     kv_cache_gib: int = knob(1, help="KV cache size in whole GiB (vLLM CPU backend)")

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from rlx.config import (
+    AUTO_DTYPE,
     ConfigError,
     ModelConfig,
     RewardConfig,
@@ -48,8 +49,7 @@ class EggrollConfig:
     )
     population_dtype: Literal["auto", "float32", "bfloat16"] = knob(
         "auto",
-        help="dtype of the hf_batched backend's model copy; auto = bfloat16 where the hardware "
-        "computes it (GPU, AVX-512 bf16 or AMX CPU), else float32",
+        help=f"dtype of the hf_batched backend's model copy; {AUTO_DTYPE}",
     )
     members_per_batch: int = knob(
         0, help="members per generate call; 0 = all of a process's members (vllm_lora: up to 16)"

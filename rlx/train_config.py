@@ -10,7 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rlx.config import ModelConfig, RewardConfig, RolloutConfig, TaskConfig, knob, require
+from rlx.config import (
+    AUTO_DTYPE,
+    ModelConfig,
+    RewardConfig,
+    RolloutConfig,
+    TaskConfig,
+    knob,
+    require,
+)
 
 
 @dataclasses.dataclass
@@ -121,8 +129,7 @@ class PGConfig:
     )
     bf16_autocast: bool | Literal["auto"] = knob(
         "auto",
-        help="bf16 autocast for the trainer forward/backward; auto = on where the hardware "
-        "computes bf16 (GPU, AVX-512 bf16 or AMX CPU), off (float32) elsewhere",
+        help=f"bf16 autocast for the trainer forward/backward (on = bfloat16); {AUTO_DTYPE}",
     )
     seed: int = knob(0, help="seed for data order, sampling and initialisation")
     output_dir: str = knob("runs/pg", help="metrics, checkpoints, eval.json, plots")

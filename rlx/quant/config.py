@@ -6,7 +6,7 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from rlx.config import ConfigError, RewardConfig, TaskConfig, knob
+from rlx.config import AUTO_DTYPE, ConfigError, RewardConfig, TaskConfig, knob
 
 
 def _require(ok: bool, name: str, rule: str, value) -> None:
@@ -126,8 +126,7 @@ class QuantizeConfig:
     clip_max_shrink: float = knob(0.5, help="largest fraction of max|w| clipped away")
     search_dtype: Literal["auto", "bfloat16", "float32"] = knob(
         "auto",
-        help="dtype of the layer forwards inside the searches; auto = bfloat16 where the hardware "
-        "computes it (GPU, AVX-512 bf16 or AMX CPU), else float32",
+        help=f"dtype of the layer forwards inside the searches; {AUTO_DTYPE}",
     )
     export_format: Literal["auto", "pack-quantized", "dequantized"] = knob(
         "auto",
@@ -200,8 +199,7 @@ class EvalConfig:
     stop: list[str] = knob(["</answer>"], help="stop strings")
     dtype: Literal["auto", "float32", "bfloat16"] = knob(
         "auto",
-        help="engine dtype; auto = bfloat16 where the hardware computes it (GPU, AVX-512 bf16 or "
-        "AMX CPU), else float32; int4 served by vLLM-CPU's kernel is always bfloat16",
+        help=f"engine dtype; {AUTO_DTYPE}; int4 served by vLLM-CPU's kernel is always bfloat16",
     )
     int4: Literal["auto", "vllm", "dequantize"] = knob(
         "auto",
