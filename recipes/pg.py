@@ -153,8 +153,16 @@ def train(cfg: PGConfig) -> dict:
             "length": torch.tensor([max(len(c.token_ids), 1) for c in completions], dtype=torch.float32).view(p_local, g),
         }  # fmt: skip
         full = {k: accelerator.gather(v) for k, v in local.items()}  # [P, G, ...] in rank order
-        advantages = group_advantages(cfg, full, [fn.weight for fn in reward_fns])
-        keep = groups_to_keep(full["total"], cfg.algo.dynamic_sampling)
+        weights = [fn.weight for fn in reward_fns]
+        advantages = pg.weighted_advantages(
+            cfg.algo.advantage,
+            full["total"],
+            full["per_fn"],
+            full["length"],
+            weights,
+            cfg.algo.reward_normalization,
+        )
+        keep = pg.groups_to_keep(full["total"], cfg.algo.dynamic_sampling)
         mine = slice(rank * p_local, (rank + 1) * p_local)
         adv_local, keep_local = advantages[mine], keep[mine]
 
@@ -224,33 +232,10 @@ def train(cfg: PGConfig) -> dict:
 # ----------------------------------------------------------------------------- the step's pieces
 
 
-def group_advantages(cfg: PGConfig, full: dict, weights: list[float]) -> torch.Tensor:
-    """[P, G] advantages: of the weighted total ("sum_then_normalize"), or the weighted sum of
-    each reward function's own advantages ("normalize_then_sum"). NaN rewards count as 0."""
-    name = cfg.algo.advantage
-    if cfg.algo.reward_normalization == "sum_then_normalize":
-        return pg.compute_advantages(name, torch.nan_to_num(full["total"]), full["length"])
-    adv = torch.zeros_like(full["total"])
-    for k, weight in enumerate(weights):
-        adv += weight * pg.compute_advantages(
-            name, torch.nan_to_num(full["per_fn"][..., k]), full["length"]
-        )
-    return adv
-
-
-def groups_to_keep(total: torch.Tensor, dynamic_sampling: bool) -> torch.Tensor:
-    """[P] bool: groups with a reward for every sample and, with dynamic sampling, not all equal."""
-    keep = torch.isfinite(total).all(dim=1)
-    if dynamic_sampling:
-        keep &= (total.max(dim=1).values - total.min(dim=1).values) > 1e-9
-    return keep
-
-
 def train_on_batch(cfg: PGConfig, accelerator, model, ref_model, batch, advantages) -> dict:
     """Micro-batched backward pass of the clipped policy loss over one rollout batch."""
     g, mask_all = batch.group_size, batch.completion_mask
-    norm = {"sequences": mask_all.shape[0], "tokens": float(mask_all.sum().clamp(min=1)),
-            "length": cfg.rollout.max_new_tokens}  # fmt: skip
+    norm = {"sequences": mask_all.shape[0], "tokens": float(mask_all.sum().clamp(min=1))}
     stats = {k: 0.0 for k in STAT_SUMS} | {"gap_max": 0.0, "tis_min": math.inf, "tis_max": 0.0}
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
@@ -282,7 +267,15 @@ def train_on_batch(cfg: PGConfig, accelerator, model, ref_model, batch, advantag
                 kl = pg.k3_kl(logp, pg.token_logprobs(ref_logits, mb.completion_ids, temperature))
                 per_token = per_token + cfg.algo.kl_beta * kl
                 stats["kl"] += float((kl.detach() * mask).sum())
-            loss = batch_share_of_loss(cfg.algo.loss_aggregation, per_token, mask, norm)
+            # this micro-batch's share of the whole batch's loss: divisors of the whole batch
+            loss = pg.aggregate_loss(
+                per_token,
+                mask,
+                cfg.algo.loss_aggregation,
+                max_completion_length=cfg.rollout.max_new_tokens,
+                num_sequences=norm["sequences"],
+                num_tokens=norm["tokens"],
+            )
             accelerator.backward(loss)
         gap = (old - mb.sampler_logprobs).abs() * mask  # stale-weights alarm
         stats["loss"] += float(loss.detach())
@@ -292,16 +285,6 @@ def train_on_batch(cfg: PGConfig, accelerator, model, ref_model, batch, advantag
         stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
         stats["tokens"] += float(mask.sum())
     return stats
-
-
-def batch_share_of_loss(mode: str, per_token, mask, norm: dict) -> torch.Tensor:
-    """A micro-batch's share of the whole batch's loss, so micro-batching changes nothing."""
-    masked = per_token * mask
-    if mode == "sequence_mean":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / norm["sequences"]
-    if mode == "token_mean":
-        return masked.sum() / norm["tokens"]
-    return masked.sum() / (norm["sequences"] * norm["length"])  # constant_length (Dr. GRPO)
 
 
 def combine_stats(accelerator, stats: dict) -> dict:

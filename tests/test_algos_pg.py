@@ -165,3 +165,57 @@ def test_matches_trl_grpo_loss(tiny_llama, tmp_path, loss_type):
     mode = modes.get(loss_type, "token_mean")  # dapo: token mean over the whole batch
     ours = pg.aggregate_loss(per_token, mask, mode, max_len)
     assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+
+
+def test_weighted_advantages_both_normalisations():
+    per_fn = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # one group of 2, two reward functions
+    total, lengths = 0.5 * per_fn[..., 0] + 0.5 * per_fn[..., 1], torch.ones(1, 2)
+    got = pg.weighted_advantages(
+        "dr_grpo", total, per_fn, lengths, [0.5, 0.5], "sum_then_normalize"
+    )
+    assert torch.allclose(got, torch.tensor([[0.25, -0.25]]))
+    # function 1: (r - mean) / std = +-0.5 / sqrt(0.5) (unbiased std of [1, 0]); function 2: 0
+    got = pg.weighted_advantages("grpo", total, per_fn, lengths, [0.5, 0.5], "normalize_then_sum")
+    assert torch.allclose(got, 0.5 * torch.tensor([[0.5, -0.5]]) / (0.5**0.5 + 1e-6))
+
+
+def test_groups_to_keep_drops_missing_and_all_equal_groups():
+    total = torch.tensor([[1.0, 0.0], [1.0, 1.0], [float("nan"), 1.0]])
+    assert pg.groups_to_keep(total, dynamic_sampling=True).tolist() == [True, False, False]
+    assert pg.groups_to_keep(total, dynamic_sampling=False).tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("mode", ["sequence_mean", "token_mean", "constant_length"])
+def test_micro_batching_changes_nothing(mode):
+    """The loop's reduction: the gradient of one batch in 1, 2 or 4 micro-batches (each passing
+    the whole batch's divisors to aggregate_loss) is the gradient of the batch, to 1e-6 (fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    b, t, max_len = 8, 6, 7
+    theta = torch.randn(b, t, generator=gen, requires_grad=True)  # stands in for the weights
+    adv = torch.randn(b, generator=gen)
+    mask = (torch.rand(b, t, generator=gen) > 0.3).float()
+    mask[:, 0] = 1  # every sequence has a token
+
+    def gradient(parts: int) -> torch.Tensor:
+        theta.grad = None
+        tokens = float(mask.sum())
+        for rows in torch.arange(b).chunk(parts):
+            logp = torch.log_softmax(theta[rows], -1)  # [b/parts, T]
+            per_token, _ = pg.clipped_policy_loss(logp, logp.detach(), adv[rows], mask[rows])
+            loss = pg.aggregate_loss(
+                per_token, mask[rows], mode, max_len, num_sequences=b, num_tokens=tokens
+            )
+            loss.backward()
+        return theta.grad.clone()
+
+    whole = gradient(1)
+    logp = torch.log_softmax(theta, -1)
+    reference = torch.autograd.grad(
+        pg.aggregate_loss(
+            pg.clipped_policy_loss(logp, logp.detach(), adv, mask)[0], mask, mode, max_len
+        ),
+        theta,
+    )[0]  # the batch in one piece with the default (its own) divisors
+    assert torch.allclose(whole, reference, atol=1e-6)
+    for parts in (2, 4):
+        assert torch.allclose(gradient(parts), whole, atol=1e-6), parts

@@ -168,26 +168,6 @@ def test_non_finite_loss_errors_or_skips(tiny_llama, tmp_path, length_reward, mo
     assert row["skipped"] == "non-finite loss"
 
 
-def test_group_advantages_both_normalisations():
-    recipe = load_recipe()
-    per_fn = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # one group of 2, two reward functions
-    full = {
-        "total": 0.5 * per_fn[..., 0] + 0.5 * per_fn[..., 1],
-        "per_fn": per_fn,
-        "length": torch.ones(1, 2),
-    }
-    cfg = load_config(PGConfig, overrides=["algo.advantage=dr_grpo"])
-    assert torch.allclose(
-        recipe.group_advantages(cfg, full, [0.5, 0.5]), torch.tensor([[0.25, -0.25]])
-    )
-    cfg = load_config(
-        PGConfig, overrides=["algo.advantage=grpo", "algo.reward_normalization=normalize_then_sum"]
-    )
-    # function 1: (r - mean) / std = +-0.5 / sqrt(0.5) (unbiased std of [1, 0]); function 2: 0
-    expected = 0.5 * torch.tensor([[0.5, -0.5]]) / (0.5**0.5 + 1e-6)
-    assert torch.allclose(recipe.group_advantages(cfg, full, [0.5, 0.5]), expected)
-
-
 def test_reward_failure_errors_or_skips(tiny_llama, tmp_path, length_reward):
     recipe = load_recipe()
     extra = {"eval.enabled": "false", "steps": 2}

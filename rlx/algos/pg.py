@@ -158,26 +158,68 @@ def clipped_policy_loss(
 
 
 def aggregate_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_completion_length: int = 0
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    max_completion_length: int = 0,
+    num_sequences: float | None = None,
+    num_tokens: float | None = None,
 ) -> torch.Tensor:
     """Reduce [B, T] to a scalar.
 
     sequence_mean (GRPO): mean over sequences of each sequence's token mean.
     token_mean (DAPO): sum over all tokens / number of tokens.
     constant_length (Dr. GRPO): sum over all tokens / (B * max_completion_length).
+
+    The divisors default to this tensor's own sequence and token counts. A micro-batch of a larger
+    batch passes the whole batch's `num_sequences` / `num_tokens`, so that the micro-batches'
+    losses (and gradients) add up to the whole batch's.
     """
-    masked = per_token * mask
+    masked = per_token * mask  # [B, T]
+    sequences = per_token.shape[0] if num_sequences is None else num_sequences
     if mode == "sequence_mean":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / sequences
     if mode == "token_mean":
-        return masked.sum() / mask.sum().clamp(min=1)
+        tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+        return masked.sum() / tokens
     if mode == "constant_length":
         if max_completion_length <= 0:
             raise ValueError("constant_length aggregation needs max_completion_length > 0")
-        return masked.sum() / (per_token.shape[0] * max_completion_length)
+        return masked.sum() / (sequences * max_completion_length)
     raise ValueError(
         f"unknown loss aggregation {mode!r}: sequence_mean, token_mean or constant_length"
     )
+
+
+def weighted_advantages(
+    name: str,
+    total: torch.Tensor,
+    per_fn: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: list[float],
+    normalization: str,
+) -> torch.Tensor:
+    """[P, G] advantages of several rewards. `total` [P, G] is their weighted sum, `per_fn`
+    [P, G, K] each function's reward, `lengths` [P, G] completion lengths. "sum_then_normalize":
+    the advantage of the total; "normalize_then_sum": the weighted sum of each reward's own
+    advantages. NaN rewards ("not applicable") count as 0."""
+    if normalization == "sum_then_normalize":
+        return compute_advantages(name, torch.nan_to_num(total), lengths)
+    if normalization != "normalize_then_sum":
+        raise ValueError(f"unknown reward normalization {normalization!r}")
+    adv = torch.zeros_like(total)
+    for k, weight in enumerate(weights):
+        adv += weight * compute_advantages(name, torch.nan_to_num(per_fn[..., k]), lengths)
+    return adv
+
+
+def groups_to_keep(total: torch.Tensor, dynamic_sampling: bool) -> torch.Tensor:
+    """[P] bool: groups with a reward for every sample and, with dynamic sampling (DAPO), whose
+    rewards are not all equal (such a group has zero advantage everywhere)."""
+    keep = torch.isfinite(total).all(dim=1)
+    if dynamic_sampling:
+        keep &= (total.max(dim=1).values - total.min(dim=1).values) > 1e-9
+    return keep
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
