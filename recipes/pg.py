@@ -154,15 +154,15 @@ def train(cfg: PGConfig) -> dict:
         }  # fmt: skip
         full = {k: accelerator.gather(v) for k, v in local.items()}  # [P, G, ...] in rank order
         weights = [fn.weight for fn in reward_fns]
-        advantages = pg.weighted_advantages(
+        advantages, keep = pg.kept_advantages(
             cfg.algo.advantage,
             full["total"],
             full["per_fn"],
             full["length"],
             weights,
             cfg.algo.reward_normalization,
+            cfg.algo.dynamic_sampling,
         )
-        keep = pg.groups_to_keep(full["total"], cfg.algo.dynamic_sampling)
         mine = slice(rank * p_local, (rank + 1) * p_local)
         adv_local, keep_local = advantages[mine], keep[mine]
 

@@ -151,5 +151,8 @@ class PGConfig:
         require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
         require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
         require(self.max_run_minutes >= 0, "max_run_minutes", ">= 0", self.max_run_minutes)
-        if self.algo.advantage == "rloo" and self.rollout.num_samples < 2:
-            require(False, "rollout.num_samples", ">= 2 for RLOO", self.rollout.num_samples)
+        from rlx.algos.pg import GROUP_ESTIMATORS  # (lazy: keeps `--show-config` free of torch)
+
+        if self.algo.advantage in GROUP_ESTIMATORS and self.rollout.num_samples < 2:
+            rule = f">= 2 for algo.advantage={self.algo.advantage} (or use reinforce)"
+            require(False, "rollout.num_samples", rule, self.rollout.num_samples)

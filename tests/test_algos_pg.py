@@ -219,3 +219,42 @@ def test_micro_batching_changes_nothing(mode):
     assert torch.allclose(whole, reference, atol=1e-6)
     for parts in (2, 4):
         assert torch.allclose(gradient(parts), whole, atol=1e-6), parts
+
+
+@pytest.mark.parametrize("name", ["reinforce", "reinforce_baseline"])
+def test_batch_whitening_sees_only_the_kept_groups(name):
+    """Filter, then normalise: the kept advantages have mean 0 and std 1 although the dropped
+    (all-equal) groups have a very different mean."""
+    kept = torch.tensor([[3.0, 0.0, 1.0, 2.0], [5.0, 9.0, 1.0, 6.0], [0.0, 4.0, 4.0, 8.0]])
+    dropped = torch.full((3, 4), 20.0)  # all equal: dynamic sampling drops them
+    total = torch.cat([kept, dropped])
+    per_fn, lengths = total[..., None], torch.ones_like(total)
+    adv, keep = pg.kept_advantages(name, total, per_fn, lengths, [1.0], "sum_then_normalize", True)
+    assert keep.tolist() == [True] * 3 + [False] * 3
+    a = adv[keep]
+    assert abs(a.mean().item()) < 1e-6 and abs(a.std(unbiased=False).item() - 1) < 1e-6
+    assert torch.equal(adv[~keep], torch.zeros(3, 4))
+
+
+def test_one_sample_per_prompt_works_for_reinforce_and_is_refused_elsewhere():
+    from rlx.config import ConfigError, load_config
+    from rlx.train_config import PGConfig
+
+    total = torch.tensor([[1.0], [0.0], [float("nan")]])  # G = 1: nothing to compare within a group
+    assert pg.groups_to_keep(total, dynamic_sampling=True).tolist() == [True, True, False]
+    adv, keep = pg.kept_advantages(
+        "reinforce",
+        total,
+        total[..., None],
+        torch.ones_like(total),
+        [1.0],
+        "sum_then_normalize",
+        True,
+    )
+    assert keep.tolist() == [True, True, False] and adv[:2, 0].tolist() == pytest.approx([1, -1], abs=1e-5)
+    load_config(PGConfig, overrides=["algo.advantage=reinforce", "rollout.num_samples=1"])
+    for name in pg.GROUP_ESTIMATORS:
+        with pytest.raises(
+            ConfigError, match="rollout.num_samples must be >= 2 for algo.advantage"
+        ):
+            load_config(PGConfig, overrides=[f"algo.advantage={name}", "rollout.num_samples=1"])

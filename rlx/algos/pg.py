@@ -215,11 +215,37 @@ def weighted_advantages(
 
 def groups_to_keep(total: torch.Tensor, dynamic_sampling: bool) -> torch.Tensor:
     """[P] bool: groups with a reward for every sample and, with dynamic sampling (DAPO), whose
-    rewards are not all equal (such a group has zero advantage everywhere)."""
+    rewards are not all equal (such a group has zero advantage everywhere). One-sample groups
+    (REINFORCE++ with num_samples=1) have no spread to test and are kept."""
     keep = torch.isfinite(total).all(dim=1)
-    if dynamic_sampling:
+    if dynamic_sampling and total.shape[1] > 1:
         keep &= (total.max(dim=1).values - total.min(dim=1).values) > 1e-9
     return keep
+
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
+"""Advantage estimators that compare a sample with the others of its group (need G >= 2)."""
+
+
+def kept_advantages(
+    name: str,
+    total: torch.Tensor,
+    per_fn: torch.Tensor,
+    lengths: torch.Tensor,
+    weights: list[float],
+    normalization: str,
+    dynamic_sampling: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages [P, G], keep [P]): which groups train, then their advantages computed over the
+    kept groups only (filter first, then normalise, as verl's DAPO does), 0 for dropped groups.
+    The order matters for the batch-whitened estimators (reinforce, reinforce_baseline)."""
+    keep = groups_to_keep(total, dynamic_sampling)  # [P]
+    advantages = torch.zeros_like(total)  # [P, G]
+    if keep.any():
+        advantages[keep] = weighted_advantages(
+            name, total[keep], per_fn[keep], lengths[keep], weights, normalization
+        )
+    return advantages, keep
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
