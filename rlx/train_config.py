@@ -12,6 +12,7 @@ from typing import Literal
 
 from rlx.config import (
     AUTO_DTYPE,
+    ConfigError,
     ModelConfig,
     RewardConfig,
     RolloutConfig,
@@ -151,6 +152,15 @@ class PGConfig:
         require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
         require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
         require(self.max_run_minutes >= 0, "max_run_minutes", ">= 0", self.max_run_minutes)
+        r = self.rollout
+        if r.top_p < 1 or r.top_k != -1:
+            # The trainer's logprobs apply the temperature only; the sampler's are renormalised
+            # over the kept tokens, so the importance weights and the logprob gap would be biased.
+            raise ConfigError(
+                f"rollout.top_p={r.top_p} / rollout.top_k={r.top_k}: training samples from the "
+                "full distribution (the trainer's logprobs are not truncated like the sampler's); "
+                "set rollout.top_p=1.0 and rollout.top_k=-1, and use rollout.temperature"
+            )
         from rlx.algos.pg import GROUP_ESTIMATORS  # (lazy: keeps `--show-config` free of torch)
 
         if self.algo.advantage in GROUP_ESTIMATORS and self.rollout.num_samples < 2:

@@ -236,7 +236,7 @@ def test_batch_whitening_sees_only_the_kept_groups(name):
     assert torch.equal(adv[~keep], torch.zeros(3, 4))
 
 
-def test_one_sample_per_prompt_works_for_reinforce_and_is_refused_elsewhere():
+def test_pg_config_refuses_one_sample_groups_and_truncated_sampling():
     from rlx.config import ConfigError, load_config
     from rlx.train_config import PGConfig
 
@@ -251,8 +251,13 @@ def test_one_sample_per_prompt_works_for_reinforce_and_is_refused_elsewhere():
         "sum_then_normalize",
         True,
     )
-    assert keep.tolist() == [True, True, False] and adv[:2, 0].tolist() == pytest.approx([1, -1], abs=1e-5)
+    assert keep.tolist() == [True, True, False] and adv[:2, 0].tolist() == pytest.approx(
+        [1, -1], abs=1e-5
+    )
     load_config(PGConfig, overrides=["algo.advantage=reinforce", "rollout.num_samples=1"])
+    for knob in ("rollout.top_p=0.9", "rollout.top_k=20"):  # truncated sampling: refused
+        with pytest.raises(ConfigError, match="training samples from the full distribution"):
+            load_config(PGConfig, overrides=[knob])
     for name in pg.GROUP_ESTIMATORS:
         with pytest.raises(
             ConfigError, match="rollout.num_samples must be >= 2 for algo.advantage"
