@@ -129,7 +129,7 @@ def vllm_build() -> str | None:
     except OSError:
         maps = ""
     for name in ("_C_AVX2", "_C_AVX512", "_C"):
-        if f"/vllm/{name}.abi3.so" in maps or f"/vllm/{name}." in maps:
+        if f"/vllm/{name}." in maps:  # "_C." does not match "_C_AVX2."
             return name
     return "_C" if torch.cpu._is_avx512_bf16_supported() else None
 
