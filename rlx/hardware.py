@@ -112,6 +112,7 @@ def autocast_enabled(setting: bool | str) -> bool:
     return native_bf16() if setting == "auto" else bool(setting)
 
 
+@functools.cache  # a process loads one build, once
 def vllm_build() -> str | None:
     """Which vLLM kernel library this process loaded: "_C", "_C_AVX512", "_C_AVX2" (CPU), "cuda",
     or None when vLLM is missing. Imports vLLM's custom ops (and so loads the kernels)."""

@@ -81,14 +81,13 @@ def dequantize_export(model: str, out_dir: str | Path) -> Path:
     files = sorted(source.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{source} has no .safetensors weights to dequantize")
+    if (source / "model.safetensors.index.json").is_file():  # a layer's tensors may span shards
+        raise ValueError(f"{source}: sharded exports are not supported; export one file")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in files:
         tensors = dequantize_tensors(load_file(str(f)), quant)
         save_file(tensors, str(out_dir / f.name), metadata={"format": "pt"})
-    index = source / "model.safetensors.index.json"
-    if index.is_file():
-        raise ValueError(f"{source}: sharded exports are not supported; export one file")
     config = json.loads((source / "config.json").read_text())
     config.pop("quantization_config")
     config["dtype"] = "float32"
