@@ -4,18 +4,23 @@
     python recipes/pg.py --config recipes/grpo.yaml              # one process, same thing
 
 Each step: sample `rollout.num_samples` completions for `prompts_per_step` training prompts on the
-rollout engine (vLLM by default) -> score them -> group advantages -> one clipped policy-gradient
-update (micro-batched) -> push the new weights into the engine. The math lives in rlx/algos/pg.py;
+rollout engine (vLLM by default) -> score them -> group advantages over the kept groups ->
+`algo.ppo_epochs` passes over `algo.mini_batches` mini-batches, one clipped policy-gradient update
+(micro-batched) each -> push the new weights into the engine. The math lives in rlx/algos/pg.py;
 the learner is chosen by `algo.*` (recipes/grpo.yaml, rloo.yaml, reinforce.yaml).
 
-Deviations from the papers, on purpose: one optimizer step per rollout batch (PPO epochs = 1), so
-the trainer's logprobs at update time are the "old" ones and the clipped ratio is 1 except through
-the vLLM/trainer mismatch, which truncated importance sampling (TIS) corrects; the KL term (off by
-default) is added to the loss, not folded into the reward.
+By default one optimizer step per rollout batch (ppo_epochs = mini_batches = 1): the trainer's
+logprobs at update time are the "old" ones, so the clipped ratio is 1 and only importance sampling
+(`algo.tis_*`) corrects the vLLM/trainer mismatch. With more updates per batch the old logprobs
+are taken once, before the first, and the clip bounds act. The KL term (off by default) is added
+to the loss, not folded into the reward.
 
 Several processes: each rank generates and scores its share of the step's prompts; rewards are
-gathered so advantages, REINFORCE's global whitening and dynamic sampling see the whole batch; DDP
-averages the gradients. Outputs in `output_dir`: metrics.jsonl, eval.json, reward_curves.png,
+gathered so advantages, REINFORCE's global whitening and dynamic sampling see the whole batch.
+Each rank divides its loss by the whole mini-batch's sequence and token counts (gathered) and
+multiplies it by the number of ranks, so that DDP's gradient average is the gradient of the batch
+loss one process would compute (TRL does this for loss_type "dapo" only).
+Outputs in `output_dir`: metrics.jsonl, eval.json, reward_curves.png,
 config.yaml, checkpoints/, tensorboard logs.
 """
 
@@ -40,14 +45,34 @@ from rlx.data import load_prompts, step_prompt_indices
 from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import MetricsLog, truncate_metrics
-from rlx.policy import build_batch, completion_logits, export_weights, load_policy
+from rlx.policy import (
+    MiniBatch,
+    RolloutBatch,
+    build_batch,
+    completion_logits,
+    export_weights,
+    load_policy,
+    matmul_params,
+)
 from rlx.recipe import RunClock, finish_run, run_recipe, shutdown
 from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, engine_dtype, make_engine
 from rlx.train_config import LoraConfig, PGConfig
 
-STAT_SUMS = ("loss", "clip", "entropy", "kl", "gap_sum", "tis_sum", "tokens")
+# per-update stats summed over micro-batches and ranks; the extremes are in train_on_batch
+STAT_SUMS = (
+    "loss",
+    "clip_low",
+    "clip_high",
+    "entropy",
+    "kl",
+    "gap_sum",
+    "tis_sum",
+    "tis_zero",
+    "tokens",
+    "flops",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +114,7 @@ def train(cfg: PGConfig) -> dict:
     eval_data = prompts(cfg.eval.split, cfg.eval.num_prompts) if cfg.eval.enabled else None
     reward_fns = resolve_rewards(cfg.task.name, cfg.rewards)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    forward_params = matmul_params(model)  # for the train FLOP/s metric
     # fused: one kernel over all parameters (0.09 s vs 0.35 s a step for SmolLM2 on 2 CPU cores)
     optimizer = torch.optim.AdamW(
         trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True
@@ -162,24 +188,21 @@ def train(cfg: PGConfig) -> dict:
             weights,
             cfg.algo.reward_normalization,
             cfg.algo.dynamic_sampling,
+            scale_rewards=cfg.algo.scale_rewards,
         )
         mine = slice(rank * p_local, (rank + 1) * p_local)
-        adv_local, keep_local = advantages[mine], keep[mine]
+        adv_local = advantages[mine]
 
         t1 = time.perf_counter()
         stats = None
         if keep.any():
-            if not keep_local.any():  # DDP needs every rank's backward: one group at weight zero
-                keep_local, adv_local = keep_local.clone(), adv_local * 0
-                keep_local[0] = True
-            chosen = [
-                c for i in range(p_local) if keep_local[i] for c in completions[i * g : (i + 1) * g]
-            ]
-            batch = build_batch(chosen, tokenizer.pad_token_id, g)
-            stats = train_on_batch(
-                cfg, accelerator, model, ref_model, batch, adv_local[keep_local].reshape(-1)
+            parts = mini_batch_parts(keep, cfg.algo.mini_batches)  # [P]
+            num_parts, pad = int(parts.max()) + 1, tokenizer.pad_token_id
+            batches = local_mini_batches(cfg, completions, parts[mine], adv_local, pad, num_parts)
+            updates = update_policy(
+                cfg, accelerator, model, ref_model, optimizer, trainable, batches, forward_params
             )
-            stats = combine_stats(accelerator, stats)
+            stats = merge_updates(updates)
             if not math.isfinite(stats["loss"]):
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.bad_steps == "error":
@@ -188,13 +211,7 @@ def train(cfg: PGConfig) -> dict:
                     )
                 step = skip_step(log, bar, step, "non-finite loss")
                 continue
-            if cfg.optim.max_grad_norm > 0:
-                stats["grad_norm"] = float(
-                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-                )
-            optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         t_train = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -232,72 +249,198 @@ def train(cfg: PGConfig) -> dict:
 # ----------------------------------------------------------------------------- the step's pieces
 
 
-def train_on_batch(cfg: PGConfig, accelerator, model, ref_model, batch, advantages) -> dict:
-    """Micro-batched backward pass of the clipped policy loss over one rollout batch."""
-    g, mask_all = batch.group_size, batch.completion_mask
-    norm = {"sequences": mask_all.shape[0], "tokens": float(mask_all.sum().clamp(min=1))}
-    stats = {k: 0.0 for k in STAT_SUMS} | {"gap_max": 0.0, "tis_min": math.inf, "tis_max": 0.0}
+def mini_batch_parts(keep: torch.Tensor, mini_batches: int) -> torch.Tensor:
+    """[P] the mini-batch of each group of the whole step, -1 for dropped ones: the kept groups are
+    dealt round-robin into min(mini_batches, kept) parts, so every part has a group on some rank."""
+    parts = torch.full(keep.shape, -1, dtype=torch.long)
+    kept = keep.nonzero()[:, 0]
+    parts[kept] = torch.arange(len(kept)) % min(mini_batches, len(kept))
+    return parts
+
+
+def local_mini_batches(
+    cfg: PGConfig, completions, parts, advantages, pad_id: int, num_parts: int
+) -> list[MiniBatch]:
+    """This rank's groups of each of the step's `num_parts` mini-batches (`parts` [p_local] from
+    mini_batch_parts). DDP needs a backward pass on every rank, so a rank with no group in a
+    mini-batch trains on a stand-in group at loss weight 0."""
+    g, out = cfg.rollout.num_samples, []
+    for part in range(num_parts):
+        groups = (parts == part).nonzero()[:, 0].tolist()
+        stand_in = not groups
+        chosen = [c for i in (groups or [0]) for c in completions[i * g : (i + 1) * g]]
+        weights = torch.full((len(chosen),), 0.0 if stand_in else 1.0)
+        if cfg.algo.mask_truncated_completions:
+            weights *= torch.tensor(
+                [c.finish_reason != "length" for c in chosen], dtype=torch.float
+            )
+        adv = advantages[groups or [0]].reshape(-1)
+        out.append(MiniBatch(build_batch(chosen, pad_id, g), adv, weights))
+    return out
+
+
+def update_policy(
+    cfg, accelerator, model, ref_model, optimizer, trainable, batches, matmul_params: int
+) -> list[dict]:
+    """`algo.ppo_epochs` passes over the step's mini-batches, one optimizer step per mini-batch.
+    With more than one update, the old logprobs are taken once, before the first. Returns each
+    update's stats (stops after a non-finite loss, leaving its gradients for the caller)."""
+    old_pass_flops = 0.0
+    if cfg.algo.ppo_epochs * len(batches) > 1:
+        for mb in batches:
+            mb.old_logprobs = policy_logprobs(cfg, accelerator, model, mb.batch)
+            old_pass_flops += 2 * matmul_params * real_tokens(mb.batch)
+    updates = []
+    for _ in range(cfg.algo.ppo_epochs):
+        for mb in batches:
+            t0 = time.perf_counter()
+            stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
+            stats = combine_stats(accelerator, stats)
+            if not math.isfinite(stats["loss"]):
+                return updates + [stats]
+            if cfg.optim.max_grad_norm > 0:
+                stats["grad_norm"] = float(
+                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["seconds"] = time.perf_counter() - t0
+            updates.append(stats)
+    updates[0]["flops"] += old_pass_flops
+    return updates
+
+
+def real_tokens(batch: RolloutBatch) -> float:
+    """Prompt tokens (run once per group) and completion tokens, padding excluded."""
+    return float(batch.prompt_mask.sum() + batch.completion_mask.sum())
+
+
+@torch.no_grad()
+def policy_logprobs(cfg: PGConfig, accelerator, model, batch: RolloutBatch) -> torch.Tensor:
+    """[B, T] the current policy's logprobs of the completions (the "old" policy of PPO)."""
+    g, rows = batch.group_size, []
+    per_micro = max(1, cfg.micro_batch_size // g)
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
+    for start in range(0, batch.num_groups, per_micro):
+        mb = batch.groups(start, start + per_micro).to(accelerator.device)
+        with autocast:
+            logits = completion_logits(model, mb)
+        rows.append(pg.token_logprobs(logits, mb.completion_ids, temperature).cpu())
+    return torch.cat(rows)
+
+
+def train_on_batch(
+    cfg: PGConfig, accelerator, model, ref_model, mini: MiniBatch, matmul_params: int
+) -> dict:
+    """Micro-batched backward pass of the clipped policy loss over one mini-batch.
+
+    The loss is the whole mini-batch's over all ranks: every rank divides by the global sequence
+    and token counts, and multiplies by the number of ranks because DDP averages the gradients.
+    """
+    batch, g, algo = mini.batch, mini.batch.group_size, cfg.algo
+    world = accelerator.num_processes
+    loss_mask = batch.completion_mask * mini.weights[:, None]  # [B, T]
+    counts = torch.tensor([float((mini.weights > 0).sum()), float(loss_mask.sum())])
+    if world > 1:
+        counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
+    num_sequences, num_tokens = float(counts[0]), max(float(counts[1]), 1.0)
+    extremes = {"gap_max": 0.0, "tis_min": math.inf, "tis_max": 0.0, "ratio_dev_max": 0.0}
+    stats = {k: 0.0 for k in STAT_SUMS} | extremes
+    temperature = max(cfg.rollout.temperature, 1e-6)
+    bf16 = autocast_enabled(cfg.bf16_autocast)
+    autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
+    tis = algo.tis_cap > 0 and cfg.rollout.backend == "vllm"
     per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
     starts = range(0, batch.num_groups, per_micro)
     for i, start in enumerate(starts):
         mb = batch.groups(start, start + per_micro).to(accelerator.device)
-        adv = advantages[start * g : (start + per_micro) * g].to(accelerator.device)
-        mask = mb.completion_mask
+        rows = slice(start * g, (start + per_micro) * g)
+        adv = mini.advantages[rows].to(accelerator.device)
+        mask = loss_mask[rows].to(accelerator.device)
         last = i == len(starts) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with autocast:
                 logits = completion_logits(model, mb)  # [b, T, V]
             logp = pg.token_logprobs(logits, mb.completion_ids, temperature)  # [b, T]
-            old = logp.detach()  # one update per rollout batch: the old policy is the current one
-            per_token, clip = pg.clipped_policy_loss(logp, old, adv, mask, cfg.algo.eps_low,
-                                                     cfg.algo.eps_high, cfg.algo.importance_level)  # fmt: skip
-            if cfg.algo.tis_cap > 0 and cfg.rollout.backend == "vllm":
-                tis = pg.truncated_is_weights(old, mb.sampler_logprobs, cfg.algo.tis_cap)  # [b, T]
-                per_token = per_token * tis
-                real = tis[mask > 0]
-                stats["tis_sum"] += float(real.sum())
-                stats["tis_min"] = min(stats["tis_min"], float(real.min()))
-                stats["tis_max"] = max(stats["tis_max"], float(real.max()))
+            # one update per rollout batch: the old policy is the current one (ratio exactly 1)
+            old = logp.detach() if mini.old_logprobs is None else mini.old_logprobs[rows].to(logp)
+            per_token, low, high = pg.clipped_policy_loss(
+                logp, old, adv, mask, algo.eps_low, algo.eps_high, algo.importance_level
+            )
+            if tis:
+                weights = pg.importance_weights(
+                    old, mb.sampler_logprobs, mask, algo.tis_mode, algo.tis_cap, algo.tis_min
+                )
+                per_token = per_token * weights
+                real = weights.expand_as(mask)[mask > 0]
+                if real.numel():
+                    stats["tis_sum"] += float(real.sum())
+                    stats["tis_zero"] += float((real == 0).sum())
+                    stats["tis_min"] = min(stats["tis_min"], float(real.min()))
+                    stats["tis_max"] = max(stats["tis_max"], float(real.max()))
             if ref_model is not None:
                 with torch.no_grad(), autocast:
                     ref_logits = completion_logits(ref_model, mb)
                 kl = pg.k3_kl(logp, pg.token_logprobs(ref_logits, mb.completion_ids, temperature))
-                per_token = per_token + cfg.algo.kl_beta * kl
+                per_token = per_token + algo.kl_beta * kl
                 stats["kl"] += float((kl.detach() * mask).sum())
-            # this micro-batch's share of the whole batch's loss: divisors of the whole batch
+            # this micro-batch's share of the mini-batch's loss: divisors of the whole mini-batch
             loss = pg.aggregate_loss(
                 per_token,
                 mask,
-                cfg.algo.loss_aggregation,
+                algo.loss_aggregation,
                 max_completion_length=cfg.rollout.max_new_tokens,
-                num_sequences=norm["sequences"],
-                num_tokens=norm["tokens"],
+                num_sequences=num_sequences,
+                num_tokens=num_tokens,
             )
-            accelerator.backward(loss)
+            accelerator.backward(loss * world)
         gap = (old - mb.sampler_logprobs).abs() * mask  # stale-weights alarm
         stats["loss"] += float(loss.detach())
-        stats["clip"] += float(clip) * float(mask.sum())
+        stats["clip_low"] += float((low * mask).sum())
+        stats["clip_high"] += float((high * mask).sum())
+        stats["ratio_dev_max"] = max(
+            stats["ratio_dev_max"], float(((logp.detach() - old).exp() - 1).abs().mul(mask).max())
+        )
         stats["entropy"] += float((pg.token_entropy(logits.detach(), temperature) * mask).sum())
         stats["gap_sum"] += float(gap.sum())
         stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
         stats["tokens"] += float(mask.sum())
+        # forward + backward over every real prompt and completion token: 6 x params each,
+        # plus 2 x params for the reference model's forward
+        stats["flops"] += (6 + 2 * (ref_model is not None)) * matmul_params * real_tokens(mb)
     return stats
 
 
 def combine_stats(accelerator, stats: dict) -> dict:
-    """Sum the additive stats over ranks; loss is averaged (DDP averages gradients)."""
+    """Sum the additive stats over ranks (the rank losses are shares of the global loss); take the
+    max / min of the extremes."""
     if accelerator.num_processes == 1:
         return stats
     keys = list(stats)
     rows = accelerator.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
     merged = {k: float(rows[:, j].sum()) for j, k in enumerate(keys)}
-    merged["loss"] = float(rows[:, keys.index("loss")].mean())
-    merged["gap_max"] = float(rows[:, keys.index("gap_max")].max())
-    merged["tis_max"] = float(rows[:, keys.index("tis_max")].max())
+    for k in ("gap_max", "tis_max", "ratio_dev_max"):
+        merged[k] = float(rows[:, keys.index(k)].max())
     merged["tis_min"] = float(rows[:, keys.index("tis_min")].min())
+    return merged
+
+
+def merge_updates(updates: list[dict]) -> dict:
+    """One step's stats from its updates: sums add up, extremes take the max / min, the loss and
+    the gradient norm are the mean over updates."""
+    merged = {"updates": len(updates)}
+    for k in updates[0]:
+        values = [u[k] for u in updates if k in u]
+        if k in ("gap_max", "tis_max", "ratio_dev_max"):
+            merged[k] = max(values)
+        elif k == "tis_min":
+            merged[k] = min(values)
+        elif k in ("loss", "grad_norm"):
+            merged[k] = sum(values) / len(values)
+        else:
+            merged[k] = sum(values)
     return merged
 
 
@@ -327,15 +470,24 @@ def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_ti
         }
     tokens = max(stats["tokens"], 1.0)
     row |= {
-        "loss": stats["loss"], "clip_fraction": stats["clip"] / tokens, "entropy": stats["entropy"] / tokens,
-        "kl": stats["kl"] / tokens, "logprob_gap_max": stats["gap_max"], "logprob_gap_mean": stats["gap_sum"] / tokens,
+        "loss": stats["loss"],
+        "updates": stats["updates"],
+        "clip_low_fraction": stats["clip_low"] / tokens,
+        "clip_high_fraction": stats["clip_high"] / tokens,
+        "ratio_dev_max": stats["ratio_dev_max"],
+        "entropy": stats["entropy"] / tokens,
+        "kl": stats["kl"] / tokens,
+        "logprob_gap_max": stats["gap_max"],
+        "logprob_gap_mean": stats["gap_sum"] / tokens,
         "grad_norm": stats.get("grad_norm", math.nan),
-    }  # fmt: skip
+        "train_flops_per_s": stats["flops"] / times["train"],
+    }
     if stats["tis_max"] > 0:
         row |= {
             "tis_mean": stats["tis_sum"] / tokens,
             "tis_min": stats["tis_min"],
             "tis_max": stats["tis_max"],
+            "tis_zero_fraction": stats["tis_zero"] / tokens,
         }
     return row
 

@@ -53,6 +53,12 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     yield from merged
 
 
+def matmul_params(model: torch.nn.Module) -> int:
+    """Weights of the model's matrix multiplications (every nn.Linear, the LM head included; the
+    embedding lookup is free): a forward pass costs about 2 FLOPs per weight per token."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 @dataclass
 class RolloutBatch:
     """P prompts with G completions each, as tensors for the trainer's forward pass."""
@@ -80,6 +86,17 @@ class RolloutBatch:
         tensors = (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask,
                    self.sampler_logprobs)  # fmt: skip
         return RolloutBatch(*(t.to(device) for t in tensors), self.group_size)
+
+
+@dataclass
+class MiniBatch:
+    """One rank's share of one optimizer step: its groups, each sequence's advantage and loss
+    weight (1, or 0 for a stand-in group or a masked truncated completion), the old logprobs."""
+
+    batch: RolloutBatch
+    advantages: torch.Tensor  # [B]
+    weights: torch.Tensor  # [B]
+    old_logprobs: torch.Tensor | None = None  # [B, T]; None: the current policy's (one update)
 
 
 def build_batch(completions: list[Completion], pad_id: int, group_size: int) -> RolloutBatch:

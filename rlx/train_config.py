@@ -40,12 +40,40 @@ class AlgoConfig:
     eps_high: float = knob(0.28, help="upper clip: ratio <= 1 + eps_high (DAPO clip-higher)")
     kl_beta: float = knob(0.0, help="weight of the k3 KL to the reference model; 0 = no reference")
     tis_cap: float = knob(
-        2.0, help="truncated importance sampling cap for the vLLM/trainer mismatch; 0 = off"
+        2.0,
+        help="importance-sampling correction of the vLLM/trainer mismatch: upper bound of the "
+        "ratio trainer/sampler; 0 = no correction",
+    )
+    tis_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = knob(
+        "token_truncate",
+        help="per token or per sequence (product of the token ratios); truncate = clamp the ratio "
+        "to [tis_min, tis_cap], mask = weight 0 outside it (TRL's vllm_importance_sampling_mode)",
+    )
+    tis_min: float = knob(
+        0.0, help="lower bound of the importance ratio (the mask modes drop tokens/sequences below)"
+    )
+    ppo_epochs: int = knob(
+        1,
+        help="passes over each rollout batch (TRL's num_iterations); the old logprobs are taken "
+        "once before the first; > 1 lets eps_low / eps_high act",
+    )
+    mini_batches: int = knob(
+        1,
+        help="optimizer steps per pass: the batch's kept groups are dealt round-robin into this "
+        "many mini-batches",
     )
     dynamic_sampling: bool = knob(True, help="drop groups whose rewards are all equal")
     reward_normalization: Literal["sum_then_normalize", "normalize_then_sum"] = knob(
         "sum_then_normalize",
-        help="weighted sum of rewards then advantages, or advantages per reward then weighted sum",
+        help="weighted sum of rewards then advantages, or (advantage=grpo) advantages per reward, "
+        "weighted sum, re-normalised over the batch (GDPO; a None reward adds 0)",
+    )
+    scale_rewards: Literal["group", "batch"] = knob(
+        "group",
+        help="advantage=grpo divides by the group's reward std, or by the whole batch's",
+    )
+    mask_truncated_completions: bool = knob(
+        False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
     )
 
     def __post_init__(self) -> None:
@@ -53,6 +81,14 @@ class AlgoConfig:
         require(self.eps_high >= 0, "eps_high", ">= 0", self.eps_high)
         require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
         require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "0 (off) or >= 1", self.tis_cap)
+        require(0 <= self.tis_min < 1, "tis_min", "in [0, 1)", self.tis_min)
+        require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
+        require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
+        if self.scale_rewards == "batch" and self.advantage != "grpo":
+            require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
+        if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":
+            rule = "sum_then_normalize unless advantage=grpo"
+            require(False, "reward_normalization", rule, self.reward_normalization)
 
 
 @dataclasses.dataclass

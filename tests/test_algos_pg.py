@@ -76,23 +76,23 @@ def test_clipped_loss_hand_computed():
     old = torch.zeros(2, 2)
     mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     adv = torch.tensor([1.0, -1.0])
-    loss, clip_frac = pg.clipped_policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    loss, low, high = pg.clipped_policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
     ratio = math.exp(0.5)
     # A > 0: the ratio is capped at 1 + eps_high; A < 0: the unclipped (larger) loss is kept
     assert loss[0, 0].item() == pytest.approx(-1.28)
     assert loss[1, 0].item() == pytest.approx(ratio)
-    assert clip_frac.item() == pytest.approx(0.5)
+    assert high.tolist() == [[1, 0], [0, 0]] and low.tolist() == [[0, 0], [0, 0]]
     # below 1 - eps_low with A < 0: clipped
-    loss, clip_frac = pg.clipped_policy_loss(
+    loss, low, high = pg.clipped_policy_loss(
         torch.tensor([[-1.0]]), torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), 0.2, 0.28
     )
-    assert loss.item() == pytest.approx(0.8) and clip_frac.item() == 1.0
+    assert loss.item() == pytest.approx(0.8) and low.item() == 1.0 and high.item() == 0.0
 
 
 def test_gspo_uses_one_sequence_ratio():
     logp = torch.tensor([[0.2, 0.4, 9.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the padded 9.0 must not count
-    loss, _ = pg.clipped_policy_loss(
+    loss, _, _ = pg.clipped_policy_loss(
         logp, torch.zeros(1, 3), torch.tensor([1.0]), mask, 1.0, 1.0, level="sequence"
     )
     assert torch.allclose(loss, torch.full((1, 3), -math.exp(0.3)))
@@ -113,8 +113,10 @@ def test_loss_aggregation_modes():
 def test_k3_kl_and_tis():
     kl = pg.k3_kl(torch.log(torch.tensor([0.5, 0.3])), torch.log(torch.tensor([0.25, 0.3])))
     assert kl[0].item() == pytest.approx(0.5 + math.log(2) - 1) and kl[1].item() == 0
-    w = pg.truncated_is_weights(torch.tensor([0.0, 2.0, -1.0]), torch.zeros(3), cap=2.0)
-    assert torch.allclose(w, torch.tensor([1.0, 2.0, math.exp(-1)]))
+    w = pg.importance_weights(
+        torch.tensor([[0.0, 2.0, -1.0]]), torch.zeros(1, 3), torch.ones(1, 3), "token_truncate", 2.0
+    )
+    assert torch.allclose(w, torch.tensor([[1.0, 2.0, math.exp(-1)]]))
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "dapo"])
@@ -159,7 +161,7 @@ def test_matches_trl_grpo_loss(tiny_llama, tmp_path, loss_type):
         logits = model(torch.cat([prompt_ids, completion_ids], 1)).logits[:, tp - 1 : -1]
     logp = pg.token_logprobs(logits, completion_ids)
     mask = completion_mask.float()
-    per_token, _ = pg.clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28)
+    per_token, _, _ = pg.clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28)
     per_token = per_token + 0.04 * pg.k3_kl(logp, ref)
     modes = {"grpo": "sequence_mean", "dr_grpo": "constant_length", "bnpo": "token_mean"}
     mode = modes.get(loss_type, "token_mean")  # dapo: token mean over the whole batch
@@ -174,9 +176,11 @@ def test_weighted_advantages_both_normalisations():
         "dr_grpo", total, per_fn, lengths, [0.5, 0.5], "sum_then_normalize"
     )
     assert torch.allclose(got, torch.tensor([[0.25, -0.25]]))
-    # function 1: (r - mean) / std = +-0.5 / sqrt(0.5) (unbiased std of [1, 0]); function 2: 0
+    # function 1: (r - mean) / std = +-0.5 / sqrt(0.5) (unbiased std of [1, 0]); function 2: 0;
+    # weighted sum +-a, a = 0.5 * 0.5 / sqrt(0.5), re-normalised over the batch: std a * sqrt(2)
     got = pg.weighted_advantages("grpo", total, per_fn, lengths, [0.5, 0.5], "normalize_then_sum")
-    assert torch.allclose(got, 0.5 * torch.tensor([[0.5, -0.5]]) / (0.5**0.5 + 1e-6))
+    a = 0.5 * 0.5 / (0.5**0.5 + 1e-6)
+    assert torch.allclose(got, torch.tensor([[a, -a]]) / (a * 2**0.5 + 1e-6))
 
 
 def test_groups_to_keep_drops_missing_and_all_equal_groups():
@@ -201,7 +205,7 @@ def test_micro_batching_changes_nothing(mode):
         tokens = float(mask.sum())
         for rows in torch.arange(b).chunk(parts):
             logp = torch.log_softmax(theta[rows], -1)  # [b/parts, T]
-            per_token, _ = pg.clipped_policy_loss(logp, logp.detach(), adv[rows], mask[rows])
+            per_token, _, _ = pg.clipped_policy_loss(logp, logp.detach(), adv[rows], mask[rows])
             loss = pg.aggregate_loss(
                 per_token, mask[rows], mode, max_len, num_sequences=b, num_tokens=tokens
             )
@@ -263,3 +267,302 @@ def test_pg_config_refuses_one_sample_groups_and_truncated_sampling():
             ConfigError, match="rollout.num_samples must be >= 2 for algo.advantage"
         ):
             load_config(PGConfig, overrides=[f"algo.advantage={name}", "rollout.num_samples=1"])
+
+
+def test_clip_indicators_hand_computed():
+    """low: ratio < 1 - eps_low with A < 0; high: ratio > 1 + eps_high with A > 0; not masked."""
+    log_ratio = torch.tensor(
+        [
+            [0.3, 0.2, -0.5],  # A > 0: 1.35 > 1.28 high; 1.22 inside; 0.61 below but A > 0
+            [-0.3, 0.5, -1.0],  # A < 0: 0.74 < 0.8 low; 1.65 above but A < 0; padded 0.37 low
+            [2.0, -2.0, 0.0],  # A = 0: never clipped
+        ]
+    )
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    logp = log_ratio.clone().requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    _, low, high = pg.clipped_policy_loss(logp, torch.zeros(3, 3), adv, mask, 0.2, 0.28)
+    assert low.dtype == high.dtype == torch.float32 and not low.requires_grad
+    assert low.tolist() == [[0, 0, 0], [1, 0, 1], [0, 0, 0]]
+    assert high.tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+    # sequence level: the [B, 1] ratio of the masked mean log-ratio, broadcast to [B, T]
+    log_ratio = torch.tensor([[0.3, 0.5, 9.0], [-0.2, -0.4, -0.3]])  # means 0.4 and -0.3
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    _, low, high = pg.clipped_policy_loss(
+        log_ratio, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask, 0.2, 0.28, "sequence"
+    )  # exp(0.4) = 1.49 > 1.28 with A > 0; exp(-0.3) = 0.74 < 0.8 with A < 0
+    assert high.tolist() == [[1, 1, 1], [0, 0, 0]] and low.tolist() == [[0, 0, 0], [1, 1, 1]]
+
+
+def _trl_importance_weights(old_per_token_logps, sampling_per_token_logps, mask, mode, lo, hi):
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions, trl/trainer/grpo_trainer.py lines
+    2662-2703, reproduced as the reference (self.* replaced by the arguments)."""
+    per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps) * mask
+    per_token_logps_diff = torch.nan_to_num(per_token_logps_diff, nan=0.0)
+    sequence_level_is = mode in ["sequence_mask", "sequence_truncate"]
+    if sequence_level_is:
+        per_sequence_logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)
+        logps_diff = per_sequence_logps_diff
+    else:
+        logps_diff = per_token_logps_diff
+    vllm_importance_sampling_ratio = torch.exp(logps_diff)
+    if mode in ["sequence_truncate", "token_truncate"]:
+        vllm_importance_sampling_ratio = torch.clamp(vllm_importance_sampling_ratio, min=lo, max=hi)
+    elif mode in ["sequence_mask", "token_mask"]:
+        min_val = lo if lo is not None else -math.inf
+        max_val = hi if hi is not None else math.inf
+        invalid_mis_mask = (vllm_importance_sampling_ratio < min_val) | (
+            vllm_importance_sampling_ratio > max_val
+        )
+        vllm_importance_sampling_ratio = vllm_importance_sampling_ratio.masked_fill(
+            invalid_mis_mask, value=0.0
+        )
+    return vllm_importance_sampling_ratio
+
+
+@pytest.mark.parametrize("mode", pg.TIS_MODES)
+def test_importance_weights_match_trl(mode):
+    nan = float("nan")
+    sampler = torch.tensor(
+        [[-1.0, -2.0, -3.0, -4.0], [-1.0, nan, -1.0, -1.0], [-2.0, -2.0, nan, nan]]
+    )
+    # log-ratios: row 0 [1.0 (e > cap), -0.1, -3.0 (below floor), pad 4.0]: sum -2.1 < log 0.2
+    # row 1 [0.2, NaN sampler, 0.3, 0.1]: sum 0.6; row 2 [0.5, 0.4, pad, pad]: sum 0.9 > log 2
+    trainer = sampler.nan_to_num(-1.0) + torch.tensor(
+        [[1.0, -0.1, -3.0, 4.0], [0.2, 0.0, 0.3, 0.1], [0.5, 0.4, 0.0, 0.0]]
+    )
+    trainer.requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])  # long, as TRL's
+    got = pg.importance_weights(trainer, sampler, mask, mode, cap=2.0, floor=0.2)
+    ref = _trl_importance_weights(trainer.detach(), sampler, mask, mode, 0.2, 2.0)
+    assert got.shape == ((3, 1) if mode.startswith("sequence") else (3, 4))
+    assert not got.requires_grad
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+    assert (got == 0).any() if mode.endswith("mask") else (got == 2.0).any()
+    # floor 0 is TRL's clip_min=None: no lower bound
+    got = pg.importance_weights(trainer, sampler, mask, mode, cap=2.0)
+    ref = _trl_importance_weights(trainer.detach(), sampler, mask, mode, None, 2.0)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+
+
+def test_importance_weights_unknown_mode():
+    with pytest.raises(ValueError, match="token_truncate.*sequence_mask"):
+        pg.importance_weights(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), "token")
+
+
+def test_nanstd_matches_trl():
+    from trl.trainer.utils import nanstd
+
+    nan = float("nan")
+    x = torch.tensor([[1.0, nan, 3.0, 4.0], [nan, nan, 2.0, nan], [nan] * 4, [0.5, 0.5, 1.0, 2.0]])
+    assert torch.allclose(pg._nanstd(x), nanstd(x), atol=1e-6)
+    for dim in (0, 1):
+        for keepdim in (False, True):
+            got, ref = pg._nanstd(x, dim, keepdim), nanstd(x, dim=dim, keepdim=keepdim)
+            assert got.shape == ref.shape
+            assert torch.allclose(got, ref, atol=1e-6, equal_nan=True)
+
+
+def _trl_advantages(rewards_per_func, reward_weights, num_generations, aggregation, scale_rewards):
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions, trl/trainer/grpo_trainer.py lines
+    2759-2810 (logging dropped), reproduced as the reference. [P*G, K] -> [P*G]."""
+    from trl.trainer.utils import nanstd
+
+    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    if aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
+        mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
+        if scale_rewards == "group":
+            if num_generations > 1:
+                std_rewards = nanstd(rewards.view(-1, num_generations), dim=1)
+                std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
+            else:
+                std_rewards = torch.zeros_like(rewards)
+        elif scale_rewards == "batch":
+            if rewards.numel() > 1:
+                std_rewards = nanstd(rewards).expand_as(rewards)
+            else:
+                std_rewards = torch.zeros_like(rewards)
+        advantages = rewards - mean_grouped_rewards
+        advantages = advantages / (std_rewards + 1e-4)
+    elif aggregation == "normalize_then_sum":
+        k = rewards_per_func.shape[1]
+        grouped = rewards_per_func.view(-1, num_generations, k)
+        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+        std_k = (
+            nanstd(grouped, dim=1, keepdim=True)
+            if num_generations > 1
+            else torch.zeros_like(mean_k)
+        )
+        reward_k = (grouped - mean_k) / (std_k + 1e-4)
+        reward_k = reward_k.view(-1, k)
+        rewards = (reward_k * reward_weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        std_rewards = (
+            nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        )
+        advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def _total(per_fn: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """The caller's total (rlx/rewards.py): weighted nansum, NaN when no reward applies."""
+    total = (per_fn * torch.tensor(weights)).nansum(-1)
+    total[per_fn.isnan().all(-1)] = float("nan")
+    return total
+
+
+def _gdpo_batch() -> tuple[torch.Tensor, list[float]]:
+    """[4, 4, 3] rewards with None (NaN) values, and weights."""
+    nan = float("nan")
+    per_fn = torch.tensor(
+        [
+            [[0.9, 1.0, 0.2], [0.1, 0.0, nan], [0.5, 1.0, 0.7], [0.3, 0.0, 0.1]],
+            # constant weighted total 1.5, varying individual rewards
+            [[1.0, 0.0, 0.25], [0.0, 2.0, 0.25], [1.0, 0.0, 0.25], [0.0, 2.0, 0.25]],
+            # an unscorable sample; reward 1 applies to one sample only (its std is NaN)
+            [[nan, nan, nan], [0.4, 3.0, 1.0], [0.8, nan, 0.0], [0.6, nan, 1.0]],
+            # reward 2 never applies in this group
+            [[1.0, 1.0, nan], [0.0, 1.0, nan], [1.0, 0.0, nan], [0.0, 0.0, nan]],
+        ]
+    )
+    return per_fn, [1.0, 0.5, 2.0]
+
+
+def test_normalize_then_sum_matches_trl():
+    per_fn, weights = _gdpo_batch()
+    p, g, k = per_fn.shape
+    total, lengths = _total(per_fn, weights), torch.ones(p, g)
+    assert torch.allclose(total[1], torch.full((g,), 1.5))
+    got = pg.weighted_advantages(
+        "grpo", total, per_fn, lengths, weights, "normalize_then_sum", eps=1e-4
+    )
+    ref = _trl_advantages(
+        per_fn.view(-1, k), torch.tensor(weights), g, "normalize_then_sum", "group"
+    )
+    assert torch.allclose(got, ref.view(p, g), rtol=0, atol=1e-6)
+    assert got[2, 0] == 0 and got[1].abs().min() > 0.1  # unscorable: 0; constant total: not 0
+    # one sample per prompt: TRL's std is 0 there
+    one = per_fn[0, :, None]  # [4, 1, 3]
+    got = pg.weighted_advantages(
+        "grpo", _total(one, weights), one, torch.ones(4, 1), weights, "normalize_then_sum", 1e-4
+    )
+    ref = _trl_advantages(one.view(-1, k), torch.tensor(weights), 1, "normalize_then_sum", "group")
+    assert torch.allclose(got, ref.view(4, 1), rtol=0, atol=1e-6)
+
+
+def test_groups_to_keep_with_per_reward_spread():
+    nan = float("nan")
+    per_fn = torch.tensor(
+        [
+            [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]],  # constant total, varying rewards: kept
+            [[1.0, nan], [1.0, 2.0], [1.0, 2.0]],  # totals vary, every reward constant: dropped
+            [[nan, nan], [0.0, 1.0], [1.0, 0.0]],  # a sample with no reward: dropped
+            [[nan, 1.0], [3.0, 1.0], [nan, 1.0]],  # one value of reward 0 only: dropped
+            [[0.0, 1.0], [0.0, 2.0], [0.0, 1.0]],  # reward 1 varies: kept
+        ]
+    )
+    total = _total(per_fn, [1.0, 1.0])
+    assert pg.groups_to_keep(total, True, per_fn).tolist() == [True, False, False, False, True]
+    assert pg.groups_to_keep(total, True).tolist() == [False, True, False, True, True]
+    assert pg.groups_to_keep(total, False, per_fn).tolist() == [True, True, False, True, True]
+    # kept_advantages passes per_fn for normalize_then_sum: the GDPO batch keeps groups 0, 1, 3
+    per_fn, weights = _gdpo_batch()
+    p, g, k = per_fn.shape
+    total, lengths = _total(per_fn, weights), torch.ones(p, g)
+    adv, keep = pg.kept_advantages(
+        "grpo", total, per_fn, lengths, weights, "normalize_then_sum", True, eps=1e-4
+    )
+    assert keep.tolist() == [True, True, False, True]
+    kept = per_fn[keep]
+    ref = _trl_advantages(kept.reshape(-1, k), torch.tensor(weights), g, "normalize_then_sum", "")
+    assert torch.allclose(adv[keep], ref.view(-1, g), rtol=0, atol=1e-6)
+    assert torch.equal(adv[~keep], torch.zeros(1, g))
+    _, keep = pg.kept_advantages(
+        "grpo", total, per_fn, lengths, weights, "sum_then_normalize", True
+    )  # the total of group 1 is constant: dropped
+    assert keep.tolist() == [True, False, False, True]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_grpo_reward_scaling_matches_trl(scale):
+    nan = float("nan")
+    per_fn = torch.tensor(
+        [
+            [[1.0, 0.5], [0.0, nan], [1.0, 0.0], [0.0, 1.0]],
+            [[3.0, 0.0], [3.0, 0.0], [3.0, 0.0], [3.0, 0.0]],  # all equal: std 0
+            [[0.2, nan], [0.7, 2.0], [nan, 4.0], [0.1, 0.3]],
+        ]
+    )
+    weights = [1.0, 0.5]
+    p, g, k = per_fn.shape
+    total, lengths = _total(per_fn, weights), torch.ones(p, g)
+    ref = _trl_advantages(per_fn.view(-1, k), torch.tensor(weights), g, "sum_then_normalize", scale)
+    ref = ref.view(p, g)
+    assert torch.allclose(pg.grpo_advantages(total, 1e-4, scale), ref, rtol=0, atol=1e-6)
+    got = pg.compute_advantages("grpo", total, scale_rewards=scale, eps=1e-4)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+    got = pg.weighted_advantages(
+        "grpo", total, per_fn, lengths, weights, "sum_then_normalize", 1e-4, scale_rewards=scale
+    )
+    assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+    got, keep = pg.kept_advantages(
+        "grpo",
+        total,
+        per_fn,
+        lengths,
+        weights,
+        "sum_then_normalize",
+        False,
+        1e-4,
+        scale_rewards=scale,
+    )
+    assert keep.all() and torch.allclose(got, ref, rtol=0, atol=1e-6)
+
+
+def test_advantage_options_refused():
+    total, per_fn, lengths = torch.zeros(1, 2), torch.zeros(1, 2, 1), torch.ones(1, 2)
+    for name in ("dr_grpo", "rloo", "reinforce", "reinforce_baseline"):
+        with pytest.raises(ValueError, match="scale_rewards='batch' is defined for advantage=grpo"):
+            pg.compute_advantages(name, total, lengths, scale_rewards="batch")
+        with pytest.raises(ValueError, match="normalize_then_sum is defined for advantage=grpo"):
+            pg.weighted_advantages(name, total, per_fn, lengths, [1.0], "normalize_then_sum")
+        with pytest.raises(ValueError, match="normalize_then_sum is defined for advantage=grpo"):
+            pg.kept_advantages(name, total, per_fn, lengths, [1.0], "normalize_then_sum", True)
+        with pytest.raises(ValueError, match="scale_rewards='batch' is defined for advantage=grpo"):
+            pg.kept_advantages(
+                name,
+                total,
+                per_fn,
+                lengths,
+                [1.0],
+                "sum_then_normalize",
+                True,
+                scale_rewards="batch",
+            )
+    with pytest.raises(ValueError, match="unknown scale_rewards"):
+        pg.compute_advantages("grpo", total, scale_rewards="none")
+    with pytest.raises(ValueError, match="unknown reward normalization"):
+        pg.weighted_advantages("grpo", total, per_fn, lengths, [1.0], "sum")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["algo.advantage=rloo", "algo.scale_rewards=batch"], "scale_rewards must be"),
+        (["algo.advantage=rloo", "algo.reward_normalization=normalize_then_sum"], "reward_norm"),
+        (["algo.tis_min=1.5"], "tis_min must be in"),
+        (["algo.ppo_epochs=0"], "ppo_epochs must be >= 1"),
+        (["algo.mini_batches=0"], "mini_batches must be >= 1"),
+        (["algo.tis_mode=sequence_clip"], "tis_mode"),
+    ],
+)
+def test_pg_config_refuses_bad_learner_knobs(overrides, message):
+    from rlx.config import ConfigError, load_config
+    from rlx.train_config import PGConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(PGConfig, overrides=overrides)
+    load_config(PGConfig, overrides=["algo.scale_rewards=batch", "algo.tis_mode=sequence_mask"])

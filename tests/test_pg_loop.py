@@ -147,8 +147,8 @@ def test_non_finite_loss_errors_or_skips(tiny_llama, tmp_path, length_reward, mo
     real = recipe.pg.clipped_policy_loss
 
     def nan_loss(*args, **kwargs):
-        per_token, clip = real(*args, **kwargs)
-        return per_token * float("nan"), clip
+        per_token, low, high = real(*args, **kwargs)
+        return per_token * float("nan"), low, high
 
     monkeypatch.setattr(recipe.pg, "clipped_policy_loss", nan_loss)
     extra = {"eval.enabled": "false", "steps": 1}
@@ -280,3 +280,88 @@ def test_hf_backend_run_on_cuda(tiny_llama, tmp_path, length_reward):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["logprob_gap_max"] < 0.05 and math.isfinite(r["loss"]) for r in rows)
     assert results["after"]["num_completions"] == 6
+
+
+def _crafted_step(recipe, model_path, tmp_path, **algo):
+    """A real policy, its optimizer and a crafted 4-prompt x 2-completion step, all kept."""
+    spec = importlib.util.spec_from_file_location("ddp", ROOT / "tests" / "pg_ddp_gradients.py")
+    crafted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crafted)
+    extra = {f"algo.{k}": v for k, v in algo.items()} | {"rollout.num_samples": 2}
+    cfg = load_config(PGConfig, overrides=overrides(model_path, tmp_path, "x:y", **extra))
+    model, tokenizer = recipe.load_policy(cfg.model, cfg.lora)
+    completions = crafted.crafted_completions(model.config.vocab_size)
+    total = torch.tensor(crafted.REWARDS["all_kept"])
+    lengths = torch.ones_like(total)
+    per_fn = total[..., None]
+    adv, keep = recipe.pg.kept_advantages(
+        "grpo", total, per_fn, lengths, [1.0], "sum_then_normalize", True
+    )
+    parts = recipe.mini_batch_parts(keep, cfg.algo.mini_batches)
+    num_parts, pad = int(parts.max()) + 1, tokenizer.pad_token_id
+    batches = recipe.local_mini_batches(cfg, completions, parts, adv, pad, num_parts)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    return cfg, model, optimizer, batches
+
+
+@pytest.mark.parametrize("epochs,minis", [(2, 2), (1, 1)])
+def test_ppo_epochs_and_mini_batches(tiny_llama, tmp_path, monkeypatch, epochs, minis):
+    """ppo_epochs x mini_batches optimizer steps; the old logprobs are taken once, before the
+    first; in the second epoch the ratio has moved and both clip bounds act. One epoch of one
+    mini-batch takes no separate old-logprob pass and its ratio is exactly 1."""
+    from accelerate import Accelerator
+
+    recipe = load_recipe()
+    cfg, model, optimizer, batches = _crafted_step(
+        recipe, tiny_llama, tmp_path, ppo_epochs=epochs, mini_batches=minis
+    )
+    assert len(batches) == minis and all(mb.batch.num_groups == 4 // minis for mb in batches)
+    events = []
+    real_logprobs, real_step = recipe.policy_logprobs, optimizer.step
+    monkeypatch.setattr(
+        recipe, "policy_logprobs", lambda *a: events.append("old") or real_logprobs(*a)
+    )
+    monkeypatch.setattr(optimizer, "step", lambda: events.append("step") or real_step())
+    trainable = list(model.parameters())
+    accelerator = Accelerator(cpu=True)
+    updates = recipe.update_policy(cfg, accelerator, model, None, optimizer, trainable, batches, 1)
+    assert len(updates) == epochs * minis
+    if (epochs, minis) == (1, 1):
+        assert events == ["step"] and updates[0]["ratio_dev_max"] == 0.0
+        return
+    assert events == ["old", "old"] + ["step"] * 4  # old logprobs of both mini-batches, once
+    assert updates[0]["ratio_dev_max"] == 0.0  # the first update sees the old policy itself
+    for second_epoch in updates[2:]:
+        assert second_epoch["ratio_dev_max"] > 0.3
+        assert second_epoch["clip_low"] > 0 and second_epoch["clip_high"] > 0
+
+
+def test_ppo_epochs_run_logs_updates_and_clip_bounds(tiny_llama, tmp_path, length_reward):
+    """The loop wires the knobs: a step makes ppo_epochs x mini_batches updates and logs them."""
+    extra = {"eval.enabled": "false", "steps": 1, "algo.ppo_epochs": 2, "algo.mini_batches": 2}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
+    )
+    load_recipe().train(cfg)
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert row["updates"] == 4 and row["train_flops_per_s"] > 0
+    assert 0 <= row["clip_low_fraction"] <= 1 and 0 <= row["clip_high_fraction"] <= 1
+
+
+def test_mask_truncated_completions_weighs_them_zero(tiny_llama, tmp_path):
+    """mask_truncated_completions: a completion cut at max_new_tokens gets loss weight 0 (and
+    still has its tokens in the batch: the mask is the loss's, not the attention's)."""
+    from rlx.rollout.base import Completion
+
+    recipe = load_recipe()
+    completions = [
+        Completion(i // 2, [5, 6], [7, 8], [-1.0, -1.0], "", "length" if i == 3 else "stop")
+        for i in range(8)
+    ]
+    parts = torch.zeros(4, dtype=torch.long)  # every group in the one mini-batch
+    for masked, expected in ((False, [1.0] * 8), (True, [1, 1, 1, 0, 1, 1, 1, 1])):
+        extra = {"rollout.num_samples": 2, "algo.mask_truncated_completions": masked}
+        cfg = load_config(PGConfig, overrides=overrides(tiny_llama, tmp_path, "x:y", **extra))
+        (mini,) = recipe.local_mini_batches(cfg, completions, parts, torch.ones(4, 2), 0, 1)
+        assert mini.weights.tolist() == expected
+        assert mini.batch.completion_mask.sum() == 16

@@ -4,9 +4,11 @@ Every learner of the family is one choice from each table below; the training lo
 recipes/pg.py calls these and nothing else does the math. Shapes: P prompts, G completions per
 prompt, B = P*G sequences, T completion tokens (right-padded), V vocabulary.
 
-    advantages  ADVANTAGES[name](rewards [P, G]) -> [P, G]
+    advantages  ADVANTAGES[name](rewards [P, G]) -> [P, G]; several rewards: kept_advantages(...)
     logprobs    token_logprobs(logits [B, T, V], tokens [B, T]) -> [B, T]
-    loss        clipped_policy_loss(...) -> per-token loss [B, T]; aggregate_loss(...) -> scalar
+    loss        clipped_policy_loss(...) -> per-token loss, low / high clip indicators [B, T];
+                aggregate_loss(...) -> scalar
+    sampler IS  importance_weights(logp_trainer, logp_sampler, mask, mode) -> [B, T] or [B, 1]
 
 Deviations from the papers, on purpose: REINFORCE++ whitens per-sequence rewards weighted by token
 count (identical to whitening over all tokens when every token of a sequence shares its advantage,
@@ -22,14 +24,34 @@ import torch
 
 EPS = 1e-6  # guards divisions by a zero std (all-equal groups)
 
+REWARD_SCALES = ("group", "batch")
+"""TRL's scale_rewards: divide by the std of the group or of the whole batch (GRPO only)."""
+
 
 # ----------------------------------------------------------------------------- advantages
 
 
-def grpo_advantages(rewards: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(r - group mean) / (group std + eps); std is the unbiased one, as in TRL. [P, G] -> [P, G]."""
+def _nanstd(values: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Unbiased std ignoring NaNs, as TRL's nanstd: NaN where fewer than 2 values are not NaN."""
+    dims = tuple(range(values.dim())) if dim is None else (dim,)
+    mean = values.nanmean(dim=dims, keepdim=True)
+    var = ((values - mean) ** 2).nanmean(dim=dims, keepdim=keepdim)
+    count = (~values.isnan()).sum(dim=dims, keepdim=keepdim).to(values.dtype)
+    var = torch.where(count > 1, var * count / (count - 1), torch.full_like(var, float("nan")))
+    return var.sqrt()
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = EPS, scale: str = "group") -> torch.Tensor:
+    """(r - group mean) / (std + eps). [P, G] -> [P, G]. The std is the unbiased one, as in TRL,
+    of the group (scale "group") or of every reward of the batch (scale "batch", TRL's
+    scale_rewards="batch"); 0 when there is a single value."""
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"unknown reward scale {scale!r}: choose one of {REWARD_SCALES}")
     mean = rewards.mean(dim=1, keepdim=True)  # [P, 1]
-    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    if scale == "batch":
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(mean)  # scalar
+    else:
+        std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
     return (rewards - mean) / (std + eps)
 
 
@@ -76,16 +98,34 @@ ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def compute_advantages(
-    name: str, rewards: torch.Tensor, lengths: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Dispatch by name; `lengths` [P, G] only matters for the globally whitened estimators."""
+def _check_estimator(name: str, scale_rewards: str) -> None:
     if name not in ADVANTAGES:
         raise ValueError(
             f"unknown advantage estimator {name!r}: choose one of {sorted(ADVANTAGES)}"
         )
+    if scale_rewards not in REWARD_SCALES:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}: choose one of {REWARD_SCALES}")
+    if scale_rewards != "group" and name != "grpo":
+        raise ValueError(
+            f"scale_rewards={scale_rewards!r} is defined for advantage=grpo, not {name}"
+        )
+
+
+def compute_advantages(
+    name: str,
+    rewards: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    scale_rewards: str = "group",
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Dispatch by name; `lengths` [P, G] only matters for the globally whitened estimators,
+    `scale_rewards` ("group" or "batch") only for grpo, `eps` for those dividing by a std."""
+    _check_estimator(name, scale_rewards)
     if name.startswith("reinforce"):
-        return ADVANTAGES[name](rewards, lengths)
+        return ADVANTAGES[name](rewards, lengths, eps)
+    if name == "grpo":
+        return grpo_advantages(rewards, eps, scale_rewards)
     return ADVANTAGES[name](rewards)
 
 
@@ -139,7 +179,10 @@ def clipped_policy_loss(
     """PPO clip with separate bounds: -min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A).
 
     logp, logp_old, mask: [B, T]; advantages: [B]. level "token" (GRPO / DAPO) or "sequence"
-    (GSPO: one ratio per sequence). Returns (per-token loss [B, T], clipped fraction of tokens).
+    (GSPO: one ratio per sequence, broadcast over the tokens). Returns (per-token loss [B, T],
+    low_clipped [B, T], high_clipped [B, T]); the indicators are 0/1 floats, as TRL's metrics:
+    low = ratio < 1 - eps_low with A < 0, high = ratio > 1 + eps_high with A > 0. They are not
+    masked (the caller masks).
     """
     if level == "token":
         log_ratio = logp - logp_old  # [B, T]
@@ -152,9 +195,10 @@ def clipped_policy_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.min(unclipped, clipped).expand_as(logp)  # [B, T]
-    was_clipped = (clipped < unclipped).expand_as(logp).float()
-    clip_fraction = (was_clipped * mask).sum() / mask.sum().clamp(min=1)
-    return per_token, clip_fraction
+    with torch.no_grad():
+        low = ((ratio < 1 - eps_low) & (adv < 0)).expand_as(logp).float()  # [B, T]
+        high = ((ratio > 1 + eps_high) & (adv > 0)).expand_as(logp).float()
+    return per_token, low, high
 
 
 def aggregate_loss(
@@ -191,6 +235,32 @@ def aggregate_loss(
     )
 
 
+NORMALIZATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def _check_options(name: str, normalization: str, scale_rewards: str) -> None:
+    _check_estimator(name, scale_rewards)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"unknown reward normalization {normalization!r}: choose one of {NORMALIZATIONS}"
+        )
+    if normalization == "normalize_then_sum" and name != "grpo":
+        raise ValueError(f"normalize_then_sum is defined for advantage=grpo, not {name}")
+
+
+def _normalize_then_sum(per_fn: torch.Tensor, weights: list[float], eps: float) -> torch.Tensor:
+    """GDPO (TRL's normalize_then_sum): each reward normalised in its group, weighted sum, then
+    normalised over the batch. NaN rewards are skipped; a sample with no reward gets 0. -> [P, G]."""
+    g = per_fn.shape[1]
+    mean = per_fn.nanmean(dim=1, keepdim=True)  # [P, 1, K]
+    std = _nanstd(per_fn, dim=1, keepdim=True) if g > 1 else torch.zeros_like(mean)
+    w = torch.tensor(weights, dtype=per_fn.dtype, device=per_fn.device)  # [K]
+    summed = ((per_fn - mean) / (std + eps) * w).nansum(-1)  # [P, G]
+    summed[per_fn.isnan().all(-1)] = float("nan")  # unscorable: out of the batch statistics
+    std = _nanstd(summed) if summed.numel() > 1 else torch.zeros_like(summed)
+    return torch.nan_to_num((summed - summed.nanmean()) / (std + eps), nan=0.0)
+
+
 def weighted_advantages(
     name: str,
     total: torch.Tensor,
@@ -198,28 +268,38 @@ def weighted_advantages(
     lengths: torch.Tensor,
     weights: list[float],
     normalization: str,
+    eps: float = EPS,
+    *,
+    scale_rewards: str = "group",
 ) -> torch.Tensor:
     """[P, G] advantages of several rewards. `total` [P, G] is their weighted sum, `per_fn`
-    [P, G, K] each function's reward, `lengths` [P, G] completion lengths. "sum_then_normalize":
-    the advantage of the total; "normalize_then_sum": the weighted sum of each reward's own
-    advantages. NaN rewards ("not applicable") count as 0."""
-    if normalization == "sum_then_normalize":
-        return compute_advantages(name, torch.nan_to_num(total), lengths)
-    if normalization != "normalize_then_sum":
-        raise ValueError(f"unknown reward normalization {normalization!r}")
-    adv = torch.zeros_like(total)
-    for k, weight in enumerate(weights):
-        adv += weight * compute_advantages(name, torch.nan_to_num(per_fn[..., k]), lengths)
-    return adv
+    [P, G, K] each function's reward (NaN: "not applicable"), `lengths` [P, G] completion lengths.
+    "sum_then_normalize": the advantage of the total (NaN counts as 0). "normalize_then_sum"
+    (grpo only, as TRL; scale_rewards does not apply): see _normalize_then_sum."""
+    _check_options(name, normalization, scale_rewards)
+    if normalization == "normalize_then_sum":
+        return _normalize_then_sum(per_fn, weights, eps)
+    return compute_advantages(
+        name, torch.nan_to_num(total), lengths, scale_rewards=scale_rewards, eps=eps
+    )
 
 
-def groups_to_keep(total: torch.Tensor, dynamic_sampling: bool) -> torch.Tensor:
+def groups_to_keep(
+    total: torch.Tensor, dynamic_sampling: bool, per_fn: torch.Tensor | None = None
+) -> torch.Tensor:
     """[P] bool: groups with a reward for every sample and, with dynamic sampling (DAPO), whose
-    rewards are not all equal (such a group has zero advantage everywhere). One-sample groups
-    (REINFORCE++ with num_samples=1) have no spread to test and are kept."""
+    rewards are not all equal (such a group has zero advantage everywhere). Given `per_fn`
+    [P, G, K] (normalize_then_sum), a group is kept when any one reward's non-NaN values vary,
+    even if the total does not. One-sample groups (REINFORCE++ with num_samples=1) have no spread
+    to test and are kept."""
     keep = torch.isfinite(total).all(dim=1)
     if dynamic_sampling and total.shape[1] > 1:
-        keep &= (total.max(dim=1).values - total.min(dim=1).values) > 1e-9
+        if per_fn is None:
+            keep &= (total.max(dim=1).values - total.min(dim=1).values) > 1e-9
+        else:
+            top = per_fn.nan_to_num(nan=-torch.inf).amax(dim=1)  # [P, K]; -inf: no value
+            bottom = per_fn.nan_to_num(nan=torch.inf).amin(dim=1)
+            keep &= ((top - bottom) > 1e-9).any(dim=-1)
     return keep
 
 
@@ -235,15 +315,28 @@ def kept_advantages(
     weights: list[float],
     normalization: str,
     dynamic_sampling: bool,
+    eps: float = EPS,
+    *,
+    scale_rewards: str = "group",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages [P, G], keep [P]): which groups train, then their advantages computed over the
     kept groups only (filter first, then normalise, as verl's DAPO does), 0 for dropped groups.
-    The order matters for the batch-whitened estimators (reinforce, reinforce_baseline)."""
-    keep = groups_to_keep(total, dynamic_sampling)  # [P]
+    The order matters for the batch-normalised advantages (reinforce, reinforce_baseline,
+    scale_rewards="batch", normalize_then_sum)."""
+    _check_options(name, normalization, scale_rewards)
+    spread = per_fn if normalization == "normalize_then_sum" else None
+    keep = groups_to_keep(total, dynamic_sampling, spread)  # [P]
     advantages = torch.zeros_like(total)  # [P, G]
     if keep.any():
         advantages[keep] = weighted_advantages(
-            name, total[keep], per_fn[keep], lengths[keep], weights, normalization
+            name,
+            total[keep],
+            per_fn[keep],
+            lengths[keep],
+            weights,
+            normalization,
+            eps,
+            scale_rewards=scale_rewards,
         )
     return advantages, keep
 
@@ -254,8 +347,31 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
-def truncated_is_weights(
-    logp_trainer: torch.Tensor, logp_sampler: torch.Tensor, cap: float = 2.0
+TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""TRL's vllm_importance_sampling_mode: one ratio per token or per sequence, truncated or masked."""
+
+
+@torch.no_grad()
+def importance_weights(
+    logp_trainer: torch.Tensor,
+    logp_sampler: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token_truncate",
+    cap: float = 2.0,
+    floor: float = 0.0,
 ) -> torch.Tensor:
-    """TIS: min(exp(logp_trainer - logp_sampler), cap), detached. Corrects vLLM/trainer mismatch."""
-    return torch.exp(logp_trainer - logp_sampler).clamp(max=cap).detach()
+    """Importance weights pi_trainer / pi_sampler correcting the sampler/trainer mismatch (TIS).
+
+    [B, T] inputs -> [B, T] (token modes) or [B, 1] (sequence modes: exp of the summed log-ratio),
+    detached. Padding and NaN sampler logprobs give log-ratio 0. *_truncate clamps the ratio to
+    [floor, cap]; *_mask sets ratios outside [floor, cap] to 0.
+    """
+    if mode not in TIS_MODES:
+        raise ValueError(f"unknown importance sampling mode {mode!r}: choose one of {TIS_MODES}")
+    diff = torch.nan_to_num((logp_trainer - logp_sampler) * mask, nan=0.0)  # [B, T]
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)  # [B, 1]
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=floor, max=cap)
+    return ratio.masked_fill((ratio < floor) | (ratio > cap), 0.0)
