@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh constraints/cpu.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) recipes/pg.py --config recipes/grpo.yaml
+	$(PY) recipes/pg.py --config recipes/grpo.yaml overwrite_output_dir=true
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -30,7 +30,6 @@ import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.hardware import auto_dtype, describe_choice
 from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.models import load_model_and_tokenizer
-from rlx.recipe import RunClock, finish_run, run_recipe, shutdown
+from rlx.recipe import RunClock, finish_run, prepare_output_dir, run_recipe, shutdown
 from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, encode_prompts, engine_dtype, make_engine
@@ -68,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: ESConfig) -> dict:
     """Run the loop; return eval.json's content."""
-    out = Path(cfg.output_dir)
     clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
-    accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=str(out),
+    accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=cfg.output_dir,
                               cpu=not torch.cuda.is_available())  # fmt: skip
+    out = prepare_output_dir(cfg, accelerator)
     world, rank, main_proc = (
         accelerator.num_processes,
         accelerator.process_index,

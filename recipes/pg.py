@@ -30,7 +30,6 @@ import contextlib
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ from rlx.policy import (
     load_policy,
     matmul_params,
 )
-from rlx.recipe import RunClock, finish_run, run_recipe, shutdown
+from rlx.recipe import RunClock, finish_run, prepare_output_dir, run_recipe, shutdown
 from rlx.reporting import read_eval, write_eval
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, engine_dtype, make_engine
@@ -81,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: PGConfig) -> dict:
     """Run the loop; return eval.json's content."""
-    out = Path(cfg.output_dir)
     clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
     # On CPU, Accelerator(cpu=True) under a multi-process launch selects MULTI_CPU over gloo.
-    accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=str(out),
+    accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=cfg.output_dir,
                               cpu=not torch.cuda.is_available())  # fmt: skip
+    out = prepare_output_dir(cfg, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     main_proc = accelerator.is_main_process
     if cfg.prompts_per_step % world:

@@ -5,11 +5,16 @@ A checkpoint is a folder `<output_dir>/checkpoints/step-<N>/` holding the traina
 `scheduler.pt`, `rng.pt` (python / numpy / torch generator states) and `state.json` (step, data
 position and anything else the loop needs). It is written to a hidden temporary folder and renamed
 into place, so a crash never leaves a half-written checkpoint under a real name.
+
+Loading never runs code from the folder: weights are safetensors, and the `.pt` files are read with
+`torch.load(weights_only=True)`, which accepts tensors and plain Python containers only (plus the
+numpy array type of the RNG state). A file that needs more is refused with CheckpointError.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 import tempfile
@@ -18,7 +23,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlx.errors import UserError
+
 PREFIX = "step-"
+
+
+class CheckpointError(UserError):
+    """A checkpoint to resume from is missing, incomplete, corrupt or unsafe to load."""
+
+
+def _numpy_globals() -> list:
+    """What unpickling numpy's RNG state needs: array reconstruction, no code execution."""
+    from numpy._core.multiarray import _reconstruct
+
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_pt(path: Path):
+    """torch.load(weights_only=True) with one clear error for a missing, corrupt or unsafe file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:  # what weights_only refuses
+        first = str(err).strip().splitlines()[-1][:200]
+        raise CheckpointError(f"{path}: refused, it holds more than tensors ({first})") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -67,25 +99,37 @@ def find_checkpoint(output_dir, resume_from: str) -> Path:
     if resume_from != "latest":
         path = Path(resume_from)
         if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"resume_from={resume_from}: not a checkpoint folder")
+            raise CheckpointError(
+                f"resume_from={resume_from}: not a checkpoint folder (no state.json); give a "
+                f"{checkpoint_root('<output_dir>')}/{PREFIX}<N> folder or resume_from=latest"
+            )
         return path
     steps = sorted(checkpoint_root(output_dir).glob(f"{PREFIX}*"))
     if not steps:
-        raise FileNotFoundError(
-            f"resume_from=latest: no checkpoint in {checkpoint_root(output_dir)}"
+        raise CheckpointError(
+            f"resume_from=latest: no checkpoint in {checkpoint_root(output_dir)}; "
+            "drop resume_from to start a new run"
         )
     return steps[-1]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states in place; return state.json."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable ({err})") from err
     weights = path / "model"
     file = weights / "adapter_model.safetensors"
     if not file.exists():
         file = weights / "model.safetensors"
-    tensors = load_file(file)
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
@@ -94,14 +138,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {path} does not match the model: missing {missing}, "
                 f"unexpected {unexpected}"
             )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(load_pt(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
+    set_rng_state(load_pt(path / "rng.pt"))
+    return state
 
 
 def checkpoint(accelerator, output_dir, step: int, model, optimizer, scheduler, cfg) -> None:

@@ -18,6 +18,7 @@ import json
 import sys
 
 from rlx.config import ConfigError, GenerateConfig, describe, load_config
+from rlx.errors import report_user_errors
 
 
 def _model_fetch(args) -> int:
@@ -51,6 +52,7 @@ def _generate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlx", description="RL and ES trainer for causal LMs")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     env = commands.add_parser(
@@ -88,15 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rlx.hardware import HardwareError
-    from rlx.rewards import RewardError
-    from rlx.tasks import TaskError
-
-    try:
-        return args.func(args)
-    except (ConfigError, TaskError, RewardError, FileNotFoundError, HardwareError) as err:
-        print(f"rlx: error: {err}", file=sys.stderr)
-        return 2
+    return report_user_errors("rlx", args.func, args, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from rlx.atomic import atomic_write_text
+from rlx.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config value. Messages raised in `__post_init__` start with the field name, so that
     `from_dict` can prefix the dotted path of the enclosing config (`rollout.` + `top_p must ...`)."""
 

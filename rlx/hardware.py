@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+from rlx.errors import UserError
+
 FORCE_ISA_ENV = "RLX_CPU_ISA"
 ISAS = ("avx2", "avx512", "avx512_bf16")
 VLLM_BUILDS = {"_C": "avx512_bf16", "_C_AVX512": "avx512", "_C_AVX2": "avx2"}
@@ -32,7 +34,7 @@ INT4_OP = "cpu_gemm_wna16"
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_vnni", "avx_vnni")
 
 
-class HardwareError(RuntimeError):
+class HardwareError(UserError, RuntimeError):
     """What the user asked for needs a kernel or device this machine does not have."""
 
 

@@ -4,7 +4,7 @@ of a run (final model, held-out evaluation, report, shutdown)."""
 from __future__ import annotations
 
 import argparse
-import sys
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,29 +14,35 @@ import torch
 
 from rlx.checkpoint import save_final_model
 from rlx.config import ConfigError, describe, load_config
+from rlx.errors import report_user_errors
 from rlx.evaluation import evaluate
 from rlx.metrics import plot_reward_curves
 from rlx.reporting import print_eval_table, write_eval
 
 
-def run_recipe(config_cls: type, train: Callable[[Any], Any], argv: list[str] | None,
-               description: str, prog: str) -> int:  # fmt: skip
-    """`--config file.yaml key.sub=value ...` -> config -> train(cfg). Exit status 2 on a bad config."""
-    parser = argparse.ArgumentParser(description=description.split("\n")[0])
+def run_recipe(
+    config_cls: type,
+    train: Callable[[Any], Any],
+    argv: list[str] | None,
+    description: str,
+    prog: str,
+) -> int:
+    """`--config file.yaml key.sub=value ...` -> config -> train(cfg). A user error (bad config,
+    data, reward, model, checkpoint) prints one line and returns 2 (rlx/errors.py)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description.split("\n")[0])
     parser.add_argument("--config", help=f"YAML recipe ({config_cls.__name__} keys)")
     parser.add_argument("--show-config", action="store_true", help="list every knob and exit")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
     if args.show_config:
         print(describe(config_cls))
         return 0
-    try:
-        cfg = load_config(config_cls, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+
+    def run() -> None:
+        train(load_config(config_cls, args.config, args.overrides))
+
+    return report_user_errors(prog, run, debug=args.debug)
 
 
 class RunClock:
@@ -82,6 +88,41 @@ class RunClock:
             if accelerator.reduce(flag, reduction="max").item() and reason is None:
                 reason = "another process ran out of time"
         return reason
+
+
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "eval.json",
+    "config.yaml",
+    "reward_curves.png",
+    "checkpoints",
+    "final",
+)
+"""What a run writes into output_dir (besides tracker logs)."""
+
+
+def prepare_output_dir(cfg, accelerator) -> Path:
+    """Check `output_dir` before anything is written to it, on every process. It must be a folder;
+    a new run (no resume_from) refuses one that already holds a run, unless overwrite_output_dir
+    is set, in which case the main process removes that run's outputs first."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out} is a file, not a folder; choose another output_dir")
+    held = [name for name in ("metrics.jsonl", "checkpoints") if (out / name).exists()]
+    if held and not cfg.resume_from:
+        if not cfg.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir={out} already holds a run ({', '.join(held)}): continue it with "
+                "resume_from=latest, start over with overwrite_output_dir=true, or choose "
+                "another output_dir"
+            )
+        accelerator.wait_for_everyone()  # every rank has checked before the main one removes
+        if accelerator.is_main_process:
+            for name in RUN_OUTPUTS:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return out
 
 
 def finish_run(cfg, out: Path, model, tokenizer, engine, eval_data, reward_fns, results: dict,

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from rlx.errors import UserError
+
 # "rewards/arithmetic.py:correctness" must work from any cwd, so relative files also resolve here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +34,7 @@ RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
 _file_modules: dict[Path, ModuleType] = {}
 
 
-class RewardError(ValueError):
+class RewardError(UserError, ValueError):
     """A reward spec could not be loaded, or a reward function misbehaved."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import datasets
 
+from rlx.errors import UserError
+
 SYSTEM_PROMPT = (
     "You are a helpful assistant that solves math word problems. Think briefly, step by step, "
     "then write the final answer as a single number inside <answer></answer> tags, "
@@ -67,7 +69,7 @@ TEMPLATES = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task name, task option or user dataset is invalid."""
 
 

@@ -172,6 +172,9 @@ class PGConfig:
     output_dir: str = knob("runs/pg", help="metrics, checkpoints, eval.json, plots")
     save_every: int = knob(0, help="checkpoint every k steps; 0 = only at the end")
     resume_from: str | None = knob(None, help='checkpoint folder, or "latest" in output_dir')
+    overwrite_output_dir: bool = knob(
+        False, help="a new run into an output_dir holding a run removes that run's outputs first"
+    )
     log_with: list[str] = knob(["tensorboard"], help="accelerate trackers: tensorboard, wandb")
     max_minutes: float = knob(0.0, help="stop training after this wall time; 0 = no limit")
     max_run_minutes: float = knob(

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlx.errors import UserError
 from rlx.models.smollm2 import fetch_smollm2
 
 # Aliases for models rlx ships or builds itself: name -> function returning the local folder.
 ALIASES = {"smollm2": fetch_smollm2}
+
+
+class ModelError(UserError, FileNotFoundError):
+    """A model name that is neither an alias, a model folder nor a hub id."""
 
 
 def resolve_model(name: str) -> str:
@@ -25,13 +30,13 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise ModelError(
                 f"model folder {path} has no config.json: pass an HF model folder "
                 f"(save_pretrained output), a hub id, or one of the aliases {sorted(ALIASES)}"
             )
         return str(path.resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(
+        raise ModelError(
             f"model folder {name} does not exist: pass an existing HF model folder, "
             f"a hub id like 'org/name', or one of the aliases {sorted(ALIASES)}"
         )

@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlx.errors import UserError
+
 GROUP_SIZES = (128, 64, 32)
 """Group sizes served on both vLLM-CPU and vLLM-GPU (Marlin), largest first."""
 
@@ -49,7 +51,7 @@ SHAPE_KEYS = (
 )
 
 
-class QuantError(ValueError):
+class QuantError(UserError, ValueError):
     """Bad input to quantize or export (raised before any work is done)."""
 
 
