@@ -45,8 +45,9 @@ BACKENDS = ("hf_batched", "vllm_lora", "inplace")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2",
-                   help='alias, HF folder, "tiny" or "random-0.5b" (built now)')  # fmt: skip
+    p.add_argument(
+        "--model", default="smollm2", help='alias, HF folder, "tiny" or "random-0.5b" (built now)'
+    )
     p.add_argument("--population", type=int, default=32, help="members N")
     p.add_argument("--prompts", type=int, default=4, help="prompts P per member (N*P sequences)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -112,8 +113,11 @@ def timed(fn) -> dict:
         start = time.perf_counter()
         completions = fn()
         seconds = time.perf_counter() - start
-    return {"tokens": sum(len(c.token_ids) for c in completions), "seconds": seconds,
-            "peak_bytes": mem.peak}  # fmt: skip
+    return {
+        "tokens": sum(len(c.token_ids) for c in completions),
+        "seconds": seconds,
+        "peak_bytes": mem.peak,
+    }
 
 
 def setup_rows(args, tokenizer):
@@ -126,9 +130,10 @@ def setup_rows(args, tokenizer):
     split = "test" if need <= 200 else "train"
     data = load_task_dataset("arithmetic", split, need, seed=0)
     rows = encode_prompts(tokenizer, data["prompt"])
-    plan = PopulationPlan(list(range(args.population)),
-                          [list(range(m * args.prompts, (m + 1) * args.prompts))
-                           for m in range(args.population)])  # fmt: skip
+    plan = PopulationPlan(
+        list(range(args.population)),
+        [list(range(m * args.prompts, (m + 1) * args.prompts)) for m in range(args.population)],
+    )
     return rows, plan
 
 
@@ -156,14 +161,22 @@ def run_worker(args) -> dict:
     everything = list(range(len(rows)))
     if name == "hf_batched":
         model = model.to(device)
-        backend = make_backend("hf_batched", model_name=args.model, noise=noise, shapes=shapes,
-                               model=model, tokenizer=tokenizer, ignore_eos=True)  # fmt: skip
+        backend = make_backend(
+            "hf_batched",
+            model_name=args.model,
+            noise=noise,
+            shapes=shapes,
+            model=model,
+            tokenizer=tokenizer,
+            ignore_eos=True,
+        )
         plain = lambda: hf_generate(model, tokenizer, rows, everything, sampling, True)  # noqa: E731
         engine = None
     elif name == "inplace":
         engine = vllm_engine(args, lora=False)
-        backend = make_backend("inplace", engine=engine, noise=noise, centre=params,
-                               ignore_eos=True)  # fmt: skip
+        backend = make_backend(
+            "inplace", engine=engine, noise=noise, centre=params, ignore_eos=True
+        )
 
         def plain():
             engine.llm.reset_prefix_cache()
@@ -190,9 +203,14 @@ def vllm_engine(args, lora: bool):
     from rlx.es.vllm_lora import engine_lora_rank
     from rlx.rollout.vllm_backend import VLLMEngine
 
-    return VLLMEngine(args.model, dtype=args.vllm_dtype, kv_cache_gib=args.kv_cache_gib,
-                      enable_lora=lora, max_loras=min(args.members_per_batch, args.population) + 1,
-                      max_lora_rank=engine_lora_rank(args.rank))  # fmt: skip
+    return VLLMEngine(
+        args.model,
+        dtype=args.vllm_dtype,
+        kv_cache_gib=args.kv_cache_gib,
+        enable_lora=lora,
+        max_loras=min(args.members_per_batch, args.population) + 1,
+        max_lora_rank=engine_lora_rank(args.rank),
+    )
 
 
 def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
@@ -211,12 +229,19 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
         engine = vllm_engine(args, lora=False)
         vllm_generate(engine.llm, rows[:4], everything[:4], sampling, None, True)  # warm-up
         engine.llm.reset_prefix_cache()
-        runs["plain"].append(timed(lambda e=engine: vllm_generate(e.llm, rows, everything,
-                                                                  sampling, None, True)))  # fmt: skip
+        runs["plain"].append(
+            timed(lambda e=engine: vllm_generate(e.llm, rows, everything, sampling, None, True))
+        )
         engine.close()
         engine = vllm_engine(args, lora=True)
-        backend = make_backend("vllm_lora", engine=engine, noise=noise, shapes=shapes,
-                               members_per_batch=per_batch, ignore_eos=True)  # fmt: skip
+        backend = make_backend(
+            "vllm_lora",
+            engine=engine,
+            noise=noise,
+            shapes=shapes,
+            members_per_batch=per_batch,
+            ignore_eos=True,
+        )
         backend.evaluate(rows, small, 0, sampling)  # warm-up (and the adapters of two members)
         engine.llm.reset_prefix_cache()
         runs["population"].append(timed(lambda b=backend: b.evaluate(rows, plan, 0, sampling)))
@@ -232,16 +257,19 @@ def summarize(result: dict) -> dict:
     def rates(phase):
         return [r["tokens"] / r["seconds"] for r in result[phase]]
 
-    out = {"backend": result["backend"], "population_tok_s": max(rates("population")),
-           "plain_tok_s": max(rates("plain")),
-           "population_tok_s_median": statistics.median(rates("population")),
-           "plain_tok_s_median": statistics.median(rates("plain")),
-           "tokens_per_run": result["population"][0]["tokens"],
-           "plain_tokens_per_run": result["plain"][0]["tokens"],
-           "seconds_plain": [round(r["seconds"], 2) for r in result["plain"]],
-           "seconds_population": [round(r["seconds"], 2) for r in result["population"]],
-           "peak_gib_plain": max(r["peak_bytes"] for r in result["plain"]) / 2**30,
-           "peak_gib_population": max(r["peak_bytes"] for r in result["population"]) / 2**30}  # fmt: skip
+    out = {
+        "backend": result["backend"],
+        "population_tok_s": max(rates("population")),
+        "plain_tok_s": max(rates("plain")),
+        "population_tok_s_median": statistics.median(rates("population")),
+        "plain_tok_s_median": statistics.median(rates("plain")),
+        "tokens_per_run": result["population"][0]["tokens"],
+        "plain_tokens_per_run": result["plain"][0]["tokens"],
+        "seconds_plain": [round(r["seconds"], 2) for r in result["plain"]],
+        "seconds_population": [round(r["seconds"], 2) for r in result["population"]],
+        "peak_gib_plain": max(r["peak_bytes"] for r in result["plain"]) / 2**30,
+        "peak_gib_population": max(r["peak_bytes"] for r in result["population"]) / 2**30,
+    }
     out["ratio_same_engine"] = out["population_tok_s"] / out["plain_tok_s"]
     out["ratio_of_medians"] = out["population_tok_s_median"] / out["plain_tok_s_median"]
     return out
@@ -257,10 +285,20 @@ def build_random_llama(out_dir: Path, vocab: int = 32000) -> Path:
 
     tokenizer = build_tokenizer()
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(vocab - len(tokenizer))])
-    config = LlamaConfig(vocab_size=vocab, hidden_size=1024, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-                         head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=1024,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     print(f"random Llama: {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B parameters")
@@ -292,8 +330,10 @@ def main(argv=None) -> int:
         return 0
     model = resolve_model(args)
     chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
-    print(f"model {args.model} ({model}), population {args.population} x {args.prompts} prompts, "
-          f"{args.max_new_tokens} new tokens, rank {args.rank}, {args.repeats} repeats")  # fmt: skip
+    print(
+        f"model {args.model} ({model}), population {args.population} x {args.prompts} prompts, "
+        f"{args.max_new_tokens} new tokens, rank {args.rank}, {args.repeats} repeats"
+    )
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     summaries = {}
@@ -319,14 +359,18 @@ def main(argv=None) -> int:
 
 def report(summaries: dict) -> None:
     fastest_plain = max((s["plain_tok_s"] for s in summaries.values()), default=0.0)
-    head = (f"{'backend':<11} {'pop tok/s':>10} {'plain tok/s':>11} {'ratio':>6} {'median':>6} "
-            f"{'vs fastest plain':>16} {'peak GiB plain/pop':>19}")  # fmt: skip
+    head = (
+        f"{'backend':<11} {'pop tok/s':>10} {'plain tok/s':>11} {'ratio':>6} {'median':>6} "
+        f"{'vs fastest plain':>16} {'peak GiB plain/pop':>19}"
+    )
     print(head)
     for s in summaries.values():
-        print(f"{s['backend']:<11} {s['population_tok_s']:>10.1f} {s['plain_tok_s']:>11.1f} "
-              f"{s['ratio_same_engine']:>6.3f} {s['ratio_of_medians']:>6.3f} "
-              f"{s['population_tok_s'] / fastest_plain:>16.3f} "
-              f"{s['peak_gib_plain']:>9.2f}/{s['peak_gib_population']:<9.2f}")  # fmt: skip
+        print(
+            f"{s['backend']:<11} {s['population_tok_s']:>10.1f} {s['plain_tok_s']:>11.1f} "
+            f"{s['ratio_same_engine']:>6.3f} {s['ratio_of_medians']:>6.3f} "
+            f"{s['population_tok_s'] / fastest_plain:>16.3f} "
+            f"{s['peak_gib_plain']:>9.2f}/{s['peak_gib_population']:<9.2f}"
+        )
     for s in summaries.values():
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()}))
 

@@ -63,43 +63,56 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="folder for exports (default: rlx cache)")
     p.add_argument(
-        "--finetuned", default=None,
+        "--finetuned",
+        default=None,
         help="fine-tuned model folder, e.g. an RL run's checkpoints/step-N/model from recipes/pg.py "
         "(default: the supervised stand-in, made and cached on first use)",
-    )  # fmt: skip
+    )
     p.add_argument("--base", default="smollm2", help="the model before fine-tuning")
     p.add_argument("--prompts", type=int, default=400, help="held-out prompts per evaluation")
     p.add_argument(
-        "--seeds", type=int, default=3,
+        "--seeds",
+        type=int,
+        default=3,
         help="calibration seeds per AWQ / QuantLRM variant (rows show the mean)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--task-options", type=yaml.safe_load, default={},
+        "--task-options",
+        type=yaml.safe_load,
+        default={},
         help="options of the arithmetic task, as YAML, for the held-out split and the calibration "
         "data: use the fine-tuned model's own, e.g. '{max_operand: 99, ops: [\"+\"]}' for "
         "recipes/grpo.yaml (default: the task's defaults)",
-    )  # fmt: skip
+    )
     p.add_argument("--bits", default="4,3", help="comma-separated bit widths")
     p.add_argument("--methods", default="rtn,awq,quantlrm")
     p.add_argument(
-        "--roundings", default="gptq",
+        "--roundings",
+        default="gptq",
         help="roundings of awq and quantlrm after their searches (rtn is always nearest)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--quant-threads", type=int, default=1,
+        "--quant-threads",
+        type=int,
+        default=1,
         help="torch threads while quantising (0 = default). 1 on a shared 2-core machine: when "
         "another process holds a core, 2 OpenMP threads made the search 6x slower (measured)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="QuantizeConfig override for every quantisation, e.g. --set act_order=false "
         "(repeatable; the bench's own settings - method, bits, rounding, seed - win)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--tune-steps", type=int, default=0,
+        "--tune-steps",
+        type=int,
+        default=0,
         help="also quantise every method at W4 with its scales tuned for this many steps "
         "(tune.steps; rlx/quant/tune.py), once per seed, as extra rows (0 = no such rows)",
-    )  # fmt: skip
+    )
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument(
         "--no-pseudo", action="store_true", help="skip QuantLRM W4 with pseudo-fine-tuned dW"
@@ -209,11 +222,18 @@ def main() -> None:
         untuned_rtn = method == "rtn" and not run_settings.tune.steps  # reads no calibration
         for seed in range(1 if untuned_rtn else args.seeds):
             cfg = dataclasses.replace(
-                run_settings, base=base, finetuned=finetuned, method=method, bits=bits,
-                group_size=128, rounding=rounding, calib=dataclasses.replace(calib, seed=seed),
-                out=str(root / f"{key.split()[0]}-w{bits}-seed{seed}"), overwrite=True,
+                run_settings,
+                base=base,
+                finetuned=finetuned,
+                method=method,
+                bits=bits,
+                group_size=128,
+                rounding=rounding,
+                calib=dataclasses.replace(calib, seed=seed),
+                out=str(root / f"{key.split()[0]}-w{bits}-seed{seed}"),
+                overwrite=True,
                 num_threads=args.quant_threads,
-            )  # fmt: skip
+            )
             result = quantize_model(cfg)
             exports.setdefault(key, []).append(str(result.out))
             seconds.setdefault(key, []).append(result.seconds["total"])
@@ -221,17 +241,25 @@ def main() -> None:
             console.print(f"{key} seed {seed}: {result.seconds['total']:.1f} s")
     if not args.no_pseudo and 4 in bits_list:  # QuantLRM as if there were no "before" checkpoint
         cfg = dataclasses.replace(
-            settings, base=None, finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
-            calib=calib, out=str(root / "quantlrm-pseudo-w4"), overwrite=True,
+            settings,
+            base=None,
+            finetuned=finetuned,
+            method="quantlrm",
+            bits=4,
+            group_size=128,
+            calib=calib,
+            out=str(root / "quantlrm-pseudo-w4"),
+            overwrite=True,
             num_threads=args.quant_threads,
-        )  # fmt: skip
+        )
         result = quantize_model(cfg)
         key = "quantlrm W4 g128, pseudo-FT dW"
         exports[key], seconds[key], served[key] = [str(result.out)], [result.seconds["total"]], 4
 
     # 3. held-out reward of every model: rows of (name, served as, [metrics per seed], seconds)
-    dataset = load_task_dataset("arithmetic", split="test", num_examples=args.prompts,
-                                **args.task_options)  # fmt: skip
+    dataset = load_task_dataset(
+        "arithmetic", split="test", num_examples=args.prompts, **args.task_options
+    )
     reward_fns = resolve_rewards("arithmetic", [])
     dense = {"bfloat16": "bf16", "float32": "fp32"}[auto_dtype("auto")]
     int4 = int4_serving_available()  # else W4 exports are evaluated dequantized in fp32
@@ -249,8 +277,10 @@ def main() -> None:
     qlrm4 = exports.get(f"{headline} W4 g128", [None])[0]  # seed 0's export: W4A8, tok/s
     if qlrm4 and int4:
         set_w4a8(True)
-        rows.append((f"{headline} W4 g128, seed 0", "int4 W4A8 (vLLM-CPU default)",
-                     [evaluate_model(qlrm4, dataset, reward_fns)], None))  # fmt: skip
+        w4a8_metrics = evaluate_model(qlrm4, dataset, reward_fns)
+        rows.append(
+            (f"{headline} W4 g128, seed 0", "int4 W4A8 (vLLM-CPU default)", [w4a8_metrics], None)
+        )
         set_w4a8(False)
 
     ft_reward = ft_metrics["reward_mean"]
@@ -261,19 +291,27 @@ def main() -> None:
             m["rewards"][reward] if reward else m["reward_mean"] for m in metrics
         )
 
-    table = Table(title=f"arithmetic test, {len(dataset)} prompts, greedy, vLLM in-process (CPU); "
-                  "quantised rows: mean over calibration seeds")  # fmt: skip
-    for col in ("model", "served as", "reward", "correct", "format", "retention",
-                "retention per seed", "quant s"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("model", "served as") else "right")
+    title = (
+        f"arithmetic test, {len(dataset)} prompts, greedy, vLLM in-process (CPU); "
+        "quantised rows: mean over calibration seeds"
+    )
+    table = Table(title=title)
+    left = ("model", "served as")
+    right = ("reward", "correct", "format", "retention", "retention per seed", "quant s")
+    for col in left + right:
+        table.add_column(col, justify="left" if col in left else "right")
     for name, served, metrics, secs in rows:
         per_seed = [m["reward_mean"] / ft_reward for m in metrics]
         table.add_row(
-            name, served, f"{mean(metrics):.3f}", f"{mean(metrics, 'correctness'):.3f}",
-            f"{mean(metrics, 'answer_format'):.3f}", f"{statistics.mean(per_seed):.3f}",
+            name,
+            served,
+            f"{mean(metrics):.3f}",
+            f"{mean(metrics, 'correctness'):.3f}",
+            f"{mean(metrics, 'answer_format'):.3f}",
+            f"{statistics.mean(per_seed):.3f}",
             " ".join(f"{r:.3f}" for r in per_seed) if len(per_seed) > 1 else "",
             f"{secs:.1f}" if secs is not None else "",
-        )  # fmt: skip
+        )
     console.print(table)
     for note in sorted(notes):
         console.print(f"note: {note}")
@@ -299,8 +337,9 @@ def main() -> None:
     console.print(f"load average while running: {load:.1f} (2 cores; other jobs share them)")
     q4 = next((m for name, s, m, _ in rows if name == f"{headline} W4 g128" and "W4" in s), None)
     for method in methods:
-        tuned4 = next((m for name, _, m, _ in rows if name.startswith(f"{method}+")
-                       and "+tune" in name), None)  # fmt: skip
+        tuned4 = next(
+            (m for name, _, m, _ in rows if name.startswith(f"{method}+") and "+tune" in name), None
+        )
         if tuned4 is not None:
             print(f"{method}_tuned_retention_w4={mean(tuned4) / ft_reward:.3f}")
     if q4 is not None:

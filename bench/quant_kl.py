@@ -42,22 +42,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--finetuned", required=True, help="the fine-tuned model folder")
     p.add_argument("--base", default="smollm2", help="the model before fine-tuning (QuantLRM dW)")
     p.add_argument(
-        "--variant", nargs="+", action="append", required=True, metavar=("LABEL", "KEY=VALUE"),
+        "--variant",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("LABEL", "KEY=VALUE"),
         help="a label and QuantizeConfig overrides; repeat for each variant (at least two)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--task-options", type=yaml.safe_load, default={},
+        "--task-options",
+        type=yaml.safe_load,
+        default={},
         help="arithmetic task options, for the held-out prompts and the calibration data",
-    )  # fmt: skip
+    )
     p.add_argument("--prompts", type=int, default=300, help="held-out prompts")
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds per variant")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument(
-        "--reference-rows", action="store_true",
+        "--reference-rows",
+        action="store_true",
         help="also rows for the fine-tuned model with its weights rounded to bf16 and with its "
         "linears rounded to nearest at 8, 6 and 5 bits (same group sizes): a scale for the KL",
-    )  # fmt: skip
+    )
     args = p.parse_args()
     if len(args.variant) < 2:
         p.error("give at least two --variant LABEL [KEY=VALUE ...]")
@@ -69,24 +76,32 @@ def shared_prefix(sequences: list[list[int]]) -> list[int]:
     first = sequences[0]
     n = len(first)
     for seq in sequences[1:]:
-        n = next((i for i, (a, b) in enumerate(zip(first[:n], seq, strict=False)) if a != b),
-                 min(n, len(seq)))  # fmt: skip
+        n = next(
+            (i for i, (a, b) in enumerate(zip(first[:n], seq, strict=False)) if a != b),
+            min(n, len(seq)),
+        )
     return first[: max(n - 1, 0)]
 
 
 class TeacherForced:
     """Per-token log-probabilities of fixed completions, batched, with the shared prefix cached."""
 
-    def __init__(self, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                 batch_size: int = 50):  # fmt: skip
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        pad_id: int,
+        batch_size: int = 50,
+    ):
         import torch
 
         self.prefix = shared_prefix(prompts)
         self.batches = []
         p = len(self.prefix)
         for i in range(0, len(prompts), batch_size):
-            pairs = list(zip(prompts[i : i + batch_size], completions[i : i + batch_size],
-                             strict=True))  # fmt: skip
+            pairs = list(
+                zip(prompts[i : i + batch_size], completions[i : i + batch_size], strict=True)
+            )
             width = max(len(a) + len(b) for a, b in pairs) - p
             ids = torch.full((len(pairs), width), pad_id)
             attention = torch.zeros((len(pairs), p + width), dtype=torch.long)
@@ -112,8 +127,9 @@ class TeacherForced:
                         input_ids=torch.tensor([self.prefix]), use_cache=True
                     ).past_key_values
                     cache.batch_repeat_interleave(ids.shape[0])
-                hidden = model.model(input_ids=ids, attention_mask=attention,
-                                     past_key_values=cache).last_hidden_state  # fmt: skip
+                hidden = model.model(
+                    input_ids=ids, attention_mask=attention, past_key_values=cache
+                ).last_hidden_state
                 logits = model.lm_head(hidden[predicts]).float()
                 out.append(torch.log_softmax(logits, -1))
         return out
@@ -123,8 +139,9 @@ class TeacherForced:
         import torch
 
         kl, agree, same, tokens, seqs = 0.0, 0, 0, 0, 0
-        for ref, got, (_ids, _att, predicts) in zip(reference, self.logprobs(model), self.batches,
-                                                    strict=True):  # fmt: skip
+        for ref, got, (_ids, _att, predicts) in zip(
+            reference, self.logprobs(model), self.batches, strict=True
+        ):
             kl += float((ref.exp() * (ref - got)).sum())
             match = ref.argmax(-1) == got.argmax(-1)
             agree += int(match.sum())
@@ -172,18 +189,22 @@ def main() -> None:
     console = Console(width=140)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dataset = load_task_dataset("arithmetic", split="test", num_examples=args.prompts,
-                                **args.task_options)  # fmt: skip
+    dataset = load_task_dataset(
+        "arithmetic", split="test", num_examples=args.prompts, **args.task_options
+    )
     t = time.perf_counter()
     engine = HFEngine(args.finetuned, batch_size=150)
     prompts = list(dataset["prompt"])
     sampling = Sampling(n=1, temperature=0.0, max_new_tokens=64, stop=["</answer>"])
     completions = [c.token_ids for c in engine.generate(prompts, sampling)]
-    forced = TeacherForced(encode_prompts(engine.tokenizer, prompts), completions,
-                           engine.tokenizer.pad_token_id or 0)  # fmt: skip
+    forced = TeacherForced(
+        encode_prompts(engine.tokenizer, prompts), completions, engine.tokenizer.pad_token_id or 0
+    )
     reference = forced.logprobs(engine.model)
-    console.print(f"reference: {len(prompts)} greedy completions, shared prefix "
-                  f"{len(forced.prefix)} tokens ({time.perf_counter() - t:.0f} s)")  # fmt: skip
+    console.print(
+        f"reference: {len(prompts)} greedy completions, shared prefix "
+        f"{len(forced.prefix)} tokens ({time.perf_counter() - t:.0f} s)"
+    )
 
     base = resolve_model(args.base)
     results: dict[str, list[dict]] = {}
@@ -202,33 +223,46 @@ def main() -> None:
             calib = dataclasses.replace(settings.calib, options=args.task_options)
             for seed in range(args.seeds):
                 cfg = dataclasses.replace(
-                    settings, base=base, finetuned=args.finetuned, bits=args.bits,
-                    calib=dataclasses.replace(calib, seed=seed), out=f"{tmp}/q", overwrite=True,
-                )  # fmt: skip
+                    settings,
+                    base=base,
+                    finetuned=args.finetuned,
+                    bits=args.bits,
+                    calib=dataclasses.replace(calib, seed=seed),
+                    out=f"{tmp}/q",
+                    overwrite=True,
+                )
                 result = quantize_model(cfg, show_progress=False)
                 row = forced.compare(reference, result.model)
                 row["seconds"] = result.seconds["total"]
                 results.setdefault(label, []).append(row)
-                console.print(f"{label} seed {seed}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in row.items()))  # fmt: skip
+                console.print(
+                    f"{label} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items())
+                )
 
-    table = Table(title=f"W{args.bits}, {len(prompts)} held-out prompts, mean over "
-                  f"{args.seeds} calibration seeds (KL: per completion token)")  # fmt: skip
-    for col in ("variant", "overrides", "KL", "KL per seed", "top-1 agree", "same greedy",
-                "quant s"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("variant", "overrides") else "right")
+    title = (
+        f"W{args.bits}, {len(prompts)} held-out prompts, mean over "
+        f"{args.seeds} calibration seeds (KL: per completion token)"
+    )
+    table = Table(title=title)
+    left = ("variant", "overrides")
+    right = ("KL", "KL per seed", "top-1 agree", "same greedy", "quant s")
+    for col in left + right:
+        table.add_column(col, justify="left" if col in left else "right")
     means = {}
     for label, overrides in labels:
         rows = results[label]
         means[label] = statistics.mean(r["kl"] for r in rows)
+        timed = rows[0]["seconds"] is not None
+        seconds = f"{statistics.mean(r['seconds'] for r in rows):.1f}" if timed else ""
         table.add_row(
-            label, overrides, f"{means[label]:.4f}",
+            label,
+            overrides,
+            f"{means[label]:.4f}",
             " ".join(f"{r['kl']:.4f}" for r in rows),
             f"{statistics.mean(r['agree'] for r in rows):.4f}",
             f"{statistics.mean(r['same_greedy'] for r in rows):.3f}",
-            "" if rows[0]["seconds"] is None
-            else f"{statistics.mean(r['seconds'] for r in rows):.1f}",
-        )  # fmt: skip
+            seconds,
+        )
     console.print(table)
     first, second = (v[0] for v in args.variant[:2])
     print(f"kl_ratio={means[first] / means[second]:.3f}")

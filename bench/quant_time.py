@@ -45,17 +45,25 @@ def parse_args() -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--finetuned", help="fine-tuned model folder (quantised)")
     src.add_argument(
-        "--random-init", metavar="DIR",
+        "--random-init",
+        metavar="DIR",
         help="build random base and fine-tuned models from DIR's config.json and tokenizer files",
-    )  # fmt: skip
+    )
     p.add_argument("--base", default="smollm2", help="the model before fine-tuning (--finetuned)")
     p.add_argument("--device", default="auto", help="QuantizeConfig.device: auto, cpu, cuda")
-    p.add_argument("--tune-steps", type=int, nargs="+", default=[0, 240],
-                   help="one run per value; the first is the baseline")  # fmt: skip
     p.add_argument(
-        "--task-options", type=yaml.safe_load, default={"max_operand": 99, "ops": ["+"]},
+        "--tune-steps",
+        type=int,
+        nargs="+",
+        default=[0, 240],
+        help="one run per value; the first is the baseline",
+    )
+    p.add_argument(
+        "--task-options",
+        type=yaml.safe_load,
+        default={"max_operand": 99, "ops": ["+"]},
         help="arithmetic task options of the calibration data (default: recipes/grpo.yaml's)",
-    )  # fmt: skip
+    )
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--json", default=None, help="also write the rows here")
     return p.parse_args()
@@ -97,21 +105,31 @@ def main() -> None:
         rows = []
         for i, steps in enumerate(args.tune_steps):
             cfg = QuantizeConfig(
-                base=base, finetuned=finetuned, method="quantlrm", bits=4, group_size=128,
+                base=base,
+                finetuned=finetuned,
+                method="quantlrm",
+                bits=4,
+                group_size=128,
                 calib=CalibrationConfig(options=args.task_options),
-                tune=TuneConfig(steps=steps), out=str(work / f"q{i}"),
-                device=args.device, num_threads=args.num_threads,
-            )  # fmt: skip
+                tune=TuneConfig(steps=steps),
+                out=str(work / f"q{i}"),
+                device=args.device,
+                num_threads=args.num_threads,
+            )
             result = quantize_model(cfg)
             meta = json.loads((result.out / "rlx_quant.json").read_text())
             kl = kl_first_last(meta["tune_kl"]) if meta["tune_kl"] else (None, None, 0)
-            rows.append({
-                "tune_steps": steps, "device": meta["device"],
-                "cuda_graph": (meta["tune"] or {}).get("cuda_graph", False),
-                "graph_error": (meta["tune"] or {}).get("cuda_graph_error"),
-                **{s: result.seconds.get(s, 0.0) for s in STAGES},
-                "tune_kl_first": kl[0], "tune_kl_last": kl[1],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "tune_steps": steps,
+                    "device": meta["device"],
+                    "cuda_graph": (meta["tune"] or {}).get("cuda_graph", False),
+                    "graph_error": (meta["tune"] or {}).get("cuda_graph_error"),
+                    **{s: result.seconds.get(s, 0.0) for s in STAGES},
+                    "tune_kl_first": kl[0],
+                    "tune_kl_last": kl[1],
+                }
+            )
             shutil.rmtree(result.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

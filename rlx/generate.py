@@ -29,12 +29,14 @@ def summary_table(summary: dict, title: str) -> Table:
     for name, value in summary["rewards"].items():
         table.add_row(f"  {name}", f"{value:.3f}")
     table.add_row("reward best-of-n", f"{summary['reward_best_of_n']:.3f}")
-    table.add_row("prompts x samples", f"{summary['num_prompts']} x "
-                  f"{summary['num_completions'] // max(summary['num_prompts'], 1)}")  # fmt: skip
+    per_prompt = summary["num_completions"] // max(summary["num_prompts"], 1)
+    table.add_row("prompts x samples", f"{summary['num_prompts']} x {per_prompt}")
     table.add_row("completion tokens (mean)", f"{summary['completion_tokens_mean']:.1f}")
     table.add_row("stopped (eos / stop string)", f"{summary['stopped_fraction']:.2f}")
-    table.add_row("generation", f"{summary['generate_seconds']:.1f} s, "
-                  f"{summary['tokens_per_second']:.0f} tok/s")  # fmt: skip
+    table.add_row(
+        "generation",
+        f"{summary['generate_seconds']:.1f} s, {summary['tokens_per_second']:.0f} tok/s",
+    )
     return table
 
 
@@ -64,10 +66,17 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None) -> dict:
         rewards = {
             n: _finite_or_none(v) for n, v in zip(scores.names, scores.per_function[i], strict=True)
         }
-        rows.append({"prompt_index": c.prompt_index, "completion": c.text,
-                     "reward": _finite_or_none(scores.total[i]), "rewards": rewards,
-                     "finish_reason": c.finish_reason, "token_ids": c.token_ids,
-                     "logprobs": c.logprobs})  # fmt: skip
+        rows.append(
+            {
+                "prompt_index": c.prompt_index,
+                "completion": c.text,
+                "reward": _finite_or_none(scores.total[i]),
+                "rewards": rewards,
+                "finish_reason": c.finish_reason,
+                "token_ids": c.token_ids,
+                "logprobs": c.logprobs,
+            }
+        )
     atomic_write_jsonl(out / "completions.jsonl", rows)
     atomic_write_json(out / "summary.json", summary)
     save_config(cfg, str(out / "config.yaml"))

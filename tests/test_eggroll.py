@@ -36,8 +36,9 @@ def test_same_shape_parameters_get_different_noise():
     e_q1 = eg.perturbation(s, "layers.1.q_proj.weight", SHAPE, 0, 0)
     assert not torch.allclose(e_q, e_k) and not torch.allclose(e_q, e_q1)
     full = spec(kind="full_rank")
-    assert not torch.allclose(eg.perturbation(full, "a", SHAPE, 0, 0),
-                              eg.perturbation(full, "b", SHAPE, 0, 0))  # fmt: skip
+    assert not torch.allclose(
+        eg.perturbation(full, "a", SHAPE, 0, 0), eg.perturbation(full, "b", SHAPE, 0, 0)
+    )
 
 
 def test_noise_key_depends_on_seed_epoch_reuse_and_pair():
@@ -160,9 +161,12 @@ def test_es_converges_on_a_quadratic(optimizer):
     start = float((w - target).norm())
     for epoch in range(150):
         f = torch.tensor(
-            [-float((w + eg.perturbation(s, "w", w.shape, epoch, i) - target).pow(2).sum())
-             for i in range(32)], dtype=torch.float64,
-        )  # fmt: skip
+            [
+                -float((w + eg.perturbation(s, "w", w.shape, epoch, i) - target).pow(2).sum())
+                for i in range(32)
+            ],
+            dtype=torch.float64,
+        )
         norm = eg.set_es_gradients(s, {"w": w}, epoch, eg.shape_fitness("zscore", f[:, None]))
         assert norm > 0
         opt.step()
@@ -179,9 +183,12 @@ def test_linear_regression_converges():
     opt = eg.make_optimizer("sgd", [w], lr=0.05)
     for epoch in range(200):
         f = torch.tensor(
-            [-float((x @ (w + eg.perturbation(s, "w", w.shape, epoch, i)).T - y).pow(2).mean())
-             for i in range(16)], dtype=torch.float64,
-        )  # fmt: skip
+            [
+                -float((x @ (w + eg.perturbation(s, "w", w.shape, epoch, i)).T - y).pow(2).mean())
+                for i in range(16)
+            ],
+            dtype=torch.float64,
+        )
         eg.set_es_gradients(s, {"w": w}, epoch, eg.shape_fitness("zscore", f[:, None]))
         opt.step()
     assert float((w - w_true).norm()) < 0.1 * float(w_true.norm())
@@ -200,8 +207,13 @@ def test_low_rank_update_approaches_full_rank_as_rank_grows():
             a, b = eg.population_factors(s, "w", w.shape, 0, list(range(n)))
             f = torch.sin(w + a @ b.transpose(1, 2)).sum(dim=(1, 2)).double()
         else:
-            f = torch.tensor([float(torch.sin(w + eg.perturbation(s, "w", w.shape, 0, i)).sum())
-                              for i in range(n)], dtype=torch.float64)  # fmt: skip
+            f = torch.tensor(
+                [
+                    float(torch.sin(w + eg.perturbation(s, "w", w.shape, 0, i)).sum())
+                    for i in range(n)
+                ],
+                dtype=torch.float64,
+            )
         return eg.step_direction(s, "w", w.shape, 0, f)
 
     full = expected_direction("full_rank", 1)
@@ -215,8 +227,11 @@ def test_evolved_parameters_pick_linear_weights_only(tiny_llama, tiny_tied):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     names = eg.evolved_parameters(model, ["q_proj", "down_proj"])
-    assert sorted(names) == [f"model.layers.{i}.{m}.weight" for i in (0, 1)
-                             for m in ("mlp.down_proj", "self_attn.q_proj")]  # fmt: skip
+    assert sorted(names) == [
+        f"model.layers.{i}.{m}.weight"
+        for i in (0, 1)
+        for m in ("mlp.down_proj", "self_attn.q_proj")
+    ]
     every = eg.evolved_parameters(model, ["all-linear"])
     assert "lm_head.weight" in every and len(every) == 15  # 7 per layer + untied head
     assert not any("norm" in n or "embed" in n for n in every)

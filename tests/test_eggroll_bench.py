@@ -11,13 +11,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "eggroll_throughput.py"
-SMALL = ["--model", "tiny", "--population", "4", "--prompts", "1", "--max-new-tokens", "4",
-         "--repeats", "1"]  # fmt: skip
+SMALL = ["--model", "tiny", "--population", "4", "--prompts", "1", "--max-new-tokens", "4"]
+SMALL += ["--repeats", "1"]
 
 
 def run_bench(backends: str) -> list[str]:
-    out = subprocess.run([sys.executable, str(BENCH), *SMALL, "--backends", backends], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(BENCH), *SMALL, "--backends", backends],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()
 

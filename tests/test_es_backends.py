@@ -26,8 +26,12 @@ def setup(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     params = evolved_parameters(model, TARGETS)
     engine = HFEngine(tiny_llama)
-    return {"path": tiny_llama, "params": params, "tokenizer": engine.tokenizer,
-            "ids": encode_prompts(engine.tokenizer, PROMPTS)}  # fmt: skip
+    return {
+        "path": tiny_llama,
+        "params": params,
+        "tokenizer": engine.tokenizer,
+        "ids": encode_prompts(engine.tokenizer, PROMPTS),
+    }
 
 
 def merged_greedy(setup, member: int, kind_spec=SPEC) -> list[list[int]]:
@@ -40,8 +44,12 @@ def merged_greedy(setup, member: int, kind_spec=SPEC) -> list[list[int]]:
         out = []
         for ids in setup["ids"]:
             t = torch.tensor([ids])
-            gen = model.generate(t, max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
-                                 pad_token_id=setup["tokenizer"].pad_token_id)  # fmt: skip
+            gen = model.generate(
+                t,
+                max_new_tokens=GREEDY.max_new_tokens,
+                do_sample=False,
+                pad_token_id=setup["tokenizer"].pad_token_id,
+            )
             tokens = gen[0, len(ids) :].tolist()
             eos = setup["tokenizer"].eos_token_id
             out.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
@@ -61,8 +69,14 @@ def shapes(setup):
 
 
 def test_hf_batched_equals_merged_weights(setup):
-    backend = make_backend("hf_batched", model_name=setup["path"], noise=SPEC,
-                           shapes=shapes(setup), dtype="float32", members_per_batch=3)  # fmt: skip
+    backend = make_backend(
+        "hf_batched",
+        model_name=setup["path"],
+        noise=SPEC,
+        shapes=shapes(setup),
+        dtype="float32",
+        members_per_batch=3,
+    )
     plan = plan_population(4, 2, "all", [0, 1, 2, 3])
     got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
     for m in plan.members:
@@ -73,12 +87,19 @@ def test_hf_batched_equals_merged_weights(setup):
 
 
 def test_vllm_lora_equals_merged_weights_and_frees_slots(setup):
-    engine = VLLMEngine(setup["path"], dtype="float32", max_model_len=256, enable_lora=True,
-                        max_loras=3, max_lora_rank=engine_lora_rank(SPEC.rank))  # fmt: skip
+    engine = VLLMEngine(
+        setup["path"],
+        dtype="float32",
+        max_model_len=256,
+        enable_lora=True,
+        max_loras=3,
+        max_lora_rank=engine_lora_rank(SPEC.rank),
+    )
     try:
         plain_before = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
-        backend = make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup),
-                               members_per_batch=2)  # fmt: skip
+        backend = make_backend(
+            "vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup), members_per_batch=2
+        )
         plan = plan_population(6, 2, "all", list(range(6)))  # 6 adapters through 3 slots
         got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
         for m in (0, 1, 5):
@@ -91,8 +112,9 @@ def test_vllm_lora_equals_merged_weights_and_frees_slots(setup):
         with pytest.raises(ValueError, match="every row an adapter"):
             vllm_generate(engine.llm, setup["ids"], [0, 1], GREEDY, [backend.request(0, 0), None])
         with pytest.raises(ValueError, match="max_loras"):
-            make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup),
-                         members_per_batch=3)  # fmt: skip
+            make_backend(
+                "vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup), members_per_batch=3
+            )
         backend.close()
     finally:
         engine.close()

@@ -20,8 +20,18 @@ from rlx.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "es.py"
-REQUIRED = {"step", "reward_mean", "reward_max", "fitness_std", "update_norm", "tokens_per_s",
-            "time_population_s", "time_update_s", "time_sync_s", "step_time_s"}  # fmt: skip
+REQUIRED = {
+    "step",
+    "reward_mean",
+    "reward_max",
+    "fitness_std",
+    "update_norm",
+    "tokens_per_s",
+    "time_population_s",
+    "time_update_s",
+    "time_sync_s",
+    "step_time_s",
+}
 
 
 def load_recipe():
@@ -46,11 +56,21 @@ def vowel_reward(tmp_path_factory):
 
 def overrides(model, out, reward, **extra) -> list[str]:
     base = {
-        "model.name": model, "rollout.backend": "hf", "rollout.max_new_tokens": 8,
-        "es.population_size": 8, "es.sigma": 0.01, "es.lr": 0.01, "es.population_dtype": "float32",
-        "prompts_per_step": 2, "steps": 3, "eval.num_prompts": 6, "eval.max_new_tokens": 8,
-        "output_dir": str(out), "log_with": "[]", "rewards": f"[{{func: '{reward}:vowels'}}]",
-    }  # fmt: skip
+        "model.name": model,
+        "rollout.backend": "hf",
+        "rollout.max_new_tokens": 8,
+        "es.population_size": 8,
+        "es.sigma": 0.01,
+        "es.lr": 0.01,
+        "es.population_dtype": "float32",
+        "prompts_per_step": 2,
+        "steps": 3,
+        "eval.num_prompts": 6,
+        "eval.max_new_tokens": 8,
+        "output_dir": str(out),
+        "log_with": "[]",
+        "rewards": f"[{{func: '{reward}:vowels'}}]",
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -102,8 +122,13 @@ def test_resume_matches_uninterrupted_run(tiny_llama, tmp_path, vowel_reward):
 
 @pytest.mark.parametrize("backend", ["vllm_lora", "inplace"])
 def test_other_backends_run(tiny_llama, tmp_path, vowel_reward, backend):
-    extra = {"es.backend": backend, "rollout.backend": "vllm", "rollout.dtype": "float32",
-             "steps": 2, "eval.num_prompts": 4}  # fmt: skip
+    extra = {
+        "es.backend": backend,
+        "rollout.backend": "vllm",
+        "rollout.dtype": "float32",
+        "steps": 2,
+        "eval.num_prompts": 4,
+    }
     if backend == "inplace":
         extra["es.noise"] = "full_rank"
     results = run(tiny_llama, tmp_path, vowel_reward, **extra)
@@ -125,8 +150,9 @@ def _run_process(args: list[str], log: Path) -> None:
     # One thread per process in both runs: the same kernels, so bit-identical arithmetic.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
-        code = subprocess.run(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=900).returncode  # fmt: skip
+        code = subprocess.run(
+            args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900
+        ).returncode
     assert code == 0, log.read_text()[-3000:]
 
 
@@ -136,10 +162,13 @@ def test_two_processes_give_exactly_the_single_process_update(tiny_llama, tmp_pa
     after two steps are bit-identical to one process evaluating the same member batches."""
     extra = {"steps": 2, "eval.enabled": "false", "es.members_per_batch": 4}
     one, two = tmp_path / "one", tmp_path / "two"
-    _run_process([sys.executable, str(RECIPE)] + overrides(tiny_llama, one, vowel_reward, **extra),
-                 tmp_path / "one.log")  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "launch" / "cpu_2proc.yaml"), "--main_process_port", "29537", str(RECIPE)]  # fmt: skip
+    _run_process(
+        [sys.executable, str(RECIPE)] + overrides(tiny_llama, one, vowel_reward, **extra),
+        tmp_path / "one.log",
+    )
+    launch_config = str(ROOT / "launch" / "cpu_2proc.yaml")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config]
+    launch += ["--main_process_port", "29537", str(RECIPE)]
     _run_process(launch + overrides(tiny_llama, two, vowel_reward, **extra), tmp_path / "two.log")
     assert "es: 2 process(es)" in (tmp_path / "two.log").read_text()
     a, b = final_weights(one, 2), final_weights(two, 2)

@@ -42,8 +42,9 @@ def test_block_layout_matches_reference(method, rank, with_bias, t):
     ref = reference_population_linear(x, w, bias, a, b, row_member)
     assert torch.allclose(got, ref, atol=1e-5)
     # a 2-D input (one position per row) works too
-    assert torch.allclose(population_linear(x[:, 0], w, bias, a, b, row_member, method),
-                          ref[:, 0], atol=1e-5)  # fmt: skip
+    assert torch.allclose(
+        population_linear(x[:, 0], w, bias, a, b, row_member, method), ref[:, 0], atol=1e-5
+    )
 
 
 def test_auto_picks_fused_for_few_columns_else_bmm():
@@ -73,16 +74,16 @@ def test_bfloat16_close_to_float32_reference(method):
     a, b = random_factors(2, 32, 32, 1)
     rm = torch.tensor([0, 0, 1, 1])
     ref = reference_population_linear(x, w, None, a, b, rm)
-    got = population_linear(x.bfloat16(), w.bfloat16(), None, a.bfloat16(), b.bfloat16(), rm,
-                            method)  # fmt: skip
+    got = population_linear(
+        x.bfloat16(), w.bfloat16(), None, a.bfloat16(), b.bfloat16(), rm, method
+    )
     assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_row_count_mismatch_is_a_clear_error():
     a, b = random_factors(2, 4, 4, 1)
     with pytest.raises(ValueError, match="rows"):
-        population_linear(torch.randn(3, 1, 4), torch.randn(4, 4), None, a, b,
-                          torch.tensor([0, 1]))  # fmt: skip
+        population_linear(torch.randn(3, 1, 4), torch.randn(4, 4), None, a, b, torch.tensor([0, 1]))
 
 
 # ----------------------------------------------------------------------------- on an HF model
@@ -103,8 +104,10 @@ def merged_model(path, spec, names, member):
 
 def member_factors(model, spec, names, members):
     shapes = {n: p.shape for n, p in model.named_parameters() if n in names}
-    return {n.removesuffix(".weight"): population_factors(spec, n, s, 0, members)
-            for n, s in shapes.items()}  # fmt: skip
+    return {
+        n.removesuffix(".weight"): population_factors(spec, n, s, 0, members)
+        for n, s in shapes.items()
+    }
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,15 +123,25 @@ def test_model_logits_and_cached_generation_equal_merged_weights(tiny_llama, met
     factors = member_factors(model, spec, names, members)
     with torch.no_grad(), perturbed_linears(model, factors, row_member, method):
         logits = model(rows).logits  # [6, 7, V]
-        generated = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=8,
-                                   do_sample=False, pad_token_id=0)  # fmt: skip
+        generated = model.generate(
+            rows,
+            attention_mask=torch.ones_like(rows),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+        )
     outputs = []
     for i, m in enumerate(members):
         ref_model = merged_model(tiny_llama, spec, names, m).to(device)
         with torch.no_grad():
             ref_logits = ref_model(ids).logits
-            ref_gen = ref_model.generate(ids, attention_mask=torch.ones_like(ids),
-                                         max_new_tokens=8, do_sample=False, pad_token_id=0)  # fmt: skip
+            ref_gen = ref_model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+            )
         assert torch.allclose(logits[2 * i : 2 * i + 2], ref_logits, atol=1e-4)
         assert torch.equal(generated[2 * i : 2 * i + 2], ref_gen)
         outputs.append(ref_gen[:, 7:].tolist())
@@ -171,8 +184,8 @@ def test_cuda_matches_reference_at_smollm2_shapes(method, dtype):
     a, b = random_factors(members, d_out, d_in, 1, seed=5)
     row_member = torch.arange(members).repeat_interleave(per_member)
     ref = reference_population_linear(x, w, None, a, b, row_member)  # fp32 on the CPU
-    on_gpu = [v.to("cuda", dtype) for v in (x, w, a, b)]
-    got = population_linear(on_gpu[0], on_gpu[1], None, on_gpu[2], on_gpu[3],
-                            row_member.cuda(), method).float().cpu()  # fmt: skip
+    x_gpu, w_gpu, a_gpu, b_gpu = [v.to("cuda", dtype) for v in (x, w, a, b)]
+    got = population_linear(x_gpu, w_gpu, None, a_gpu, b_gpu, row_member.cuda(), method)
+    got = got.float().cpu()
     tol = 1e-3 if dtype == torch.float32 else 0.02
     assert (got - ref).abs().max() < tol * ref.abs().max()

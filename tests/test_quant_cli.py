@@ -141,12 +141,12 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, tiny_llama, tiny_qwen
 
 def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
     out = tmp_path / "q4"
-    code = main([
-        "quantize", "--base", tiny_llama, "--finetuned", tiny_ft, "--method", "quantlrm",
-        "--bits", "4", "--group-size", "128", "--calib", "arithmetic", "--out", str(out),
-        "calib.num_sequences=2", "calib.seq_len=32", "alpha_grid=4", "calib.options.max_operand=30",
-        "tune.steps=2", "tune.num_sequences=3", "tune.batch_sequences=2",
-    ])  # fmt: skip
+    argv = ["quantize", "--base", tiny_llama, "--finetuned", tiny_ft, "--method", "quantlrm"]
+    argv += ["--bits", "4", "--group-size", "128", "--calib", "arithmetic", "--out", str(out)]
+    argv += ["calib.num_sequences=2", "calib.seq_len=32", "alpha_grid=4"]
+    argv += ["calib.options.max_operand=30"]
+    argv += ["tune.steps=2", "tune.num_sequences=3", "tune.batch_sequences=2"]
+    code = main(argv)
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "wrote" in printed and "tuned scales: calibration KL" in printed
@@ -161,11 +161,10 @@ def test_cli_quantize_then_eval(tmp_path, tiny_llama, tiny_ft, capsys):
     assert len(meta["tune_kl"]) == 2 and meta["seconds_before_export"]["tune"] > 0
     assert meta["device"] == device and meta["tune"] == {"cuda_graph": False}  # 2 steps: eager
     results = tmp_path / "eval.json"
-    code = main([
-        "eval", "--model", tiny_ft, "--model", str(out), "--task", "arithmetic",
-        "--num-prompts", "4", "max_new_tokens=8", f"output_json={results}",
-        "task.options.max_operand=30",
-    ])  # fmt: skip
+    argv = ["eval", "--model", tiny_ft, "--model", str(out), "--task", "arithmetic"]
+    argv += ["--num-prompts", "4", "max_new_tokens=8", f"output_json={results}"]
+    argv += ["task.options.max_operand=30"]
+    code = main(argv)
     assert code == 0
     rows = json.loads(results.read_text())
     assert [r["model"] for r in rows] == [tiny_ft, str(out)]
@@ -200,9 +199,19 @@ def test_pseudo_finetune_moves_every_quantised_matrix(tiny_llama):
 def test_quantlrm_without_base_uses_pseudo_finetuning(tmp_path, tiny_llama):
     from rlx.quant import quantize_model
 
-    cfg = load_config(QuantizeConfig, None, [f"finetuned={tiny_llama}", f"out={tmp_path / 'q'}",
-                      "calib.num_sequences=2", "calib.seq_len=32", "alpha_grid=4",
-                      "pseudo_finetune.steps=2", "pseudo_finetune.lr=0.001"])  # fmt: skip
+    cfg = load_config(
+        QuantizeConfig,
+        None,
+        [
+            f"finetuned={tiny_llama}",
+            f"out={tmp_path / 'q'}",
+            "calib.num_sequences=2",
+            "calib.seq_len=32",
+            "alpha_grid=4",
+            "pseudo_finetune.steps=2",
+            "pseudo_finetune.lr=0.001",
+        ],
+    )
     result = quantize_model(cfg, show_progress=False)
     assert any("pseudo-fine-tune" in n for n in result.report["notes"])
     assert result.report["delta_stats"]["nonzero"] > 0
@@ -223,11 +232,17 @@ def test_calibration_blocks_and_arithmetic_completion(tiny_llama, tmp_path):
 
 def test_calibration_too_short_for_tuning_fails_before_any_work(tiny_llama, tmp_path):
     data = tmp_path / "c.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n"
-                            for i in range(20)))  # fmt: skip
+    data.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(20))
+    )
     calib = CalibrationConfig(source=str(data), num_sequences=1, seq_len=16)
-    cfg = QuantizeConfig(finetuned=tiny_llama, method="rtn", calib=calib, out=str(tmp_path / "o"),
-                         tune=TuneConfig(steps=1, num_sequences=400))  # fmt: skip
+    cfg = QuantizeConfig(
+        finetuned=tiny_llama,
+        method="rtn",
+        calib=calib,
+        out=str(tmp_path / "o"),
+        tune=TuneConfig(steps=1, num_sequences=400),
+    )
     with pytest.raises(QuantError, match=r"400 x 16 .* tune.num_sequences"):
         quantize_model(cfg, show_progress=False)
     assert not (tmp_path / "o").exists()

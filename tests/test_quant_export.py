@@ -47,10 +47,19 @@ def build(path, config, noise: float = 0.0, seed: int = 0):
 
 def llama192() -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=192, intermediate_size=256, num_hidden_layers=2, num_attention_heads=3,
-        num_key_value_heads=1, head_dim=64, tie_word_embeddings=True, initializer_range=0.1,
-        max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        hidden_size=192,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=64,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def qwen2():
@@ -77,11 +86,17 @@ def exported(request, tmp_path_factory):
     base = build(root / "base", config())
     finetuned = build(root / "finetuned", config(), noise=0.01, seed=1)
     cfg = QuantizeConfig(
-        base=base, finetuned=finetuned, method=method, bits=4, group_size=128,
-        calib=CalibrationConfig(num_sequences=4, seq_len=64), alpha_grid=10,
-        out=str(root / "q4"), rounding="gptq" if "gptq" in options else "nearest",
+        base=base,
+        finetuned=finetuned,
+        method=method,
+        bits=4,
+        group_size=128,
+        calib=CalibrationConfig(num_sequences=4, seq_len=64),
+        alpha_grid=10,
+        out=str(root / "q4"),
+        rounding="gptq" if "gptq" in options else "nearest",
         tune=TuneConfig(steps=3 if "tune" in options else 0, num_sequences=4, batch_sequences=2),
-    )  # fmt: skip
+    )
     result = quantize_model(cfg, show_progress=False)
     return arch, finetuned, result
 
@@ -152,8 +167,10 @@ def test_export_serves_in_vllm_close_to_fake_quantised_model(exported, w4a8, max
     assert moved > 3 * max_gap, "quantisation should move logprobs more than the tolerance"
     served, greedy = serve(str(result.out), w4a8)
     gap = (served - fake).abs()
-    print(f"vLLM (W4A8 {w4a8}) vs fake-quant: max {gap.max():.4f} mean {gap.mean():.4f}; "
-          f"quantisation moved logprobs by up to {moved:.3f}")  # fmt: skip
+    print(
+        f"vLLM (W4A8 {w4a8}) vs fake-quant: max {gap.max():.4f} mean {gap.mean():.4f}; "
+        f"quantisation moved logprobs by up to {moved:.3f}"
+    )
     assert gap.max() <= max_gap and gap.mean() <= mean_gap
     # every greedy token vLLM picked is, within the tolerance, an argmax of the fake-quantised model
     ids = greedy.prompt_token_ids + greedy.token_ids
@@ -180,9 +197,12 @@ def test_int4_export_dequantizes_to_the_fake_quantised_weights(exported, tmp_pat
 def test_w3_dequantized_export_matches_fake_quantised(tmp_path):
     base = build(tmp_path / "base", llama192())
     cfg = QuantizeConfig(
-        finetuned=base, method="rtn", bits=3, calib=CalibrationConfig(num_sequences=2, seq_len=32),
+        finetuned=base,
+        method="rtn",
+        bits=3,
+        calib=CalibrationConfig(num_sequences=2, seq_len=32),
         out=str(tmp_path / "q3"),
-    )  # fmt: skip
+    )
     result = quantize_model(cfg, show_progress=False)
     config = json.loads((result.out / "config.json").read_text())
     assert "quantization_config" not in config
@@ -203,9 +223,11 @@ def test_failed_export_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "save_file", boom)
     cfg = QuantizeConfig(
-        finetuned=base, method="rtn", calib=CalibrationConfig(num_sequences=2, seq_len=32),
+        finetuned=base,
+        method="rtn",
+        calib=CalibrationConfig(num_sequences=2, seq_len=32),
         out=str(tmp_path / "q4"),
-    )  # fmt: skip
+    )
     with pytest.raises(OSError, match="disk full"):
         quantize_model(cfg, show_progress=False)
     assert sorted(os.listdir(tmp_path)) == ["base"]
@@ -225,11 +247,15 @@ def test_quantize_on_cuda_exports_as_well_as_on_cpu(tmp_path, with_base):
     results = {}
     for device in ("cpu", "cuda"):
         cfg = QuantizeConfig(
-            base=base if with_base else None, finetuned=finetuned, method="quantlrm",
-            calib=CalibrationConfig(num_sequences=4, seq_len=64), alpha_grid=10,
+            base=base if with_base else None,
+            finetuned=finetuned,
+            method="quantlrm",
+            calib=CalibrationConfig(num_sequences=4, seq_len=64),
+            alpha_grid=10,
             tune=TuneConfig(steps=5, num_sequences=4, batch_sequences=2),
-            out=str(tmp_path / f"q4_{device}"), device=device,
-        )  # fmt: skip
+            out=str(tmp_path / f"q4_{device}"),
+            device=device,
+        )
         results[device] = quantize_model(cfg, show_progress=False)
     on_gpu = results["cuda"]
     meta = json.loads((on_gpu.out / "rlx_quant.json").read_text())

@@ -66,8 +66,9 @@ def test_quantlrm_importances_use_global_stats_and_share_q():
     imps, stats = quantlrm_importances(
         before, after, names, ["q.weight", "gate.weight"], delta_dtype=torch.float32
     )
-    assert stats.x_max == pytest.approx(abs_delta(before["l1.k.weight"], after["l1.k.weight"],
-                                                  torch.float32).max().item())  # fmt: skip
+    assert stats.x_max == pytest.approx(
+        abs_delta(before["l1.k.weight"], after["l1.k.weight"], torch.float32).max().item()
+    )
     dq = abs_delta(before["l0.q.weight"], after["l0.q.weight"], torch.float32)
     assert torch.allclose(imps[0]["q.weight"], channel_importance(dq, stats))
     assert set(imps[1]) == {"q.weight", "gate.weight"} and imps[1]["q.weight"].shape == (6,)

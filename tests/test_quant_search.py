@@ -141,9 +141,16 @@ def test_awq_layer_beats_round_to_nearest(sharp_model):
         ref = layer(x, **kwargs)
     rtn_err = _quantized_layer_error(layer, x, kwargs, ref, group_sizes)
     report = awq_layer(
-        layer, x, kwargs, lambda _n, feat: activation_importance(feat), group_sizes, 3,
-        HeadLayout(2, 1, 64), n_grid=10, search_dtype=torch.float32,
-    )  # fmt: skip
+        layer,
+        x,
+        kwargs,
+        lambda _n, feat: activation_importance(feat),
+        group_sizes,
+        3,
+        HeadLayout(2, 1, 64),
+        n_grid=10,
+        search_dtype=torch.float32,
+    )
     assert set(report.alphas) == {"qkv", "o", "gate_up", "down"}
     assert torch.allclose(report.output, ref, atol=1e-5)  # next layer gets the unquantised output
     assert _quantized_layer_error(layer, x, kwargs, ref, group_sizes) < rtn_err
@@ -157,9 +164,17 @@ def test_awq_layer_with_gptq_rounding_beats_nearest_after_the_same_search(sharp_
     with torch.no_grad():
         ref = layer(x, **kwargs)
     report = awq_layer(
-        layer, x, kwargs, lambda _n, feat: activation_importance(feat), group_sizes, 3,
-        HeadLayout(2, 1, 64), n_grid=10, search_dtype=torch.float32, gptq_dtype=torch.float32,
-    )  # fmt: skip
+        layer,
+        x,
+        kwargs,
+        lambda _n, feat: activation_importance(feat),
+        group_sizes,
+        3,
+        HeadLayout(2, 1, 64),
+        n_grid=10,
+        search_dtype=torch.float32,
+        gptq_dtype=torch.float32,
+    )
     names = [name for group in SCALE_GROUPS for name in group.linears]
     assert sorted(report.quantized) == sorted(names)
     nearest_err = _quantized_layer_error(layer, x, kwargs, ref, group_sizes)

@@ -46,8 +46,17 @@ def test_tuning_lowers_kl_and_changes_only_scales_and_norms():
     before = {n: (q.codes.clone(), q.zero.clone(), q.scale.clone()) for n, q in quantized.items()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     kl_before = kl(teacher, model)
-    losses = tune_scales(model, teacher, quantized, BLOCKS, steps=40, lr=1e-2, batch=4,
-                         dtype=torch.bfloat16, show_progress=False)  # fmt: skip
+    losses = tune_scales(
+        model,
+        teacher,
+        quantized,
+        BLOCKS,
+        steps=40,
+        lr=1e-2,
+        batch=4,
+        dtype=torch.bfloat16,
+        show_progress=False,
+    )
     assert len(losses) == 40
     assert kl(teacher, model) < 0.7 * kl_before
     for name, q in quantized.items():
@@ -80,8 +89,17 @@ def test_interrupted_tuning_leaves_model_and_stored_weights_in_agreement():
 
     teacher.forward = failing_forward
     with pytest.raises(KeyboardInterrupt):
-        tune_scales(model, teacher, quantized, BLOCKS, steps=10, lr=1e-2, batch=4,
-                    dtype=torch.bfloat16, show_progress=False)  # fmt: skip
+        tune_scales(
+            model,
+            teacher,
+            quantized,
+            BLOCKS,
+            steps=10,
+            lr=1e-2,
+            batch=4,
+            dtype=torch.bfloat16,
+            show_progress=False,
+        )
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     for name, q in quantized.items():
         assert torch.equal(model.get_parameter(name), q.dequantize())
@@ -104,12 +122,24 @@ def test_cuda_graph_steps_match_eager_steps():
     for graph in (False, True):
         teacher, model, quantized = quantised_pair(seed=2)
         teacher, model = teacher.cuda(), model.cuda()
-        quantized = {n: QuantizedWeight(q.codes.cuda(), q.scale.cuda(), q.zero.cuda(), q.bits,
-                                        q.group_size) for n, q in quantized.items()}  # fmt: skip
+        quantized = {
+            n: QuantizedWeight(q.codes.cuda(), q.scale.cuda(), q.zero.cuda(), q.bits, q.group_size)
+            for n, q in quantized.items()
+        }
         report = {}
-        losses = tune_scales(model, teacher, quantized, BLOCKS.cuda(), steps=12, lr=1e-2,
-                             batch=4, dtype=torch.bfloat16, show_progress=False,
-                             cuda_graph=graph, report=report)  # fmt: skip
+        losses = tune_scales(
+            model,
+            teacher,
+            quantized,
+            BLOCKS.cuda(),
+            steps=12,
+            lr=1e-2,
+            batch=4,
+            dtype=torch.bfloat16,
+            show_progress=False,
+            cuda_graph=graph,
+            report=report,
+        )
         assert report == {"cuda_graph": graph}
         runs[graph] = losses, {n: q.scale.float() for n, q in quantized.items()}
     (eager, eager_scales), (graphed, graphed_scales) = runs[False], runs[True]
@@ -119,6 +149,16 @@ def test_cuda_graph_steps_match_eager_steps():
         assert torch.allclose(graphed_scales[name], scale, rtol=1e-2), name
     teacher, model, quantized = quantised_pair(seed=2)
     report = {}
-    tune_scales(model.cuda(), teacher.cuda(), {}, BLOCKS[:7].cuda(), steps=5, lr=1e-2, batch=4,
-                dtype=torch.bfloat16, show_progress=False, report=report)  # fmt: skip
+    tune_scales(
+        model.cuda(),
+        teacher.cuda(),
+        {},
+        BLOCKS[:7].cuda(),
+        steps=5,
+        lr=1e-2,
+        batch=4,
+        dtype=torch.bfloat16,
+        show_progress=False,
+        report=report,
+    )
     assert report == {"cuda_graph": False}

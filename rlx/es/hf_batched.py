@@ -83,8 +83,9 @@ class HFBatchedPopulation:
             index = torch.tensor([local[m] for m in row_member])  # [R] member within the chunk
             rows = [prompt_ids[p] for p in row_prompt]
             with perturbed_linears(self.model, self.factors(epoch, chunk.members), index):
-                completions += hf_generate(self.model, self.tokenizer, rows, row_prompt,
-                                           sampling, self.ignore_eos)  # fmt: skip
+                completions += hf_generate(
+                    self.model, self.tokenizer, rows, row_prompt, sampling, self.ignore_eos
+                )
         return completions
 
     @torch.no_grad()

@@ -40,8 +40,9 @@ class InPlacePopulation:
     def _generate(self, rows, row_prompt, sampling: Sampling) -> list[Completion]:
         if hasattr(self.engine, "llm"):
             return vllm_generate(self.engine.llm, rows, row_prompt, sampling, None, self.ignore_eos)
-        return hf_generate(self.engine.model, self.engine.tokenizer, rows, row_prompt, sampling,
-                           self.ignore_eos)  # fmt: skip
+        return hf_generate(
+            self.engine.model, self.engine.tokenizer, rows, row_prompt, sampling, self.ignore_eos
+        )
 
     def perturbed(self, epoch: int, member: int) -> list[tuple[str, torch.Tensor]]:
         """W + E_member for every evolved matrix."""
@@ -64,8 +65,11 @@ class InPlacePopulation:
             for member in plan.members:
                 mine = [j for j, m in enumerate(row_member) if m == member]
                 self.engine.update_weights(self.perturbed(epoch, member))
-                completions += self._generate([prompt_ids[row_prompt[j]] for j in mine],
-                                              [row_prompt[j] for j in mine], sampling)  # fmt: skip
+                completions += self._generate(
+                    [prompt_ids[row_prompt[j]] for j in mine],
+                    [row_prompt[j] for j in mine],
+                    sampling,
+                )
         finally:
             self.restore()
         return completions

@@ -43,8 +43,9 @@ def engine_lora_rank(rank: int) -> int:
     raise ValueError(f"rank {rank} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
 
 
-def write_adapter(path: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
-                  base_model: str) -> None:  # fmt: skip
+def write_adapter(
+    path: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int, base_model: str
+) -> None:
     """A PEFT LoRA folder for module name -> (A [out, r], B [in, r]) (delta = A B^T)."""
     from safetensors.torch import save_file
 
@@ -55,11 +56,19 @@ def write_adapter(path: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Te
         tensors[f"base_model.model.{module}.lora_B.weight"] = a.contiguous()  # [out, r]
     save_file(tensors, str(path / "adapter_model.safetensors"))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}), "bias": "none",
-        "lora_dropout": 0.0, "fan_in_fan_out": False, "modules_to_save": None,
-        "use_rslora": False, "use_dora": False, "base_model_name_or_path": base_model,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": base_model,
+    }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
@@ -138,8 +147,9 @@ class VLLMLoRAPopulation:
                 row_member, row_prompt = plan_rows(chunk)
                 requests = [self.request(epoch, m) for m in row_member]
                 rows = [prompt_ids[p] for p in row_prompt]
-                completions += vllm_generate(self.engine.llm, rows, row_prompt, sampling,
-                                             requests, self.ignore_eos)  # fmt: skip
+                completions += vllm_generate(
+                    self.engine.llm, rows, row_prompt, sampling, requests, self.ignore_eos
+                )
         finally:
             self.release_slots()
         return completions

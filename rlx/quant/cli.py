@@ -80,8 +80,10 @@ def run_quantize_command(args) -> int:
     print(f"wrote {result.out} ({cfg.method}, W{cfg.bits}, {cfg.resolved_format}); {seconds}")
     if kl := result.report.get("tune_kl"):
         first, last, k = kl_first_last(kl)
-        print(f"tuned scales: calibration KL to the fine-tuned model {first:.4f} -> {last:.4f} "
-              f"(mean of the first / last {k} steps)")  # fmt: skip
+        print(
+            f"tuned scales: calibration KL to the fine-tuned model {first:.4f} -> {last:.4f} "
+            f"(mean of the first / last {k} steps)"
+        )
     options = "".join(f" 'task.options.{k}={json.dumps(v)}'" for k, v in cfg.calib.options.items())
     print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}{options}")
     if cfg.resolved_format == "pack-quantized":

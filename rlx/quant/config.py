@@ -158,8 +158,10 @@ class QuantizeConfig:
         _require(self.num_threads >= 0, "num_threads", ">= 0", self.num_threads)
         _require(
             self.device in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", self.device)),
-            "device", "auto, cpu, cuda or cuda:N", self.device,
-        )  # fmt: skip
+            "device",
+            "auto, cpu, cuda or cuda:N",
+            self.device,
+        )
         _require(bool(self.finetuned), "finetuned", "a model name or folder", self.finetuned)
         _require(self.group_size in (32, 64, 128), "group_size", "32, 64 or 128", self.group_size)
         _require(self.alpha_grid >= 1, "alpha_grid", ">= 1", self.alpha_grid)

@@ -115,12 +115,20 @@ def gptq_quantize_shared(
     """GPTQ for linears that read the same input (q/k/v, gate/up): rows are quantised
     independently under the same Hessian, so one pass over the stacked rows gives each weight's
     result at a fraction of the Python loop's cost."""
-    stacked = gptq_quantize(torch.cat([w.detach() for w in weights]), h, bits, group_size, dtype,
-                            damp, act_order)  # fmt: skip
+    stacked = gptq_quantize(
+        torch.cat([w.detach() for w in weights]), h, bits, group_size, dtype, damp, act_order
+    )
     results, start = [], 0
     for w in weights:
         rows = slice(start, start + w.shape[0])
-        results.append(QuantizedWeight(stacked.codes[rows].clone(), stacked.scale[rows].clone(),
-                                       stacked.zero[rows].clone(), bits, group_size))  # fmt: skip
+        results.append(
+            QuantizedWeight(
+                stacked.codes[rows].clone(),
+                stacked.scale[rows].clone(),
+                stacked.zero[rows].clone(),
+                bits,
+                group_size,
+            )
+        )
         start = rows.stop
     return results

@@ -230,9 +230,14 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
     # its first tune.num_sequences. Packing it once up front also fails early on a short source.
     n_blocks = max(cfg.calib.num_sequences, cfg.tune.num_sequences if cfg.tune.steps else 0)
     all_blocks = calibration_blocks(
-        tokenizer, cfg.calib.source, n_blocks, cfg.calib.seq_len,
-        cfg.calib.split, cfg.calib.seed, cfg.calib.options,
-    ).to(plan.device)  # fmt: skip
+        tokenizer,
+        cfg.calib.source,
+        n_blocks,
+        cfg.calib.seq_len,
+        cfg.calib.split,
+        cfg.calib.seed,
+        cfg.calib.options,
+    ).to(plan.device)
     blocks = all_blocks[: cfg.calib.num_sequences]
     model = AutoModelForCausalLM.from_pretrained(plan.finetuned, dtype=torch.float32)
     model = model.to(plan.device).eval()
@@ -261,10 +266,21 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
             tqdm(model.model.layers, desc=desc, unit="layer", disable=not show_progress)
         ):
             result = awq_layer(
-                layer, x, layer_kwargs, importance_for(i), plan.group_sizes, cfg.bits,
-                heads, cfg.alpha_grid, cfg.resolved_clip, cfg.clip_grid, cfg.clip_max_shrink,
-                search_dtype, gptq_dtype, cfg.act_order,
-            )  # fmt: skip
+                layer,
+                x,
+                layer_kwargs,
+                importance_for(i),
+                plan.group_sizes,
+                cfg.bits,
+                heads,
+                cfg.alpha_grid,
+                cfg.resolved_clip,
+                cfg.clip_grid,
+                cfg.clip_max_shrink,
+                search_dtype,
+                gptq_dtype,
+                cfg.act_order,
+            )
             alphas.append(result.alphas)
             gptq.update({f"model.layers.{i}.{k}.weight": q for k, q in result.quantized.items()})
             x = result.output
@@ -290,10 +306,17 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
         teacher = teacher.to(plan.device).eval()
         report["tune"] = {}
         report["tune_kl"] = tune_scales(
-            model, teacher, quantized, all_blocks[: cfg.tune.num_sequences], cfg.tune.steps,
-            cfg.tune.lr, cfg.tune.batch_sequences, dtype, show_progress=show_progress,
+            model,
+            teacher,
+            quantized,
+            all_blocks[: cfg.tune.num_sequences],
+            cfg.tune.steps,
+            cfg.tune.lr,
+            cfg.tune.batch_sequences,
+            dtype,
+            show_progress=show_progress,
             report=report["tune"],
-        )  # fmt: skip
+        )
         del teacher
         times["tune"] = time.perf_counter() - t_tune
     model = model.cpu()  # the export is written, and the result returned, from CPU memory
@@ -302,11 +325,21 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
     if cfg.resolved_format == "pack-quantized":
         tied = getattr(model.config, "tie_word_embeddings", False)
         dense = {
-            k: v for k, v in model.state_dict().items()
+            k: v
+            for k, v in model.state_dict().items()
             if k not in quantized and not (tied and k == "lm_head.weight")
-        }  # fmt: skip
-        write_pack_quantized(plan.out, plan.finetuned, tokenizer, dense, quantized,
-                             plan.group_sizes, dtype, metadata, cfg.overwrite)  # fmt: skip
+        }
+        write_pack_quantized(
+            plan.out,
+            plan.finetuned,
+            tokenizer,
+            dense,
+            quantized,
+            plan.group_sizes,
+            dtype,
+            metadata,
+            cfg.overwrite,
+        )
     else:
         write_dequantized(plan.out, model, tokenizer, plan.finetuned, metadata, cfg.overwrite)
     times["quantize_export"] = time.perf_counter() - t - times.get("tune", 0.0)

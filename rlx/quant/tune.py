@@ -93,8 +93,9 @@ class _Step:
         self.static_loss: torch.Tensor | None = None
 
     def _forward_backward(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.autocast,
-                            cache_enabled=False):  # fmt: skip
+        with torch.autocast(
+            ids.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False
+        ):
             with torch.no_grad():
                 target = self.teacher(input_ids=ids, use_cache=False).logits
             loss = token_kl(target, self.model(input_ids=ids, use_cache=False).logits)
@@ -175,15 +176,20 @@ def tune_scales(
         gains[name] = module, tensor, _Gain(getattr(module, tensor), group)
         parametrize.register_parametrization(module, tensor, gains[name][2])
     batches = torch.split(torch.arange(blocks.shape[0]), batch)
-    use_graph = (cuda_graph and blocks.is_cuda and steps > _Step.WARMUP
-                 and len({len(b) for b in batches}) == 1)  # fmt: skip
+    use_graph = (
+        cuda_graph
+        and blocks.is_cuda
+        and steps > _Step.WARMUP
+        and len({len(b) for b in batches}) == 1
+    )
     params = [gain.log_gain for _, _, gain in gains.values()]
     opt = torch.optim.Adam(params, lr=lr, capturable=use_graph)
     step = _Step(model, teacher, opt, autocast, use_graph)
     order = itertools.cycle(batches)
     losses: list[torch.Tensor] = []
-    bar = tqdm(range(steps), desc="tune scales (KL to fine-tuned)", unit="step",
-               disable=not show_progress)  # fmt: skip
+    bar = tqdm(
+        range(steps), desc="tune scales (KL to fine-tuned)", unit="step", disable=not show_progress
+    )
     try:
         for i in bar:
             losses.append(step(blocks[next(order)]))
