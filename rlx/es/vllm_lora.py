@@ -7,13 +7,13 @@ in PEFT format under `workdir` once per (noise epoch, member) and reused while t
 The engine must be built with enable_lora, max_lora_rank >= rank (vLLM accepts 1, 8, 16, 32, ...:
 `engine_lora_rank`) and max_loras >= members_per_batch + 1.
 
-The CPU adapter-slot bug (STACK.md): an adapter-less request in a batch that also carries adapter
+The CPU adapter-slot bug (docs/vllm_cpu.md): an adapter-less request in a batch that also carries adapter
 requests is served with some slot's adapter weights. Measured here on vllm-cpu 0.32: this happens
 even with a free slot once the slots have been used (so a free slot alone is no cure), while
 batches with no adapter request at all run on the centre weights. So population batches hold only
 adapter requests (one per row, never None), the held-out evaluation runs adapter-less batches only,
 and `evaluate` also removes its adapters from the engine before it returns; one slot is kept free
-(max_loras >= members_per_batch + 1) as STACK.md advises.
+(max_loras >= members_per_batch + 1).
 Deviation: lm_head, embeddings, norms and biases cannot be perturbed this way (frozen anyway).
 """
 

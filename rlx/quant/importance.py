@@ -1,7 +1,7 @@
 """Channel importance: QuantLRM's fine-tuning signal and AWQ's activation statistic.
 
 QuantLRM ("Quantization of Large Reasoning Models via Fine-Tuning Signals", 2026), as specified in
-shared/ALGORITHMS.md and its reference code (psunlpgroup/QuantLRM):
+the paper and its reference code (psunlpgroup/QuantLRM):
 1. |dW| = |W_after - W_before| for q, k, v, o, gate, up, down of every layer.
 2. Over the nonzero entries of all those matrices together: global min x_min, exact median x_mid
    (mean of the two middle values for an even count) and max x_max.
