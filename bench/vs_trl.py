@@ -72,14 +72,31 @@ def run_trl(model_path: str, args, out: Path) -> dict:
             times.append(time.perf_counter() - self.t)
 
     config = GRPOConfig(
-        output_dir=str(out), use_cpu=True, bf16=native_bf16(), report_to=[], save_strategy="no",
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps,
-        per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
-        gradient_accumulation_steps=1, max_completion_length=args.max_new_tokens,
-        temperature=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
-        logging_steps=1, reward_weights=[w for _, w in REWARDS], seed=0, shuffle_dataset=False,
-        max_grad_norm=1.0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=native_bf16(),
+        report_to=[],
+        save_strategy="no",
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group,
+        gradient_accumulation_steps=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        logging_steps=1,
+        reward_weights=[w for _, w in REWARDS],
+        seed=0,
+        shuffle_dataset=False,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
+    )
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
         processing_class=AutoTokenizer.from_pretrained(model_path, padding_side="left"),
@@ -95,9 +112,8 @@ def run_trl(model_path: str, args, out: Path) -> dict:
 
 def run_rlx(model_path: str, backend: str, args, out: Path) -> dict:
     """recipes/pg.py with the same settings; returns per-step seconds and rewards."""
-    from rlx.config import load_config
+    from rlx.config import PGConfig, load_config
     from rlx.metrics import read_metrics
-    from rlx.train_config import PGConfig
 
     spec = importlib.util.spec_from_file_location("pg_recipe", ROOT / "recipes" / "pg.py")
     recipe = importlib.util.module_from_spec(spec)
@@ -106,15 +122,25 @@ def run_rlx(model_path: str, backend: str, args, out: Path) -> dict:
     cfg = load_config(
         PGConfig,
         overrides=[
-            f"model.name={model_path}", f"rollout.backend={backend}",
-            f"rollout.num_samples={args.group}", f"rollout.max_new_tokens={args.max_new_tokens}",
-            "rollout.stop=[]", "rollout.temperature=1.0", f"prompts_per_step={args.prompts}",
-            f"steps={args.steps}", f"optim.lr={args.lr}", f"micro_batch_size={args.prompts * args.group}",
-            f"task.options={json.dumps(TASK_OPTIONS)}", f"rewards=[{rewards}]",
-            "eval.enabled=false", "log_with=[]", f"output_dir={out}",
-            "algo.loss_aggregation=token_mean", "algo.dynamic_sampling=false",
+            f"model.name={model_path}",
+            f"rollout.backend={backend}",
+            f"rollout.num_samples={args.group}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            "rollout.stop=[]",
+            "rollout.temperature=1.0",
+            f"prompts_per_step={args.prompts}",
+            f"steps={args.steps}",
+            f"optim.lr={args.lr}",
+            f"micro_batch_size={args.prompts * args.group}",
+            f"task.options={json.dumps(TASK_OPTIONS)}",
+            f"rewards=[{rewards}]",
+            "eval.enabled=false",
+            "log_with=[]",
+            f"output_dir={out}",
+            "algo.loss_aggregation=token_mean",
+            "algo.dynamic_sampling=false",
         ],
-    )  # fmt: skip
+    )
     recipe.train(cfg)
     rows = read_metrics(out / "metrics.jsonl")
     return {

@@ -33,17 +33,13 @@ import time
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlx.algos import pg
-from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint
-from rlx.config import ConfigError, save_config, to_dict
-from rlx.data import load_prompts, step_prompt_indices
-from rlx.evaluation import evaluate, resolve_rewards, score_rollout
+from rlx.config import ConfigError, LoraConfig, PGConfig
+from rlx.data import load_held_out, load_prompts, step_prompt_indices
+from rlx.evaluation import resolve_rewards, score_rollout
 from rlx.hardware import autocast_enabled, describe_choice
-from rlx.metrics import MetricsLog, truncate_metrics
 from rlx.policy import (
     MiniBatch,
     RolloutBatch,
@@ -53,11 +49,9 @@ from rlx.policy import (
     load_policy,
     matmul_params,
 )
-from rlx.recipe import RunClock, finish_run, prepare_output_dir, run_recipe, shutdown
-from rlx.reporting import read_eval, write_eval
+from rlx.recipe import Run, reduce_stats, run_recipe
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, engine_dtype, make_engine
-from rlx.train_config import LoraConfig, PGConfig
 
 # per-update stats summed over micro-batches and ranks; the extremes are in train_on_batch
 STAT_SUMS = (
@@ -74,28 +68,26 @@ STAT_SUMS = (
 )
 
 
+EXTREMES_MAX = ("gap_max", "tis_max", "ratio_dev_max")  # reduced by max over ranks and updates
+EXTREMES_MIN = ("tis_min",)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_recipe(PGConfig, train, argv, __doc__, "pg")
 
 
 def train(cfg: PGConfig) -> dict:
     """Run the loop; return eval.json's content."""
-    clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
-    # On CPU, Accelerator(cpu=True) under a multi-process launch selects MULTI_CPU over gloo.
-    accelerator = Accelerator(log_with=list(cfg.log_with) or None, project_dir=cfg.output_dir,
-                              cpu=not torch.cuda.is_available())  # fmt: skip
-    out = prepare_output_dir(cfg, accelerator)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    main_proc = accelerator.is_main_process
+    run = Run(cfg, nan_on_skip=("loss", "logprob_gap_max"))
+    accelerator, world, rank = run.accelerator, run.world, run.rank
     if cfg.prompts_per_step % world:
         raise ConfigError(
             f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes"
         )
-    if main_proc:
+    if run.main:
         print(f"pg: {world} process(es) on {accelerator.device}, learner {cfg.algo.advantage}")
         trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
         print(describe_choice(engine=engine_dtype(cfg.rollout), trainer=trainer))
-    torch.manual_seed(cfg.seed)
 
     # ---- models, data, rewards, rollout engine
     model, tokenizer = load_policy(cfg.model, cfg.lora)
@@ -103,15 +95,12 @@ def train(cfg: PGConfig) -> dict:
     if cfg.algo.kl_beta > 0:
         ref_model, _ = load_policy(cfg.model, LoraConfig(enabled=False))
         ref_model.eval().requires_grad_(False)
-
-    def prompts(split: str, num: int | None):
-        return load_prompts(
-            cfg.task, split, num, tokenizer, cfg.max_prompt_tokens, cfg.long_prompts
-        )
-
-    train_data = prompts(cfg.task.split, cfg.task.num_prompts)
-    eval_data = prompts(cfg.eval.split, cfg.eval.num_prompts) if cfg.eval.enabled else None
-    reward_fns = resolve_rewards(cfg.task.name, cfg.rewards)
+    task, limit = cfg.task, cfg.max_prompt_tokens
+    train_data = load_prompts(
+        task, task.split, task.num_prompts, tokenizer, limit, cfg.long_prompts
+    )
+    eval_data = load_held_out(cfg, tokenizer)
+    reward_fns = resolve_rewards(task.name, cfg.rewards)
     trainable = [p for p in model.parameters() if p.requires_grad]
     forward_params = matmul_params(model)  # for the train FLOP/s metric
     # fused: one kernel over all parameters (0.09 s vs 0.35 s a step for SmolLM2 on 2 CPU cores)
@@ -123,42 +112,19 @@ def train(cfg: PGConfig) -> dict:
     engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
-
-    start_step = 0
-    if cfg.resume_from:
-        ckpt = find_checkpoint(out, cfg.resume_from)
-        start_step = load_checkpoint(ckpt, policy, optimizer, scheduler)["step"]
+    if run.resume(policy, optimizer, scheduler):
         engine.update_weights(export_weights(policy))
-        if main_proc:
-            truncate_metrics(out / "metrics.jsonl", start_step)
-            print(f"resumed from {ckpt} at step {start_step}")
-    log = None
-    if main_proc:
-        save_config(cfg, str(out / "config.yaml"))
-        log = MetricsLog(out / "metrics.jsonl", accelerator)
-    accelerator.init_trackers("rlx", config={k: str(v) for k, v in to_dict(cfg).items()})
-
-    results = read_eval(out / "eval.json") if start_step else {}
-    if eval_data is not None and main_proc and "before" not in results:
-        results["before"] = evaluate(
-            engine, eval_data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop
-        )
-        write_eval(out / "eval.json", results)
+    run.start(engine, eval_data, reward_fns)
 
     # ---- training
     sampling = Sampling.from_config(cfg.rollout)
-    g = cfg.rollout.num_samples
-    began = time.perf_counter()
-    clock.start_training(results.get("before", {}).get("generate_seconds", 0.0))
-    step = start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="training", disable=not main_proc)
-    while step < cfg.steps:
+    while run.step < cfg.steps:
         t0 = time.perf_counter()
-        idx = step_prompt_indices(step, cfg.prompts_per_step, len(train_data), cfg.seed)
+        idx = step_prompt_indices(run.step, cfg.prompts_per_step, len(train_data), cfg.seed)
         rows = train_data.select(idx[rank::world])
         # In-process vLLM samples with torch's global generator: seeding it per step makes a
         # resumed run sample exactly what an uninterrupted run would have.
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        torch.manual_seed(cfg.seed * 1_000_003 + run.step)
         completions = engine.generate(rows["prompt"], sampling)
         t_rollout = time.perf_counter() - t0
         try:
@@ -166,38 +132,32 @@ def train(cfg: PGConfig) -> dict:
         except RewardError as err:
             if cfg.bad_steps == "error":
                 raise
-            step = skip_step(log, bar, step, f"reward function failed: {err}")
+            run.skip(f"reward function failed: {err}")
             continue
         t_reward = time.perf_counter() - t0 - t_rollout
 
-        # Rewards of every rank -> advantages and kept groups for the whole step -> this rank's rows.
-        p_local = len(rows)
-        local = {
-            "total": torch.tensor(scores.total, dtype=torch.float32).view(p_local, g),
-            "per_fn": torch.tensor(scores.per_function, dtype=torch.float32).view(p_local, g, -1),
-            "length": torch.tensor([max(len(c.token_ids), 1) for c in completions], dtype=torch.float32).view(p_local, g),
-        }  # fmt: skip
-        full = {k: accelerator.gather(v) for k, v in local.items()}  # [P, G, ...] in rank order
-        weights = [fn.weight for fn in reward_fns]
+        # Rewards of every rank -> advantages and kept groups of the whole step -> this rank's.
+        full = gather_rewards(accelerator, scores, completions, cfg.rollout.num_samples)
+        algo, weights = cfg.algo, [fn.weight for fn in reward_fns]
+        total, per_fn, lengths = full["total"], full["per_fn"], full["length"]
         advantages, keep = pg.kept_advantages(
-            cfg.algo.advantage,
-            full["total"],
-            full["per_fn"],
-            full["length"],
+            algo.advantage,
+            total,
+            per_fn,
+            lengths,
             weights,
-            cfg.algo.reward_normalization,
-            cfg.algo.dynamic_sampling,
-            scale_rewards=cfg.algo.scale_rewards,
+            algo.reward_normalization,
+            algo.dynamic_sampling,
+            scale_rewards=algo.scale_rewards,
         )
-        mine = slice(rank * p_local, (rank + 1) * p_local)
-        adv_local = advantages[mine]
+        mine = slice(rank * len(rows), (rank + 1) * len(rows))
 
         t1 = time.perf_counter()
         stats = None
         if keep.any():
-            parts = mini_batch_parts(keep, cfg.algo.mini_batches)  # [P]
-            num_parts, pad = int(parts.max()) + 1, tokenizer.pad_token_id
-            batches = local_mini_batches(cfg, completions, parts[mine], adv_local, pad, num_parts)
+            parts = mini_batch_parts(keep, algo.mini_batches)  # [P]
+            num_parts, pad, adv = int(parts.max()) + 1, tokenizer.pad_token_id, advantages[mine]
+            batches = local_mini_batches(cfg, completions, parts[mine], adv, pad, num_parts)
             updates = update_policy(
                 cfg, accelerator, model, ref_model, optimizer, trainable, batches, forward_params
             )
@@ -206,46 +166,51 @@ def train(cfg: PGConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.bad_steps == "error":
                     raise FloatingPointError(
-                        f"step {step + 1}: the loss is not finite; lower optim.lr or set bad_steps=skip"
+                        f"step {run.step + 1}: the loss is not finite; lower optim.lr or set "
+                        "bad_steps=skip"
                     )
-                step = skip_step(log, bar, step, "non-finite loss")
+                run.skip("non-finite loss")
                 continue
             scheduler.step()
         t_train = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        if stats is not None and (step + 1) % cfg.sync_every == 0:
+        if stats is not None and (run.step + 1) % cfg.sync_every == 0:
             engine.update_weights(export_weights(policy))
         t_sync = time.perf_counter() - t2
-        step += 1
+        run.step += 1
 
-        if main_proc:
+        if run.main:
             times = {"rollout": t_rollout, "reward": t_reward, "train": t_train, "sync": t_sync}
-            row = step_metrics(step, full, keep, advantages, reward_fns, stats, times, time.perf_counter() - t0,
-                               scheduler.get_last_lr()[0])  # fmt: skip
-            log.log(row)
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", gap=f"{row['logprob_gap_max']:.3f}")
-        out_of_time = clock.out_of_time(time.perf_counter() - t0, accelerator)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or out_of_time:
-            checkpoint(accelerator, out, step, policy, optimizer, scheduler, cfg)
-        if out_of_time:
-            if main_proc:
-                print(f"stopping after {step} steps: {out_of_time}")
+            step_s, lr = time.perf_counter() - t0, scheduler.get_last_lr()[0]
+            row = step_metrics(
+                run.step, full, keep, advantages, reward_fns, stats, times, step_s, lr
+            )
+            run.log_step(row, reward=row["reward_mean"], gap=row["logprob_gap_max"])
+        if run.end_step(time.perf_counter() - t0, policy, optimizer, scheduler):
             break
-    bar.close()
 
-    # ---- the trained model as a plain HF folder (LoRA merged), held-out evaluation, report
-    if main_proc:
-        title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
-        finish_run(cfg, out, policy, tokenizer, engine, eval_data, reward_fns, results, began,
-                   step, title)  # fmt: skip
+    title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
+    results = run.finish(policy, tokenizer, engine, eval_data, reward_fns, title)
     engine.close()
-    shutdown(accelerator)
+    run.close()
     return results
 
 
 # ----------------------------------------------------------------------------- the step's pieces
+
+
+def gather_rewards(accelerator, scores, completions, g: int) -> dict:
+    """Every rank's rewards, [P, G] totals, [P, G, K] per function and [P, G] completion lengths,
+    in rank order (the step's prompt order)."""
+    p_local = len(completions) // g
+    lengths = [max(len(c.token_ids), 1) for c in completions]
+    local = {
+        "total": torch.tensor(scores.total, dtype=torch.float32).view(p_local, g),
+        "per_fn": torch.tensor(scores.per_function, dtype=torch.float32).view(p_local, g, -1),
+        "length": torch.tensor(lengths, dtype=torch.float32).view(p_local, g),
+    }
+    return {k: accelerator.gather(v) for k, v in local.items()}
 
 
 def mini_batch_parts(keep: torch.Tensor, mini_batches: int) -> torch.Tensor:
@@ -294,7 +259,7 @@ def update_policy(
         for mb in batches:
             t0 = time.perf_counter()
             stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
-            stats = combine_stats(accelerator, stats)
+            stats = reduce_stats(accelerator, stats, EXTREMES_MAX, EXTREMES_MIN)
             if not math.isfinite(stats["loss"]):
                 return updates + [stats]
             if cfg.optim.max_grad_norm > 0:
@@ -345,7 +310,7 @@ def train_on_batch(
     if world > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
     num_sequences, num_tokens = float(counts[0]), max(float(counts[1]), 1.0)
-    extremes = {"gap_max": 0.0, "tis_min": math.inf, "tis_max": 0.0, "ratio_dev_max": 0.0}
+    extremes = {k: 0.0 for k in EXTREMES_MAX} | {k: math.inf for k in EXTREMES_MIN}
     stats = {k: 0.0 for k in STAT_SUMS} | extremes
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
@@ -412,29 +377,15 @@ def train_on_batch(
     return stats
 
 
-def combine_stats(accelerator, stats: dict) -> dict:
-    """Sum the additive stats over ranks (the rank losses are shares of the global loss); take the
-    max / min of the extremes."""
-    if accelerator.num_processes == 1:
-        return stats
-    keys = list(stats)
-    rows = accelerator.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
-    merged = {k: float(rows[:, j].sum()) for j, k in enumerate(keys)}
-    for k in ("gap_max", "tis_max", "ratio_dev_max"):
-        merged[k] = float(rows[:, keys.index(k)].max())
-    merged["tis_min"] = float(rows[:, keys.index("tis_min")].min())
-    return merged
-
-
 def merge_updates(updates: list[dict]) -> dict:
     """One step's stats from its updates: sums add up, extremes take the max / min, the loss and
     the gradient norm are the mean over updates."""
     merged = {"updates": len(updates)}
     for k in updates[0]:
         values = [u[k] for u in updates if k in u]
-        if k in ("gap_max", "tis_max", "ratio_dev_max"):
+        if k in EXTREMES_MAX:
             merged[k] = max(values)
-        elif k == "tis_min":
+        elif k in EXTREMES_MIN:
             merged[k] = min(values)
         elif k in ("loss", "grad_norm"):
             merged[k] = sum(values) / len(values)
@@ -454,12 +405,16 @@ def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_ti
     for k, fn in enumerate(reward_fns):
         row[f"reward/{fn.name}"] = float(per_fn[..., k].nanmean())
     row |= {
-        "advantage_mean": float(advantages.mean()), "advantage_std": float(advantages.std()),
+        "advantage_mean": float(advantages.mean()),
+        "advantage_std": float(advantages.std()),
         "advantage_abs_max": float(advantages.abs().max()),
-        "groups_kept": int(keep.sum()), "groups_total": int(keep.numel()),
-        "completion_tokens_mean": float(length.mean()), "lr": lr,
-        "step_time_s": step_time, "tokens_per_s": float(length.sum()) / step_time,
-    }  # fmt: skip
+        "groups_kept": int(keep.sum()),
+        "groups_total": int(keep.numel()),
+        "completion_tokens_mean": float(length.mean()),
+        "lr": lr,
+        "step_time_s": step_time,
+        "tokens_per_s": float(length.sum()) / step_time,
+    }
     row |= {f"time_{k}_s": v for k, v in times.items()}
     if stats is None:
         return row | {
@@ -489,16 +444,6 @@ def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_ti
             "tis_zero_fraction": stats["tis_zero"] / tokens,
         }
     return row
-
-
-def skip_step(log, bar, step: int, reason: str) -> int:
-    """Log a skipped step (bad_steps=skip) and move on."""
-    if log is not None:
-        log.log({"step": step + 1, "skipped": reason, "reward_mean": math.nan, "loss": math.nan,
-                 "logprob_gap_max": math.nan, "step_time_s": math.nan})  # fmt: skip
-        bar.update(1)
-    print(f"step {step + 1} skipped: {reason}", file=sys.stderr)
-    return step + 1
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def weights_megabytes(model: str) -> float:
 
 
 def evaluate_models(cfg, console=None) -> list[dict]:
-    """Evaluate every model of an EvalConfig; one result row per model, printed as a table."""
+    """Evaluate every model of an EvalCommandConfig; one result row per model, printed as a table."""
     from rich.console import Console
 
     from rlx.evaluation import evaluate, resolve_rewards
@@ -107,9 +107,13 @@ def results_table(rows: list[dict], title: str):
         table.add_column(col, justify="left" if col in ("model", "weights") else "right")
     for r in rows:
         table.add_row(
-            r["label"], r["weights"], f"{r['size_mb']:.0f}", f"{r['reward_mean']:.3f}",
-            *(f"{r['rewards'][n]:.3f}" for n in names), f"{r['tokens_per_second']:.0f}",
-        )  # fmt: skip
+            r["label"],
+            r["weights"],
+            f"{r['size_mb']:.0f}",
+            f"{r['reward_mean']:.3f}",
+            *(f"{r['rewards'][n]:.3f}" for n in names),
+            f"{r['tokens_per_second']:.0f}",
+        )
     return table
 
 
@@ -120,7 +124,7 @@ def add_eval_parser(commands) -> None:
         help="held-out reward of models (fp or quantised) through vLLM",
         description="Flags set config keys; key.sub=value overrides win over --config and flags.",
     )
-    p.add_argument("--config", help="YAML file with EvalConfig keys")
+    p.add_argument("--config", help="YAML file with EvalCommandConfig keys")
     p.add_argument("--show-config", action="store_true", help="list every knob and exit")
     p.add_argument("--model", action="append", help="model to evaluate (repeat for several)")
     p.add_argument("--task", help="task name or data file (default arithmetic)")
@@ -132,11 +136,10 @@ def add_eval_parser(commands) -> None:
 
 def run_eval_command(args) -> int:
     """`rlx eval`: parse, evaluate, print."""
-    from rlx.config import describe, load_config
-    from rlx.quant.config import EvalConfig
+    from rlx.config import EvalCommandConfig, describe, load_config
 
     if args.show_config:
-        print(describe(EvalConfig))
+        print(describe(EvalCommandConfig))
         return 0
     flags = [
         f"{k}={json.dumps(getattr(args, a))}"
@@ -145,5 +148,5 @@ def run_eval_command(args) -> int:
     ]
     if args.model:
         flags.append(f"models={json.dumps(args.model)}")
-    evaluate_models(load_config(EvalConfig, args.config, [*flags, *args.overrides]))
+    evaluate_models(load_config(EvalCommandConfig, args.config, [*flags, *args.overrides]))
     return 0

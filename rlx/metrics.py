@@ -16,10 +16,19 @@ from rlx.atomic import atomic_write_text
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line without its newline is a row whose append was
+    cut short by a crash: it is dropped, so that a run can resume after such a crash."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines = lines[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:

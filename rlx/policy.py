@@ -78,13 +78,23 @@ class RolloutBatch:
         """Groups start..stop-1 (with all their completions)."""
         g = self.group_size
         rows = slice(start * g, stop * g)
-        return RolloutBatch(self.prompt_ids[start:stop], self.prompt_mask[start:stop],
-                            self.completion_ids[rows], self.completion_mask[rows],
-                            self.sampler_logprobs[rows], g)  # fmt: skip
+        return RolloutBatch(
+            self.prompt_ids[start:stop],
+            self.prompt_mask[start:stop],
+            self.completion_ids[rows],
+            self.completion_mask[rows],
+            self.sampler_logprobs[rows],
+            g,
+        )
 
     def to(self, device) -> RolloutBatch:
-        tensors = (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask,
-                   self.sampler_logprobs)  # fmt: skip
+        tensors = (
+            self.prompt_ids,
+            self.prompt_mask,
+            self.completion_ids,
+            self.completion_mask,
+            self.sampler_logprobs,
+        )
         return RolloutBatch(*(t.to(device) for t in tensors), self.group_size)
 
 
@@ -135,17 +145,28 @@ def completion_logits(model, batch: RolloutBatch) -> torch.Tensor:
     """
     g, t = batch.group_size, batch.completion_ids.shape[1]
     prompt_pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [P, W]
-    prompt_out = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                       position_ids=prompt_pos, use_cache=True, logits_to_keep=1)  # fmt: skip
+    prompt_out = model(
+        input_ids=batch.prompt_ids,
+        attention_mask=batch.prompt_mask,
+        position_ids=prompt_pos,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     first = prompt_out.logits[:, -1:].repeat_interleave(g, dim=0)  # [B, 1, V] predicts token 0
     cache = prompt_out.past_key_values
     cache.batch_repeat_interleave(g)
-    mask = torch.cat([batch.prompt_mask.repeat_interleave(g, dim=0),
-                      batch.completion_mask.long()], dim=1)  # fmt: skip
+    mask = torch.cat(
+        [batch.prompt_mask.repeat_interleave(g, dim=0), batch.completion_mask.long()], dim=1
+    )
     start = batch.prompt_mask.sum(-1).repeat_interleave(g)  # [B] real prompt lengths
     positions = start[:, None] + torch.arange(t, device=start.device)  # [B, T]
-    out = model(input_ids=batch.completion_ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True)  # fmt: skip
+    out = model(
+        input_ids=batch.completion_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
     logits = torch.cat([first, out.logits[:, :-1]], dim=1)  # [B, T, V]
     if logits.shape[1] != t:
         raise RuntimeError(f"got {logits.shape[1]} logit positions, expected {t}")

@@ -1,23 +1,35 @@
-"""Plumbing shared by the training loops in recipes/ (pg.py, es.py): the command line, and the end
-of a run (final model, held-out evaluation, report, shutdown)."""
+"""The skeleton both training loops (recipes/pg.py, recipes/es.py) share.
+
+    run_recipe   the command line: config -> train(cfg), user errors as one line (exit status 2)
+    Run          one run on every process: the Accelerator, output_dir, resume, metrics, the
+                 before/after evaluation, skipped steps, checkpoints and the time limits
+    reduce_stats per-step stats summed over ranks, extremes by max / min
+    RunClock     the wall-time limits (max_minutes, max_run_minutes)
+
+A loop builds its models and engine, then: `run.resume(...)`, `run.start(...)`, one
+`run.log_step(...)` or `run.skip(...)` per step and `run.end_step(...)` after it, `run.finish(...)`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from rlx.checkpoint import save_final_model
-from rlx.config import ConfigError, describe, load_config
+from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
+from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.errors import report_user_errors
 from rlx.evaluation import evaluate
-from rlx.metrics import plot_reward_curves
-from rlx.reporting import print_eval_table, write_eval
+from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
+from rlx.reporting import print_eval_table, read_eval, write_eval
 
 
 def run_recipe(
@@ -43,6 +55,130 @@ def run_recipe(
         train(load_config(config_cls, args.config, args.overrides))
 
     return report_user_errors(prog, run, debug=args.debug)
+
+
+class Run:
+    """One training run, on every process. `step` is the number of steps done."""
+
+    def __init__(self, cfg, nan_on_skip: tuple[str, ...] = ()):
+        """`nan_on_skip`: the loop's metrics a skipped step logs as NaN, beside reward_mean and
+        step_time_s."""
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
+        # On CPU, Accelerator(cpu=True) under a multi-process launch selects MULTI_CPU over gloo.
+        self.accelerator = Accelerator(
+            log_with=list(cfg.log_with) or None,
+            project_dir=cfg.output_dir,
+            cpu=not torch.cuda.is_available(),
+        )
+        self.out = prepare_output_dir(cfg, self.accelerator)
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.main = self.accelerator.is_main_process
+        self.nan_on_skip = ("reward_mean", "step_time_s", *nan_on_skip)
+        self.step, self.results, self.log, self.bar, self.began = 0, {}, None, None, 0.0
+        torch.manual_seed(cfg.seed)
+
+    def resume(self, model, optimizer, scheduler) -> int:
+        """With resume_from: restore the checkpoint into these and drop the metrics rows after
+        it. Returns the step to start from (0 for a new run)."""
+        if not self.cfg.resume_from:
+            return 0
+        ckpt = find_checkpoint(self.out, self.cfg.resume_from)
+        self.step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
+        if self.main:
+            truncate_metrics(self.out / "metrics.jsonl", self.step)
+            print(f"resumed from {ckpt} at step {self.step}")
+        return self.step
+
+    def start(self, engine, eval_data, reward_fns) -> None:
+        """Write config.yaml, open metrics.jsonl and the trackers, evaluate the held-out prompts
+        before training (a resumed run keeps its first evaluation), start the clock."""
+        cfg = self.cfg
+        if self.main:
+            save_config(cfg, str(self.out / "config.yaml"))
+            self.log = MetricsLog(self.out / "metrics.jsonl", self.accelerator)
+        self.accelerator.init_trackers("rlx", config={k: str(v) for k, v in to_dict(cfg).items()})
+        self.results = read_eval(self.out / "eval.json") if self.step else {}
+        if eval_data is not None and self.main and "before" not in self.results:
+            stop = cfg.rollout.stop
+            before = evaluate(engine, eval_data, reward_fns, cfg.eval.max_new_tokens, stop)
+            self.results["before"] = before
+            write_eval(self.out / "eval.json", self.results)
+        self.began = time.perf_counter()
+        self.clock.start_training(self.results.get("before", {}).get("generate_seconds", 0.0))
+        self.bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.main)
+
+    def skip(self, reason: str) -> None:
+        """bad_steps=skip: log this step as skipped (one line on stderr) and count it done."""
+        self.step += 1
+        if self.main:
+            row = {"step": self.step, "skipped": reason}
+            self.log.log(row | {k: math.nan for k in self.nan_on_skip})
+            self.bar.update(1)
+        print(f"step {self.step} skipped: {reason}", file=sys.stderr)
+
+    def log_step(self, row: dict, **postfix: float) -> None:
+        """Main process: one metrics.jsonl row for the step just done, and the progress bar."""
+        if self.main:
+            self.log.log(row)
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
+
+    def end_step(self, step_seconds: float, model, optimizer, scheduler) -> bool:
+        """After a step: checkpoint when due (save_every, the last step, out of time). True when
+        training must stop now because another step would not fit the time limits."""
+        cfg = self.cfg
+        out_of_time = self.clock.out_of_time(step_seconds, self.accelerator)
+        due = cfg.save_every and self.step % cfg.save_every == 0
+        if due or self.step == cfg.steps or out_of_time:
+            checkpoint(self.accelerator, self.out, self.step, model, optimizer, scheduler, cfg)
+        if out_of_time and self.main:
+            print(f"stopping after {self.step} steps: {out_of_time}")
+        return bool(out_of_time)
+
+    def finish(self, model, tokenizer, engine, eval_data, reward_fns, title: str) -> dict:
+        """Main process: the trained model as a plain HF folder (out/final, LoRA merged), the
+        held-out evaluation after training into eval.json with a before/after table, and the
+        reward-curve plot. Returns eval.json's content."""
+        self.bar.close()
+        if not self.main:
+            return self.results
+        cfg, out, results = self.cfg, self.out, self.results
+        print(f"final model: {save_final_model(model, tokenizer, out / 'final')}")
+        if eval_data is not None:
+            stop = cfg.rollout.stop
+            results["after"] = evaluate(
+                engine, eval_data, reward_fns, cfg.eval.max_new_tokens, stop
+            )
+            results["train_minutes"] = (time.perf_counter() - self.began) / 60
+            results["steps"] = self.step
+            write_eval(out / "eval.json", results)
+            print_eval_table(results, title)
+        if (out / "metrics.jsonl").exists():
+            plot = plot_reward_curves(out / "metrics.jsonl", out / "reward_curves.png")
+            print(f"reward curves: {plot}")
+        return results
+
+    def close(self) -> None:
+        shutdown(self.accelerator)
+
+
+def reduce_stats(accelerator, stats: dict, maxima=(), minima=()) -> dict:
+    """Per-step stats of this rank -> of the whole step: summed over ranks, except the keys in
+    `maxima` / `minima`, which take the max / min."""
+    if accelerator.num_processes == 1:
+        return stats
+    keys = list(stats)
+    rows = accelerator.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
+    merged = {k: float(rows[:, j].sum()) for j, k in enumerate(keys)}
+    for k in maxima:
+        merged[k] = float(rows[:, keys.index(k)].max())
+    for k in minima:
+        merged[k] = float(rows[:, keys.index(k)].min())
+    return merged
 
 
 class RunClock:
@@ -123,26 +259,6 @@ def prepare_output_dir(cfg, accelerator) -> Path:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return out
-
-
-def finish_run(cfg, out: Path, model, tokenizer, engine, eval_data, reward_fns, results: dict,
-               began: float, steps: int, title: str) -> dict:  # fmt: skip
-    """Main process only: the trained model as a plain HF folder (out/final), the held-out "after"
-    evaluation into eval.json and a before/after table, and the reward-curve plot."""
-    print(f"final model: {save_final_model(model, tokenizer, out / 'final')}")
-    if eval_data is not None:
-        results["after"] = evaluate(
-            engine, eval_data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop
-        )
-        results["train_minutes"] = (time.perf_counter() - began) / 60
-        results["steps"] = steps
-        write_eval(out / "eval.json", results)
-        print_eval_table(results, title)
-    if (out / "metrics.jsonl").exists():
-        print(
-            f"reward curves: {plot_reward_curves(out / 'metrics.jsonl', out / 'reward_curves.png')}"
-        )
-    return results
 
 
 def shutdown(accelerator) -> None:

@@ -22,10 +22,9 @@ import torch
 from accelerate import Accelerator
 
 from rlx.algos import pg
-from rlx.config import load_config
+from rlx.config import LoraConfig, PGConfig, load_config
 from rlx.policy import load_policy
 from rlx.rollout.base import Completion
-from rlx.train_config import LoraConfig, PGConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 P, G = 4, 2
@@ -98,7 +97,9 @@ def main(model_path: str, out: str) -> None:
             (mini,) = recipe.local_mini_batches(cfg, local, parts[mine], adv[mine], pad, 1)
             model.zero_grad(set_to_none=True)
             stats = recipe.train_on_batch(cfg, accelerator, model, ref, mini, 1)
-            stats = recipe.combine_stats(accelerator, stats)
+            stats = recipe.reduce_stats(
+                accelerator, stats, recipe.EXTREMES_MAX, recipe.EXTREMES_MIN
+            )
             grad = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
             result = {"grad": grad, "loss": stats["loss"], "keep": keep}
             torch.save(result, Path(out) / f"grad_{world}_{rank}_{case}_{agg}.pt")

@@ -129,10 +129,19 @@ def test_matches_trl_grpo_loss(tiny_llama, tmp_path, loss_type):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     max_len = 6
     args = GRPOConfig(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], loss_type=loss_type,
-        num_generations=2, per_device_train_batch_size=4, max_completion_length=max_len,
-        beta=0.04, epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        loss_type=loss_type,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        max_completion_length=max_len,
+        beta=0.04,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        use_bias_correction_kl=False,
+    )
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=lambda completions, **kw: [0.0] * len(completions),
@@ -150,11 +159,15 @@ def test_matches_trl_grpo_loss(tiny_llama, tmp_path, loss_type):
     ref = torch.randn(b, max_len) * 0.1 - 3
     adv = torch.tensor([1.0, -0.5, 0.3, -2.0])
     inputs = {
-        "prompt_ids": prompt_ids, "prompt_mask": torch.ones(b, tp, dtype=torch.long),
-        "completion_ids": completion_ids, "completion_mask": completion_mask,
-        "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones(b, tp, dtype=torch.long),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
         "num_items_in_batch": completion_mask.sum(),
-    }  # fmt: skip
+    }
     trl_loss = trainer._compute_loss(trainer.model, inputs)
 
     with torch.no_grad():
@@ -241,8 +254,7 @@ def test_batch_whitening_sees_only_the_kept_groups(name):
 
 
 def test_pg_config_refuses_one_sample_groups_and_truncated_sampling():
-    from rlx.config import ConfigError, load_config
-    from rlx.train_config import PGConfig
+    from rlx.config import ConfigError, PGConfig, load_config
 
     total = torch.tensor([[1.0], [0.0], [float("nan")]])  # G = 1: nothing to compare within a group
     assert pg.groups_to_keep(total, dynamic_sampling=True).tolist() == [True, True, False]
@@ -560,8 +572,7 @@ def test_advantage_options_refused():
     ],
 )
 def test_pg_config_refuses_bad_learner_knobs(overrides, message):
-    from rlx.config import ConfigError, load_config
-    from rlx.train_config import PGConfig
+    from rlx.config import ConfigError, PGConfig, load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config(PGConfig, overrides=overrides)

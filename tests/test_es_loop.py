@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlx.config import ConfigError, load_config
-from rlx.es_config import ESConfig
+from rlx.config import ConfigError, ESConfig, load_config
 from rlx.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,9 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlx.config import load_config
+from rlx.config import PGConfig, load_config
 from rlx.metrics import read_metrics
-from rlx.train_config import PGConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "pg.py"
@@ -52,11 +51,20 @@ def length_reward(tmp_path_factory):
 
 def overrides(model, out, reward, **extra) -> list[str]:
     base = {
-        "model.name": model, "rollout.dtype": "float32", "rollout.num_samples": 4,
-        "rollout.max_new_tokens": 12, "prompts_per_step": 4, "steps": 3, "micro_batch_size": 8,
-        "eval.num_prompts": 6, "eval.max_new_tokens": 12, "output_dir": str(out), "log_with": "[]",
-        "rewards": f"[{{func: '{reward}', weight: 1.0}}]", "optim.lr": 1e-3,
-    }  # fmt: skip
+        "model.name": model,
+        "rollout.dtype": "float32",
+        "rollout.num_samples": 4,
+        "rollout.max_new_tokens": 12,
+        "prompts_per_step": 4,
+        "steps": 3,
+        "micro_batch_size": 8,
+        "eval.num_prompts": 6,
+        "eval.max_new_tokens": 12,
+        "output_dir": str(out),
+        "log_with": "[]",
+        "rewards": f"[{{func: '{reward}', weight: 1.0}}]",
+        "optim.lr": 1e-3,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -92,8 +100,13 @@ def test_sync_every_k_steps_shows_as_logprob_gap(tiny_llama, tmp_path, length_re
 
 
 def test_lora_run_merges_for_sync(tiny_llama, tmp_path, length_reward):
-    extra = {"lora.enabled": "true", "lora.rank": 4, "eval.enabled": "false", "steps": 2,
-             "optim.schedule": "linear"}  # fmt: skip
+    extra = {
+        "lora.enabled": "true",
+        "lora.rank": 4,
+        "eval.enabled": "false",
+        "steps": 2,
+        "optim.schedule": "linear",
+    }
     cfg = load_config(
         PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
     )
@@ -249,8 +262,14 @@ def test_accelerate_launch_one_process(tiny_llama, tmp_path, length_reward):
 def test_two_processes_train_data_parallel(tiny_llama, tmp_path, length_reward):
     """accelerate launch with two CPU processes (gloo): each rank rolls out half the prompts."""
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch" / "cpu_2proc.yaml"), str(RECIPE)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launch" / "cpu_2proc.yaml"),
+        str(RECIPE),
+    ]
     proc = _launch(
         cmd
         + overrides(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlx.config import ModelConfig
+from rlx.config import LoraConfig, ModelConfig
 from rlx.policy import build_batch, completion_logits, completion_logits_reference, load_policy
 from rlx.rollout import Completion
-from rlx.train_config import LoraConfig
 
 
 def _completions(prompts: list[list[int]], lengths: list[list[int]]) -> list[Completion]:

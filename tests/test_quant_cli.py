@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlx.cli import main
-from rlx.config import ConfigError, load_config
+from rlx.config import ConfigError, EvalCommandConfig, load_config
 from rlx.models.tiny import build_tiny_model
 from rlx.quant import (
     CalibrationConfig,
@@ -22,7 +22,6 @@ from rlx.quant import (
     quantize_model,
 )
 from rlx.quant.calibration import arithmetic_completion, calibration_blocks
-from rlx.quant.config import EvalConfig
 from rlx.quant.pseudo_finetune import pseudo_finetune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,4 +267,4 @@ def test_shipped_quantize_recipes_load():
     assert recipes
     for path in recipes:
         load_config(QuantizeConfig, str(path))
-    load_config(EvalConfig, None, ["models=[a, b]", "task.num_prompts=10"])
+    load_config(EvalCommandConfig, None, ["models=[a, b]", "task.num_prompts=10"])

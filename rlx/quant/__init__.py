@@ -8,17 +8,17 @@ Modules: importance.py (QuantLRM and AWQ channel importance), quantizer.py (asym
 quantisation), scale_search.py (AWQ scale + clip search per layer), gptq.py (GPTQ rounding),
 pseudo_finetune.py (dW for a model with no "before" checkpoint), tune.py (optional tuning of the
 stored scales), calibration.py, export.py (compressed-tensors pack-quantized), checks.py (bad
-input and vLLM kernel limits), pipeline.py (the whole run), config.py.
+input and vLLM kernel limits), pipeline.py (the whole run); the configs are in rlx/config/quant.py.
 """
 
-from rlx.quant.checks import QuantError
-from rlx.quant.config import (
+from rlx.config import (
     CalibrationConfig,
-    EvalConfig,
+    EvalCommandConfig,
     PseudoFinetuneConfig,
     QuantizeConfig,
     TuneConfig,
 )
+from rlx.quant.checks import QuantError
 from rlx.quant.importance import (
     DeltaStats,
     activation_importance,
@@ -32,7 +32,7 @@ from rlx.quant.quantizer import QuantizedWeight, fake_quantize, quantize_weight
 __all__ = [
     "CalibrationConfig",
     "DeltaStats",
-    "EvalConfig",
+    "EvalCommandConfig",
     "PseudoFinetuneConfig",
     "QuantError",
     "QuantResult",

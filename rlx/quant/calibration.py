@@ -5,7 +5,7 @@ Each row becomes chat-templated prompt + completion + EOS. The completion is the
 the one-shot format (`arithmetic_completion`); otherwise the prompt alone. Rows are concatenated
 and cut into `num_sequences` blocks of `seq_len` tokens (AWQ packs its calibration text the same
 way), so no padding or attention mask is needed. The paper uses 128 x 512 tokens; the CPU default
-here is 8 x 256 (see `rlx.quant.config.CalibrationConfig`).
+here is 8 x 256 (see `rlx.config.CalibrationConfig`).
 """
 
 from __future__ import annotations

@@ -49,8 +49,7 @@ def add_quantize_parser(commands) -> None:
 
 def run_quantize_command(args) -> int:
     """Build the config from --config, flags and overrides; quantise; print a summary."""
-    from rlx.config import describe, load_config
-    from rlx.quant.config import QuantizeConfig
+    from rlx.config import QuantizeConfig, describe, load_config
 
     if args.show_config:
         print(describe(QuantizeConfig))

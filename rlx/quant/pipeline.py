@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlx.config import QuantizeConfig
 from rlx.hardware import auto_dtype
 from rlx.quant.calibration import calibration_blocks, check_calibration_source
 from rlx.quant.checks import (
@@ -35,7 +36,6 @@ from rlx.quant.checks import (
     geometry,
     layer_group_sizes,
 )
-from rlx.quant.config import QuantizeConfig
 from rlx.quant.export import write_dequantized, write_pack_quantized
 from rlx.quant.importance import activation_importance, quantlrm_importances
 from rlx.quant.pseudo_finetune import pseudo_finetune

@@ -17,8 +17,15 @@ from rlx.rollout.base import Completion, Prompt, Sampling, check_sampling, encod
 class HFEngine:
     """The rlx rollout engine on HF transformers `generate` (left-padded batches)."""
 
-    def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0, batch_size: int = 64,
-                 device: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        batch_size: int = 64,
+        device: str | None = None,
+    ):
         from rlx.models import load_model_and_tokenizer
 
         self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)

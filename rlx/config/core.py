@@ -1,4 +1,4 @@
-"""Typed config dataclasses: the single source of defaults.
+"""The config machinery: `knob` fields, `require` checks, loading from dicts, YAML and overrides.
 
 Precedence, lowest to highest: dataclass defaults, then a YAML file, then `key.sub=value` arguments:
 
@@ -12,7 +12,6 @@ Precedence, lowest to highest: dataclass defaults, then a YAML file, then `key.s
 import copy
 import dataclasses
 import difflib
-import math
 import os
 import re
 import types
@@ -49,113 +48,6 @@ AUTO_DTYPE = (
 def require(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{name} must be {rule}, got {value!r}")
-
-
-# ----------------------------------------------------------------------------- config dataclasses
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    """The policy model."""
-
-    name: str = knob("smollm2", help='alias ("smollm2"), a local HF model directory, or a hub id')
-    dtype: Literal["float32", "bfloat16"] = knob("float32", help="trainer-side parameter dtype")
-
-    def __post_init__(self) -> None:
-        require(bool(self.name), "name", "a non-empty string", self.name)
-
-
-@dataclasses.dataclass
-class RolloutConfig:
-    """How completions are sampled."""
-
-    backend: Literal["vllm", "hf"] = knob("vllm", help="generation engine; hf is the slow fallback")
-    num_samples: int = knob(8, help="completions sampled per prompt (the group size)")
-    max_new_tokens: int = knob(64, help="most tokens generated per completion")
-    temperature: float = knob(1.0, help="sampling temperature; 0 = greedy")
-    top_p: float = knob(1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
-    top_k: int = knob(-1, help="sample from the k most likely tokens; -1 = off")
-    stop: list[str] = knob(["</answer>"], help="stop after any of these strings (kept in output)")
-    dtype: Literal["auto", "float32", "bfloat16"] = knob(
-        "auto",
-        help=f"engine dtype; {AUTO_DTYPE} (the HF backend: float32)",
-    )
-    max_model_len: int = knob(1024, help="engine context length: prompt plus completion tokens")
-    kv_cache_gib: int = knob(1, help="KV cache size in whole GiB (vLLM CPU backend)")
-    block_size: int | None = knob(
-        None,
-        help="vLLM KV block size in tokens; prompts share cached prefixes in whole blocks; "
-        "null = 32 on CPU (vLLM-CPU's own default is 128), vLLM's default on GPU",
-    )
-    seed: int = knob(0, help="sampling seed")
-    enable_lora: bool = knob(False, help="let the engine serve LoRA adapters")
-    max_loras: int = knob(1, help="LoRA adapters the engine holds at once")
-    max_lora_rank: int = knob(8, help="largest LoRA rank the engine accepts")
-
-    def __post_init__(self) -> None:
-        require(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
-        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
-        room = f"< max_model_len ({self.max_model_len}), leaving room for the prompt"
-        require(
-            self.max_new_tokens < self.max_model_len, "max_new_tokens", room, self.max_new_tokens
-        )
-        require(self.temperature >= 0, "temperature", ">= 0", self.temperature)
-        require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        require(self.top_k == -1 or self.top_k >= 1, "top_k", "-1 (off) or >= 1", self.top_k)
-        require(all(self.stop), "stop", "a list of non-empty strings", self.stop)
-        require(self.kv_cache_gib >= 1, "kv_cache_gib", ">= 1", self.kv_cache_gib)
-        b = self.block_size
-        require(b is None or (b >= 16 and b % 16 == 0), "block_size", "null or a multiple of 16", b)
-        require(self.max_loras >= 1, "max_loras", ">= 1", self.max_loras)
-        require(self.max_lora_rank >= 1, "max_lora_rank", ">= 1", self.max_lora_rank)
-
-
-@dataclasses.dataclass
-class TaskConfig:
-    """Which prompts to use."""
-
-    name: str = knob(
-        "arithmetic", help="registered task name, or a path to a jsonl/parquet/saved dataset"
-    )
-    split: str = knob("test", help="dataset split to read")
-    num_prompts: int | None = knob(None, help="number of prompts to use; null = all")
-    seed: int = knob(0, help="seed for picking prompts and for generated tasks")
-    options: dict[str, Any] = knob({}, help="task-specific settings passed to the task builder")
-
-    def __post_init__(self) -> None:
-        require(bool(self.name), "name", "a non-empty string", self.name)
-        n = self.num_prompts
-        require(n is None or n >= 1, "num_prompts", "null (all) or >= 1", n)
-
-
-@dataclasses.dataclass
-class RewardConfig:
-    """One reward function and its weight in the total reward."""
-
-    func: str = knob(help='"path/to/file.py:function" or "package.module:function"')
-    weight: float = knob(1.0, help="multiplier of this reward in the weighted sum")
-
-    def __post_init__(self) -> None:
-        target, _, name = self.func.rpartition(":")
-        form = '"file.py:function" or "module:function"'
-        require(bool(target and name), "func", form, self.func)
-        require(math.isfinite(self.weight), "weight", "finite", self.weight)
-
-
-@dataclasses.dataclass
-class GenerateConfig:
-    """`rlx generate`: sample completions for a task's prompts and score them."""
-
-    model: ModelConfig = knob(ModelConfig(), help="the policy model")
-    rollout: RolloutConfig = knob(RolloutConfig(), help="sampling settings")
-    task: TaskConfig = knob(TaskConfig(), help="prompt source")
-    rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
-    output_dir: str = knob("runs/generate", help="folder for completions, scores and config")
-    show_examples: int = knob(3, help="completions printed in the summary")
-
-    def __post_init__(self) -> None:
-        require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
-        require(self.show_examples >= 0, "show_examples", ">= 0", self.show_examples)
 
 
 # ----------------------------------------------------------------------------- dict -> dataclass

@@ -1,25 +1,12 @@
-"""Configs of the training loops: the policy-gradient family (PGConfig) and the pieces the
-evolution-strategies loop shares with it (optimizer, LoRA, evaluation, checkpoints, logging).
-
-Like rlx/config.py, these dataclasses are the single source of defaults; recipes/*.yaml override them
-and `key.sub=value` arguments override the YAML.
-"""
+"""Config of the policy-gradient loop (recipes/pg.py): the learner's knobs and the run around them."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-from rlx.config import (
-    AUTO_DTYPE,
-    ConfigError,
-    ModelConfig,
-    RewardConfig,
-    RolloutConfig,
-    TaskConfig,
-    knob,
-    require,
-)
+from rlx.config.common import LoraConfig, OptimConfig, RunConfig
+from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
 
 @dataclasses.dataclass
@@ -92,105 +79,26 @@ class AlgoConfig:
 
 
 @dataclasses.dataclass
-class OptimConfig:
-    """AdamW with linear warm-up, then a constant or decaying learning rate."""
-
-    lr: float = knob(3e-5, help="peak learning rate")
-    weight_decay: float = knob(0.0, help="AdamW weight decay")
-    warmup_steps: int = knob(0, help="linear warm-up steps")
-    schedule: Literal["constant", "linear", "cosine"] = knob(
-        "constant", help="after warm-up: keep lr, or decay it to 0 at the run's last step (`steps`)"
-    )
-    max_grad_norm: float = knob(1.0, help="gradient-norm clip; 0 = off")
-
-    def __post_init__(self) -> None:
-        require(self.lr > 0, "lr", "> 0", self.lr)
-        require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
-        require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0", self.max_grad_norm)
-
-
-@dataclasses.dataclass
-class LoraConfig:
-    """LoRA through peft; merged into the weights pushed to the rollout engine."""
-
-    enabled: bool = knob(False, help="train a LoRA adapter instead of all weights")
-    rank: int = knob(16, help="adapter rank")
-    alpha: int = knob(32, help="adapter scale numerator (scale = alpha / rank)")
-    target_modules: list[str] = knob(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="module names that get adapters",
-    )
-
-    def __post_init__(self) -> None:
-        require(self.rank >= 1, "rank", ">= 1", self.rank)
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    """Held-out evaluation before and after training (greedy, one completion per prompt)."""
-
-    split: str = knob("test", help="held-out split of the task")
-    num_prompts: int = knob(200, help="held-out prompts evaluated")
-    max_new_tokens: int = knob(64, help="most tokens per evaluated completion")
-    enabled: bool = knob(True, help="run the before/after evaluation")
-
-    def __post_init__(self) -> None:
-        require(self.num_prompts >= 1, "num_prompts", ">= 1", self.num_prompts)
-
-
-@dataclasses.dataclass
-class PGConfig:
+class PGConfig(RunConfig):
     """recipes/pg.py: GRPO / RLOO / REINFORCE on rollouts from the rlx rollout engine."""
 
-    model: ModelConfig = knob(ModelConfig(), help="the policy model")
-    rollout: RolloutConfig = knob(RolloutConfig(), help="sampling settings for training rollouts")
-    task: TaskConfig = knob(TaskConfig(split="train"), help="training prompts")
-    rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
     algo: AlgoConfig = knob(AlgoConfig(), help="the learner")
     optim: OptimConfig = knob(OptimConfig(), help="optimizer")
     lora: LoraConfig = knob(LoraConfig(), help="LoRA (off = full fine-tuning)")
-    eval: EvalConfig = knob(EvalConfig(), help="held-out evaluation")
-    steps: int = knob(30, help="optimizer steps (one rollout batch each)")
-    prompts_per_step: int = knob(8, help="prompts per step, over all processes")
     micro_batch_size: int = knob(
         16, help="sequences per forward/backward pass (rounded down to whole groups, at least one)"
     )
     sync_every: int = knob(1, help="push weights to the rollout engine every k steps")
-    max_prompt_tokens: int = knob(512, help="longest prompt accepted, in tokens")
-    long_prompts: Literal["error", "skip"] = knob(
-        "error", help="a prompt over max_prompt_tokens: stop with an error, or skip it (logged)"
-    )
-    bad_steps: Literal["error", "skip"] = knob(
-        "error",
-        help="a NaN loss or a reward function failure: stop with an error, or skip the step",
-    )
     bf16_autocast: bool | Literal["auto"] = knob(
         "auto",
         help=f"bf16 autocast for the trainer forward/backward (on = bfloat16); {AUTO_DTYPE}",
     )
-    seed: int = knob(0, help="seed for data order, sampling and initialisation")
     output_dir: str = knob("runs/pg", help="metrics, checkpoints, eval.json, plots")
-    save_every: int = knob(0, help="checkpoint every k steps; 0 = only at the end")
-    resume_from: str | None = knob(None, help='checkpoint folder, or "latest" in output_dir')
-    overwrite_output_dir: bool = knob(
-        False, help="a new run into an output_dir holding a run removes that run's outputs first"
-    )
-    log_with: list[str] = knob(["tensorboard"], help="accelerate trackers: tensorboard, wandb")
-    max_minutes: float = knob(0.0, help="stop training after this wall time; 0 = no limit")
-    max_run_minutes: float = knob(
-        0.0,
-        help="stop training early enough that the whole run, start-up and the final evaluation "
-        "included, ends within this wall time; 0 = no limit",
-    )
 
     def __post_init__(self) -> None:
-        require(self.steps >= 1, "steps", ">= 1", self.steps)
-        require(self.prompts_per_step >= 1, "prompts_per_step", ">= 1", self.prompts_per_step)
+        super().__post_init__()
         require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
         require(self.sync_every >= 1, "sync_every", ">= 1", self.sync_every)
-        require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
-        require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
-        require(self.max_run_minutes >= 0, "max_run_minutes", ">= 0", self.max_run_minutes)
         r = self.rollout
         if r.top_p < 1 or r.top_k != -1:
             # The trainer's logprobs apply the temperature only; the sampler's are renormalised

@@ -1,26 +1,12 @@
-"""Configs of the evolution-strategies loop (recipes/es.py): EGGROLL's knobs and the run around them.
-
-Like rlx/config.py these dataclasses are the single source of defaults; recipes/es*.yaml override
-them and `key.sub=value` arguments override the YAML. Shared pieces come from rlx.config (model,
-rollout, task, rewards) and rlx.train_config (held-out evaluation).
-"""
+"""Config of the evolution-strategies loop (recipes/es.py): EGGROLL's knobs and the run around them."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-from rlx.config import (
-    AUTO_DTYPE,
-    ConfigError,
-    ModelConfig,
-    RewardConfig,
-    RolloutConfig,
-    TaskConfig,
-    knob,
-    require,
-)
-from rlx.train_config import EvalConfig
+from rlx.config.common import ModelConfig, RolloutConfig, RunConfig
+from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
 LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -86,7 +72,7 @@ class EggrollConfig:
 
 
 @dataclasses.dataclass
-class ESConfig:
+class ESConfig(RunConfig):
     """recipes/es.py: EGGROLL evolution strategies on the rlx tasks and rewards."""
 
     model: ModelConfig = knob(ModelConfig(), help="the policy model (float32 master weights)")
@@ -94,46 +80,16 @@ class ESConfig:
         RolloutConfig(num_samples=1, temperature=0.0),
         help="decoding of population members (greedy by default) and the engine for evaluation",
     )
-    task: TaskConfig = knob(TaskConfig(split="train"), help="training prompts")
-    rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
     es: EggrollConfig = knob(EggrollConfig(), help="the ES learner")
-    eval: EvalConfig = knob(
-        EvalConfig(), help="held-out evaluation (greedy, on the rollout engine)"
-    )
     steps: int = knob(20, help="ES updates (one population evaluation each)")
-    prompts_per_step: int = knob(8, help="training prompts per step (shared by all members)")
-    max_prompt_tokens: int = knob(512, help="longest prompt accepted, in tokens")
-    long_prompts: Literal["error", "skip"] = knob(
-        "error", help="a prompt over max_prompt_tokens: stop with an error, or skip it"
-    )
-    bad_steps: Literal["error", "skip"] = knob(
-        "error", help="a reward function failure: stop with an error, or skip the step"
-    )
-    seed: int = knob(0, help="seed of the data order and of the noise")
     output_dir: str = knob("runs/es", help="metrics, checkpoints, eval.json, plots")
-    save_every: int = knob(0, help="checkpoint every k steps; 0 = only at the end")
-    resume_from: str | None = knob(None, help='checkpoint folder, or "latest" in output_dir')
-    overwrite_output_dir: bool = knob(
-        False, help="a new run into an output_dir holding a run removes that run's outputs first"
-    )
-    log_with: list[str] = knob(["tensorboard"], help="accelerate trackers: tensorboard, wandb")
-    max_minutes: float = knob(0.0, help="stop training after this wall time; 0 = no limit")
-    max_run_minutes: float = knob(
-        0.0,
-        help="stop training early enough that the whole run, start-up and the final evaluation "
-        "included, ends within this wall time; 0 = no limit",
-    )
 
     def __post_init__(self) -> None:
-        require(self.steps >= 1, "steps", ">= 1", self.steps)
-        require(self.prompts_per_step >= 1, "prompts_per_step", ">= 1", self.prompts_per_step)
-        require(self.save_every >= 0, "save_every", ">= 0", self.save_every)
-        require(self.max_minutes >= 0, "max_minutes", ">= 0", self.max_minutes)
-        require(self.max_run_minutes >= 0, "max_run_minutes", ">= 0", self.max_run_minutes)
+        super().__post_init__()
         r = self.rollout
         if r.temperature == 0 and r.num_samples > 1:
-            require(False, "rollout.num_samples", "1 with greedy decoding (temperature 0)",
-                    r.num_samples)  # fmt: skip
+            rule = "1 with greedy decoding (temperature 0)"
+            require(False, "rollout.num_samples", rule, r.num_samples)
         if self.es.backend == "vllm_lora" and r.backend != "vllm":
             raise ConfigError("es.backend=vllm_lora needs rollout.backend=vllm")
         if self.es.prompt_assignment == "grouped":

@@ -1,4 +1,4 @@
-"""Config dataclasses of `rlx quantize` and `rlx eval` (same conventions as rlx/config.py)."""
+"""Configs of `rlx quantize` and `rlx eval`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,8 @@ import dataclasses
 import re
 from typing import Any, Literal
 
-from rlx.config import AUTO_DTYPE, ConfigError, RewardConfig, TaskConfig, knob
-
-
-def _require(ok: bool, name: str, rule: str, value) -> None:
-    if not ok:
-        raise ConfigError(f"{name} must be {rule}, got {value!r}")
+from rlx.config.common import RewardConfig, TaskConfig
+from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
 
 @dataclasses.dataclass
@@ -34,9 +30,9 @@ class CalibrationConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(bool(self.source), "source", "a task name or a path", self.source)
-        _require(self.num_sequences >= 1, "num_sequences", ">= 1", self.num_sequences)
-        _require(self.seq_len >= 16, "seq_len", ">= 16", self.seq_len)
+        require(bool(self.source), "source", "a task name or a path", self.source)
+        require(self.num_sequences >= 1, "num_sequences", ">= 1", self.num_sequences)
+        require(self.seq_len >= 16, "seq_len", ">= 16", self.seq_len)
 
 
 @dataclasses.dataclass
@@ -48,9 +44,9 @@ class PseudoFinetuneConfig:
     batch_sequences: int = knob(4, help="calibration blocks per step")
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "steps", ">= 1", self.steps)
-        _require(self.lr > 0, "lr", "> 0", self.lr)
-        _require(self.batch_sequences >= 1, "batch_sequences", ">= 1", self.batch_sequences)
+        require(self.steps >= 1, "steps", ">= 1", self.steps)
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.batch_sequences >= 1, "batch_sequences", ">= 1", self.batch_sequences)
 
 
 @dataclasses.dataclass
@@ -59,10 +55,8 @@ class TuneConfig:
 
     steps: int = knob(
         0,
-        help="Adam steps of KL distillation from the fine-tuned model; 0 = off. On the main job's "
-        "model W4 retention went from 0.901 to 0.942 with 120 steps and to 0.962 with 240, at 440 s "
-        "and 690 s instead of 36 s on 2 CPU threads; 240 steps take 7-10 s on one H200 (README, "
-        "'Tuning the scales')",
+        help="Adam steps of KL distillation from the fine-tuned model; 0 = off. Costs minutes on a "
+        "CPU, seconds on a GPU; what it buys: docs/quantization.md",
     )
     lr: float = knob(2e-4, help="learning rate of the log-gains (scale = stored scale * exp(u))")
     num_sequences: int = knob(
@@ -73,10 +67,10 @@ class TuneConfig:
     batch_sequences: int = knob(4, help="calibration blocks per step")
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 0, "steps", ">= 0", self.steps)
-        _require(self.lr > 0, "lr", "> 0", self.lr)
-        _require(self.num_sequences >= 1, "num_sequences", ">= 1", self.num_sequences)
-        _require(self.batch_sequences >= 1, "batch_sequences", ">= 1", self.batch_sequences)
+        require(self.steps >= 0, "steps", ">= 0", self.steps)
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.num_sequences >= 1, "num_sequences", ">= 1", self.num_sequences)
+        require(self.batch_sequences >= 1, "batch_sequences", ">= 1", self.batch_sequences)
 
 
 @dataclasses.dataclass
@@ -107,14 +101,12 @@ class QuantizeConfig:
     clip: bool | None = knob(
         None,
         help="run AWQ's weight-clipping search after the scale search; null = only with rounding "
-        "nearest (before GPTQ it raised the W4 token KL to the fine-tuned model from 0.016 to "
-        "0.026, README)",
+        "nearest (before GPTQ it hurts: docs/quantization.md)",
     )
     rounding: Literal["nearest", "gptq"] = knob(
         "gptq",
         help="how awq/quantlrm round the scaled (with clip: clipped) weights: GPTQ (each column's "
-        "error pushed onto later columns through the calibration Hessian; W4 retention 0.79 -> "
-        "0.88 for QuantLRM in bench/quant.py, one calibration seed) or to the nearest grid "
+        "error pushed onto later columns through the calibration Hessian) or to the nearest grid "
         "point; rtn always rounds to nearest",
     )
     act_order: bool = knob(
@@ -155,20 +147,20 @@ class QuantizeConfig:
     )
 
     def __post_init__(self) -> None:
-        _require(self.num_threads >= 0, "num_threads", ">= 0", self.num_threads)
-        _require(
+        require(self.num_threads >= 0, "num_threads", ">= 0", self.num_threads)
+        require(
             self.device in ("auto", "cpu", "cuda") or bool(re.fullmatch(r"cuda:\d+", self.device)),
             "device",
             "auto, cpu, cuda or cuda:N",
             self.device,
         )
-        _require(bool(self.finetuned), "finetuned", "a model name or folder", self.finetuned)
-        _require(self.group_size in (32, 64, 128), "group_size", "32, 64 or 128", self.group_size)
-        _require(self.alpha_grid >= 1, "alpha_grid", ">= 1", self.alpha_grid)
-        _require(self.quadratic_range >= 1, "quadratic_range", ">= 1", self.quadratic_range)
-        _require(self.clip_grid >= 1, "clip_grid", ">= 1", self.clip_grid)
-        _require(0 < self.clip_max_shrink < 1, "clip_max_shrink", "in (0, 1)", self.clip_max_shrink)
-        _require(bool(self.out), "out", "a non-empty path", self.out)
+        require(bool(self.finetuned), "finetuned", "a model name or folder", self.finetuned)
+        require(self.group_size in (32, 64, 128), "group_size", "32, 64 or 128", self.group_size)
+        require(self.alpha_grid >= 1, "alpha_grid", ">= 1", self.alpha_grid)
+        require(self.quadratic_range >= 1, "quadratic_range", ">= 1", self.quadratic_range)
+        require(self.clip_grid >= 1, "clip_grid", ">= 1", self.clip_grid)
+        require(0 < self.clip_max_shrink < 1, "clip_max_shrink", "in (0, 1)", self.clip_max_shrink)
+        require(bool(self.out), "out", "a non-empty path", self.out)
         if self.bits == 3 and self.export_format == "pack-quantized":
             raise ConfigError(
                 "export_format pack-quantized needs bits 4: vLLM's CPU kernel is 4-bit only and "
@@ -189,7 +181,7 @@ class QuantizeConfig:
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class EvalCommandConfig:
     """`rlx eval`: greedy held-out evaluation of one or more models through vLLM."""
 
     models: list[str] = knob(["smollm2"], help="models to evaluate (fp or quantised folders)")
@@ -213,6 +205,6 @@ class EvalConfig:
     output_json: str | None = knob(None, help="also write the results table here as JSON")
 
     def __post_init__(self) -> None:
-        _require(bool(self.models) and all(self.models), "models", "non-empty names", self.models)
-        _require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
-        _require(self.kv_cache_gib >= 1, "kv_cache_gib", ">= 1", self.kv_cache_gib)
+        require(bool(self.models) and all(self.models), "models", "non-empty names", self.models)
+        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        require(self.kv_cache_gib >= 1, "kv_cache_gib", ">= 1", self.kv_cache_gib)

@@ -1,0 +1,82 @@
+"""Typed configs: dataclasses are the single source of defaults for every command.
+
+Precedence, lowest to highest: the dataclass defaults, a YAML file (`--config`), then
+`key.sub=value` arguments. `load_config` type-checks every value against its field's annotation,
+then each dataclass's `__post_init__` checks ranges and combinations with `require` / ConfigError
+(one line naming the knob). Modules:
+
+    core.py      knob, require, ConfigError, load_config, save_config, describe (the machinery)
+    common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, LoRA,
+                 the held-out evaluation of training runs, and RunConfig (fields of both loops)
+    generate.py  `rlx generate`       pg.py  recipes/pg.py       es.py  recipes/es.py
+    quant.py     `rlx quantize`, `rlx eval`
+
+Everything public is importable from `rlx.config`.
+"""
+
+from rlx.config.common import (
+    HeldOutConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunConfig,
+    TaskConfig,
+)
+from rlx.config.core import (
+    AUTO_DTYPE,
+    ConfigError,
+    describe,
+    from_dict,
+    knob,
+    load_config,
+    merge,
+    parse_overrides,
+    require,
+    save_config,
+    to_dict,
+)
+from rlx.config.es import LINEAR_PROJECTIONS, EggrollConfig, ESConfig
+from rlx.config.generate import GenerateConfig
+from rlx.config.pg import AlgoConfig, PGConfig
+from rlx.config.quant import (
+    CalibrationConfig,
+    EvalCommandConfig,
+    PseudoFinetuneConfig,
+    QuantizeConfig,
+    TuneConfig,
+)
+
+__all__ = [
+    "AUTO_DTYPE",
+    "LINEAR_PROJECTIONS",
+    "AlgoConfig",
+    "CalibrationConfig",
+    "ConfigError",
+    "ESConfig",
+    "EggrollConfig",
+    "EvalCommandConfig",
+    "GenerateConfig",
+    "HeldOutConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PGConfig",
+    "PseudoFinetuneConfig",
+    "QuantizeConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "TaskConfig",
+    "TuneConfig",
+    "describe",
+    "from_dict",
+    "knob",
+    "load_config",
+    "merge",
+    "parse_overrides",
+    "require",
+    "save_config",
+    "to_dict",
+]

@@ -1,0 +1,24 @@
+"""Config of `rlx generate` (rlx/generate.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rlx.config.common import ModelConfig, RewardConfig, RolloutConfig, TaskConfig
+from rlx.config.core import knob, require
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """`rlx generate`: sample completions for a task's prompts and score them."""
+
+    model: ModelConfig = knob(ModelConfig(), help="the policy model")
+    rollout: RolloutConfig = knob(RolloutConfig(), help="sampling settings")
+    task: TaskConfig = knob(TaskConfig(), help="prompt source")
+    rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
+    output_dir: str = knob("runs/generate", help="folder for completions, scores and config")
+    show_examples: int = knob(3, help="completions printed in the summary")
+
+    def __post_init__(self) -> None:
+        require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
+        require(self.show_examples >= 0, "show_examples", ">= 0", self.show_examples)
