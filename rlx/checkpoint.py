@@ -85,9 +85,12 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, state: d
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # re-saving the same step (e.g. after a resume): swap, then remove
+            old = final.rename(root / f".old-{final.name}-{tmp.name}")
         tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -104,13 +107,18 @@ def find_checkpoint(output_dir, resume_from: str) -> Path:
                 f"{checkpoint_root('<output_dir>')}/{PREFIX}<N> folder or resume_from=latest"
             )
         return path
-    steps = sorted(checkpoint_root(output_dir).glob(f"{PREFIX}*"))
+    found = checkpoint_root(output_dir).glob(f"{PREFIX}*")
+    steps = sorted((p for p in found if p.name[len(PREFIX) :].isdigit()), key=_step_of)
     if not steps:
         raise CheckpointError(
             f"resume_from=latest: no checkpoint in {checkpoint_root(output_dir)}; "
             "drop resume_from to start a new run"
         )
     return steps[-1]
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

@@ -321,3 +321,12 @@ def test_a_torn_last_metrics_row_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
     truncate_metrics(path, 5)
     assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'
+
+
+def test_latest_is_the_highest_step_numerically(tmp_path):
+    """Past step 999999 the folder names no longer sort as text; "latest" still finds the last."""
+    for step in (999_999, 1_000_000):
+        folder = tmp_path / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"step": step}))
+    assert find_checkpoint(tmp_path, "latest").name == "step-1000000"
