@@ -18,8 +18,8 @@ PY=${PY:-.venv/bin/python}
 SHAPE=${SHAPE:?set SHAPE to a folder with config.json and tokenizer files}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
-  "tests/test_quant_export.py::test_quantize_on_cuda_exports_as_well_as_on_cpu" \
-  "tests/test_quant_tune.py::test_cuda_graph_steps_match_eager_steps" \
-  "tests/test_quant_cli.py::test_a_gpu_torch_does_not_see_is_refused" || echo "TESTS FAILED"
+  "tests/quant/test_quant_export.py::test_quantize_on_cuda_exports_as_well_as_on_cpu" \
+  "tests/quant/test_quant_tune.py::test_cuda_graph_steps_match_eager_steps" \
+  "tests/quant/test_quant_cli.py::test_a_gpu_torch_does_not_see_is_refused" || echo "TESTS FAILED"
 "$PY" bench/quant_time.py --random-init "$SHAPE" --device cuda --tune-steps 0 240 240 \
   --json "${OUT:-/tmp}/quant_time_gpu.json"

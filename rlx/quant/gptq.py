@@ -17,7 +17,7 @@ Column order and group ranges:
   calls them). The groups stay the consecutive channels the export stores, so the checkpoint
   layout is the same either way. On the main job's model at W4 it lowered the token KL to the
   fine-tuned model from 0.0276 to 0.0161 (bench/quant_kl.py, README "Quantize").
-Written from the paper's algorithm; checked against round-to-nearest in tests/test_quant_gptq.py.
+Written from the paper's algorithm; checked against round-to-nearest in tests/quant/test_quant_gptq.py.
 """
 
 from __future__ import annotations

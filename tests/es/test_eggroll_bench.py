@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "eggroll_throughput.py"
 SMALL = ["--model", "tiny", "--population", "4", "--prompts", "1", "--max-new-tokens", "4"]
 SMALL += ["--repeats", "1"]

@@ -11,7 +11,7 @@ import torch
 
 
 def load_bench():
-    path = Path(__file__).parents[1] / "bench" / "quant_kl.py"
+    path = Path(__file__).parents[2] / "bench" / "quant_kl.py"
     spec = importlib.util.spec_from_file_location("quant_kl_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -21,7 +21,7 @@ import pytest
 
 from rlx.cli import main as rlx_main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _recipe_main(name: str):

@@ -1,5 +1,5 @@
 """Several processes optimise the batch loss: with 2 ranks, each rank's gradient after DDP's
-all-reduce equals the 1-process gradient of the whole step (tests/pg_ddp_gradients.py)."""
+all-reduce equals the 1-process gradient of the whole step (tests/recipes/pg_ddp_gradients.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "pg_ddp_gradients.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "recipes" / "pg_ddp_gradients.py"
 LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
 LAUNCH_2 += [str(ROOT / "launch" / "cpu_2proc.yaml")]
 

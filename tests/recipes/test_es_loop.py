@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from rlx.config import ConfigError, ESConfig, load_config
 from rlx.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "es.py"
 REQUIRED = {
     "step",

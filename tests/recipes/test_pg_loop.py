@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from rlx.config import PGConfig, load_config
 from rlx.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "pg.py"
 REQUIRED = {"step", "reward_mean", "loss", "logprob_gap_max", "step_time_s"}
 
@@ -303,7 +303,9 @@ def test_hf_backend_run_on_cuda(tiny_llama, tmp_path, length_reward):
 
 def _crafted_step(recipe, model_path, tmp_path, **algo):
     """A real policy, its optimizer and a crafted 4-prompt x 2-completion step, all kept."""
-    spec = importlib.util.spec_from_file_location("ddp", ROOT / "tests" / "pg_ddp_gradients.py")
+    spec = importlib.util.spec_from_file_location(
+        "ddp", ROOT / "tests" / "recipes" / "pg_ddp_gradients.py"
+    )
     crafted = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(crafted)
     extra = {f"algo.{k}": v for k, v in algo.items()} | {"rollout.num_samples": 2}

@@ -1,7 +1,7 @@
 """Gradients of recipes/pg.py's loss on a crafted step, saved per rank (for test_pg_distributed.py).
 
-    python tests/pg_ddp_gradients.py MODEL OUT                                    # 1 process
-    accelerate launch --config_file launch/cpu_2proc.yaml tests/pg_ddp_gradients.py MODEL OUT
+    python tests/recipes/pg_ddp_gradients.py MODEL OUT                                    # 1 process
+    accelerate launch --config_file launch/cpu_2proc.yaml tests/recipes/pg_ddp_gradients.py MODEL OUT
 
 The step has 4 prompts with 2 completions each; rank r of W holds prompts [r*4/W, (r+1)*4/W), as
 in the loop. For each loss aggregation and each of two reward tables (every group kept; the
@@ -26,7 +26,7 @@ from rlx.config import LoraConfig, PGConfig, load_config
 from rlx.policy import load_policy
 from rlx.rollout.base import Completion
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 P, G = 4, 2
 REWARDS = {
     "all_kept": [[0.0, 1.0], [1.0, 0.5], [0.2, 0.9], [0.7, 0.1]],

@@ -24,7 +24,7 @@ from rlx.models import ALIASES
 from rlx.rewards import load_reward
 from rlx.tasks import TASKS, load_task_dataset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = REPO_ROOT / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 CONFIG_OF = {

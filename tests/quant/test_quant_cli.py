@@ -24,7 +24,7 @@ from rlx.quant import (
 from rlx.quant.calibration import arithmetic_completion, calibration_blocks
 from rlx.quant.pseudo_finetune import pseudo_finetune
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = CalibrationConfig(num_sequences=2, seq_len=32)
 
 
