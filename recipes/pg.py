@@ -26,7 +26,6 @@ config.yaml, checkpoints/, tensorboard logs.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from transformers import get_scheduler
 
+from rlx import sharding
 from rlx.algos import pg
 from rlx.config import ConfigError, LoraConfig, PGConfig
 from rlx.data import load_held_out, load_prompts, step_prompt_indices
@@ -110,10 +110,12 @@ def train(cfg: PGConfig) -> dict:
     schedule = {"constant": "constant_with_warmup"}.get(cfg.optim.schedule, cfg.optim.schedule)
     scheduler = get_scheduler(schedule, optimizer, cfg.optim.warmup_steps, cfg.steps)
     engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout)
+    sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.lora.enabled)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
-    if run.resume(policy, optimizer, scheduler):
-        engine.update_weights(export_weights(policy))
+    print(f"pg: rank {rank}: {sharding.describe(accelerator, policy)}")
+    if run.resume(model if sharding.zero_stage(accelerator) else policy, optimizer, scheduler):
+        sync_weights(engine, policy)
     run.start(engine, eval_data, reward_fns)
 
     # ---- training
@@ -176,7 +178,7 @@ def train(cfg: PGConfig) -> dict:
 
         t2 = time.perf_counter()
         if stats is not None and (run.step + 1) % cfg.sync_every == 0:
-            engine.update_weights(export_weights(policy))
+            sync_weights(engine, policy)
         t_sync = time.perf_counter() - t2
         run.step += 1
 
@@ -187,7 +189,8 @@ def train(cfg: PGConfig) -> dict:
                 run.step, full, keep, advantages, reward_fns, stats, times, step_s, lr
             )
             run.log_step(row, reward=row["reward_mean"], gap=row["logprob_gap_max"])
-        if run.end_step(time.perf_counter() - t0, policy, optimizer, scheduler):
+        saved = model if sharding.zero_stage(accelerator) else policy  # DeepSpeed saves shards
+        if run.end_step(time.perf_counter() - t0, saved, optimizer, scheduler):
             break
 
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
@@ -198,6 +201,13 @@ def train(cfg: PGConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- the step's pieces
+
+
+def sync_weights(engine, policy) -> None:
+    """Push the policy's weights into the rollout engine (under ZeRO-3 gathered a chunk at a time;
+    every rank takes part)."""
+    for chunk in sharding.weight_chunks(policy, export_weights):
+        engine.update_weights(chunk)
 
 
 def gather_rewards(accelerator, scores, completions, g: int) -> dict:
@@ -262,12 +272,10 @@ def update_policy(
             stats = reduce_stats(accelerator, stats, EXTREMES_MAX, EXTREMES_MIN)
             if not math.isfinite(stats["loss"]):
                 return updates + [stats]
-            if cfg.optim.max_grad_norm > 0:
-                stats["grad_norm"] = float(
-                    accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            max_norm = cfg.optim.max_grad_norm
+            norm = sharding.optimizer_step(accelerator, model, optimizer, trainable, max_norm)
+            if max_norm > 0:
+                stats["grad_norm"] = norm
             stats["seconds"] = time.perf_counter() - t0
             updates.append(stats)
     updates[0]["flops"] += old_pass_flops
@@ -324,7 +332,7 @@ def train_on_batch(
         adv = mini.advantages[rows].to(accelerator.device)
         mask = loss_mask[rows].to(accelerator.device)
         last = i == len(starts) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with sharding.micro_batch(accelerator, model, last):
             with autocast:
                 logits = completion_logits(model, mb)  # [b, T, V]
             logp = pg.token_logprobs(logits, mb.completion_ids, temperature)  # [b, T]

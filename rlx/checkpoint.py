@@ -117,6 +117,20 @@ def find_checkpoint(output_dir, resume_from: str) -> Path:
     return steps[-1]
 
 
+def _load_sharded(path: Path, engine, scheduler, state: dict) -> dict:
+    """Resume a DeepSpeed run (every rank): DeepSpeed's own loader for weights and optimizer
+    state; it unpickles its files, so resume only from checkpoints you wrote."""
+    if not hasattr(engine, "load_checkpoint") or not (path / "deepspeed").is_dir():
+        raise CheckpointError(
+            f"{path}: a DeepSpeed checkpoint resumes under the same DeepSpeed launch config, and "
+            "a plain one without DeepSpeed; relaunch with the config the run was started with"
+        )
+    engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+    scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
+    set_rng_state(load_pt(path / "rng.pt"))
+    return state
+
+
 def _step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
@@ -130,6 +144,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path / 'state.json'}: unreadable ({err})") from err
+    if (path / "deepspeed").is_dir() or hasattr(model, "save_checkpoint"):
+        return _load_sharded(path, model, scheduler, state)
     weights = path / "model"
     file = weights / "adapter_model.safetensors"
     if not file.exists():
@@ -158,19 +174,47 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 def checkpoint(accelerator, output_dir, step: int, model, optimizer, scheduler, cfg) -> None:
     """save_checkpoint on the main process (data position from `cfg.prompts_per_step`), then a
-    barrier so no rank runs ahead of a checkpoint being written."""
-    if accelerator.is_main_process:
-        position = {"data_position": step * cfg.prompts_per_step}
+    barrier so no rank runs ahead of a checkpoint being written. Under DeepSpeed every rank writes
+    its shard of the weights and optimizer state (DeepSpeed's format, in `deepspeed/`)."""
+    position = {"data_position": step * cfg.prompts_per_step}
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        save_sharded_checkpoint(accelerator, output_dir, step, model, scheduler, position)
+    elif accelerator.is_main_process:
         save_checkpoint(output_dir, step, model, optimizer, scheduler, position)
     accelerator.wait_for_everyone()
 
 
-def save_final_model(model, tokenizer, folder: Path) -> Path:
+def save_sharded_checkpoint(accelerator, output_dir, step: int, engine, scheduler, state: dict):
+    """The DeepSpeed variant of save_checkpoint, written by every rank into one temporary folder
+    that the main process renames into place once all ranks are done (a shared filesystem when
+    the ranks are on several machines)."""
+    root = checkpoint_root(output_dir)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{PREFIX}{step:06d}-sharded"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        old = final.rename(root / f".old-{final.name}-sharded") if final.exists() else None
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+
+
+def save_final_model(model, tokenizer, folder: Path, state: dict | None = None) -> Path:
     """Weights (a peft adapter merged in) and tokenizer as a plain HF folder, loadable by
-    transformers, vLLM and `rlx quantize`; written to a temporary folder, then renamed."""
+    transformers, vLLM and `rlx quantize`; written to a temporary folder, then renamed. `state`:
+    the full weights when the model itself holds only a shard of them (ZeRO-3)."""
     from rlx.policy import export_weights  # the merged, HF-named weights the rollout engine gets
 
-    state = dict(export_weights(model))
+    state = dict(export_weights(model)) if state is None else state
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")

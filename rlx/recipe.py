@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlx import sharding
 from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.errors import report_user_errors
 from rlx.evaluation import evaluate
 from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
+from rlx.policy import export_weights
 from rlx.reporting import print_eval_table, read_eval, write_eval
 
 
@@ -67,11 +69,11 @@ class Run:
 
         self.cfg = cfg
         self.clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
-        # On CPU, Accelerator(cpu=True) under a multi-process launch selects MULTI_CPU over gloo.
+        # DDP over gloo on CPU, or DeepSpeed when launched with a launch/*zero*.yaml config
         self.accelerator = Accelerator(
             log_with=list(cfg.log_with) or None,
             project_dir=cfg.output_dir,
-            cpu=not torch.cuda.is_available(),
+            **sharding.accelerator_kwargs(),
         )
         self.out = prepare_output_dir(cfg, self.accelerator)
         self.world = self.accelerator.num_processes
@@ -144,10 +146,15 @@ class Run:
         held-out evaluation after training into eval.json with a before/after table, and the
         reward-curve plot. Returns eval.json's content."""
         self.bar.close()
+        state = None
+        if sharding.zero_stage(self.accelerator) == 3:  # a gather: every rank iterates
+            state = {}
+            for chunk in sharding.weight_chunks(model, export_weights):
+                state.update(chunk if self.main else {})
         if not self.main:
             return self.results
         cfg, out, results = self.cfg, self.out, self.results
-        print(f"final model: {save_final_model(model, tokenizer, out / 'final')}")
+        print(f"final model: {save_final_model(model, tokenizer, out / 'final', state)}")
         if eval_data is not None:
             stop = cfg.rollout.stop
             results["after"] = evaluate(

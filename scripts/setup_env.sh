@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
+# DeepSpeed compiles a small communication op with a C++ compiler on its first sharded run.
+if ! command -v g++ >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
+    echo "setup: warning: no C++ compiler (g++) found; DeepSpeed ZeRO runs (launch/*zero*.yaml)" \
+         "need one: install it, e.g. 'apt-get install g++' or 'dnf install gcc-c++'" >&2
+fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install -q --upgrade pip

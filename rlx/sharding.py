@@ -1,0 +1,145 @@
+"""DeepSpeed ZeRO through accelerate: what a training loop does differently when its model is sharded.
+
+Launch with one of the `launch/*zero*.yaml` accelerate configs; without DeepSpeed every function
+here does what plain DDP needs, so the loops call them unconditionally.
+
+- `accelerator_kwargs`: on CPU, DeepSpeed needs the gloo backend named explicitly, and
+  accelerate's `cpu=True` (which the loops use for DDP on CPU) would turn DeepSpeed off.
+- `micro_batch` / `optimizer_step`: accelerate steps a DeepSpeed engine inside `backward` when
+  gradients are synchronised, so a micro-batched update marks only its last micro-batch as the
+  accumulation boundary, and the step itself (clipping included) has already happened after it.
+- `weight_chunks`: under ZeRO-3 every rank holds a slice of each weight; the full weights for the
+  rollout engine or the final model are gathered a few tensors at a time
+  (`deepspeed.zero.GatheredParameters`), so the whole model is never held twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from rlx.config import ConfigError
+
+CHUNK_ELEMENTS = 16 * 2**20  # weights gathered at once under ZeRO-3 (64 MiB in fp32)
+
+
+def deepspeed_requested() -> bool:
+    """True when accelerate launched this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def accelerator_kwargs() -> dict:
+    """Accelerator(...) arguments for this launch: DDP over gloo on CPU (cpu=True), or DeepSpeed
+    (over gloo on CPU, named explicitly; NCCL on GPUs)."""
+    on_gpu = torch.cuda.is_available()
+    if not deepspeed_requested():
+        return {"cpu": not on_gpu}
+    if on_gpu:
+        return {}
+    from accelerate import InitProcessGroupKwargs
+
+    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage of this run; 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def configure(accelerator, max_grad_norm: float, lora: bool) -> None:
+    """Before `prepare`: the loop's batching and clipping in DeepSpeed's terms (one engine step
+    per mini-batch, gradient clipping = optim.max_grad_norm)."""
+    stage = zero_stage(accelerator)
+    if not stage:
+        return
+    if stage == 3 and lora:
+        raise ConfigError(
+            "lora.enabled=true under DeepSpeed ZeRO-3 is not supported yet (the adapter merge for "
+            "the rollout sync needs the full weights); use launch/cpu_2proc_zero2.yaml"
+        )
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["gradient_clipping"] = max_grad_norm
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = 1
+
+
+def describe(accelerator, model) -> str:
+    """One line for the run's start: the sharding, and this rank's share of the weights."""
+    stage = zero_stage(accelerator)
+    if not stage:
+        return f"{accelerator.distributed_type.value}, full weights on every rank"
+    return f"DeepSpeed ZeRO-{stage}, this rank holds {local_fraction(model):.2f} of the weights"
+
+
+def local_fraction(model) -> float:
+    """The share of the model's weight elements stored on this rank (ZeRO-3: about 1/ranks)."""
+    local = total = 0
+    for p in model.parameters():
+        full = getattr(p, "ds_numel", p.numel())
+        total += full
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
+    return local / max(total, 1)
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of a weight, also when ZeRO-3 holds only a slice of it on this rank."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, model, last: bool):
+    """Around one micro-batch's forward and backward: gradients are synchronised (and, under
+    DeepSpeed, the engine steps) only after the last micro-batch of an update."""
+    if not zero_stage(accelerator):
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            yield
+        return
+    state = accelerator.gradient_state
+    state._set_sync_gradients(last)  # accelerate's own switch for the accumulation boundary
+    try:
+        yield
+    finally:
+        state._set_sync_gradients(True)
+
+
+def optimizer_step(accelerator, model, optimizer, trainable, max_grad_norm: float) -> float:
+    """Clip and step after an update's backward passes; returns the gradient norm (NaN when not
+    clipped). Under DeepSpeed the engine has already clipped and stepped in the last backward."""
+    if zero_stage(accelerator):
+        norm = model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+    norm = float("nan")
+    if max_grad_norm > 0:
+        norm = float(accelerator.clip_grad_norm_(trainable, max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def weight_chunks(model, export) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The model's HF-named weights in chunks, on every rank (a collective under ZeRO-3: all
+    ranks must iterate). `export(model)` gives the unsharded weights (rlx.policy.export_weights);
+    under ZeRO-3 the parameters are gathered CHUNK_ELEMENTS at a time instead."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if not partitioned:
+        yield list(export(model))
+        return
+    import deepspeed
+
+    by_param = {}  # the state dict's names of each parameter (tied weights have two)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        by_param.setdefault(id(tensor), (tensor, []))[1].append(name)
+    group, size = [], 0
+    for tensor, names in list(by_param.values()) + [(None, [])]:
+        if tensor is not None:
+            group.append((tensor, names))
+            size += full_numel(tensor)
+        if group and (tensor is None or size >= CHUNK_ELEMENTS):
+            params = [t for t, _ in group if hasattr(t, "ds_tensor")]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield [(n, t.detach().clone()) for t, names_ in group for n in names_]
+            group, size = [], 0
