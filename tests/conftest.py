@@ -34,3 +34,13 @@ def tiny_qwen2(tmp_path_factory):
     from rlx.models.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2"))
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -31,9 +31,10 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_hold_the_one_process_gradient(tiny_llama, tmp_path):
+def test_two_ranks_hold_the_one_process_gradient(tiny_llama, tmp_path, free_port):
     _run([sys.executable, str(SCRIPT), tiny_llama, str(tmp_path)], tmp_path / "one.log")
-    _run([*LAUNCH_2, str(SCRIPT), tiny_llama, str(tmp_path)], tmp_path / "two.log")
+    port = ["--main_process_port", str(free_port)]
+    _run([*LAUNCH_2, *port, str(SCRIPT), tiny_llama, str(tmp_path)], tmp_path / "two.log")
     for case, agg in _cases():
         one = torch.load(tmp_path / f"grad_1_0_{case}_{agg}.pt")
         if case == "rank1_drops_all":  # the second rank trains on a stand-in group

@@ -259,7 +259,7 @@ def test_accelerate_launch_one_process(tiny_llama, tmp_path, length_reward):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_train_data_parallel(tiny_llama, tmp_path, length_reward):
+def test_two_processes_train_data_parallel(tiny_llama, tmp_path, length_reward, free_port):
     """accelerate launch with two CPU processes (gloo): each rank rolls out half the prompts."""
     out = tmp_path / "two"
     cmd = [
@@ -268,6 +268,8 @@ def test_two_processes_train_data_parallel(tiny_llama, tmp_path, length_reward):
         "accelerate.commands.launch",
         "--config_file",
         str(ROOT / "launch" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(free_port),
         str(RECIPE),
     ]
     proc = _launch(

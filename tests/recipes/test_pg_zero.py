@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "pg.py"
 
 
-def free_port() -> int:
+def pick_free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,7 +32,7 @@ def free_port() -> int:
 def launch(stage: int, model: str, out: Path, reward: Path, *extra: str) -> subprocess.Popen:
     config = ROOT / "launch" / f"cpu_2proc_zero{stage}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    cmd += ["--main_process_port", str(free_port()), str(RECIPE)]
+    cmd += ["--main_process_port", str(pick_free_port()), str(RECIPE)]
     cmd += [f"model.name={model}", "rollout.dtype=float32", "rollout.num_samples=4"]
     cmd += ["rollout.max_new_tokens=12", "prompts_per_step=4", "micro_batch_size=4"]
     cmd += ["eval.enabled=false", "log_with=[]", "optim.lr=1e-3", "bf16_autocast=false"]
