@@ -15,6 +15,13 @@ from pathlib import Path
 from rlx.atomic import atomic_write_text
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl. A last line without its newline is a row whose append was
     cut short by a crash: it is dropped, so that a run can resume after such a crash."""

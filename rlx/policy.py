@@ -56,7 +56,8 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 def matmul_params(model: torch.nn.Module) -> int:
     """Weights of the model's matrix multiplications (every nn.Linear, the LM head included; the
     embedding lookup is free): a forward pass costs about 2 FLOPs per weight per token."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in linears)  # ZeRO-3: full
 
 
 @dataclass
