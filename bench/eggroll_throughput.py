@@ -142,15 +142,15 @@ def run_worker(args) -> dict:
     import torch
 
     from rlx.algos.eggroll import NoiseSpec, evolved_parameters
-    from rlx.es import make_backend
-    from rlx.es.generation import hf_generate, vllm_generate
+    from rlx.es import generate_rows, make_backend
     from rlx.hardware import auto_dtype
     from rlx.models import load_model_and_tokenizer
     from rlx.rollout import Sampling
+    from rlx.rollout.hf_backend import HFEngine
 
     name = args.worker
     noise = NoiseSpec(seed=0, sigma=args.sigma, rank=args.rank)
-    sampling = Sampling(n=1, max_new_tokens=args.max_new_tokens, temperature=0.0)
+    sampling = Sampling(n=1, max_new_tokens=args.max_new_tokens, temperature=0.0, ignore_eos=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = auto_dtype(args.hf_dtype) if name == "hf_batched" else "float32"
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
@@ -168,19 +168,17 @@ def run_worker(args) -> dict:
             shapes=shapes,
             model=model,
             tokenizer=tokenizer,
-            ignore_eos=True,
         )
-        plain = lambda: hf_generate(model, tokenizer, rows, everything, sampling, True)  # noqa: E731
+        hf = HFEngine.from_model(model, tokenizer)  # all rows in one generate call
+        plain = lambda: generate_rows(hf, rows, everything, sampling)  # noqa: E731
         engine = None
     elif name == "inplace":
         engine = vllm_engine(args, lora=False)
-        backend = make_backend(
-            "inplace", engine=engine, noise=noise, centre=params, ignore_eos=True
-        )
+        backend = make_backend("inplace", engine=engine, noise=noise, centre=params)
 
         def plain():
             engine.llm.reset_prefix_cache()
-            return vllm_generate(engine.llm, rows, everything, sampling, None, True)
+            return generate_rows(engine, rows, everything, sampling)
     else:
         return vllm_lora_worker(args, noise, shapes, rows, plan, sampling)
 
@@ -218,8 +216,7 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
     one vLLM engine lives in a process at a time, so the two alternate, one engine per run."""
     import torch
 
-    from rlx.es import make_backend
-    from rlx.es.generation import vllm_generate
+    from rlx.es import generate_rows, make_backend
 
     per_batch = min(args.members_per_batch, args.population)
     everything = list(range(len(rows)))
@@ -227,11 +224,9 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
     runs = {"plain": [], "population": []}
     for _ in range(args.repeats):
         engine = vllm_engine(args, lora=False)
-        vllm_generate(engine.llm, rows[:4], everything[:4], sampling, None, True)  # warm-up
+        generate_rows(engine, rows, everything[:4], sampling)  # warm-up
         engine.llm.reset_prefix_cache()
-        runs["plain"].append(
-            timed(lambda e=engine: vllm_generate(e.llm, rows, everything, sampling, None, True))
-        )
+        runs["plain"].append(timed(lambda e=engine: generate_rows(e, rows, everything, sampling)))
         engine.close()
         engine = vllm_engine(args, lora=True)
         backend = make_backend(
@@ -240,7 +235,6 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
             noise=noise,
             shapes=shapes,
             members_per_batch=per_batch,
-            ignore_eos=True,
         )
         backend.evaluate(rows, small, 0, sampling)  # warm-up (and the adapters of two members)
         engine.llm.reset_prefix_cache()

@@ -1,6 +1,7 @@
 """Backend (a): the whole population in batched HF generate with the EGGROLL population forward.
 
-Rows of several members go through one `generate` call; every evolved nn.Linear computes
+Rows of several members go through one `generate` call of an HF engine wrapping the backend's model
+(`HFEngine.from_model`, all rows in one call); every evolved nn.Linear computes
 x W^T + (x B_m) A_m^T per row (rlx.kernels.perturbed_linears): one dense GEMM shared by all members
 plus batched rank-r terms, with the KV cache as usual. The backend keeps its own copy of the model
 in `dtype` (bfloat16 is several times faster than float32 on CPUs with AVX-512 bf16) and takes
@@ -16,10 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from rlx.algos.eggroll import NoiseSpec, population_factors
-from rlx.es.generation import hf_generate
-from rlx.es.population import PopulationPlan, chunk_plan, plan_rows
+from rlx.es.population import PopulationPlan, chunk_plan, generate_rows, plan_rows
 from rlx.kernels import perturbed_linears
 from rlx.rollout import Completion, Sampling
+from rlx.rollout.hf_backend import HFEngine
 
 
 class HFBatchedPopulation:
@@ -32,7 +33,6 @@ class HFBatchedPopulation:
         shapes: Mapping[str, Sequence[int]],
         dtype: str = "bfloat16",
         members_per_batch: int = 0,
-        ignore_eos: bool = False,
         model=None,
         tokenizer=None,
     ):
@@ -50,8 +50,9 @@ class HFBatchedPopulation:
         # row. HF's prefill feeds lm_head hidden[:, -1:, :], so a frozen lm_head cost 7 GB and
         # ~20 s per 128-row prefill for SmolLM2 (measured; with requires_grad: 0.03 s).
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.engine = HFEngine.from_model(model, tokenizer)  # batch_size 0: one call per chunk
         self.noise, self.shapes = noise, dict(shapes)
-        self.members_per_batch, self.ignore_eos = members_per_batch, ignore_eos
+        self.members_per_batch = members_per_batch
         missing = [
             n for n in self.shapes if n.removesuffix(".weight") not in dict(model.named_modules())
         ]
@@ -81,11 +82,8 @@ class HFBatchedPopulation:
             row_member, row_prompt = plan_rows(chunk)
             local = {m: i for i, m in enumerate(chunk.members)}
             index = torch.tensor([local[m] for m in row_member])  # [R] member within the chunk
-            rows = [prompt_ids[p] for p in row_prompt]
             with perturbed_linears(self.model, self.factors(epoch, chunk.members), index):
-                completions += hf_generate(
-                    self.model, self.tokenizer, rows, row_prompt, sampling, self.ignore_eos
-                )
+                completions += generate_rows(self.engine, prompt_ids, row_prompt, sampling)
         return completions
 
     @torch.no_grad()
@@ -100,4 +98,4 @@ class HFBatchedPopulation:
                 raise KeyError(f"hf_batched sync: no parameter named {name!r}")
 
     def close(self) -> None:
-        del self.model
+        del self.model, self.engine

@@ -4,8 +4,9 @@ For each member in turn, the engine receives W + E_m for every evolved matrix (E
 from its seed: full-rank Gaussian noise as in Qiu et al. 2025, or EGGROLL's A B^T materialised),
 generates that member's rows, and after the last member gets the centre weights W back. The
 centre is a float32 copy held here and restored by copying it, never by subtracting E_m, so the
-restore is exact. Works with any rlx engine that has `update_weights` (vLLM or HF); one weight push
-per member makes it the slow path the other two backends are measured against.
+restore is exact. Works with any rlx engine that perturbs its weights in place (`perturb_weights`,
+`restore_weights`: vLLM and HF; a server engine refuses); one weight push per member makes it the
+slow path the other two backends are measured against.
 Note: on a bf16 engine a perturbation below bf16 resolution (about |W| / 256) is lost; prefer
 rollout.dtype=float32 with small sigma.
 """
@@ -17,32 +18,17 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from rlx.algos.eggroll import NoiseSpec, perturbation
-from rlx.es.generation import hf_generate, vllm_generate
-from rlx.es.population import PopulationPlan, plan_rows
-from rlx.rollout import Completion, Sampling
+from rlx.es.population import PopulationPlan, generate_rows, plan_rows
+from rlx.rollout import Completion, RolloutEngine, Sampling
 
 
 class InPlacePopulation:
     """Population evaluation one member at a time on a rollout engine (see the module docstring)."""
 
-    def __init__(
-        self,
-        engine,
-        noise: NoiseSpec,
-        centre: Mapping[str, torch.Tensor],
-        ignore_eos: bool = False,
-    ):
-        """`engine`: an rlx VLLMEngine or HFEngine; `centre`: evolved parameter name -> current
-        weights (copied)."""
-        self.engine, self.noise, self.ignore_eos = engine, noise, ignore_eos
+    def __init__(self, engine: RolloutEngine, noise: NoiseSpec, centre: Mapping[str, torch.Tensor]):
+        """`centre`: evolved parameter name -> current weights [out, in] (copied)."""
+        self.engine, self.noise = engine, noise
         self.centre = {n: t.detach().to(torch.float32).clone() for n, t in centre.items()}
-
-    def _generate(self, rows, row_prompt, sampling: Sampling) -> list[Completion]:
-        if hasattr(self.engine, "llm"):
-            return vllm_generate(self.engine.llm, rows, row_prompt, sampling, None, self.ignore_eos)
-        return hf_generate(
-            self.engine.model, self.engine.tokenizer, rows, row_prompt, sampling, self.ignore_eos
-        )
 
     def perturbed(self, epoch: int, member: int) -> list[tuple[str, torch.Tensor]]:
         """W + E_member for every evolved matrix."""
@@ -63,20 +49,16 @@ class InPlacePopulation:
         completions = []
         try:
             for member in plan.members:
-                mine = [j for j, m in enumerate(row_member) if m == member]
-                self.engine.update_weights(self.perturbed(epoch, member))
-                completions += self._generate(
-                    [prompt_ids[row_prompt[j]] for j in mine],
-                    [row_prompt[j] for j in mine],
-                    sampling,
-                )
+                mine = [row_prompt[j] for j, m in enumerate(row_member) if m == member]
+                self.engine.perturb_weights(self.perturbed(epoch, member))
+                completions += generate_rows(self.engine, prompt_ids, mine, sampling)
         finally:
             self.restore()
         return completions
 
     def restore(self) -> None:
         """Put the centre weights back into the engine (an exact copy)."""
-        self.engine.update_weights(list(self.centre.items()))
+        self.engine.restore_weights(list(self.centre.items()))
 
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """New centre: keep the evolved ones here, push everything into the engine."""

@@ -16,11 +16,13 @@ Every backend lays rows out member by member (`plan_rows`) and returns one compl
     backend.close()
 
 Backends (`BACKENDS`, built by `make_backend`): hf_batched (rlx/es/hf_batched.py), vllm_lora
-(rlx/es/vllm_lora.py), inplace (rlx/es/inplace.py).
+(rlx/es/vllm_lora.py), inplace (rlx/es/inplace.py). All of them generate through the rollout engine
+protocol (rlx.rollout.RolloutEngine): `generate_rows` below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,7 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from rlx.rollout import Completion, Sampling
+from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
 
 BACKENDS = ("hf_batched", "vllm_lora", "inplace")
 ASSIGNMENTS = ("all", "grouped")
@@ -100,6 +102,26 @@ def plan_rows(plan: PopulationPlan) -> tuple[list[int], list[int]]:
             row_member += [m] * plan.samples
             row_prompt += [p] * plan.samples
     return row_member, row_prompt
+
+
+def generate_rows(
+    engine: RolloutEngine,
+    prompt_ids: Sequence[Sequence[int]],
+    row_prompt: Sequence[int],
+    sampling: Sampling,
+    adapters: Sequence[Adapter] | None = None,
+) -> list[Completion]:
+    """One completion per row [R] with `engine.generate_ids`: row j answers prompt_ids[row_prompt[j]]
+    and its completion carries that prompt index. Samples are rows, so `sampling.n` must be 1; no
+    logprobs are computed (ES needs only the text)."""
+    if sampling.n != 1:
+        raise ValueError("population rows: lay samples out as rows (sampling.n must be 1)")
+    rows = [prompt_ids[p] for p in row_prompt]
+    textual = dataclasses.replace(sampling, logprobs=False)
+    completions = engine.generate_ids(rows, textual, adapters)
+    return [
+        dataclasses.replace(c, prompt_index=int(row_prompt[c.prompt_index])) for c in completions
+    ]
 
 
 def chunk_plan(plan: PopulationPlan, members_per_batch: int) -> list[PopulationPlan]:

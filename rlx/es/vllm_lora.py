@@ -1,19 +1,20 @@
-"""Backend (b): vLLM multi-LoRA, each population member one LoRA adapter.
+"""Backend (b): multi-LoRA, each population member one LoRA adapter.
 
 Member m's perturbation A_m B_m^T is exactly a LoRA adapter with lora_A = B_m^T [r, in],
-lora_B = A_m [out, r] and scale lora_alpha / r = 1, so one vLLM generate call with a LoRARequest per
+lora_B = A_m [out, r] and scale lora_alpha / r = 1, so one engine generate call with an adapter per
 row evaluates many members at once (vLLM batches different adapters together). Adapters are written
-in PEFT format under `workdir` once per (noise epoch, member) and reused while the noise is reused.
-The engine must be built with enable_lora, max_lora_rank >= rank (vLLM accepts 1, 8, 16, 32, ...:
-`engine_lora_rank`) and max_loras >= members_per_batch + 1.
+in PEFT format under `workdir` once per (noise epoch, member) and reused while the noise is reused;
+the engine loads each on first use (`RolloutEngine.generate_ids`; a server engine would use vLLM's
+load-adapter endpoint). The engine must serve adapters (`lora_limits`) with max rank >= rank (vLLM
+accepts 1, 8, 16, 32, ...: `engine_lora_rank`) and max_loras >= members_per_batch + 1.
 
 The CPU adapter-slot bug (docs/vllm_cpu.md): an adapter-less request in a batch that also carries adapter
 requests is served with some slot's adapter weights. Measured here on vllm-cpu 0.32: this happens
 even with a free slot once the slots have been used (so a free slot alone is no cure), while
 batches with no adapter request at all run on the centre weights. So population batches hold only
-adapter requests (one per row, never None), the held-out evaluation runs adapter-less batches only,
-and `evaluate` also removes its adapters from the engine before it returns; one slot is kept free
-(max_loras >= members_per_batch + 1).
+adapter requests (one per row, never None: the engine refuses mixed batches), the held-out
+evaluation runs adapter-less batches only, and `evaluate` also removes its adapters from the engine
+before it returns; one slot is kept free (max_loras >= members_per_batch + 1).
 Deviation: lm_head, embeddings, norms and biases cannot be perturbed this way (frozen anyway).
 """
 
@@ -28,9 +29,8 @@ from pathlib import Path
 import torch
 
 from rlx.algos.eggroll import NoiseSpec, low_rank_factors, noise_epoch
-from rlx.es.generation import vllm_generate
-from rlx.es.population import PopulationPlan, chunk_plan, plan_rows
-from rlx.rollout import Completion, Sampling
+from rlx.es.population import PopulationPlan, chunk_plan, generate_rows, plan_rows
+from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -77,44 +77,35 @@ class VLLMLoRAPopulation:
 
     def __init__(
         self,
-        engine,
+        engine: RolloutEngine,
         noise: NoiseSpec,
         shapes: Mapping[str, Sequence[int]],
         members_per_batch: int = 0,
         workdir: str | None = None,
-        ignore_eos: bool = False,
     ):
-        """`engine`: an rlx VLLMEngine built with LoRA enabled; `shapes`: evolved parameter name
+        """`engine`: a rollout engine serving LoRA adapters; `shapes`: evolved parameter name
         -> [out, in]; `members_per_batch`: adapters per generate call (0 = engine slots - 1)."""
         if noise.kind != "low_rank":
             raise ValueError("vllm_lora evaluates low-rank noise only; use the inplace backend")
-        lora_cfg = engine.llm.llm_engine.vllm_config.lora_config
-        if lora_cfg is None:
-            raise ValueError("vllm_lora needs an engine built with rollout.enable_lora=true")
-        if lora_cfg.max_lora_rank < noise.rank:
-            raise ValueError(
-                f"engine max_lora_rank {lora_cfg.max_lora_rank} < noise rank {noise.rank}"
-            )
-        slots = lora_cfg.max_loras - 1  # one slot stays free (adapter-slot bug)
+        limits = engine.lora_limits()  # EngineUnsupported if the engine serves no adapters
+        if limits.max_rank < noise.rank:
+            raise ValueError(f"engine max_lora_rank {limits.max_rank} < noise rank {noise.rank}")
+        slots = limits.max_loras - 1  # one slot stays free (adapter-slot bug)
         if slots < 1 or members_per_batch > slots:
             raise ValueError(
                 f"vllm_lora: {members_per_batch or 'all'} members per batch needs max_loras >= "
-                f"members_per_batch + 1, the engine has max_loras={lora_cfg.max_loras}"
+                f"members_per_batch + 1, the engine has max_loras={limits.max_loras}"
             )
         self.engine, self.noise, self.shapes = engine, noise, dict(shapes)
         self.members_per_batch = members_per_batch or slots
-        self.ignore_eos = ignore_eos
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="rlx-es-lora-"))
-        self._ids: dict[tuple[int, int], int] = {}  # (noise epoch, member) -> lora_int_id
-        self._next_id = 1
+        self._written: set[tuple[int, int]] = set()  # (noise epoch, member) with an adapter folder
 
-    def request(self, epoch: int, member: int):
-        """The LoRARequest of `member` at `epoch` (its adapter is written on first use)."""
-        from vllm.lora.request import LoRARequest
-
+    def adapter(self, epoch: int, member: int) -> Adapter:
+        """The adapter of `member` at `epoch` (its folder is written on first use)."""
         key = (noise_epoch(self.noise, epoch), member)
         path = self.workdir / f"epoch{key[0]}" / f"member{member}"
-        if key not in self._ids:
+        if key not in self._written:
             self._drop_stale(key[0])
             factors = {
                 name.removesuffix(".weight"): low_rank_factors(
@@ -123,15 +114,14 @@ class VLLMLoRAPopulation:
                 for name, shape in self.shapes.items()
             }
             write_adapter(path, factors, self.noise.rank, "rlx-es")
-            self._ids[key] = self._next_id
-            self._next_id += 1
-        return LoRARequest(f"es-e{key[0]}-m{member}", self._ids[key], str(path))
+            self._written.add(key)
+        return Adapter(f"es-e{key[0]}-m{member}", str(path))
 
     def _drop_stale(self, current: int) -> None:
         """Forget adapters of older noise epochs (their folders too)."""
-        for old in {e for e, _ in self._ids if e != current}:
+        for old in {e for e, _ in self._written if e != current}:
             shutil.rmtree(self.workdir / f"epoch{old}", ignore_errors=True)
-        self._ids = {k: v for k, v in self._ids.items() if k[0] == current}
+        self._written = {k for k in self._written if k[0] == current}
 
     def evaluate(
         self,
@@ -145,20 +135,13 @@ class VLLMLoRAPopulation:
         try:
             for chunk in chunk_plan(plan, self.members_per_batch):
                 row_member, row_prompt = plan_rows(chunk)
-                requests = [self.request(epoch, m) for m in row_member]
-                rows = [prompt_ids[p] for p in row_prompt]
-                completions += vllm_generate(
-                    self.engine.llm, rows, row_prompt, sampling, requests, self.ignore_eos
+                adapters = [self.adapter(epoch, m) for m in row_member]  # [R], one per row
+                completions += generate_rows(
+                    self.engine, prompt_ids, row_prompt, sampling, adapters
                 )
         finally:
-            self.release_slots()
+            self.engine.remove_adapters()  # frees the slots (see the module docstring)
         return completions
-
-    def release_slots(self) -> None:
-        """Remove every loaded adapter from the engine (frees the slots; see the module doc)."""
-        llm_engine = self.engine.llm.llm_engine
-        for lora_id in list(llm_engine.list_loras()):
-            llm_engine.remove_lora(lora_id)
 
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push new centre weights into the engine (adapters are deltas: they stay valid)."""

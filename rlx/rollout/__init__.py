@@ -1,6 +1,14 @@
 """Rollout engines: vLLM (default) and HF generate (fallback) behind one interface."""
 
-from rlx.rollout.base import Completion, RolloutEngine, Sampling, encode_prompts
+from rlx.rollout.base import (
+    Adapter,
+    Completion,
+    EngineUnsupported,
+    LoRALimits,
+    RolloutEngine,
+    Sampling,
+    encode_prompts,
+)
 
 BACKENDS = ("vllm", "hf")
 
@@ -29,7 +37,10 @@ def make_engine(backend: str, model: str, rollout_cfg) -> RolloutEngine:
 
 __all__ = [
     "BACKENDS",
+    "Adapter",
     "Completion",
+    "EngineUnsupported",
+    "LoRALimits",
     "RolloutEngine",
     "Sampling",
     "encode_prompts",

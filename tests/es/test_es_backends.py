@@ -1,17 +1,21 @@
 """The three population backends on a tiny model: each member's greedy completions equal HF
 generation with explicitly merged weights W + E_m; the vLLM adapter-slot bug is kept away; the
-in-place baseline restores the engine's weights exactly."""
+in-place baseline restores the engine's weights exactly; an engine lacking what a backend needs is a
+clear error."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from rlx.algos.eggroll import NoiseSpec, evolved_parameters, perturbation
-from rlx.es import make_backend, plan_population
+from rlx.es import generate_rows, make_backend, plan_population
 from rlx.es.vllm_lora import engine_lora_rank
-from rlx.rollout import Sampling, encode_prompts
+from rlx.rollout import Adapter, EngineUnsupported, Sampling, encode_prompts
+from rlx.rollout.base import unsupported
 from rlx.rollout.hf_backend import HFEngine
 from rlx.rollout.vllm_backend import VLLMEngine
 
@@ -107,10 +111,8 @@ def test_vllm_lora_equals_merged_weights_and_frees_slots(setup):
         # adapter-slot bug: adapter-less requests after a population call must see the centre
         assert not engine.llm.llm_engine.list_loras()
         assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == plain_before
-        from rlx.es.generation import vllm_generate
-
-        with pytest.raises(ValueError, match="every row an adapter"):
-            vllm_generate(engine.llm, setup["ids"], [0, 1], GREEDY, [backend.request(0, 0), None])
+        with pytest.raises(ValueError, match="every prompt an adapter"):
+            engine.generate_ids(setup["ids"], GREEDY, [backend.adapter(0, 0), None])
         with pytest.raises(ValueError, match="max_loras"):
             make_backend(
                 "vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup), members_per_batch=3
@@ -142,24 +144,52 @@ def test_inplace_vllm_low_rank_equals_merged_and_restores(setup):
         got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
         assert got[0] == merged_greedy(setup, 0)
         assert engine.prompt_logprobs([ids])[0] == before  # the restore is a copy: bit-exact
+        # an engine without LoRA cannot serve the vllm_lora backend
+        with pytest.raises(EngineUnsupported, match="vllm.*es.backend=vllm_lora.*enable_lora"):
+            make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup))
     finally:
         engine.close()
 
 
-def test_hf_generate_matches_the_hf_engine_with_stop_strings(setup):
-    """Row-level generation agrees with rlx's HF engine: tokens, text, stop handling."""
-    from rlx.es.generation import hf_generate
-
+def test_rows_are_generated_by_the_engine(setup):
+    """Population rows go through the engine's own generation: the same tokens, text and stop
+    handling as `generate`, the row's prompt index, no logprobs; ignore_eos fixes the length."""
     engine = HFEngine(setup["path"])
     sampling = Sampling(n=1, max_new_tokens=12, temperature=0.0, stop=["ooo", " sum"])
     ref = engine.generate(PROMPTS, sampling)
-    got = hf_generate(engine.model, engine.tokenizer, setup["ids"], [0, 1], sampling)
-    for a, b in zip(got, ref, strict=True):
+    got = generate_rows(engine, setup["ids"], [1, 0, 1], sampling)
+    assert [c.prompt_index for c in got] == [1, 0, 1]
+    for a, b in zip(got, [ref[1], ref[0], ref[1]], strict=True):
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
-        assert a.prompt_index == b.prompt_index
-    assert [c.finish_reason for c in got] == ["stop", "stop"]  # both rows hit a stop string
-    fixed = hf_generate(engine.model, engine.tokenizer, setup["ids"], [0, 1], sampling, True)
-    assert all(len(c.token_ids) == 12 for c in fixed)
+        assert a.logprobs == []
+    assert [c.finish_reason for c in got] == ["stop", "stop", "stop"]  # each hits a stop string
+    fixed = dataclasses.replace(sampling, ignore_eos=True)
+    assert all(len(c.token_ids) == 12 for c in generate_rows(engine, setup["ids"], [0, 1], fixed))
+    with pytest.raises(ValueError, match="samples out as rows"):
+        generate_rows(engine, setup["ids"], [0], dataclasses.replace(sampling, n=2))
+
+
+class NoPerturbEngine(HFEngine):
+    """An engine that cannot perturb its weights in place (as a server engine)."""
+
+    def perturb_weights(self, named_tensors):
+        raise unsupported("server", "perturb", "use es.backend=vllm_lora")
+
+    restore_weights = perturb_weights
+
+
+def test_an_engine_lacking_a_capability_is_a_clear_error(setup):
+    """The error names the engine and the ES backend that needs what it lacks."""
+    engine = HFEngine(setup["path"])
+    with pytest.raises(EngineUnsupported, match="hf rollout engine .*es.backend=vllm_lora"):
+        make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup))
+    with pytest.raises(EngineUnsupported, match="LoRA adapter per prompt"):
+        engine.generate_ids(setup["ids"], GREEDY, [Adapter("a", "/nowhere")] * 2)
+    server = NoPerturbEngine.from_model(engine.model, engine.tokenizer)
+    backend = make_backend("inplace", engine=server, noise=SPEC, centre=setup["params"])
+    plan = plan_population(2, 2, "all", [0, 1])
+    with pytest.raises(EngineUnsupported, match="server rollout engine .*es.backend=inplace"):
+        backend.evaluate(setup["ids"], plan, 0, GREEDY)
 
 
 def test_low_rank_backends_reject_full_rank_noise(setup):

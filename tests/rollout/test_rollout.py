@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlx.rollout import Sampling, encode_prompts
+from rlx.rollout import EngineUnsupported, Sampling, encode_prompts
 from rlx.rollout.hf_backend import HFEngine
 from rlx.rollout.vllm_backend import VLLMEngine
 
@@ -90,6 +90,22 @@ def test_vllm_stop_string_and_greedy(vllm_fp32):
         assert len(c.text) < len(a.text)
 
 
+def test_vllm_generate_ids_options(vllm_fp32):
+    """Token-id prompts give what `generate` gives; ignore_eos fixes the length; logprobs=False
+    leaves them out."""
+    greedy = Sampling(n=1, max_new_tokens=12, temperature=0.0)
+    ids = encode_prompts(vllm_fp32.tokenizer, [CHAT, "Hello world"])
+    ref = vllm_fp32.generate([CHAT, "Hello world"], greedy)
+    got = vllm_fp32.generate_ids(ids, greedy)
+    assert [(c.token_ids, c.text, c.logprobs) for c in got] == [
+        (c.token_ids, c.text, c.logprobs) for c in ref
+    ]
+    fixed = Sampling(n=1, max_new_tokens=12, temperature=0.0, ignore_eos=True, logprobs=False)
+    out = vllm_fp32.generate_ids(ids, fixed)
+    assert all(len(c.token_ids) == 12 and c.logprobs == [] for c in out)
+    assert all(c.finish_reason == "length" for c in out)
+
+
 def test_greedy_with_several_samples_is_rejected(vllm_fp32):
     with pytest.raises(ValueError, match="identical completions"):
         vllm_fp32.generate(["x"], Sampling(n=2, temperature=0.0))
@@ -126,6 +142,22 @@ def test_hf_engine_sampling_and_weight_update(tiny_llama):
     assert torch.allclose(got, hf_logprobs(new, FIXED_TOKENS), atol=1e-5)
     with pytest.raises(KeyError, match="no parameter named"):
         engine.update_weights([("model.nope.weight", torch.zeros(1))])
+
+
+def test_hf_engine_generate_ids_options(tiny_llama):
+    """As for vLLM: token ids = `generate`, fixed length with ignore_eos, optional logprobs; and
+    per-prompt adapters are a clear error naming the engine and the ES backend."""
+    engine = HFEngine(tiny_llama, dtype="float32", batch_size=1)
+    greedy = Sampling(n=1, max_new_tokens=12, temperature=0.0)
+    ids = encode_prompts(engine.tokenizer, [CHAT, "Hello world"])
+    ref = engine.generate([CHAT, "Hello world"], greedy)
+    assert engine.generate_ids(ids, greedy) == ref
+    fixed = Sampling(n=1, max_new_tokens=12, temperature=0.0, ignore_eos=True, logprobs=False)
+    out = engine.generate_ids(ids, fixed)
+    assert all(len(c.token_ids) == 12 and c.logprobs == [] for c in out)
+    assert all(c.finish_reason == "length" for c in out)
+    with pytest.raises(EngineUnsupported, match="hf rollout engine.*es.backend=vllm_lora"):
+        engine.lora_limits()
 
 
 def test_bad_prompt_type_names_the_prompt(tiny_llama):
