@@ -72,6 +72,7 @@ def test_zero3_shards_the_weights_and_syncs_them_exactly(tiny_llama, tmp_path, r
     assert any((final[k] - base[k]).abs().max() > 0 for k in final)  # trained, not the base
 
 
+@pytest.mark.slow  # three 2-process runs, about 50 s here
 @pytest.mark.multiprocess
 def test_zero2_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path, reward):
     common = ("steps=4", "save_every=1")
