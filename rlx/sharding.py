@@ -23,7 +23,8 @@ import torch
 
 from rlx.config import ConfigError
 
-CHUNK_ELEMENTS = 16 * 2**20  # weights gathered at once under ZeRO-3 (64 MiB in fp32)
+# weights gathered at once under ZeRO-3: 16M elements (64 MiB in fp32) unless set
+CHUNK_ELEMENTS = int(os.environ.get("RLX_ZERO3_GATHER_ELEMENTS", 16 * 2**20))
 
 
 def deepspeed_requested() -> bool:
@@ -133,13 +134,26 @@ def weight_chunks(model, export) -> Iterator[list[tuple[str, torch.Tensor]]]:
     by_param = {}  # the state dict's names of each parameter (tied weights have two)
     for name, tensor in model.state_dict(keep_vars=True).items():
         by_param.setdefault(id(tensor), (tensor, []))[1].append(name)
-    group, size = [], 0
-    for tensor, names in list(by_param.values()) + [(None, [])]:
-        if tensor is not None:
-            group.append((tensor, names))
-            size += full_numel(tensor)
-        if group and (tensor is None or size >= CHUNK_ELEMENTS):
-            params = [t for t, _ in group if hasattr(t, "ds_tensor")]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield [(n, t.detach().clone()) for t, names_ in group for n in names_]
-            group, size = [], 0
+    groups, size, layer = [[]], 0, None  # whole decoder layers, about CHUNK_ELEMENTS a group
+    for tensor, names in by_param.values():
+        # vLLM loads a layer's fused weights (q/k/v, gate/up) only when they arrive together
+        if size >= CHUNK_ELEMENTS and _layer_of(names[0]) != layer:
+            groups.append([])
+            size = 0
+        groups[-1].append((tensor, names))
+        size += full_numel(tensor)
+        layer = _layer_of(names[0])
+    for group in groups:
+        params = [t for t, _ in group if hasattr(t, "ds_tensor")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield [(name, t.detach().clone()) for t, names in group for name in names]
+
+
+def _layer_of(name: str) -> str:
+    """The decoder layer a weight belongs to ("model.layers.3" for model.layers.3.mlp...), or the
+    name itself outside the layer stack."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name

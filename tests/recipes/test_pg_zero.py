@@ -29,7 +29,9 @@ def pick_free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(stage: int, model: str, out: Path, reward: Path, *extra: str) -> subprocess.Popen:
+def launch(
+    stage: int, model: str, out: Path, reward: Path, *extra: str, env: dict | None = None
+) -> subprocess.Popen:
     config = ROOT / "launch" / f"cpu_2proc_zero{stage}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd += ["--main_process_port", str(pick_free_port()), str(RECIPE)]
@@ -37,7 +39,7 @@ def launch(stage: int, model: str, out: Path, reward: Path, *extra: str) -> subp
     cmd += ["rollout.max_new_tokens=12", "prompts_per_step=4", "micro_batch_size=4"]
     cmd += ["eval.enabled=false", "log_with=[]", "optim.lr=1e-3", "bf16_autocast=false"]
     cmd += [f"output_dir={out}", f"rewards=[{{func: '{reward}:longer', weight: 1.0}}]", *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -55,15 +57,16 @@ def reward(tmp_path_factory) -> Path:
 @pytest.mark.multiprocess
 def test_zero3_shards_the_weights_and_syncs_them_exactly(tiny_llama, tmp_path, reward):
     out = tmp_path / "z3"
-    assert launch(3, tiny_llama, out, reward, "steps=2").wait(timeout=600) == 0
+    small_chunks = {"RLX_ZERO3_GATHER_ELEMENTS": "60000"}  # the tiny model in about 8 gathers
+    assert launch(3, tiny_llama, out, reward, "steps=2", env=small_chunks).wait(timeout=600) == 0
     log = (tmp_path / "z3.log").read_text()
     shares = re.findall(r"pg: rank (\d): DeepSpeed ZeRO-3, this rank holds ([\d.]+)", log)
     assert sorted(rank for rank, _ in shares) == ["0", "1"], log[-3000:]
     assert all(0.45 <= float(share) <= 0.55 for _, share in shares), shares
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
-    # step 2 samples with the weights gathered and pushed after step 1: vLLM's logprobs equal
-    # the trainer's, so the sync sent the whole, updated model
+    # step 2 samples with the weights gathered and pushed, chunk by chunk, after step 1: vLLM's
+    # logprobs equal the trainer's, so the sync sent the whole, updated model
     assert rows[1]["logprob_gap_max"] < 1e-4 and rows[1]["grad_norm"] > 0
     final = load_file(out / "final" / "model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
