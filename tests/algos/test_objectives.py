@@ -1,0 +1,280 @@
+"""rlx.objectives against hand-computed hypervolumes, Pareto buffers and mirror-descent steps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlx.objectives import (
+    ParetoBuffer,
+    check_weights,
+    dominates,
+    hypervolume,
+    influences,
+    meta_reward,
+    mirror_descent_step,
+    orient,
+    pareto_front,
+)
+
+# --- hypervolume 2-D --------------------------------------------------------------------------
+
+
+def test_hypervolume_2d_one_point():
+    assert hypervolume([(3.0, 2.0)], (0.0, 0.0)) == pytest.approx(6.0)  # 3 * 2
+    assert hypervolume([(3.0, 2.0)], (1.0, -1.0)) == pytest.approx(6.0)  # (3-1) * (2+1)
+
+
+def test_hypervolume_2d_two_points_overlap_once():
+    # boxes 3x1 and 1x3 overlap in the unit square: 3 + 3 - 1 = 5
+    assert hypervolume([(3.0, 1.0), (1.0, 3.0)], (0.0, 0.0)) == pytest.approx(5.0)
+
+
+def test_hypervolume_2d_three_points_staircase():
+    # staircase (3,1), (2,2), (1,3): strips 3*1 + 2*(2-1) + 1*(3-2) = 6, in any input order
+    pts = [(1.0, 3.0), (3.0, 1.0), (2.0, 2.0)]
+    assert hypervolume(pts, (0.0, 0.0)) == pytest.approx(6.0)
+    assert hypervolume(pts[::-1], (0.0, 0.0)) == pytest.approx(6.0)
+
+
+def test_hypervolume_2d_dominated_point_adds_nothing():
+    # (1,1) lies inside the box of (3,1): still 5
+    assert hypervolume([(3.0, 1.0), (1.0, 3.0), (1.0, 1.0)], (0.0, 0.0)) == pytest.approx(5.0)
+
+
+def test_hypervolume_2d_point_below_reference_is_clipped():
+    # (-1, 5) is worse than the reference in x, (4, 0) ties it in y: both boxes are empty
+    assert hypervolume([(-1.0, 5.0)], (0.0, 0.0)) == 0.0
+    assert hypervolume([(3.0, 2.0), (-1.0, 5.0), (4.0, 0.0)], (0.0, 0.0)) == pytest.approx(6.0)
+
+
+def test_hypervolume_empty_is_zero():
+    assert hypervolume([], (0.0, 0.0)) == 0.0
+    assert hypervolume(np.empty((0, 3)), (0.0, 0.0, 0.0)) == 0.0
+
+
+# --- hypervolume 3-D --------------------------------------------------------------------------
+
+
+def test_hypervolume_3d_box():
+    assert hypervolume([(2.0, 3.0, 4.0)], (0.0, 0.0, 0.0)) == pytest.approx(24.0)  # 2*3*4
+    assert hypervolume([(2.0, 3.0, 4.0)], (1.0, 0.0, -1.0)) == pytest.approx(15.0)  # 1*3*5
+
+
+def test_hypervolume_3d_two_overlapping_boxes():
+    # 2*3*4 + 4*2*1 - min-corner (2,2,1) -> 24 + 8 - 4 = 28
+    assert hypervolume([(2.0, 3.0, 4.0), (4.0, 2.0, 1.0)], (0.0, 0.0, 0.0)) == pytest.approx(28.0)
+    # one point per z level and one inside another: (1,1,1) inside (2,3,4) changes nothing
+    pts = [(2.0, 3.0, 4.0), (4.0, 2.0, 1.0), (1.0, 1.0, 1.0)]
+    assert hypervolume(pts, (0.0, 0.0, 0.0)) == pytest.approx(28.0)
+
+
+def test_hypervolume_3d_three_boxes_inclusion_exclusion():
+    # A=(3,1,1) 3, B=(1,3,1) 3, C=(1,1,3) 3; pairwise overlaps are the unit cube (1 each),
+    # the triple overlap too: 9 - 3 + 1 = 7
+    pts = [(3.0, 1.0, 1.0), (1.0, 3.0, 1.0), (1.0, 1.0, 3.0)]
+    assert hypervolume(pts, (0.0, 0.0, 0.0)) == pytest.approx(7.0)
+
+
+def _grid_count(points: np.ndarray, n: int, h: float) -> float:
+    """Volume of the union of boxes [0, p] estimated by counting n^3 cell centres of size h."""
+    centres = (np.arange(n) + 0.5) * h
+    x, y, z = np.meshgrid(centres, centres, centres, indexing="ij")
+    covered = np.zeros(x.shape, dtype=bool)
+    for px, py, pz in points:
+        covered |= (x < px) & (y < py) & (z < pz)
+    return float(covered.sum()) * h**3
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hypervolume_3d_matches_exact_grid_count_on_integer_points(seed):
+    # with integer coordinates every unit cell is either fully inside the union or outside it,
+    # so counting cell centres is exact
+    rng = np.random.default_rng(seed)
+    pts = rng.integers(1, 13, size=(6, 3)).astype(float)
+    assert hypervolume(pts, (0.0, 0.0, 0.0)) == pytest.approx(_grid_count(pts, 12, 1.0), abs=1e-9)
+
+
+def test_hypervolume_3d_matches_grid_count_on_random_points():
+    rng = np.random.default_rng(123)
+    pts = rng.uniform(0.05, 1.0, size=(6, 3))
+    n = 100
+    h = 1.0 / n
+    # cell-centre counting misplaces at most half a cell along each upper face of every box
+    a, b, c = pts.T
+    tolerance = float(np.sum(a * b + b * c + a * c)) * h / 2
+    assert hypervolume(pts, (0.0, 0.0, 0.0)) == pytest.approx(_grid_count(pts, n, h), abs=tolerance)
+
+
+@pytest.mark.parametrize(
+    "points, reference",
+    [
+        ([(1.0,)], (0.0,)),  # 1-D
+        ([(1.0, 1.0, 1.0, 1.0)], (0.0, 0.0, 0.0, 0.0)),  # 4-D
+        ([(1.0, 1.0, 1.0)], (0.0, 0.0)),  # point and reference disagree
+        ([[(1.0, 1.0)]], (0.0, 0.0)),  # 3-D array of points
+        ([(float("nan"), 1.0)], (0.0, 0.0)),
+    ],
+)
+def test_hypervolume_rejects_bad_input(points, reference):
+    with pytest.raises(ValueError):
+        hypervolume(points, reference)
+
+
+# --- Pareto front and buffer ------------------------------------------------------------------
+
+
+def test_dominates_and_pareto_front():
+    assert dominates((2, 2), (2, 1))
+    assert not dominates((2, 2), (2, 2))
+    assert not dominates((3, 1), (1, 3))
+    pts = [(1, 3), (3, 1), (2, 2), (1, 1), (3, 1), (3, 0)]
+    # (1,1) and (3,0) are dominated, the second (3,1) is a duplicate
+    assert pareto_front(pts).tolist() == [[1, 3], [3, 1], [2, 2]]
+    assert pareto_front(np.empty((0, 2))).shape == (0, 2)
+
+
+def test_buffer_adds_non_dominated_points_with_their_contribution():
+    buffer = ParetoBuffer((0.0, 0.0))
+    assert buffer.add((2.0, 1.0)) == pytest.approx(2.0)  # box 2*1 on an empty buffer
+    # (1,3): union 2 + 3 - 1 = 4, so HVC = 4 - 2 = 2
+    assert buffer.contribution((1.0, 3.0)) == pytest.approx(2.0)
+    assert buffer.add((1.0, 3.0)) == pytest.approx(2.0)
+    assert buffer.points == [(2.0, 1.0), (1.0, 3.0)]
+    assert buffer.hypervolume() == pytest.approx(4.0)
+
+
+def test_buffer_rejects_dominated_equal_and_below_reference_points():
+    buffer = ParetoBuffer((0.0, 0.0), [(2.0, 1.0), (1.0, 3.0)])
+    for point in [(1.0, 1.0), (2.0, 1.0), (5.0, -1.0), (0.0, 9.0)]:
+        assert buffer.contribution(point) == 0.0
+        assert buffer.add(point) == 0.0
+    assert buffer.points == [(2.0, 1.0), (1.0, 3.0)]
+
+
+def test_buffer_prunes_points_the_new_one_dominates():
+    buffer = ParetoBuffer((0.0, 0.0), [(2.0, 1.0), (1.0, 3.0)])  # HV 4
+    assert buffer.add((2.5, 3.0)) == pytest.approx(7.5 - 4.0)  # dominates both; box 2.5*3
+    assert buffer.points == [(2.5, 3.0)]
+    # (3,1) is not dominated: union 7.5 + 3 - 2.5 = 8, HVC 0.5, and (2.5, 3) stays
+    assert buffer.add((3.0, 1.0)) == pytest.approx(0.5)
+    assert buffer.points == [(2.5, 3.0), (3.0, 1.0)]
+
+
+def test_buffer_with_3_objectives_and_non_zero_reference():
+    buffer = ParetoBuffer((1.0, 1.0, 1.0))
+    assert buffer.add((3.0, 2.0, 2.0)) == pytest.approx(2.0)  # 2*1*1
+    # (2,3,2): 1*2*1 = 2 with overlap 1*1*1 -> HVC 1
+    assert buffer.add((2.0, 3.0, 2.0)) == pytest.approx(1.0)
+
+
+def test_buffer_state_dict_round_trips_through_json():
+    buffer = ParetoBuffer((0.5, -1.0, 0.0), [(1.0, 2.0, 3.0), (2.0, 0.0, 1.0)])
+    state = json.loads(json.dumps(buffer.state_dict()))
+    assert state == {"reference": [0.5, -1.0, 0.0], "points": [[1.0, 2.0, 3.0], [2.0, 0.0, 1.0]]}
+    restored = ParetoBuffer((0.0, 0.0))
+    restored.load_state_dict(state)
+    assert restored.reference == buffer.reference
+    assert restored.points == buffer.points
+    assert restored.hypervolume() == pytest.approx(buffer.hypervolume())
+    assert ParetoBuffer.from_state_dict(state).points == buffer.points
+    with pytest.raises(ValueError, match="missing"):
+        restored.load_state_dict({"reference": [0.0, 0.0]})
+
+
+def test_meta_reward():
+    assert meta_reward(0.0) == 0.5
+    assert meta_reward(-3.0) == 0.5  # negative HVC is no progress
+    assert meta_reward(1.0) == pytest.approx(1.6423912)  # 0.5 + 1.5 * tanh(1)
+    assert meta_reward(100.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        meta_reward(float("nan"))
+
+
+def test_orient_negates_minimised_objectives():
+    assert orient([1.0, 2.0, 3.0], [False, True, False]).tolist() == [1.0, -2.0, 3.0]
+    assert orient([[1, 2], [3, 4]], [True, False]).tolist() == [[-1, 2], [-3, 4]]
+    with pytest.raises(ValueError):
+        orient([1.0, 2.0], [True])
+
+
+# --- gradient-based weights -------------------------------------------------------------------
+
+
+def test_influences_hand_computed():
+    # g1=(1,2,0), g2=(3,-1,1); sum=(4,1,1); I1 = 4+2+0 = 6, I2 = 12-1+1 = 12
+    grads = torch.tensor([[1.0, 2.0, 0.0], [3.0, -1.0, 1.0]])
+    assert influences(grads).tolist() == [6.0, 12.0]
+    assert influences(list(grads)).tolist() == [6.0, 12.0]
+    assert influences([g.to(torch.bfloat16).reshape(3, 1) for g in grads]).tolist() == [6.0, 12.0]
+
+
+def test_influences_rejects_bad_input():
+    with pytest.raises(ValueError):
+        influences([])
+    with pytest.raises(ValueError):
+        influences([torch.ones(3), torch.ones(4)])
+    with pytest.raises(ValueError):
+        influences([torch.tensor([float("inf"), 0.0])])
+
+
+def test_mirror_descent_step_hand_computed():
+    # lr/mu = 0.1: logits log(0.5) + (0.6, 1.2) -> e^0.6 / (e^0.6 + e^1.2) = 0.3543437
+    new = mirror_descent_step([0.5, 0.5], [6.0, 12.0], lr=1e-6, mu=1e-5)
+    assert new == pytest.approx([0.3543437, 0.6456563])
+    # lr/mu * I1 = ln 2 doubles w1: (0.5, 0.25, 0.5) / 1.25 = (0.4, 0.2, 0.4)
+    new = mirror_descent_step([0.25, 0.25, 0.5], [10 * math.log(2), 0.0, 0.0], lr=0.1, mu=1.0)
+    assert new == pytest.approx([0.4, 0.2, 0.4])
+
+
+def test_mirror_descent_step_moves_weight_to_largest_influence_and_stays_on_simplex():
+    w = np.array([0.2, 0.3, 0.5])
+    new = mirror_descent_step(w, torch.tensor([1.0, 5.0, -2.0]), lr=1e-6)  # default mu 1e-5
+    assert new.sum() == pytest.approx(1.0)
+    assert np.all(new > 0)
+    assert new[1] > w[1] and new[0] < w[0] and new[2] < w[2]
+    # a huge step and a zero weight: still positive, still summing to 1
+    extreme = mirror_descent_step([1.0, 0.0, 0.0], [1e6, 0.0, -1e6], lr=1.0, mu=1.0)
+    assert np.all(extreme > 0) and extreme.sum() == pytest.approx(1.0)
+    assert extreme[0] == pytest.approx(1.0)
+    # lr = 0 changes nothing
+    assert mirror_descent_step(w, [3.0, 1.0, 2.0], lr=0.0) == pytest.approx(w)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"weights": [0.5, 0.5], "influences": [1.0], "lr": 1e-6, "mu": 1e-5},
+        {"weights": [0.5, 0.5], "influences": [1.0, float("nan")], "lr": 1e-6, "mu": 1e-5},
+        {"weights": [0.5, 0.5], "influences": [1.0, 0.0], "lr": -1.0, "mu": 1e-5},
+        {"weights": [0.5, 0.5], "influences": [1.0, 0.0], "lr": 1e-6, "mu": 0.0},
+    ],
+)
+def test_mirror_descent_step_rejects_bad_input(kwargs):
+    with pytest.raises(ValueError):
+        mirror_descent_step(**kwargs)
+
+
+def test_check_weights_normalises():
+    assert check_weights([1.0, 3.0]).tolist() == [0.25, 0.75]
+    assert check_weights(torch.tensor([2.0, 0.0])).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([], "empty"),
+        ([0.5, -0.1], ">= 0"),
+        ([float("nan"), 1.0], "finite"),
+        ([float("inf"), 1.0], "finite"),
+        ([0.0, 0.0], "positive"),
+        ([[0.5, 0.5]], "flat"),
+    ],
+)
+def test_check_weights_errors(weights, message):
+    with pytest.raises(ValueError, match=message):
+        check_weights(weights)

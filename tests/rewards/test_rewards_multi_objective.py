@@ -1,0 +1,57 @@
+"""Tests for rewards/multi_objective.py: batch-relative conciseness and the length objective."""
+
+import pytest
+
+from rlx.rewards import RewardFunction, load_reward, score_completions
+
+# Loaded through the spec loader on purpose: this is how the trainer will find them.
+concise = load_reward("rewards/multi_objective.py:concise")
+completion_length = load_reward("rewards/multi_objective.py:completion_length")
+
+
+def test_concise_uses_token_ids_when_given():
+    # token lengths 2, 4, 6 -> mean 4: only the first is strictly shorter; the tie scores 0.0
+    ids = [[1, 2], [1, 2, 3, 4], [1, 2, 3, 4, 5, 6]]
+    # the texts' character lengths (9, 1, 1) would give the opposite answer
+    texts = ["long text", "a", "b"]
+    assert concise([""] * 3, texts, completion_ids=ids) == [1.0, 0.0, 0.0]
+    assert completion_length([""] * 3, texts, completion_ids=ids) == [2.0, 4.0, 6.0]
+
+
+def test_concise_falls_back_to_characters():
+    # characters 1, 3, 5, 7 -> mean 4
+    texts = ["a", "abc", "abcde", "abcdefg"]
+    assert concise([""] * 4, texts) == [1.0, 1.0, 0.0, 0.0]
+    assert completion_length([""] * 4, texts) == [1.0, 3.0, 5.0, 7.0]
+
+
+def test_concise_all_equal_lengths_score_zero():
+    assert concise(["p", "p"], ["ab", "cd"]) == [0.0, 0.0]
+    assert concise([], []) == []
+
+
+def test_lengths_of_conversational_completions():
+    # the last message is the completion: 5 and 2 characters, mean 3.5
+    completions = [
+        [{"role": "assistant", "content": "hello"}],
+        [{"role": "assistant", "content": "hi"}],
+    ]
+    assert completion_length(["p", "p"], completions) == [5.0, 2.0]
+    assert concise(["p", "p"], completions) == [0.0, 1.0]
+
+
+def test_mismatched_completion_ids_raise():
+    with pytest.raises(ValueError, match="completion_ids"):
+        concise(["p", "p"], ["a", "b"], completion_ids=[[1]])
+
+
+def test_scored_through_score_completions_with_columns():
+    # the scorer passes dataset columns as keyword arguments; both functions must accept them
+    scores = score_completions(
+        [RewardFunction("concise", concise), RewardFunction("length", completion_length)],
+        prompts=["p", "p"],
+        completions=["x", "y"],
+        columns={"answer": ["1", "2"]},
+        completion_ids=[[1], [1, 2, 3]],
+    )
+    assert scores.per_function.tolist() == [[1.0, 1.0], [0.0, 3.0]]
