@@ -38,9 +38,10 @@ from rlx import sharding
 from rlx.algos import pg
 from rlx.config import ConfigError, LoraConfig, PGConfig
 from rlx.data import load_held_out, load_prompts, step_prompt_indices
-from rlx.evaluation import resolve_rewards, score_rollout
+from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import peak_rss_gib
+from rlx.objectives import HypervolumeWeighting
 from rlx.policy import (
     MiniBatch,
     RolloutBatch,
@@ -86,14 +87,7 @@ def train(cfg: PGConfig) -> dict:
     """Run the loop; return eval.json's content."""
     run = Run(cfg, nan_on_skip=("loss", "logprob_gap_max"))
     accelerator, world, rank = run.accelerator, run.world, run.rank
-    if cfg.prompts_per_step % world:
-        raise ConfigError(
-            f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes"
-        )
-    if run.main:
-        print(f"pg: {world} process(es) on {accelerator.device}, learner {cfg.algo.advantage}")
-        trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
-        print(describe_choice(engine=engine_dtype(cfg.rollout), trainer=trainer))
+    announce(cfg, run)
 
     # ---- models, data, rewards, rollout engine
     model, tokenizer = load_policy(cfg.model, cfg.lora)
@@ -115,6 +109,7 @@ def train(cfg: PGConfig) -> dict:
     if run.resume(model if sharding.zero_stage(accelerator) else policy, optimizer, scheduler):
         sync_weights(engine, policy)
     run.start(engine, eval_data, reward_fns)
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns)
 
     # ---- training
     sampling = Sampling.from_config(cfg.rollout)
@@ -150,6 +145,8 @@ def train(cfg: PGConfig) -> dict:
             algo.dynamic_sampling,
             scale_rewards=algo.scale_rewards,
         )
+        if weighting is not None:  # after the normalisation, so that no estimator cancels it
+            advantages = advantages * weighting.factor
         mine = slice(rank * len(rows), (rank + 1) * len(rows))
 
         t1 = time.perf_counter()
@@ -179,6 +176,7 @@ def train(cfg: PGConfig) -> dict:
             sync_weights(engine, policy)
         t_sync = time.perf_counter() - t2
         run.step += 1
+        hv = update_weighting(cfg, weighting, run.step, engine, eval_data, reward_fns)
 
         if run.main:
             times = {"rollout": t_rollout, "reward": t_reward, "train": t_train, "sync": t_sync}
@@ -186,9 +184,10 @@ def train(cfg: PGConfig) -> dict:
             row = step_metrics(
                 run.step, full, keep, advantages, reward_fns, stats, times, step_s, lr
             )
-            run.log_step(row, reward=row["reward_mean"], gap=row["logprob_gap_max"])
+            run.log_step(row | hv, reward=row["reward_mean"], gap=row["logprob_gap_max"])
         saved = model if sharding.zero_stage(accelerator) else policy  # DeepSpeed saves shards
-        if run.end_step(time.perf_counter() - t0, saved, optimizer, scheduler):
+        extra = {"weighting": weighting.state_dict()} if weighting is not None else None
+        if run.end_step(time.perf_counter() - t0, saved, optimizer, scheduler, extra):
             break
 
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
@@ -199,6 +198,61 @@ def train(cfg: PGConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- the step's pieces
+
+
+def announce(cfg: PGConfig, run: Run) -> None:
+    """Check the process count against the batch and print what this run does."""
+    if cfg.prompts_per_step % run.world:
+        raise ConfigError(
+            f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {run.world} "
+            "processes"
+        )
+    if run.main:
+        device, learner = run.accelerator.device, cfg.algo.advantage
+        print(f"pg: {run.world} process(es) on {device}, learner {learner}")
+        trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
+        print(describe_choice(engine=engine_dtype(cfg.rollout), trainer=trainer))
+
+
+def start_weighting(cfg: PGConfig, run: Run, engine, eval_data, reward_fns):
+    """algo.reward_weighting=hypervolume: the meta-reward's state, from the checkpoint resumed
+    from or from the validation point of the model before training; None for static weights."""
+    algo = cfg.algo
+    if algo.reward_weighting == "static":
+        return None
+    names = [fn.name for fn in reward_fns]
+    if eval_data is None or not 2 <= len(names) <= 3:
+        raise ConfigError(
+            f"algo.reward_weighting={algo.reward_weighting} needs eval.enabled=true (its "
+            f"validation slice) and 2 or 3 reward functions, got {len(names)}: {names}"
+        )
+    unknown = sorted(set(algo.hv_minimise) - set(names))
+    if unknown:
+        raise ConfigError(f"algo.hv_minimise: {unknown} are not reward functions of {names}")
+    weighting = HypervolumeWeighting([name in algo.hv_minimise for name in names])
+    if "weighting" in run.resumed_state:
+        weighting.load_state_dict(run.resumed_state["weighting"])
+    else:
+        weighting.start(validation_point(cfg, engine, eval_data, reward_fns))
+    return weighting
+
+
+def update_weighting(cfg: PGConfig, weighting, step: int, engine, eval_data, reward_fns) -> dict:
+    """Every algo.hv_every steps: a new validation point, its hypervolume contribution and the
+    meta-reward of the next steps. Every rank evaluates (greedy on identical weights: the same
+    point) so no rank waits for another's number. Returns the metrics of the step."""
+    if weighting is None or step % cfg.algo.hv_every:
+        return {}
+    point = validation_point(cfg, engine, eval_data, reward_fns)
+    names = [fn.name for fn in reward_fns]
+    return weighting.update(point) | {f"val/{n}": v for n, v in zip(names, point, strict=True)}
+
+
+def validation_point(cfg: PGConfig, engine, eval_data, reward_fns) -> list[float]:
+    """Mean of each reward on the first algo.hv_prompts held-out prompts, greedy."""
+    data = eval_data.select(range(min(cfg.algo.hv_prompts, len(eval_data))))
+    summary = evaluate(engine, data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop)
+    return [summary["rewards"][fn.name] for fn in reward_fns]
 
 
 def load_reference(cfg: PGConfig):

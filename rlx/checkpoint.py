@@ -172,11 +172,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
-def checkpoint(accelerator, output_dir, step: int, model, optimizer, scheduler, cfg) -> None:
-    """save_checkpoint on the main process (data position from `cfg.prompts_per_step`), then a
-    barrier so no rank runs ahead of a checkpoint being written. Under DeepSpeed every rank writes
-    its shard of the weights and optimizer state (DeepSpeed's format, in `deepspeed/`)."""
-    position = {"data_position": step * cfg.prompts_per_step}
+def checkpoint(
+    accelerator, output_dir, step: int, model, optimizer, scheduler, cfg, extra: dict | None = None
+) -> None:
+    """save_checkpoint on the main process (data position from `cfg.prompts_per_step`, plus the
+    loop's `extra` state for state.json), then a barrier so no rank runs ahead of a checkpoint
+    being written. Under DeepSpeed every rank writes its shard of the weights and optimizer state
+    (DeepSpeed's format, in `deepspeed/`)."""
+    position = {"data_position": step * cfg.prompts_per_step, **(extra or {})}
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         save_sharded_checkpoint(accelerator, output_dir, step, model, scheduler, position)
     elif accelerator.is_main_process:

@@ -343,3 +343,37 @@ def _to_numpy(values: Any) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().double().numpy()
     return np.asarray(values, dtype=np.float64)
+
+
+class HypervolumeWeighting:
+    """The hypervolume-guided meta-reward of a training run (algo.reward_weighting=hypervolume).
+
+    `start(p0)` takes the validation point of the model before training (one mean per objective)
+    as the reference point and the first buffer entry; each later `update(p_t)` adds p_t's
+    hypervolume contribution and sets `factor` = meta_reward(HVC) for the following steps. The
+    loop multiplies the step's advantages by `factor`: after the group / batch normalisation, so
+    it acts for every estimator (a factor on the rewards would cancel in GRPO's std division and
+    REINFORCE's whitening).
+    """
+
+    def __init__(self, minimise: Sequence[bool]):
+        self.minimise = list(minimise)
+        self.buffer: ParetoBuffer | None = None
+        self.factor = 1.0
+
+    def start(self, point: Sequence[float]) -> None:
+        self.buffer = ParetoBuffer(orient(point, self.minimise))
+
+    def update(self, point: Sequence[float]) -> dict:
+        """Add a validation point; returns its metrics (hvc, hypervolume, meta_reward)."""
+        hvc = self.buffer.add(orient(point, self.minimise))
+        self.factor = meta_reward(hvc)
+        return {"hvc": hvc, "hypervolume": self.buffer.hypervolume(), "meta_reward": self.factor}
+
+    def state_dict(self) -> dict:
+        return {"factor": self.factor, "buffer": self.buffer.state_dict() if self.buffer else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.factor = float(state["factor"])
+        if state["buffer"] is not None:
+            self.buffer = ParetoBuffer.from_state_dict(state["buffer"])

@@ -81,6 +81,7 @@ class Run:
         self.main = self.accelerator.is_main_process
         self.nan_on_skip = ("reward_mean", "step_time_s", *nan_on_skip)
         self.step, self.results, self.log, self.bar, self.began = 0, {}, None, None, 0.0
+        self.resumed_state: dict = {}  # state.json of the checkpoint resumed from
         torch.manual_seed(cfg.seed)
 
     def resume(self, model, optimizer, scheduler) -> int:
@@ -89,7 +90,8 @@ class Run:
         if not self.cfg.resume_from:
             return 0
         ckpt = find_checkpoint(self.out, self.cfg.resume_from)
-        self.step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
+        self.resumed_state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        self.step = self.resumed_state["step"]
         if self.main:
             truncate_metrics(self.out / "metrics.jsonl", self.step)
             print(f"resumed from {ckpt} at step {self.step}")
@@ -129,14 +131,18 @@ class Run:
             self.bar.update(1)
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
 
-    def end_step(self, step_seconds: float, model, optimizer, scheduler) -> bool:
-        """After a step: checkpoint when due (save_every, the last step, out of time). True when
-        training must stop now because another step would not fit the time limits."""
+    def end_step(
+        self, step_seconds: float, model, optimizer, scheduler, extra: dict | None = None
+    ) -> bool:
+        """After a step: checkpoint when due (save_every, the last step, out of time), with the
+        loop's `extra` state (JSON) in state.json. True when training must stop now because
+        another step would not fit the time limits."""
         cfg = self.cfg
         out_of_time = self.clock.out_of_time(step_seconds, self.accelerator)
         due = cfg.save_every and self.step % cfg.save_every == 0
         if due or self.step == cfg.steps or out_of_time:
-            checkpoint(self.accelerator, self.out, self.step, model, optimizer, scheduler, cfg)
+            args = (self.accelerator, self.out, self.step, model, optimizer, scheduler, cfg)
+            checkpoint(*args, extra=extra)
         if out_of_time and self.main:
             print(f"stopping after {self.step} steps: {out_of_time}")
         return bool(out_of_time)

@@ -59,6 +59,16 @@ class AlgoConfig:
         "group",
         help="advantage=grpo divides by the group's reward std, or by the whole batch's",
     )
+    reward_weighting: Literal["static", "hypervolume"] = knob(
+        "static",
+        help="static: the rewards' weights; hypervolume: also scale each step's advantages by a "
+        "meta-reward from the hypervolume gain of a validation point (2 or 3 rewards, docs/pg.md)",
+    )
+    hv_every: int = knob(1, help="hypervolume: evaluate the validation slice every k steps")
+    hv_prompts: int = knob(16, help="hypervolume: held-out prompts in the validation slice")
+    hv_minimise: list[str] = knob(
+        [], help="hypervolume: names of the reward functions whose validation mean is minimised"
+    )
     mask_truncated_completions: bool = knob(
         False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
     )
@@ -71,6 +81,8 @@ class AlgoConfig:
         require(0 <= self.tis_min < 1, "tis_min", "in [0, 1)", self.tis_min)
         require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
         require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
+        require(self.hv_every >= 1, "hv_every", ">= 1", self.hv_every)
+        require(self.hv_prompts >= 1, "hv_prompts", ">= 1", self.hv_prompts)
         if self.scale_rewards == "batch" and self.advantage != "grpo":
             require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
         if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlx.objectives import (
+    HypervolumeWeighting,
     ParetoBuffer,
     check_weights,
     dominates,
@@ -278,3 +279,43 @@ def test_check_weights_normalises():
 def test_check_weights_errors(weights, message):
     with pytest.raises(ValueError, match=message):
         check_weights(weights)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce"])
+def test_meta_reward_acts_on_the_advantages_for_every_estimator(estimator):
+    """A factor on the rewards cancels in GRPO's std division and REINFORCE's whitening; the loop
+    multiplies the normalised advantages instead, which scales every estimator's update."""
+    from rlx.algos import pg
+
+    rewards = torch.tensor([[0.0, 1.0, 0.5, 0.2], [1.0, 0.0, 0.3, 0.9]])
+    lengths = torch.ones_like(rewards)
+    factor = 1.7
+
+    def advantages(r):
+        return pg.kept_advantages(
+            estimator, r, r[..., None], lengths, [1.0], "sum_then_normalize", True
+        )[0]
+
+    base = advantages(rewards)
+    on_rewards = advantages(rewards * factor)
+    if estimator == "rloo":  # no normalisation: a factor on the rewards already scales it
+        assert torch.allclose(on_rewards, base * factor, atol=1e-5)
+    else:  # it cancels (up to the epsilon)
+        assert torch.allclose(on_rewards, base, atol=1e-4)
+    weighting = HypervolumeWeighting([False, False])
+    weighting.start([0.2, 0.2])
+    metrics = weighting.update([0.6, 0.5])  # HVC = 0.4 * 0.3 = 0.12
+    assert metrics["hvc"] == pytest.approx(0.12)
+    assert weighting.factor == pytest.approx(0.5 + 1.5 * np.tanh(0.12))
+    assert torch.allclose(base * weighting.factor, base * 1.5 * np.tanh(0.12) + base * 0.5)
+    assert not torch.allclose(base * weighting.factor, base)
+
+
+def test_hypervolume_weighting_state_round_trip():
+    a = HypervolumeWeighting([False, True])
+    a.start([0.1, 40.0])  # the second objective (a length) is minimised: oriented to -40
+    a.update([0.3, 30.0])  # better in both: HVC = 0.2 * 10 = 2
+    b = HypervolumeWeighting([False, True])
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.factor == a.factor == pytest.approx(0.5 + 1.5 * np.tanh(2.0))
+    assert b.update([0.2, 20.0]) == a.update([0.2, 20.0])

@@ -45,6 +45,8 @@ def length_reward(tmp_path_factory):
         "    return [1.0] * len(completions)\n"
         "def nones(prompts, completions, **kw):\n"
         "    return [None] * len(completions)\n"
+        "def shorter(prompts, completions, **kw):\n"
+        "    return [1 - min(len(c), 40) / 40 for c in completions]\n"
     )
     return path
 
@@ -388,3 +390,48 @@ def test_mask_truncated_completions_weighs_them_zero(tiny_llama, tmp_path):
         (mini,) = recipe.local_mini_batches(cfg, completions, parts, torch.ones(4, 2), 0, 1)
         assert mini.weights.tolist() == expected
         assert mini.batch.completion_mask.sum() == 16
+
+
+def test_hypervolume_weighting_logs_its_state_and_resumes_exactly(
+    tiny_llama, tmp_path, length_reward
+):
+    """algo.reward_weighting=hypervolume on two conflicting rewards: every step logs the
+    validation point, its hypervolume contribution and the meta-reward; the buffer and the
+    meta-reward are checkpointed, so a run resumed after step 2 repeats step 3 exactly."""
+    rewards = f"[{{func: '{length_reward}:longer', weight: 0.7}}, "
+    rewards += f"{{func: '{length_reward}:shorter', weight: 0.3}}]"
+    extra = {"rewards": rewards, "algo.reward_weighting": "hypervolume", "algo.hv_prompts": 4}
+    extra |= {"eval.num_prompts": 4, "save_every": 1, "algo.hv_minimise": "[shorter]"}
+    recipe = load_recipe()
+
+    def run(out, steps, **more):
+        overrides_ = overrides(tiny_llama, out, "unused", **(extra | {"steps": steps} | more))
+        recipe.train(load_config(PGConfig, overrides=overrides_))
+        return read_metrics(out / "metrics.jsonl")
+
+    full = run(tmp_path / "full", 3)
+    assert all(
+        {"meta_reward", "hypervolume", "hvc", "val/longer", "val/shorter"} <= set(r) for r in full
+    )
+    assert all(0.5 <= r["meta_reward"] <= 2.0 for r in full)
+    state = json.loads(
+        (tmp_path / "full" / "checkpoints" / "step-000003" / "state.json").read_text()
+    )
+    assert state["weighting"]["factor"] == full[-1]["meta_reward"]
+
+    run(tmp_path / "part", 2)
+    resumed = run(tmp_path / "part", 3, resume_from="latest")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("reward_mean", "loss", "meta_reward", "hypervolume", "val/longer"):
+        assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-6, abs=1e-9), key
+
+
+def test_hypervolume_weighting_needs_two_or_three_rewards(tiny_llama, tmp_path, length_reward):
+    from rlx.config import ConfigError
+
+    extra = {"algo.reward_weighting": "hypervolume", "eval.num_prompts": 4, "steps": 1}
+    cfg = load_config(
+        PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
+    )
+    with pytest.raises(ConfigError, match="2 or 3 reward functions"):
+        load_recipe().train(cfg)
