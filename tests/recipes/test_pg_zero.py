@@ -102,3 +102,28 @@ def test_zero2_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_pat
     for ra, rb in zip(a, b, strict=True):
         assert ra["reward_mean"] == rb["reward_mean"], ra["step"]
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-9), ra["step"]
+
+
+@pytest.mark.slow  # one 2-process run, about 20 s here
+@pytest.mark.multiprocess
+def test_zero2_trains_lora_and_syncs_the_merged_weights(tiny_llama, tmp_path, reward):
+    out = tmp_path / "z2lora"
+    assert launch(2, tiny_llama, out, reward, "steps=2", "lora.enabled=true").wait(timeout=600) == 0
+    assert "DeepSpeed ZeRO-2" in (tmp_path / "z2lora.log").read_text()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[1]["grad_norm"] > 0 and rows[1]["logprob_gap_max"] < 1e-4
+
+
+def test_zero3_with_lora_is_a_config_error():
+    """Refused before any process group: one line naming the supported alternative."""
+    from types import SimpleNamespace
+
+    from rlx import sharding
+    from rlx.config import ConfigError
+
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={})
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    with pytest.raises(ConfigError, match="cpu_2proc_zero2.yaml"):
+        sharding.configure(accelerator, 1.0, lora=True)
+    sharding.configure(accelerator, 0.5, lora=False)
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
