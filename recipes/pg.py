@@ -108,8 +108,8 @@ def train(cfg: PGConfig) -> dict:
     print(f"pg: rank {rank}: {sharding.describe(accelerator, policy)}")
     if run.resume(model if sharding.zero_stage(accelerator) else policy, optimizer, scheduler):
         sync_weights(engine, policy)
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns)  # None: static weights
     run.start(engine, eval_data, reward_fns)
-    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns)
 
     # ---- training
     sampling = Sampling.from_config(cfg.rollout)
