@@ -89,6 +89,38 @@ def plot_reward_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     return png_path
 
 
+def plot_weighting(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Dynamic reward weighting (rows with `meta_reward`): the validation points of the first two
+    objectives, coloured by step, and the meta-reward and hypervolume per step. None when the run
+    used static weights."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("meta_reward") is not None]
+    names = sorted({k for r in rows for k in r if k.startswith("val/")})
+    if not rows or len(names) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    points = left.scatter([r[names[0]] for r in rows], [r[names[1]] for r in rows], c=steps)
+    fig.colorbar(points, ax=left, label="step")
+    left.set_xlabel(f"{names[0]} (validation mean)")
+    left.set_ylabel(f"{names[1]} (validation mean)")
+    right.plot(steps, [r["meta_reward"] for r in rows], label="meta-reward")
+    right.plot(steps, [r["hypervolume"] for r in rows], label="hypervolume of the buffer")
+    right.set_xlabel("step")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -29,7 +29,7 @@ from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_fi
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.errors import report_user_errors
 from rlx.evaluation import evaluate
-from rlx.metrics import MetricsLog, plot_reward_curves, truncate_metrics
+from rlx.metrics import MetricsLog, plot_reward_curves, plot_weighting, truncate_metrics
 from rlx.policy import export_weights
 from rlx.reporting import print_eval_table, read_eval, write_eval
 
@@ -173,6 +173,9 @@ class Run:
         if (out / "metrics.jsonl").exists():
             plot = plot_reward_curves(out / "metrics.jsonl", out / "reward_curves.png")
             print(f"reward curves: {plot}")
+            weighting = plot_weighting(out / "metrics.jsonl", out / "weighting.png")
+            if weighting is not None:
+                print(f"reward weighting: {weighting}")
         return results
 
     def close(self) -> None:

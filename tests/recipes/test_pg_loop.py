@@ -418,6 +418,7 @@ def test_hypervolume_weighting_logs_its_state_and_resumes_exactly(
         (tmp_path / "full" / "checkpoints" / "step-000003" / "state.json").read_text()
     )
     assert state["weighting"]["factor"] == full[-1]["meta_reward"]
+    assert (tmp_path / "full" / "weighting.png").stat().st_size > 0
 
     run(tmp_path / "part", 2)
     resumed = run(tmp_path / "part", 3, resume_from="latest")
