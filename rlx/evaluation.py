@@ -11,7 +11,13 @@ import time
 
 import numpy as np
 
-from rlx.rewards import RewardFunction, RewardScores, load_reward_functions, score_completions
+from rlx.rewards import (
+    RewardError,
+    RewardFunction,
+    RewardScores,
+    load_reward_functions,
+    score_completions,
+)
 from rlx.rollout import Completion, RolloutEngine, Sampling
 from rlx.tasks import TASKS, TaskError
 
@@ -22,6 +28,12 @@ ACCURACY_REWARD = "correctness"
 def resolve_rewards(task_name: str, reward_cfgs) -> list[RewardFunction]:
     """The configured rewards (rlx.config.RewardConfig list), else the task's default rewards."""
     if reward_cfgs:
+        weights = [r.weight for r in reward_cfgs]
+        if not sum(weights) > 0:
+            raise RewardError(
+                f"reward weights {weights} sum to {sum(weights)}: they must sum to a positive "
+                "number (give the rewards you want to raise positive weights)"
+            )
         return load_reward_functions([(r.func, r.weight) for r in reward_cfgs])
     if task_name in TASKS:
         return load_reward_functions(TASKS[task_name].default_rewards)

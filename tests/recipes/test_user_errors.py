@@ -107,6 +107,7 @@ CASES = [
     ("pg-missing-reward-file", "pg", ["reward_file=nope.py", RESUME], "nope.py"),
     ("pg-missing-reward-fn", "pg", ["reward=nope", RESUME], "nope"),
     ("pg-reward-raises", "pg", ["reward=boom", RESUME], "boom"),
+    ("pg-reward-weights-sum-to-zero", "pg", ["reward_weight=0", RESUME], "sum to a positive"),
     ("pg-reward-wrong-length", "pg", ["reward=short", RESUME], "short"),
     ("pg-missing-model", "pg", ["model.name={root}/nope_model", RESUME], "does not exist"),
     ("pg-model-without-config", "pg", ["model.name={root}/empty_dir", RESUME], "no config.json"),
@@ -142,6 +143,8 @@ def build_argv(prog: str, extra: list[str], model: str, root: Path) -> list[str]
             argv += [f"output_dir={root / 'run'}", "resume_from=latest"]
         elif arg.startswith("out="):
             argv.append(f"output_dir={root / arg[4:]}")
+        elif arg.startswith("reward_weight="):
+            argv.append(f"rewards=[{{func: '{root / 'rewards.py'}:ok', weight: {arg[14:]}}}]")
         elif arg.startswith(("reward=", "reward_file=")):
             file, fn = (
                 ("nope.py", "ok") if arg.startswith("reward_file=") else ("rewards.py", arg[7:])
