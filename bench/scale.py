@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {
@@ -48,17 +49,11 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_case(config: str | None, model: str, steps: int, out: Path) -> dict:
     cmd = [sys.executable]
     if config is not None:
         cmd += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / config)]
-        cmd += ["--main_process_port", str(free_port())]
+        cmd += ["--main_process_port", str(get_free_port())]
     cmd += [str(ROOT / "recipes" / "pg.py"), "--config", str(ROOT / "recipes" / "grpo.yaml")]
     cmd += [f"model.name={model}", f"steps={steps}", "eval.enabled=false", "log_with=[]"]
     cmd += ["max_run_minutes=0", "algo.dynamic_sampling=false", f"output_dir={out}"]

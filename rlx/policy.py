@@ -56,8 +56,10 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 def matmul_params(model: torch.nn.Module) -> int:
     """Weights of the model's matrix multiplications (every nn.Linear, the LM head included; the
     embedding lookup is free): a forward pass costs about 2 FLOPs per weight per token."""
+    from rlx.sharding import full_numel  # ZeRO-3 keeps only a slice of each weight here
+
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in linears)  # ZeRO-3: full
+    return sum(full_numel(m.weight) for m in linears)
 
 
 @dataclass

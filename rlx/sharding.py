@@ -80,7 +80,7 @@ def local_fraction(model) -> float:
     """The share of the model's weight elements stored on this rank (ZeRO-3: about 1/ranks)."""
     local = total = 0
     for p in model.parameters():
-        full = getattr(p, "ds_numel", p.numel())
+        full = full_numel(p)
         total += full
         local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else full
     return local / max(total, 1)

@@ -39,8 +39,6 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture
 def free_port() -> int:
     """A TCP port nobody listens on now, for a test's torch.distributed rendezvous."""
-    import socket
+    from torch.distributed.elastic.utils.distributed import get_free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return get_free_port()

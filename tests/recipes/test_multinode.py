@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 from rlx.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-
-
-def pick_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recipe_args(model: str, reward: Path, out: Path) -> list[str]:
@@ -43,7 +37,7 @@ def test_two_machines_on_loopback_train_like_two_processes(tiny_llama, tmp_path)
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     one_machine = ACCELERATE + [str(ROOT / "launch" / "cpu_2proc.yaml")]
-    one_machine += ["--main_process_port", str(pick_free_port())]
+    one_machine += ["--main_process_port", str(get_free_port())]
     run = subprocess.run(
         one_machine + recipe_args(tiny_llama, reward, tmp_path / "one"),
         cwd=ROOT,
@@ -54,7 +48,7 @@ def test_two_machines_on_loopback_train_like_two_processes(tiny_llama, tmp_path)
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
-    port = str(pick_free_port())
+    port = str(get_free_port())
     machines = []
     for machine_rank in (0, 1):
         cmd = ACCELERATE + [str(ROOT / "launch" / "multinode_cpu.yaml"), "--num_machines", "2"]

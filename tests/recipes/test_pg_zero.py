@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import AutoModelForCausalLM
 
 from rlx.metrics import read_metrics
@@ -23,18 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "pg.py"
 
 
-def pick_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(
     stage: int, model: str, out: Path, reward: Path, *extra: str, env: dict | None = None
 ) -> subprocess.Popen:
     config = ROOT / "launch" / f"cpu_2proc_zero{stage}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    cmd += ["--main_process_port", str(pick_free_port()), str(RECIPE)]
+    cmd += ["--main_process_port", str(get_free_port()), str(RECIPE)]
     cmd += [f"model.name={model}", "rollout.dtype=float32", "rollout.num_samples=4"]
     cmd += ["rollout.max_new_tokens=12", "prompts_per_step=4", "micro_batch_size=4"]
     cmd += ["eval.enabled=false", "log_with=[]", "optim.lr=1e-3", "bf16_autocast=false"]
