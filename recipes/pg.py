@@ -51,7 +51,7 @@ from rlx.policy import (
     load_policy,
     matmul_params,
 )
-from rlx.recipe import Run, reduce_stats, run_recipe
+from rlx.recipe import Run, combine_stats, reduce_stats, run_recipe
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, engine_dtype, make_engine
 
@@ -458,18 +458,8 @@ def train_on_batch(
 def merge_updates(updates: list[dict]) -> dict:
     """One step's stats from its updates: sums add up, extremes take the max / min, the loss and
     the gradient norm are the mean over updates."""
-    merged = {"updates": len(updates)}
-    for k in updates[0]:
-        values = [u[k] for u in updates if k in u]
-        if k in EXTREMES_MAX:
-            merged[k] = max(values)
-        elif k in EXTREMES_MIN:
-            merged[k] = min(values)
-        elif k in ("loss", "grad_norm"):
-            merged[k] = sum(values) / len(values)
-        else:
-            merged[k] = sum(values)
-    return merged
+    means = ("loss", "grad_norm")
+    return {"updates": len(updates)} | combine_stats(updates, EXTREMES_MAX, EXTREMES_MIN, means)
 
 
 def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_time, lr) -> dict:
