@@ -1,8 +1,13 @@
 """Length objectives for multi-objective training (arXiv 2509.11452), next to correctness and format.
 
-The paper trains on three objectives: correctness, conciseness and format. Correctness and format
-are the existing rewards in rewards/arithmetic.py (`correctness`, `answer_format`); this file adds
-the two length functions:
+The paper trains on three objectives: correctness, conciseness and format. Correctness is
+rewards/arithmetic.py's `correctness`; this file adds the format and the two length functions:
+
+- `step_format`, the paper's format objective adapted to the built-in arithmetic task: 1.0 when
+  the completion ends its reasoning with exactly one ``<answer>N</answer>`` holding a number (the
+  task's answer format, in place of the reference's ``\boxed{}``) and shows at least two step
+  markers, else 0.0. It pulls against conciseness (steps cost tokens), and the one-shot example
+  the prompts carry shows one step only.
 
 - `concise`, the training reward: 1.0 when a completion is shorter than the mean length of the
   batch it was scored with, else 0.0 (a tie with the mean scores 0.0). Batch-relative, so it
@@ -16,15 +21,27 @@ number of characters of the completion text. Both follow TRL's signature
 
     rlx.rewards.load_reward("rewards/arithmetic.py:correctness")
     rlx.rewards.load_reward("rewards/multi_objective.py:concise")
-    rlx.rewards.load_reward("rewards/arithmetic.py:answer_format")
+    rlx.rewards.load_reward("rewards/multi_objective.py:step_format")
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from rlx.rewards import completion_text
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+NUMBER_ONLY = re.compile(r"\s*-?\d+(?:\.\d+)?\s*")
+# Step markers, after the reference's (dynamic-reward-weighting, math_format.py), tightened: an
+# enumerator must open a line ("1.", "2)", "Step 3:", "- "), where the reference also counted any
+# number followed by a full stop.
+ENUMERATOR = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]?|\d+[.)]|[-*\u2022])\s", re.IGNORECASE | re.M)
+ORDINAL = re.compile(
+    r"\b(first|second|third|fourth|fifth|next|then|finally)\b", re.IGNORECASE
+)  # the reference's list, up to "fifth", plus "finally"
+EQUATION = re.compile(r"\d+\s*[-+*/x\u00d7\u2212]\s*\d+\s*=\s*\d+")  # "3 + 4 = 7": a worked step
 
 
 def completion_lengths(
@@ -62,3 +79,29 @@ def completion_length(
 ) -> list[float | None]:
     """The length of each completion as a float (tokens, or characters without completion_ids)."""
     return [float(length) for length in completion_lengths(completions, completion_ids)]
+
+
+def step_markers(text: str) -> int:
+    """The largest of: line-opening enumerators, ordinal words, worked equations ("3 + 4 = 7")."""
+    return max(
+        len(ENUMERATOR.findall(text)), len(ORDINAL.findall(text)), len(EQUATION.findall(text))
+    )
+
+
+def step_format(
+    prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+) -> list[float | None]:
+    """1.0 for one <answer>number</answer> with nothing after it and at least two step markers
+    before it, else 0.0."""
+    rewards: list[float | None] = []
+    for completion in completions:
+        text = completion_text(completion)
+        tags = list(ANSWER_TAG.finditer(text))
+        ok = (
+            len(tags) == 1
+            and NUMBER_ONLY.fullmatch(tags[0].group(1)) is not None
+            and not text[tags[0].end() :].strip()
+            and step_markers(text[: tags[0].start()]) >= 2
+        )
+        rewards.append(1.0 if ok else 0.0)
+    return rewards

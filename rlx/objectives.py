@@ -16,6 +16,9 @@ Gradient-based (weights move by mirror descent):
   ``mirror_descent_step`` sets ``w <- softmax(log w + lr * I / mu)``, lr being the policy learning
   rate and ``mu`` the regulariser (the paper's lambda, about 1e-5).
 
+Adaptive preference weights (an rlx addition; the reference keeps the weights fixed): after each
+evaluation, ``w <- softmax(log w + eta * hypervolume_direction(p_t))``, see HypervolumeWeighting.
+
 Conventions: every point / vector of objective values has its K objectives on the last axis and is
 in *maximisation* form; use :func:`orient` to negate objectives that are minimised (e.g. completion
 length) before handing them to the hypervolume code. Only :func:`influences` needs torch, which it
@@ -345,6 +348,32 @@ def _to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+GAIN_FLOOR = 0.05
+"""hypervolume_direction: a normalised gain below this counts as this (an objective at or below
+its reference point then gets a large but finite share)."""
+
+
+def hypervolume_direction(
+    point: Sequence[float], reference: Sequence[float], scale: Sequence[float]
+) -> np.ndarray:
+    """The direction on the simplex in which improving `point` grows its hypervolume fastest.
+
+    Each objective's gain over the reference is measured in its own unit, the largest distance
+    from the reference seen so far: u_k = (p_k - r_k) / scale_k, floored at GAIN_FLOOR. The box
+    [r, p] then has volume V = prod_k u_k, and its relative gradient d log V / d u_k = 1 / u_k
+    says how much volume one unit of objective k adds, relative to the volume already held. The
+    result is that gradient normalised to sum 1: the objectives that lag get most of it.
+    Maximisation form (orient first); returns float64 [K].
+    """
+    p, r = np.asarray(point, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    s = np.maximum(np.asarray(scale, dtype=np.float64), 1e-12)
+    if not (p.shape == r.shape == s.shape) or p.ndim != 1:
+        raise ValueError(f"point, reference and scale must be [K], got {p.shape}, {r.shape}")
+    gains = np.maximum((p - r) / s, GAIN_FLOOR)  # [K]
+    direction = 1.0 / gains
+    return direction / direction.sum()
+
+
 class HypervolumeWeighting:
     """The hypervolume-guided meta-reward of a training run (algo.reward_weighting=hypervolume).
 
@@ -354,11 +383,28 @@ class HypervolumeWeighting:
     loop multiplies the step's advantages by `factor`: after the group / batch normalisation, so
     it acts for every estimator (a factor on the rewards would cancel in GRPO's std division and
     REINFORCE's whitening).
+
+    `weights` are the preference weights of the rewards. They stay as given (the reference code)
+    unless `adapt_lr` > 0: then they start on the simplex and each update takes a mirror-descent
+    step ``w <- softmax(log w + adapt_lr * hypervolume_direction(p_t))`` toward the objectives in
+    which p_t gains least over the reference, the ones whose improvement grows the hypervolume
+    most (docs/pg.md).
     """
 
-    def __init__(self, minimise: Sequence[bool]):
+    def __init__(
+        self,
+        minimise: Sequence[bool],
+        weights: Sequence[float] | None = None,
+        adapt_lr: float = 0.0,
+    ):
+        if not math.isfinite(adapt_lr) or adapt_lr < 0:
+            raise ValueError(f"adapt_lr must be a finite number >= 0, got {adapt_lr!r}")
         self.minimise = list(minimise)
+        self.adapt_lr = float(adapt_lr)
+        raw = np.ones(len(self.minimise)) if weights is None else _to_numpy(weights)
+        self.weights = check_weights(raw) if adapt_lr > 0 else raw
         self.buffer: ParetoBuffer | None = None
+        self.scale = np.zeros(len(self.minimise))  # largest |p_t - p_0| so far, per objective
         self.factor = 1.0
 
     def start(self, point: Sequence[float]) -> None:
@@ -366,14 +412,61 @@ class HypervolumeWeighting:
 
     def update(self, point: Sequence[float]) -> dict:
         """Add a validation point; returns its metrics (hvc, hypervolume, meta_reward)."""
-        hvc = self.buffer.add(orient(point, self.minimise))
+        oriented = orient(point, self.minimise)
+        hvc = self.buffer.add(oriented)
         self.factor = meta_reward(hvc)
+        if self.adapt_lr > 0:
+            reference = np.asarray(self.buffer.reference)
+            self.scale = np.maximum(self.scale, np.abs(oriented - reference))
+            direction = hypervolume_direction(oriented, reference, self.scale)
+            logits = np.log(np.maximum(self.weights, WEIGHT_FLOOR)) + self.adapt_lr * direction
+            self.weights = check_weights(np.exp(logits - logits.max()))
         return {"hvc": hvc, "hypervolume": self.buffer.hypervolume(), "meta_reward": self.factor}
 
     def state_dict(self) -> dict:
-        return {"factor": self.factor, "buffer": self.buffer.state_dict() if self.buffer else None}
+        return {
+            "factor": self.factor,
+            "buffer": self.buffer.state_dict() if self.buffer else None,
+            "weights": self.weights.tolist(),
+            "scale": self.scale.tolist(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.factor = float(state["factor"])
         if state["buffer"] is not None:
             self.buffer = ParetoBuffer.from_state_dict(state["buffer"])
+        if "weights" in state:  # absent in checkpoints written before adaptive weights
+            self.weights = np.asarray(state["weights"], dtype=np.float64)
+            self.scale = np.asarray(state["scale"], dtype=np.float64)
+
+
+class GradientWeighting:
+    """The gradient-based weights of a training run (algo.reward_weighting=gradient).
+
+    `step(influences, lr)` is one mirror-descent step (mirror_descent_step) with the step's
+    influences I_k = <g_k, sum_j g_j>. An objective whose influence is None (it returned None for
+    every sample of the step: no gradient) keeps its weight; the others share the rest of the
+    mass, moved by the step restricted to them.
+    """
+
+    def __init__(self, weights: Sequence[float], mu: float = DEFAULT_MU):
+        self.weights = check_weights(weights)
+        self.mu = float(mu)
+
+    def step(self, influences: Sequence[float | None], lr: float) -> np.ndarray:
+        if len(influences) != len(self.weights):
+            raise ValueError(f"got {len(influences)} influences for {len(self.weights)} weights")
+        present = np.array([i is not None for i in influences])
+        mass = float(self.weights[present].sum())
+        if mass > 0:
+            scores = np.array([i for i in influences if i is not None], dtype=np.float64)
+            moved = mirror_descent_step(self.weights[present] / mass, scores, lr, self.mu)
+            self.weights = self.weights.copy()
+            self.weights[present] = mass * moved
+        return self.weights
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = np.asarray(state["weights"], dtype=np.float64)

@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from rlx.objectives import (
+    GAIN_FLOOR,
+    GradientWeighting,
     HypervolumeWeighting,
     ParetoBuffer,
     check_weights,
     dominates,
     hypervolume,
+    hypervolume_direction,
     influences,
     meta_reward,
     mirror_descent_step,
@@ -319,3 +322,59 @@ def test_hypervolume_weighting_state_round_trip():
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.factor == a.factor == pytest.approx(0.5 + 1.5 * np.tanh(2.0))
     assert b.update([0.2, 20.0]) == a.update([0.2, 20.0])
+
+
+# --- adaptive hypervolume weights and the gradient method's state ---------------------------------
+
+
+def test_hypervolume_direction_hand_computed():
+    # gains (0.4, 0.1) of scales (0.8, 0.2) -> u = (0.5, 0.5): equal shares
+    assert hypervolume_direction([0.6, 0.3], [0.2, 0.2], [0.8, 0.2]) == pytest.approx([0.5, 0.5])
+    # u = (1, 0.25): 1/u = (1, 4) -> (0.2, 0.8), the lagging objective gets most
+    assert hypervolume_direction([1.0, 0.25], [0.0, 0.0], [1.0, 1.0]) == pytest.approx([0.2, 0.8])
+    # below the reference: floored at GAIN_FLOOR, u = (1, 0.05) -> (1, 20) / 21
+    new = hypervolume_direction([1.0, -0.5], [0.0, 0.0], [1.0, 1.0])
+    assert new == pytest.approx([1 / 21, 20 / 21]) and GAIN_FLOOR == 0.05
+
+
+def test_adaptive_hypervolume_weights_move_toward_the_lagging_objective():
+    fixed = HypervolumeWeighting([False, True], weights=[2.0, 1.0])
+    fixed.start([0.1, 40.0])
+    fixed.update([0.5, 38.0])
+    assert fixed.weights.tolist() == [2.0, 1.0]  # the reference: weights as configured
+    adaptive = HypervolumeWeighting([False, True], weights=[2.0, 1.0], adapt_lr=1.0)
+    assert adaptive.weights == pytest.approx([2 / 3, 1 / 3])  # on the simplex
+    adaptive.start([0.1, 40.0])
+    # first point: each objective's scale is its own gain -> u = (1, 1), equal shares 0.5
+    adaptive.update([0.5, 38.0])
+    expected = np.array([2 / 3, 1 / 3]) * np.exp([0.5, 0.5])
+    assert adaptive.weights == pytest.approx(expected / expected.sum())
+    # second: correctness gains 0.1 of its 0.4 scale (u = 0.25), the length its full 2 (u = 1)
+    before = adaptive.weights.copy()
+    adaptive.update([0.2, 38.0])
+    logits = np.log(before) + np.array([0.8, 0.2])
+    assert adaptive.weights == pytest.approx(np.exp(logits) / np.exp(logits).sum())
+    assert adaptive.weights[0] > before[0]
+    restored = HypervolumeWeighting([False, True], weights=[2.0, 1.0], adapt_lr=1.0)
+    restored.load_state_dict(json.loads(json.dumps(adaptive.state_dict())))
+    assert restored.update([0.7, 30.0]) == adaptive.update([0.7, 30.0])
+    assert restored.weights.tolist() == adaptive.weights.tolist()
+
+
+def test_gradient_weighting_steps_and_keeps_the_weight_of_a_missing_objective():
+    w = GradientWeighting([0.2, 0.3, 0.5], mu=1.0)
+    assert w.step([1.0, 2.0, 0.5], lr=0.1) == pytest.approx(
+        mirror_descent_step([0.2, 0.3, 0.5], [1.0, 2.0, 0.5], lr=0.1, mu=1.0)
+    )
+    held = GradientWeighting([0.2, 0.3, 0.5], mu=1.0)
+    new = held.step([1.0, None, 0.5], lr=0.1)
+    assert new[1] == 0.3 and new.sum() == pytest.approx(1.0)
+    assert new[[0, 2]] == pytest.approx(
+        0.7 * mirror_descent_step([2 / 7, 5 / 7], [1.0, 0.5], 0.1, 1.0)
+    )
+    assert held.step([None, None, None], lr=0.1).tolist() == new.tolist()
+    copy = GradientWeighting([1.0, 1.0, 1.0])
+    copy.load_state_dict(json.loads(json.dumps(held.state_dict())))
+    assert copy.weights.tolist() == held.weights.tolist()
+    with pytest.raises(ValueError, match="3 weights"):
+        held.step([1.0, 2.0], lr=0.1)

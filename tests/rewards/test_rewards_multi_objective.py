@@ -55,3 +55,26 @@ def test_scored_through_score_completions_with_columns():
         completion_ids=[[1], [1, 2, 3]],
     )
     assert scores.per_function.tolist() == [[1.0, 1.0], [0.0, 3.0]]
+
+
+step_format = load_reward("rewards/multi_objective.py:step_format")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("First, 3 + 4 = 7. Then we are done.\n<answer>7</answer>", 1.0),  # two ordinals
+        ("1. Ana has 3.\n2. She buys 4, so 3 + 4 = 7.\n<answer>7</answer>", 1.0),  # enumerators
+        ("3 + 4 = 7 and 7 + 0 = 7.\n<answer>7</answer>", 1.0),  # two worked equations
+        ("Step 1: add.\nStep 2: check.\n<answer> 7 </answer>", 1.0),
+        # the one-shot example's shape: one step only
+        ("Ana starts with 3 pears and buys 4 more, so 3 + 4 = 7.\n<answer>7</answer>", 0.0),
+        ("First 3 + 4 = 7, then done.", 0.0),  # no answer tag
+        ("First, then.\n<answer>seven</answer>", 0.0),  # not a number
+        ("First, then.\n<answer>7</answer><answer>7</answer>", 0.0),  # two tags
+        ("First, then.\n<answer>7</answer> and more text", 0.0),  # text after the answer
+        ("The answer is 7. It has 3. Done.\n<answer>7</answer>", 0.0),  # numbers with full stops
+    ],
+)
+def test_step_format(text, expected):
+    assert step_format(["p"], [text]) == [expected]
