@@ -1,4 +1,4 @@
-"""The trainer side of a policy: loading (full or LoRA), batching rollouts, logprobs, weight export.
+"""The trainer side of a policy: loading (full or adapted), batching rollouts, logprobs, weight export.
 
 Batch layout for a forward pass over B = P*G sequences: prompts left-padded to a common width,
 completions right-padded to T tokens, so every completion starts at the same column and the
@@ -16,41 +16,32 @@ from rlx.models import load_model_and_tokenizer
 from rlx.rollout import Completion
 
 
-def load_policy(model_cfg, lora_cfg):
-    """The trainable policy (fp32 master weights) and its tokenizer; LoRA-wrapped when enabled."""
+def load_policy(model_cfg, adapter_cfg, total_steps: int | None = None):
+    """The trainable policy (fp32 master weights) and its tokenizer, wrapped in the adapter of
+    `adapter_cfg` (an AdapterConfig; the old LoraConfig is read as adapter.method=lora) when it
+    has one (rlx.adapters.build_adapter; `total_steps`: the run's optimizer steps, for AdaLoRA)."""
+    from rlx.adapters import build_adapter
+    from rlx.config import AdapterConfig, LoraConfig
+    from rlx.config.adapter import adapter_from_lora
+
+    if isinstance(adapter_cfg, LoraConfig):
+        adapter_cfg = adapter_from_lora(AdapterConfig(), adapter_cfg)
     model, tokenizer = load_model_and_tokenizer(model_cfg.name, dtype=model_cfg.dtype)
     model.config.use_cache = False
-    if lora_cfg.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        peft_cfg = LoraConfig(
-            r=lora_cfg.rank,
-            lora_alpha=lora_cfg.alpha,
-            target_modules=list(lora_cfg.target_modules),
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, peft_cfg)
+    model = build_adapter(model, adapter_cfg, total_steps)
     model.train()
     return model, tokenizer
 
 
 def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named weights for the rollout engine. A peft model is merged, copied out, and unmerged:
-    the copy matters because callers may hold the tensors past the unmerge."""
+    """HF-named weights for the rollout engine. A peft model's are merged copies
+    (rlx.adapters.merged_weights: the base weights are restored exactly afterwards)."""
     if not hasattr(model, "peft_config"):
         yield from model.state_dict().items()
         return
-    model.merge_adapter()
-    try:
-        merged = [
-            (name.replace(".base_layer.", "."), tensor.detach().clone())
-            for name, tensor in model.get_base_model().state_dict().items()
-            if "lora_" not in name
-        ]
-    finally:
-        model.unmerge_adapter()
-    yield from merged
+    from rlx.adapters import merged_weights
+
+    yield from merged_weights(model)
 
 
 def matmul_params(model: torch.nn.Module) -> int:

@@ -6,6 +6,7 @@ then each dataclass's `__post_init__` checks ranges and combinations with `requi
 (one line naming the knob). Modules:
 
     core.py      knob, require, ConfigError, load_config, save_config, describe (the machinery)
+    adapter.py   the `adapter:` section (method, knobs, principal guard, diagnostics)
     common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, LoRA,
                  the held-out evaluation of training runs, and RunConfig (fields of both loops)
     generate.py  `rlx generate`       pg.py  recipes/pg.py       es.py  recipes/es.py
@@ -14,6 +15,7 @@ then each dataclass's `__post_init__` checks ranges and combinations with `requi
 Everything public is importable from `rlx.config`.
 """
 
+from rlx.config.adapter import ADAPTER_METHODS, AdaLoraConfig, AdapterConfig
 from rlx.config.common import (
     HeldOutConfig,
     LoraConfig,
@@ -49,6 +51,9 @@ from rlx.config.quant import (
 )
 
 __all__ = [
+    "ADAPTER_METHODS",
+    "AdaLoraConfig",
+    "AdapterConfig",
     "AUTO_DTYPE",
     "LINEAR_PROJECTIONS",
     "AlgoConfig",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from rlx.config.adapter import AdapterConfig, adapter_from_lora
 from rlx.config.common import LoraConfig, OptimConfig, RunConfig
 from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
@@ -96,7 +97,12 @@ class PGConfig(RunConfig):
 
     algo: AlgoConfig = knob(AlgoConfig(), help="the learner")
     optim: OptimConfig = knob(OptimConfig(), help="optimizer")
-    lora: LoraConfig = knob(LoraConfig(), help="LoRA (off = full fine-tuning)")
+    adapter: AdapterConfig = knob(
+        AdapterConfig(), help="full fine-tuning or an adapter, the principal guard, diagnostics"
+    )
+    lora: LoraConfig = knob(
+        LoraConfig(), help="old name of adapter.method=lora (lora.enabled=true maps to it)"
+    )
     micro_batch_size: int = knob(
         16, help="sequences per forward/backward pass (rounded down to whole groups, at least one)"
     )
@@ -109,6 +115,7 @@ class PGConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.adapter = adapter_from_lora(self.adapter, self.lora)
         require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
         require(self.sync_every >= 1, "sync_every", ">= 1", self.sync_every)
         r = self.rollout

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlx.adapters.diff import weight_delta
+
 RADIUS = 10.0
 """R of the restricted quadratic: importance lies in [1, R] before the zero-count factor."""
 
@@ -45,8 +47,9 @@ class DeltaStats:
 
 
 def abs_delta(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """|W_after - W_before| [O, I] in float32, both weights first rounded to `dtype`."""
-    return (after.to(dtype).float() - before.to(dtype).float()).abs()
+    """|W_after - W_before| [O, I] in float32, both weights first rounded to `dtype` (the one
+    weight diff of rlx: rlx.adapters.diff.weight_delta)."""
+    return weight_delta(before, after, dtype).abs()
 
 
 def delta_stats(abs_deltas: Iterable[torch.Tensor]) -> DeltaStats:

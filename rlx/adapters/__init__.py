@@ -1,0 +1,138 @@
+"""The adapter layer of the PG loop: build, merge and export adapters (PEFT for every method it
+has), the off-principal guard, and the spectral diagnostics (docs/adapters.md).
+
+    model = build_adapter(model, cfg.adapter, total_steps)      # PEFT-wrapped (method none: as is)
+    hooks = install_step_hooks(policy, optimizer, cfg.adapter)  # guard + AdaLoRA, after each step
+    loss = loss + extra_loss(policy)                            # AdaLoRA's orthogonality penalty
+    merged_weights(model)                                       # HF-named weights, adapter merged
+
+Modules: methods.py (one builder per method), merge.py (exact merge/restore), guard.py
+(adapter.principal_guard), diff.py (dW per matrix), diagnostics.py (the metrics), probe.py (the
+cheap per-step ones), cli.py (`rlx diagnose`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlx.adapters.diff import weight_delta, weight_deltas
+from rlx.adapters.guard import PrincipalGuard
+from rlx.adapters.merge import effective_weights, is_adapted, merged_weights
+from rlx.adapters.methods import METHODS
+from rlx.adapters.probe import SpectralProbe
+from rlx.config import AdapterConfig, ConfigError
+
+__all__ = [
+    "METHODS",
+    "PrincipalGuard",
+    "SpectralProbe",
+    "after_optimizer_step",
+    "build_adapter",
+    "diagnostics_row",
+    "effective_weights",
+    "extra_loss",
+    "install_step_hooks",
+    "is_adapted",
+    "make_probe",
+    "merged_weights",
+    "weight_delta",
+    "weight_deltas",
+]
+
+
+def build_adapter(model, cfg: AdapterConfig, total_steps: int | None = None):
+    """`model` with `cfg.method`'s adapter (a PEFT model), or `model` itself for method none.
+    `total_steps`: the run's optimizer steps (AdaLoRA's budget, unless adalora.total_step)."""
+    if not cfg.enabled:
+        return model
+    return METHODS[cfg.method](model, cfg, total_steps)
+
+
+def _peft_model(model):
+    """The PEFT model inside a DDP wrapper, or None."""
+    model = getattr(model, "module", model)
+    return model if is_adapted(model) else None
+
+
+def _is_adalora(model) -> bool:
+    peft = _peft_model(model)
+    return peft is not None and peft.peft_config[peft.active_adapter].peft_type == "ADALORA"
+
+
+def extra_loss(model) -> torch.Tensor | float:
+    """What the adapter adds to the training loss: AdaLoRA's orthogonality penalty
+    orth_reg_weight * mean over A, B of ||P P^T - I|| (as PEFT's AdaLoraModel.forward adds it
+    to a loss the model computes itself); 0 for every other method."""
+    if not _is_adalora(model):
+        return 0.0
+    peft = _peft_model(model)
+    name = peft.active_adapter
+    weight = peft.peft_config[name].orth_reg_weight
+    terms = []
+    for pname, p in peft.named_parameters():
+        if ("lora_A" in pname or "lora_B" in pname) and name in pname and p.requires_grad:
+            cov = p @ p.T if "lora_A" in pname else p.T @ p  # [r, r]
+            eye = torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
+            terms.append(torch.linalg.matrix_norm(cov - eye))
+    return weight * torch.stack(terms).mean() if terms else 0.0
+
+
+def after_optimizer_step(model, step: int) -> None:
+    """AdaLoRA's importance update and rank allocation for optimizer step `step` (1-based count
+    of steps done); it reads the gradients, so it runs before zero_grad. No-op otherwise."""
+    if _is_adalora(model):
+        _peft_model(model).base_model.update_and_allocate(step)
+
+
+class StepHooks:
+    """What runs after every optimizer step: AdaLoRA's allocation, then the principal guard.
+    `step` counts optimizer steps; set it when resuming (AdaLoRA's budget schedule reads it)."""
+
+    def __init__(self, model, guard: PrincipalGuard | None):
+        self.model, self.guard, self.step, self.handles = model, guard, 0, []
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        after_optimizer_step(self.model, self.step)
+        if self.guard is not None:
+            self.guard.apply()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def install_step_hooks(model, optimizer, cfg: AdapterConfig) -> StepHooks:
+    """Register the adapter's after-step work on `optimizer` (an accelerate wrapper is unwrapped):
+    the principal guard (adapter.principal_guard > 0; U_k, V_k from the weights now, so call it
+    before a resume loads trained weights) and AdaLoRA's update_and_allocate."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    guard = None
+    if cfg.principal_guard:
+        if type(inner).__module__.startswith("deepspeed"):
+            raise ConfigError(
+                "adapter.principal_guard does not work under DeepSpeed (its optimizer steps "
+                "master weights the guard does not see); use plain DDP or one process"
+            )
+        guard = PrincipalGuard(
+            getattr(model, "module", model), cfg.principal_guard, cfg.target_modules
+        )
+    hooks = StepHooks(model, guard)
+    if guard is not None or _is_adalora(model):
+        hooks.handles.append(inner.register_step_post_hook(hooks))
+    return hooks
+
+
+def make_probe(model, cfg: AdapterConfig) -> SpectralProbe | None:
+    """The cheap per-step diagnostics when adapter.diagnostics_every > 0 (build before a resume)."""
+    if not cfg.diagnostics_every:
+        return None
+    model = getattr(model, "module", model)
+    return SpectralProbe(model, cfg.target_modules, cfg.diagnostics_top_k, cfg.diagnostics_matrices)
+
+
+def diagnostics_row(probe: SpectralProbe | None, model, step: int, every: int) -> dict:
+    """The probe's diag/* metrics on steps that are a multiple of `every`, else {}."""
+    if probe is None or not every or step % every:
+        return {}
+    return probe.metrics(getattr(model, "module", model))

@@ -1,0 +1,122 @@
+"""The `adapter:` section (rlx/adapters/, docs/adapters.md): which adapter method trains the policy,
+its knobs, the off-principal guard and the spectral diagnostics the PG loop logs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rlx.config.core import ConfigError, knob, require
+
+ADAPTER_METHODS = ("none", "lora", "dora", "pissa", "minor", "mica", "miss", "adalora")
+"""none = full fine-tuning; the rest are in rlx/adapters/methods.py."""
+
+# the update of these is B @ A (times a constant): the guard projects the factors exactly
+GUARDED_ADAPTERS = ("lora", "minor", "mica", "adalora")
+
+
+@dataclasses.dataclass
+class AdaLoraConfig:
+    """AdaLoRA's rank budget (PEFT's AdaLoraConfig; `adapter.rank` is its init_r)."""
+
+    target_rank: int = knob(8, help="average rank per matrix left at the end of the budget")
+    tinit: int = knob(0, help="optimizer steps before the rank budget starts shrinking")
+    tfinal: int = knob(0, help="optimizer steps at the end with the final budget fixed")
+    delta_t: int = knob(1, help="re-allocate the ranks every k optimizer steps")
+    beta1: float = knob(0.85, help="EMA of the sensitivity")
+    beta2: float = knob(0.85, help="EMA of the sensitivity's uncertainty")
+    orth_reg_weight: float = knob(0.5, help="weight of the orthogonality penalty added to the loss")
+    total_step: int | None = knob(
+        None, help="optimizer steps of the whole run; null = the loop's (steps x updates per step)"
+    )
+
+    def __post_init__(self) -> None:
+        require(self.target_rank >= 1, "target_rank", ">= 1", self.target_rank)
+        require(self.tinit >= 0, "tinit", ">= 0", self.tinit)
+        require(self.tfinal >= 0, "tfinal", ">= 0", self.tfinal)
+        require(self.delta_t >= 1, "delta_t", ">= 1", self.delta_t)
+        require(self.orth_reg_weight >= 0, "orth_reg_weight", ">= 0", self.orth_reg_weight)
+        t = self.total_step
+        require(t is None or t >= 1, "total_step", "null or >= 1", t)
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """What the policy-gradient loop trains: all weights (method none) or a PEFT adapter."""
+
+    method: Literal["none", "lora", "dora", "pissa", "minor", "mica", "miss", "adalora"] = knob(
+        "none",
+        help="none = full fine-tuning; lora; dora (magnitude + direction); pissa (starts on the "
+        "top-r singular triplets of W0); minor (MiLoRA-style: starts on the smallest r); mica "
+        "(PEFT's MiCA: B = the r minor left singular vectors, frozen); miss; adalora",
+    )
+    rank: int = knob(16, help="adapter rank r (adalora: the initial rank; miss: the block size)")
+    alpha: float = knob(32.0, help="LoRA-family scale numerator: scale = alpha / rank")
+    dropout: float = knob(0.0, help="dropout on the adapter's input (lora family, miss, adalora)")
+    target_modules: list[str] = knob(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="module names that get adapters (method none: the matrices the guard acts on)",
+    )
+    pissa_niter: int = knob(
+        0, help="pissa: 0 = exact SVD; n > 0 = PEFT's fast randomized SVD with n iterations"
+    )
+    adalora: AdaLoraConfig = knob(AdaLoraConfig(), help="AdaLoRA's rank budget")
+    principal_guard: int = knob(
+        0,
+        help="k > 0: after every optimizer step remove the top-k principal part of each target "
+        "matrix's update, dW <- (I - U_k U_k^T) dW (I - V_k V_k^T), U_k, V_k from W0's SVD; 0 = off",
+    )
+    diagnostics_every: int = knob(
+        0, help="log the cheap spectral diagnostics (diag/*) every k steps; 0 = off"
+    )
+    diagnostics_top_k: int = knob(16, help="k of the principal subspace the diagnostics use")
+    diagnostics_matrices: int = knob(
+        4, help="matrices the per-step diagnostics sample (spread over layers and types)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """An adapter is trained (False: full fine-tuning)."""
+        return self.method != "none"
+
+    def __post_init__(self) -> None:
+        require(self.rank >= 1, "rank", ">= 1", self.rank)
+        require(self.alpha > 0, "alpha", "> 0", self.alpha)
+        require(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        require(bool(self.target_modules), "target_modules", "a non-empty list", [])
+        require(self.pissa_niter >= 0, "pissa_niter", ">= 0", self.pissa_niter)
+        require(self.principal_guard >= 0, "principal_guard", ">= 0", self.principal_guard)
+        require(self.diagnostics_every >= 0, "diagnostics_every", ">= 0", self.diagnostics_every)
+        require(self.diagnostics_top_k >= 1, "diagnostics_top_k", ">= 1", self.diagnostics_top_k)
+        n = self.diagnostics_matrices
+        require(n >= 1, "diagnostics_matrices", ">= 1", n)
+        if self.principal_guard and self.method not in ("none", *GUARDED_ADAPTERS):
+            # dora rescales W0's columns, miss shares blocks, pissa trains the principal triplets
+            # themselves: their update is no product B @ A whose factors can be projected
+            raise ConfigError(
+                f"principal_guard={self.principal_guard} works with method none (full "
+                f"fine-tuning) and {', '.join(GUARDED_ADAPTERS)} (updates B @ A), not "
+                f"method={self.method}"
+            )
+        if self.method == "adalora":
+            r = self.adalora.target_rank
+            require(r <= self.rank, "adalora.target_rank", f"<= rank ({self.rank})", r)
+
+
+def adapter_from_lora(adapter: AdapterConfig, lora) -> AdapterConfig:
+    """The old `lora.*` keys as the `adapter:` section: lora.enabled=true is adapter.method=lora
+    with lora's rank, alpha and target_modules; together with another adapter.method, an error."""
+    if not lora.enabled:
+        return adapter
+    if adapter.method not in ("none", "lora"):
+        raise ConfigError(
+            f"lora.enabled=true and adapter.method={adapter.method}: lora.* is the old name of "
+            "adapter.method=lora; set only adapter.* (adapter.method, adapter.rank, adapter.alpha)"
+        )
+    return dataclasses.replace(
+        adapter,
+        method="lora",
+        rank=lora.rank,
+        alpha=float(lora.alpha),
+        target_modules=list(lora.target_modules),
+    )

@@ -1,0 +1,96 @@
+"""Every adapter method through a 2-step loop on a tiny model: it starts as the base model, its
+parameters change, and the merged weights equal PEFT's merge_and_unload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlx.adapters import merged_weights
+from rlx.config import AdaLoraConfig, AdapterConfig, ConfigError, LoraConfig, PGConfig, from_dict
+from rlx.policy import export_weights
+
+METHODS = ["lora", "dora", "pissa", "minor", "mica", "miss", "adalora"]
+
+
+def plain_weights(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).state_dict()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_and_merges_like_peft(method, policy, train, tiny_llama):
+    cfg = AdapterConfig(method=method, rank=4, alpha=8.0, adalora=AdaLoraConfig(target_rank=2))
+    model = policy(cfg, total_steps=2)
+    assert hasattr(model, "peft_config")
+    w0 = plain_weights(tiny_llama)
+    start = dict(merged_weights(model))
+    assert start.keys() == w0.keys()
+    for name, tensor in w0.items():  # the adapter starts as the identity (pissa/minor: residual)
+        torch.testing.assert_close(start[name], tensor, atol=2e-6, rtol=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    train(model, cfg, steps=2)
+
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no parameter changed"
+    merged = dict(export_weights(model))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (merged[q] - w0[q]).abs().max() > 1e-6  # the update reached the merged weights
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=0)
+    # merging for the export leaves the training model exactly as it was
+    assert torch.equal(dict(merged_weights(model))[q], merged[q])
+
+
+def test_minor_init_starts_on_the_smallest_singular_triplets(policy):
+    model = policy(AdapterConfig(method="minor", rank=4, alpha=8.0))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    w0 = (layer.base_layer.weight + layer.scaling["default"] * b @ a).double()
+    u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+    delta = (layer.scaling["default"] * b @ a).double()
+    torch.testing.assert_close(delta, (u[:, -4:] * s[-4:]) @ vh[-4:], atol=1e-6, rtol=0)
+
+
+def test_old_lora_keys_map_to_adapter_method_lora():
+    cfg = from_dict(PGConfig, {"lora": {"enabled": True, "rank": 4, "alpha": 8}})
+    assert (cfg.adapter.method, cfg.adapter.rank, cfg.adapter.alpha) == ("lora", 4, 8.0)
+    assert from_dict(PGConfig, {"lora": {"enabled": False}}).adapter.method == "none"
+    with pytest.raises(ConfigError, match="adapter.method=lora"):
+        from_dict(PGConfig, {"lora": {"enabled": True}, "adapter": {"method": "dora"}})
+
+
+def test_load_policy_still_takes_a_lora_config(tiny_llama):
+    from rlx.config import ModelConfig
+    from rlx.policy import load_policy
+
+    model, _ = load_policy(ModelConfig(name=tiny_llama), LoraConfig(enabled=True, rank=2))
+    assert model.peft_config["default"].r == 2
+
+
+def test_guard_refused_where_the_update_is_no_product():
+    with pytest.raises(ConfigError, match="principal_guard"):
+        AdapterConfig(method="dora", principal_guard=4)
+    with pytest.raises(ConfigError, match="adalora.target_rank"):
+        AdapterConfig(method="adalora", rank=4)  # target_rank 8 > rank 4
+
+
+def test_adalora_hooks_allocate_and_penalise(policy, train):
+    from rlx.adapters import extra_loss
+
+    cfg = AdapterConfig(method="adalora", rank=4, adalora=AdaLoraConfig(target_rank=2))
+    model = policy(cfg, total_steps=4)
+    assert float(extra_loss(model).detach()) > 0  # random A, B are not orthonormal
+    assert extra_loss(policy(AdapterConfig(method="lora", rank=4))) == 0.0
+    hooks = train(model, cfg, steps=3)
+    assert hooks.step == 3
+    assert model.base_model.rankallocator.ipt  # update_and_allocate ran on the gradients
+    # the budget shrank: fewer ranks kept than the initial 4 per matrix
+    pattern = model.peft_config["default"].rank_pattern
+    assert pattern and sum(int(sum(m)) for m in pattern.values()) < 4 * len(pattern)
