@@ -36,6 +36,43 @@ def tiny_qwen2(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2"))
 
 
+@pytest.fixture(scope="session")
+def rollout_server(tiny_tied, tmp_path_factory):
+    """`rlx serve` on tiny_tied in fp32, in its own process group: yields (address, process).
+    Shared by every test that needs one; each test pushes the weights it expects first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    port = get_free_port()
+    log = tmp_path_factory.mktemp("rollout_server") / "server.log"
+    cmd = [sys.executable, "-m", "rlx.cli", "serve", f"model.name={tiny_tied}", f"port={port}"]
+    cmd += ["rollout.dtype=float32", "rollout.max_model_len=256"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"rlx serve did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    yield f"127.0.0.1:{port}", proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def free_port() -> int:
     """A TCP port nobody listens on now, for a test's torch.distributed rendezvous."""

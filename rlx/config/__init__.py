@@ -9,7 +9,7 @@ then each dataclass's `__post_init__` checks ranges and combinations with `requi
     adapter.py   the `adapter:` section (method, knobs, principal guard, diagnostics)
     common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, LoRA,
                  the held-out evaluation of training runs, and RunConfig (fields of both loops)
-    generate.py  `rlx generate`       pg.py  recipes/pg.py       es.py  recipes/es.py
+    generate.py  `rlx generate`, `rlx serve`       pg.py  recipes/pg.py       es.py  recipes/es.py
     quant.py     `rlx quantize`, `rlx eval`
 
 Everything public is importable from `rlx.config`.
@@ -40,7 +40,7 @@ from rlx.config.core import (
     to_dict,
 )
 from rlx.config.es import LINEAR_PROJECTIONS, EggrollConfig, ESConfig
-from rlx.config.generate import GenerateConfig
+from rlx.config.generate import GenerateConfig, ServeConfig
 from rlx.config.pg import AlgoConfig, PGConfig
 from rlx.config.quant import (
     CalibrationConfig,
@@ -63,6 +63,7 @@ __all__ = [
     "EggrollConfig",
     "EvalCommandConfig",
     "GenerateConfig",
+    "ServeConfig",
     "HeldOutConfig",
     "LoraConfig",
     "ModelConfig",

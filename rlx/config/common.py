@@ -25,7 +25,22 @@ class ModelConfig:
 class RolloutConfig:
     """How completions are sampled."""
 
-    backend: Literal["vllm", "hf"] = knob("vllm", help="generation engine; hf is the slow fallback")
+    backend: Literal["vllm", "hf", "server"] = knob(
+        "vllm",
+        help="generation engine: vllm in this process; server = vLLM servers started with "
+        "`rlx serve` (rollout.servers); hf is the slow fallback",
+    )
+    servers: list[str] = knob(
+        [], help="rollout.backend=server: the servers' host:port; each step's prompts are split"
+    )
+    timeout_s: float = knob(
+        600.0, help="rollout.backend=server: longest wait for any server call (weight sync too)"
+    )
+    sync_address: str = knob(
+        "127.0.0.1",
+        help="rollout.backend=server: this trainer's address as the servers reach it (weight sync)",
+    )
+    sync_port: int = knob(0, help="rollout.backend=server: weight-sync rendezvous port; 0 = free")
     num_samples: int = knob(8, help="completions sampled per prompt (the group size)")
     max_new_tokens: int = knob(64, help="most tokens generated per completion")
     temperature: float = knob(1.0, help="sampling temperature; 0 = greedy")
@@ -64,6 +79,15 @@ class RolloutConfig:
         require(b is None or (b >= 16 and b % 16 == 0), "block_size", "null or a multiple of 16", b)
         require(self.max_loras >= 1, "max_loras", ">= 1", self.max_loras)
         require(self.max_lora_rank >= 1, "max_lora_rank", ">= 1", self.max_lora_rank)
+        require(self.timeout_s > 0, "timeout_s", "> 0", self.timeout_s)
+        require(0 <= self.sync_port < 65536, "sync_port", "0 (free) or a port", self.sync_port)
+        if self.backend == "server":
+            require(
+                bool(self.servers) and all(":" in s for s in self.servers),
+                "servers",
+                "a non-empty list of host:port with rollout.backend=server",
+                self.servers,
+            )
 
 
 @dataclasses.dataclass

@@ -193,8 +193,14 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_config(cls: type, yaml_path: str | None = None, overrides: Sequence[str] = ()) -> Any:
-    """Defaults of `cls`, then the YAML file, then `key.sub=value` overrides, all checked."""
+def load_config(
+    cls: type,
+    yaml_path: str | None = None,
+    overrides: Sequence[str] = (),
+    sections: Sequence[str] | None = None,
+) -> Any:
+    """Defaults of `cls`, then the YAML file, then `key.sub=value` overrides, all checked.
+    `sections`: read only these top-level keys of the file (a recipe's file for another command)."""
     data = to_dict(cls())
     if yaml_path is not None:
         if not os.path.isfile(yaml_path):
@@ -207,7 +213,10 @@ def load_config(cls: type, yaml_path: str | None = None, overrides: Sequence[str
         if loaded is not None and not isinstance(loaded, dict):
             got = type(loaded).__name__
             raise ConfigError(f"{yaml_path}: top level must be a mapping of config keys, got {got}")
-        data = merge(data, loaded or {})
+        loaded = loaded or {}
+        if sections is not None:
+            loaded = {k: v for k, v in loaded.items() if k in sections}
+        data = merge(data, loaded)
     return from_dict(cls, merge(data, parse_overrides(list(overrides))))
 
 

@@ -1,4 +1,4 @@
-"""Config of `rlx generate` (rlx/generate.py)."""
+"""Configs of `rlx generate` (rlx/generate.py) and `rlx serve` (rlx/serve_cli.py)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,19 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
         require(self.show_examples >= 0, "show_examples", ">= 0", self.show_examples)
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """`rlx serve`: one rollout server (vLLM) for trainers with rollout.backend=server."""
+
+    model: ModelConfig = knob(ModelConfig(), help="the policy model the trainers start from")
+    rollout: RolloutConfig = knob(
+        RolloutConfig(), help="engine settings (dtype, context, KV cache, block size, seed, LoRA)"
+    )
+    host: str = knob("127.0.0.1", help="address to bind; anything but loopback is warned about")
+    port: int = knob(8000, help="HTTP port")
+
+    def __post_init__(self) -> None:
+        require(bool(self.host), "host", "a non-empty address", self.host)
+        require(0 < self.port < 65536, "port", "in 1..65535", self.port)

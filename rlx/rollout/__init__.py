@@ -10,7 +10,7 @@ from rlx.rollout.base import (
     encode_prompts,
 )
 
-BACKENDS = ("vllm", "hf")
+BACKENDS = ("vllm", "hf", "server")
 
 
 def engine_dtype(rollout_cfg) -> str:
@@ -22,8 +22,9 @@ def engine_dtype(rollout_cfg) -> str:
     return auto_dtype(rollout_cfg.dtype)
 
 
-def make_engine(backend: str, model: str, rollout_cfg) -> RolloutEngine:
-    """Build the engine named by `backend` from an rlx.config.RolloutConfig."""
+def make_engine(backend: str, model: str, rollout_cfg, rank: int = 0) -> RolloutEngine:
+    """Build the engine named by `backend` from an rlx.config.RolloutConfig (`rank`: this
+    trainer process's rank; with rollout servers only rank 0 sends weights)."""
     if backend == "vllm":
         from rlx.rollout.vllm_backend import VLLMEngine
 
@@ -32,6 +33,10 @@ def make_engine(backend: str, model: str, rollout_cfg) -> RolloutEngine:
         from rlx.rollout.hf_backend import HFEngine
 
         return HFEngine.from_config(model, rollout_cfg)
+    if backend == "server":
+        from rlx.rollout.server import ServerEngine
+
+        return ServerEngine.from_config(model, rollout_cfg, rank)
     raise ValueError(f"unknown rollout backend {backend!r}: choose one of {BACKENDS}")
 
 

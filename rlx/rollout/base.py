@@ -14,6 +14,7 @@ in-place weight perturbation (`perturb_weights`, `restore_weights`). An engine t
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +63,9 @@ class Completion:
     logprobs: list[float]  # the sampler's logprob of each generated token ([] if not asked for)
     text: str
     finish_reason: str  # "stop" (eos or stop string) or "length"
+    # rollout servers: how many weight syncs the sampling server had taken (None in-process,
+    # where sampling never overlaps a sync)
+    weight_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,11 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights (HF checkpoint names) into the engine; later calls use them."""
+        ...
+
+    def weight_update(self) -> AbstractContextManager[None]:
+        """A context in which several `update_weights` calls (chunks) form one update: rollout
+        servers pause, and their completions carry the new version only once it is whole."""
         ...
 
     def close(self) -> None: ...

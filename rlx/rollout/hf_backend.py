@@ -9,6 +9,8 @@ In-place perturbation is a weight copy; per-prompt LoRA adapters are not support
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -163,6 +165,10 @@ class HFEngine:
             lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
             result.append(lp.tolist())
         return result
+
+    def weight_update(self) -> contextlib.AbstractContextManager[None]:
+        """Chunked updates need no bracketing in process: each chunk loads as it comes."""
+        return contextlib.nullcontext()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new weights into the generation model (missing names keep their values)."""

@@ -59,16 +59,11 @@ def reset_vllm_process_state() -> None:
 
 def _sync_weights_on_worker(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
     """Runs inside the vLLM worker (via collective_rpc): load weights, re-pack a tied lm_head."""
-    from vllm.platforms import current_platform
+    from rlx.rollout.weight_transfer import repack_tied_lm_head
 
     runner = worker.model_runner
     runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
-    model = runner.model
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if current_platform.is_cpu() and tied and hasattr(model, "lm_head"):
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-        dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
+    repack_tied_lm_head(runner.model)
     return len(named_tensors)
 
 
@@ -241,6 +236,10 @@ class VLLMEngine:
             [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
             for out, ids in zip(outputs, token_ids, strict=True)
         ]
+
+    def weight_update(self) -> contextlib.AbstractContextManager[None]:
+        """Chunked updates need no bracketing in process: each chunk loads as it comes."""
+        return contextlib.nullcontext()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights in place (HF names), then drop cached prefixes computed with old ones."""

