@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -38,10 +39,9 @@ from rlx import sharding
 from rlx.algos import pg
 from rlx.config import ConfigError, LoraConfig, PGConfig
 from rlx.data import load_held_out, load_prompts, step_prompt_indices
-from rlx.evaluation import evaluate, resolve_rewards, score_rollout
+from rlx.evaluation import resolve_rewards, score_rollout
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import peak_rss_gib
-from rlx.objectives import HypervolumeWeighting
 from rlx.policy import (
     MiniBatch,
     RolloutBatch,
@@ -54,6 +54,7 @@ from rlx.policy import (
 from rlx.recipe import Run, combine_stats, reduce_stats, run_recipe
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, engine_dtype, make_engine
+from rlx.weighting import start_weighting
 
 # per-update stats summed over micro-batches and ranks; the extremes are in train_on_batch
 STAT_SUMS = (
@@ -108,7 +109,7 @@ def train(cfg: PGConfig) -> dict:
     print(f"pg: rank {rank}: {sharding.describe(accelerator, policy)}")
     if run.resume(model if sharding.zero_stage(accelerator) else policy, optimizer, scheduler):
         sync_weights(engine, policy)
-    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns)  # None: static weights
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
     run.start(engine, eval_data, reward_fns)
 
     # ---- training
@@ -133,7 +134,12 @@ def train(cfg: PGConfig) -> dict:
 
         # Rewards of every rank -> advantages and kept groups of the whole step -> this rank's.
         full = gather_rewards(accelerator, scores, completions, cfg.rollout.num_samples)
+        mine, pad = slice(rank * len(rows), (rank + 1) * len(rows)), tokenizer.pad_token_id
         algo, weights = cfg.algo, [fn.weight for fn in reward_fns]
+        if weighting is not None:  # this step's weights (gradient: one pass per objective first)
+            args = (cfg, accelerator, model, ref_model, completions, mine, pad)
+            lr = scheduler.get_last_lr()[0]
+            full, weights = weighting.reweigh(full, partial(objective_backward, *args), lr)
         total, per_fn, lengths = full["total"], full["per_fn"], full["length"]
         advantages, keep = pg.kept_advantages(
             algo.advantage,
@@ -147,13 +153,12 @@ def train(cfg: PGConfig) -> dict:
         )
         if weighting is not None:  # after the normalisation, so that no estimator cancels it
             advantages = advantages * weighting.factor
-        mine = slice(rank * len(rows), (rank + 1) * len(rows))
 
         t1 = time.perf_counter()
         stats = None
         if keep.any():
             parts = mini_batch_parts(keep, algo.mini_batches)  # [P]
-            num_parts, pad, adv = int(parts.max()) + 1, tokenizer.pad_token_id, advantages[mine]
+            num_parts, adv = int(parts.max()) + 1, advantages[mine]
             batches = local_mini_batches(cfg, completions, parts[mine], adv, pad, num_parts)
             updates = update_policy(
                 cfg, accelerator, model, ref_model, optimizer, trainable, batches, forward_params
@@ -176,7 +181,7 @@ def train(cfg: PGConfig) -> dict:
             sync_weights(engine, policy)
         t_sync = time.perf_counter() - t2
         run.step += 1
-        hv = update_weighting(cfg, weighting, run.step, engine, eval_data, reward_fns)
+        hv = weighting.after_step(run.step, engine, eval_data) if weighting else {}
 
         if run.main:
             times = {"rollout": t_rollout, "reward": t_reward, "train": t_train, "sync": t_sync}
@@ -212,47 +217,6 @@ def announce(cfg: PGConfig, run: Run) -> None:
         print(f"pg: {run.world} process(es) on {device}, learner {learner}")
         trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
         print(describe_choice(engine=engine_dtype(cfg.rollout), trainer=trainer))
-
-
-def start_weighting(cfg: PGConfig, run: Run, engine, eval_data, reward_fns):
-    """algo.reward_weighting=hypervolume: the meta-reward's state, from the checkpoint resumed
-    from or from the validation point of the model before training; None for static weights."""
-    algo = cfg.algo
-    if algo.reward_weighting == "static":
-        return None
-    names = [fn.name for fn in reward_fns]
-    if eval_data is None or not 2 <= len(names) <= 3:
-        raise ConfigError(
-            f"algo.reward_weighting={algo.reward_weighting} needs eval.enabled=true (its "
-            f"validation slice) and 2 or 3 reward functions, got {len(names)}: {names}"
-        )
-    unknown = sorted(set(algo.hv_minimise) - set(names))
-    if unknown:
-        raise ConfigError(f"algo.hv_minimise: {unknown} are not reward functions of {names}")
-    weighting = HypervolumeWeighting([name in algo.hv_minimise for name in names])
-    if "weighting" in run.resumed_state:
-        weighting.load_state_dict(run.resumed_state["weighting"])
-    else:
-        weighting.start(validation_point(cfg, engine, eval_data, reward_fns))
-    return weighting
-
-
-def update_weighting(cfg: PGConfig, weighting, step: int, engine, eval_data, reward_fns) -> dict:
-    """Every algo.hv_every steps: a new validation point, its hypervolume contribution and the
-    meta-reward of the next steps. Every rank evaluates (greedy on identical weights: the same
-    point) so no rank waits for another's number. Returns the metrics of the step."""
-    if weighting is None or step % cfg.algo.hv_every:
-        return {}
-    point = validation_point(cfg, engine, eval_data, reward_fns)
-    names = [fn.name for fn in reward_fns]
-    return weighting.update(point) | {f"val/{n}": v for n, v in zip(names, point, strict=True)}
-
-
-def validation_point(cfg: PGConfig, engine, eval_data, reward_fns) -> list[float]:
-    """Mean of each reward on the first algo.hv_prompts held-out prompts, greedy."""
-    data = eval_data.select(range(min(cfg.algo.hv_prompts, len(eval_data))))
-    summary = evaluate(engine, data, reward_fns, cfg.eval.max_new_tokens, cfg.rollout.stop)
-    return [summary["rewards"][fn.name] for fn in reward_fns]
 
 
 def load_reference(cfg: PGConfig):
@@ -320,6 +284,18 @@ def local_mini_batches(
         adv = advantages[groups or [0]].reshape(-1)
         out.append(MiniBatch(build_batch(chosen, pad_id, g), adv, weights))
     return out
+
+
+def objective_backward(
+    cfg, accelerator, model, ref_model, completions, mine, pad_id, advantages, keep
+) -> None:
+    """The gradient method's pass for one objective: the loop's own loss (train_on_batch) on the
+    step's groups `keep` [P] as one mini-batch, with that objective's `advantages` [P, G]. Leaves
+    the gradient in .grad (under DDP all-reduced: the whole batch's, on every rank)."""
+    parts = mini_batch_parts(keep, 1)  # [P]
+    (mini,) = local_mini_batches(cfg, completions, parts[mine], advantages[mine], pad_id, 1)
+    model.zero_grad(set_to_none=True)
+    train_on_batch(cfg, accelerator, model, ref_model, mini, 0)
 
 
 def update_policy(

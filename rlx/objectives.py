@@ -426,7 +426,7 @@ class HypervolumeWeighting:
     def state_dict(self) -> dict:
         return {
             "factor": self.factor,
-            "buffer": self.buffer.state_dict() if self.buffer else None,
+            "buffer": self.buffer.state_dict() if self.buffer is not None else None,
             "weights": self.weights.tolist(),
             "scale": self.scale.tolist(),
         }

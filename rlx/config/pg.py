@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from rlx.config.adapter import AdapterConfig, adapter_from_lora
@@ -60,15 +61,38 @@ class AlgoConfig:
         "group",
         help="advantage=grpo divides by the group's reward std, or by the whole batch's",
     )
-    reward_weighting: Literal["static", "hypervolume"] = knob(
+    reward_weighting: Literal["static", "hypervolume", "gradient"] = knob(
         "static",
         help="static: the rewards' weights; hypervolume: also scale each step's advantages by a "
-        "meta-reward from the hypervolume gain of a validation point (2 or 3 rewards, docs/pg.md)",
+        "meta-reward from the hypervolume gain of a validation point (2 or 3 rewards); gradient: "
+        "weights moved each step by the influence of each reward's policy gradient "
+        "(docs/multi_objective.md)",
     )
     hv_every: int = knob(1, help="hypervolume: evaluate the validation slice every k steps")
     hv_prompts: int = knob(16, help="hypervolume: held-out prompts in the validation slice")
     hv_minimise: list[str] = knob(
-        [], help="hypervolume: names of the reward functions whose validation mean is minimised"
+        [], help="hypervolume: names of the validation objectives whose mean is minimised"
+    )
+    hv_validation: dict[str, str] = knob(
+        {},
+        help="hypervolume: reward name -> 'file.py:function' scored in its place on the "
+        "validation slice, e.g. {concise: rewards/multi_objective.py:completion_length}",
+    )
+    hv_adapt_weights: bool = knob(
+        False,
+        help="hypervolume: also move the preference weights after each validation, toward the "
+        "objectives whose gain grows the hypervolume most (false: fixed, as the reference)",
+    )
+    hv_adapt_lr: float = knob(1.0, help="hypervolume: step size of the adaptive weights (> 0)")
+    grad_lambda: float = knob(
+        1e-5,
+        help="gradient: the regulariser lambda of the mirror-descent step "
+        "w <- softmax(log w + lr * I / lambda), lr = the policy's current learning rate",
+    )
+    grad_layers: list[int] = knob(
+        [],
+        help="gradient: decoder layers whose parameters' gradients enter the influences; "
+        "[] = the middle half (the reference used layers 10-25 of 36)",
     )
     mask_truncated_completions: bool = knob(
         False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
@@ -84,6 +108,14 @@ class AlgoConfig:
         require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
         require(self.hv_every >= 1, "hv_every", ">= 1", self.hv_every)
         require(self.hv_prompts >= 1, "hv_prompts", ">= 1", self.hv_prompts)
+        ok = math.isfinite(self.hv_adapt_lr) and self.hv_adapt_lr > 0
+        require(ok, "hv_adapt_lr", "a finite number > 0", self.hv_adapt_lr)
+        ok = math.isfinite(self.grad_lambda) and self.grad_lambda > 0
+        require(ok, "grad_lambda", "a finite number > 0", self.grad_lambda)
+        ok = all(i >= 0 for i in self.grad_layers) and len(set(self.grad_layers)) == len(
+            self.grad_layers
+        )
+        require(ok, "grad_layers", "distinct layer indices >= 0", self.grad_layers)
         if self.scale_rewards == "batch" and self.advantage != "grpo":
             require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
         if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":

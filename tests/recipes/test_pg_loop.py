@@ -47,6 +47,8 @@ def length_reward(tmp_path_factory):
         "    return [None] * len(completions)\n"
         "def shorter(prompts, completions, **kw):\n"
         "    return [1 - min(len(c), 40) / 40 for c in completions]\n"
+        "def chars(prompts, completions, **kw):\n"
+        "    return [float(len(c)) for c in completions]\n"
     )
     return path
 
@@ -401,7 +403,10 @@ def test_hypervolume_weighting_logs_its_state_and_resumes_exactly(
     rewards = f"[{{func: '{length_reward}:longer', weight: 0.7}}, "
     rewards += f"{{func: '{length_reward}:shorter', weight: 0.3}}]"
     extra = {"rewards": rewards, "algo.reward_weighting": "hypervolume", "algo.hv_prompts": 4}
-    extra |= {"eval.num_prompts": 4, "save_every": 1, "algo.hv_minimise": "[shorter]"}
+    extra |= {"eval.num_prompts": 4, "save_every": 1, "algo.hv_minimise": "[chars]"}
+    # shorter is validated by the length in characters, minimised; the preference weights adapt
+    extra |= {"algo.hv_validation": f"{{shorter: '{length_reward}:chars'}}"}
+    extra |= {"algo.hv_adapt_weights": "true"}
     recipe = load_recipe()
 
     def run(out, steps, **more):
@@ -411,20 +416,58 @@ def test_hypervolume_weighting_logs_its_state_and_resumes_exactly(
 
     full = run(tmp_path / "full", 3)
     assert all(
-        {"meta_reward", "hypervolume", "hvc", "val/longer", "val/shorter"} <= set(r) for r in full
+        {"meta_reward", "hypervolume", "hvc", "val/longer", "val/chars"} <= set(r) for r in full
     )
     assert all(0.5 <= r["meta_reward"] <= 2.0 for r in full)
+    assert [full[0]["weight/longer"], full[0]["weight/shorter"]] == pytest.approx([0.7, 0.3])
+    assert any(r["weight/longer"] != pytest.approx(0.7) for r in full)  # adapted
     state = json.loads(
         (tmp_path / "full" / "checkpoints" / "step-000003" / "state.json").read_text()
     )
     assert state["weighting"]["factor"] == full[-1]["meta_reward"]
+    assert state["weighting"]["buffer"]["reference"]  # kept even while no point joined
     assert (tmp_path / "full" / "weighting.png").stat().st_size > 0
 
     run(tmp_path / "part", 2)
     resumed = run(tmp_path / "part", 3, resume_from="latest")
     assert [r["step"] for r in resumed] == [1, 2, 3]
-    for key in ("reward_mean", "loss", "meta_reward", "hypervolume", "val/longer"):
+    for key in ("reward_mean", "loss", "meta_reward", "hypervolume", "val/longer", "weight/longer"):
         assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-6, abs=1e-9), key
+
+
+def test_gradient_weighting_moves_the_weights_and_resumes_exactly(
+    tiny_llama, tmp_path, length_reward
+):
+    """algo.reward_weighting=gradient on two conflicting rewards: each step logs the influences
+    and the weights of its update; the weights are checkpointed, so a run resumed after step 2
+    repeats step 3 exactly. The influences of opposite rewards are mostly negative: the weights
+    move."""
+    rewards = f"[{{func: '{length_reward}:longer', weight: 0.5}}, "
+    rewards += f"{{func: '{length_reward}:shorter', weight: 0.5}}]"
+    extra = {"rewards": rewards, "algo.reward_weighting": "gradient", "save_every": 1}
+    extra |= {"eval.enabled": "false", "algo.grad_lambda": 1e-3, "algo.kl_beta": 0.05}
+    recipe = load_recipe()
+
+    def run(out, steps, **more):
+        overrides_ = overrides(tiny_llama, out, "unused", **(extra | {"steps": steps} | more))
+        recipe.train(load_config(PGConfig, overrides=overrides_))
+        return read_metrics(out / "metrics.jsonl")
+
+    full = run(tmp_path / "full", 3)
+    keys = {"weight/longer", "weight/shorter", "influence/longer", "influence/shorter"}
+    assert all(keys <= set(r) for r in full)
+    for r in full:
+        assert r["weight/longer"] + r["weight/shorter"] == pytest.approx(1.0)
+    assert full[0]["weight/longer"] != pytest.approx(0.5)  # moved before the first update
+    state = json.loads(
+        (tmp_path / "full" / "checkpoints" / "step-000003" / "state.json").read_text()
+    )
+    assert state["weighting"]["weights"][0] == pytest.approx(full[-1]["weight/longer"])
+
+    run(tmp_path / "part", 2)
+    resumed = run(tmp_path / "part", 3, resume_from="latest")
+    for key in ("reward_mean", "loss", "weight/longer", "influence/longer", "influence/shorter"):
+        assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-5, abs=1e-9), key
 
 
 def test_hypervolume_weighting_needs_two_or_three_rewards(tiny_llama, tmp_path, length_reward):

@@ -1,0 +1,249 @@
+"""The training loop's side of dynamic reward weighting (recipes/pg.py); the math is rlx/objectives.py.
+
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
+    per step:   full, weights = weighting.reweigh(full, backward, lr)  # this step's total, weights
+                advantages = advantages * weighting.factor            # the hypervolume meta-reward
+                row |= weighting.after_step(step, engine, eval_data)  # validation; the metrics
+    checkpoint: weighting.state_dict()
+
+Hypervolume-guided: a validation point every `algo.hv_every` steps feeds HypervolumeWeighting
+(meta-reward, and with `algo.hv_adapt_weights` the preference weights).
+Gradient-based: before the real update, one backward pass of the loop's own loss per objective,
+with advantages from that objective alone (`backward`, supplied by the loop); the gradients,
+restricted to `algo.grad_layers` after clipping the whole gradient to `optim.max_grad_norm` (as
+the reference does), give the influences and GradientWeighting's mirror-descent step. Under DDP
+each pass ends in the gradient all-reduce, so every rank holds the whole batch's gradient and
+computes the same influences.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from rlx import sharding
+from rlx.algos import pg
+from rlx.config import ConfigError
+from rlx.evaluation import evaluate
+from rlx.objectives import GradientWeighting, HypervolumeWeighting, check_weights, influences
+from rlx.rewards import RewardFunction, load_reward
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+"""The decoder-layer index in a parameter's name (HF's model.layers.N., also under PEFT)."""
+
+
+def start_weighting(cfg, run, engine, eval_data, reward_fns, policy) -> DynamicWeighting | None:
+    """The run's dynamic weighting, from the checkpoint resumed from or new (the hypervolume
+    method evaluates its reference point now); None for static weights. Bad settings raise
+    ConfigError before anything is written."""
+    algo, names = cfg.algo, [fn.name for fn in reward_fns]
+    method = algo.reward_weighting
+    if method == "static":
+        return None
+    if len(names) < 2 or (method == "hypervolume" and len(names) > 3):
+        wanted = "2 or 3 reward functions" if method == "hypervolume" else "2 or more rewards"
+        raise ConfigError(
+            f"algo.reward_weighting={method} needs {wanted} (objectives to weigh), got "
+            f"{len(names)}: {names}"
+        )
+    try:
+        weights = check_weights([fn.weight for fn in reward_fns])
+    except ValueError as err:
+        raise ConfigError(f"algo.reward_weighting={method}: reward {err}") from None
+    if method == "gradient":
+        if sharding.zero_stage(run.accelerator):
+            raise ConfigError(
+                "algo.reward_weighting=gradient under DeepSpeed ZeRO is not supported (the engine "
+                "steps inside the backward pass); use launch/cpu_2proc.yaml or one process"
+            )
+        params = layer_parameters(policy, algo.grad_layers)
+        weighting = DynamicWeighting(cfg, names, GradientWeighting(weights, algo.grad_lambda))
+        weighting.params, weighting.trainable = params, trainable_parameters(policy)
+    else:
+        if eval_data is None:
+            raise ConfigError(
+                "algo.reward_weighting=hypervolume needs eval.enabled=true (its validation slice)"
+            )
+        validation = validation_functions(reward_fns, algo.hv_validation)
+        objectives = [fn.name for fn in validation]
+        unknown = sorted(set(algo.hv_minimise) - set(objectives))
+        if unknown:
+            raise ConfigError(
+                f"algo.hv_minimise: {unknown} are not validation objectives of {objectives}"
+            )
+        minimise = [name in algo.hv_minimise for name in objectives]
+        fixed = [fn.weight for fn in reward_fns]
+        adapt_lr = algo.hv_adapt_lr if algo.hv_adapt_weights else 0.0
+        hv = HypervolumeWeighting(minimise, weights if adapt_lr else fixed, adapt_lr)
+        weighting = DynamicWeighting(cfg, names, hv)
+        weighting.validation = validation
+    weighting.main = run.main
+    if "weighting" in run.resumed_state:
+        weighting.method.load_state_dict(run.resumed_state["weighting"])
+    elif method == "hypervolume":
+        weighting.method.start(weighting.validation_point(engine, eval_data))
+    return weighting
+
+
+def validation_functions(reward_fns, replacements: dict[str, str]) -> list[RewardFunction]:
+    """The validation objectives: each reward function, or the one `algo.hv_validation` scores in
+    its place (named after its own function, e.g. completion_length for concise)."""
+    names = [fn.name for fn in reward_fns]
+    unknown = sorted(set(replacements) - set(names))
+    if unknown:
+        raise ConfigError(f"algo.hv_validation: {unknown} are not reward functions of {names}")
+    out = []
+    for fn in reward_fns:
+        spec = replacements.get(fn.name)
+        if spec is None:
+            out.append(fn)
+        else:
+            loaded = load_reward(spec)
+            out.append(RewardFunction(getattr(loaded, "__name__", spec), loaded, 1.0))
+    return out
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def layer_parameters(model, layers: list[int]) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the chosen decoder layers ([]: the middle half,
+    layers L//4 .. L - L//4 - 1 of L). Embeddings, the final norm and the head are left out, as in
+    the reference."""
+    count = int(model.config.num_hidden_layers)
+    chosen = set(layers) if layers else set(range(count // 4, count - count // 4))
+    if max(chosen) >= count:
+        raise ConfigError(
+            f"algo.grad_layers={sorted(chosen)}: the model has {count} layers (0..{count - 1})"
+        )
+    params = []
+    for name, param in model.named_parameters():
+        match = LAYER_INDEX.search(name)
+        if param.requires_grad and match and int(match.group(1)) in chosen:
+            params.append(param)
+    if not params:
+        raise ConfigError(f"algo.grad_layers={sorted(chosen)}: no trainable parameter there")
+    return params
+
+
+def weighted_total(per_fn: torch.Tensor, weights) -> torch.Tensor:
+    """[P, G] sum_k w_k r_k of [P, G, K] rewards, None (NaN) counting 0, NaN where all are None
+    (as rlx.rewards.score_completions)."""
+    w = torch.as_tensor(np.asarray(weights), dtype=per_fn.dtype)  # [K]
+    total = (per_fn.nan_to_num(0.0) * w).sum(-1)
+    total[per_fn.isnan().all(-1)] = math.nan
+    return total
+
+
+class DynamicWeighting:
+    """The weighting state of one run and what the loop asks of it (module docstring)."""
+
+    def __init__(self, cfg, names: list[str], method) -> None:
+        self.cfg, self.names, self.method = cfg, names, method
+        self.main = True
+        self.params: list[torch.nn.Parameter] = []  # gradient: the layers of the influences
+        self.trainable: list[torch.nn.Parameter] = []  # gradient: all of them, for the clip
+        self.validation: list[RewardFunction] = []  # hypervolume: the validation objectives
+        self.metrics: dict[str, float] = {}  # of the current step
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(w) for w in self.method.weights]
+
+    @property
+    def factor(self) -> float:
+        """The advantages' multiplier: the meta-reward (hypervolume), else 1."""
+        return getattr(self.method, "factor", 1.0)
+
+    def reweigh(self, full: dict, backward: Callable, lr: float) -> tuple[dict, list[float]]:
+        """`full` with its total recomputed under this step's weights, and the weights (gradient:
+        after the mirror-descent step on this batch's influences). An objective that is None for every
+        sample of the step keeps its weight, and the step logs none/<name>."""
+        per_fn = full["per_fn"]  # [P, G, K]
+        missing = [k for k in range(len(self.names)) if bool(per_fn[..., k].isnan().all())]
+        self.metrics = {f"none/{self.names[k]}": 1.0 for k in missing}
+        if missing and self.main:
+            held = ", ".join(f"{self.names[k]} (weight {self.weights[k]:.3f})" for k in missing)
+            print(f"weighting: {held}: None for every sample of the step; weight kept")
+        if isinstance(self.method, GradientWeighting):
+            infl = self.influences(full, backward, missing)
+            self.method.step(infl, lr)
+            pairs = zip(self.names, infl, strict=True)
+            self.metrics |= {f"influence/{n}": i for n, i in pairs if i is not None}
+        self.metrics |= {f"weight/{n}": w for n, w in zip(self.names, self.weights, strict=True)}
+        return full | {"total": weighted_total(per_fn, self.weights)}, self.weights
+
+    def influences(self, full: dict, backward: Callable, missing: list[int]) -> list:
+        """I_k = <g_k, sum_j g_j> over the objectives with a reward (None for the missing).
+        g_k: `backward(advantages [P, G], keep [P])` with the loop's estimator on r_k alone,
+        then the gradient of the chosen layers, after clipping the whole one."""
+        algo, grads = self.cfg.algo, []
+        for k in range(len(self.names)):
+            if k in missing:
+                continue
+            rewards = full["per_fn"][..., k]  # [P, G]
+            advantages, keep = pg.kept_advantages(
+                algo.advantage,
+                rewards,
+                rewards[..., None],
+                full["length"],
+                [1.0],
+                algo.reward_normalization,
+                algo.dynamic_sampling,
+                scale_rewards=algo.scale_rewards,
+            )
+            if keep.any():  # the same on every rank: keep comes from the gathered rewards
+                backward(advantages, keep)
+                grads.append(self.clipped_gradient())
+            else:  # no group with signal: no gradient from this objective
+                grads.append(torch.zeros(sum(p.numel() for p in self.params)))
+        for p in self.trainable:
+            p.grad = None
+        values = iter(influences(grads).tolist() if grads else [])
+        return [None if k in missing else next(values) for k in range(len(self.names))]
+
+    def clipped_gradient(self) -> torch.Tensor:
+        """[D] the chosen layers' gradient, scaled as clipping the whole gradient to
+        optim.max_grad_norm would (the reference clips, then restricts)."""
+        max_norm, scale = self.cfg.optim.max_grad_norm, 1.0
+        if max_norm > 0:
+            norms = [p.grad.float().norm() for p in self.trainable if p.grad is not None]
+            total = float(torch.stack(norms).norm()) if norms else 0.0
+            scale = min(1.0, max_norm / (total + 1e-6))  # torch's clip_grad_norm_ formula
+        parts = [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+            for p in self.params
+        ]
+        return torch.cat(parts).cpu() * scale
+
+    def after_step(self, step: int, engine, eval_data) -> dict:
+        """The step's metrics. Hypervolume, every algo.hv_every steps: a validation point, its
+        hypervolume contribution, the next meta-reward (and weights). Every rank evaluates
+        (greedy on identical weights: the same point) so no rank waits for another's number."""
+        if not isinstance(self.method, HypervolumeWeighting) or step % self.cfg.algo.hv_every:
+            return self.metrics
+        point = self.validation_point(engine, eval_data)
+        row = self.metrics | {
+            f"val/{fn.name}": v for fn, v in zip(self.validation, point, strict=True)
+        }
+        if not all(math.isfinite(v) for v in point):  # an objective None on the whole slice
+            if self.main:
+                print(f"weighting: step {step}: validation point {point} is not finite; kept")
+            return row | {"val_skipped": 1.0}
+        return row | self.method.update(point)
+
+    def validation_point(self, engine, eval_data) -> list[float]:
+        """Mean of each validation objective on the first algo.hv_prompts held-out prompts,
+        greedy."""
+        cfg = self.cfg
+        data = eval_data.select(range(min(cfg.algo.hv_prompts, len(eval_data))))
+        summary = evaluate(engine, data, self.validation, cfg.eval.max_new_tokens, cfg.rollout.stop)
+        return [summary["rewards"][fn.name] for fn in self.validation]
+
+    def state_dict(self) -> dict:
+        return self.method.state_dict()
