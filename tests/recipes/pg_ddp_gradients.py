@@ -7,7 +7,8 @@ The step has 4 prompts with 2 completions each; rank r of W holds prompts [r*4/W
 in the loop. For each loss aggregation and each of two reward tables (every group kept; the
 second rank's groups all-equal, so that rank trains on a stand-in group at weight 0), the script
 runs the loop's own pieces (kept advantages -> this rank's mini-batch -> train_on_batch) once and
-writes OUT/grad_<world>_<rank>_<case>.pt: the gradient each rank holds after DDP's all-reduce.
+writes OUT/grad_<world>_<rank>_<case>.pt: the gradient each rank holds after DDP's all-reduce,
+and OUT/influences_<world>_<rank>.pt: the gradient weighting's influences of a 3-objective step.
 The KL term is on (the policy is a perturbed copy of the reference), so a stand-in group that
 leaked gradient through it would show.
 """
@@ -103,7 +104,33 @@ def main(model_path: str, out: str) -> None:
             grad = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
             result = {"grad": grad, "loss": stats["loss"], "keep": keep}
             torch.save(result, Path(out) / f"grad_{world}_{rank}_{case}_{agg}.pt")
+    save_influences(recipe, accelerator, model, ref, local, lengths, base, mine, tokenizer, out)
     accelerator.wait_for_everyone()
+
+
+def save_influences(recipe, accelerator, model, ref, local, lengths, base, mine, tok, out) -> None:
+    """The gradient method's influences of a 3-objective step (the third is None throughout, so
+    it keeps its weight), through the loop's own pieces; OUT/influences_<world>_<rank>.pt."""
+    from functools import partial
+
+    from rlx.weighting import DynamicWeighting, layer_parameters, trainable_parameters
+
+    cfg = load_config(PGConfig, None, [*base, "algo.reward_weighting=gradient"])
+    policy = accelerator.unwrap_model(model)
+    per_fn = torch.stack(
+        [torch.tensor(REWARDS["all_kept"]), torch.tensor(REWARDS["rank1_drops_all"])], dim=-1
+    )
+    per_fn = torch.cat([per_fn, torch.full((P, G, 1), float("nan"))], dim=-1)  # [P, G, 3]
+    weighting = DynamicWeighting(cfg, ["a", "b", "none"], None)
+    weighting.params = layer_parameters(policy, [1])
+    weighting.trainable = trainable_parameters(policy)
+    args = (cfg, accelerator, model, ref, local, mine, tok.pad_token_id)
+    backward = partial(recipe.objective_backward, *args)
+    full = {"per_fn": per_fn, "length": lengths}
+    values = weighting.influences(full, backward, missing=[2])
+    torch.save(
+        values, Path(out) / f"influences_{accelerator.num_processes}_{accelerator.process_index}.pt"
+    )
 
 
 if __name__ == "__main__":
