@@ -1,0 +1,83 @@
+"""adapter.principal_guard: after 3 AdamW steps no target matrix's update has a component in the
+top-k principal subspaces of its starting weight, for full fine-tuning and the product adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlx.adapters import effective_weights
+from rlx.adapters.guard import target_matrix_names
+from rlx.config import AdaLoraConfig, AdapterConfig
+
+K = 4
+
+
+def updates(model, names: list[str]) -> dict[str, torch.Tensor]:
+    """Per matrix, in float64: the weight (full fine-tuning) or the adapter's merged delta, from
+    its factors (c B A; AdaLoRA c B (E * A) / ranknum), so fp32 rounding of W0 + delta stays out."""
+    if not hasattr(model, "peft_config"):
+        return {n: w.double() for n, w in effective_weights(model, names)}
+    layers = dict(model.get_base_model().named_modules())
+    out = {}
+    for name in names:
+        layer = layers[name.removesuffix(".weight")]
+        a, b = layer.lora_A["default"], layer.lora_B["default"]
+        a = (a.weight if isinstance(a, torch.nn.Module) else a).double()
+        b = (b.weight if isinstance(b, torch.nn.Module) else b).double()
+        scale = layer.scaling["default"]
+        if hasattr(layer, "lora_E"):
+            a = a * layer.lora_E["default"].double()
+            scale = scale / (float(layer.ranknum["default"]) + 1e-5)
+        out[name] = scale * b @ a  # [O, I]
+    return out
+
+
+def principal_leaks(w0s, before, after, k: int) -> dict[str, float]:
+    """Per matrix: the worst of ||U^T dW V||, ||U^T dW||, ||dW V|| over ||dW||, dW = after -
+    before, U, V: the top k singular vectors of W0."""
+    out = {}
+    for name, w0 in w0s.items():
+        u, _, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+        u, v = u[:, :k], vh[:k].T
+        dw = after[name] - before[name]
+        norm = torch.linalg.matrix_norm(dw)
+        assert norm > 1e-6, f"{name} did not train"
+        parts = (u.T @ dw @ v, u.T @ dw, dw @ v)
+        out[name] = max(float(torch.linalg.matrix_norm(p) / norm) for p in parts)
+    return out
+
+
+def guarded_run(model, cfg, names, train) -> dict[str, float]:
+    w0s = {n: w.clone() for n, w in effective_weights(model, names)}
+    before = updates(model, names)
+    train(model, cfg, steps=3, lr=1e-2)
+    return principal_leaks(w0s, before, updates(model, names), K)
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "minor", "mica", "adalora"])
+def test_guard_keeps_updates_off_the_principal_subspaces(method, policy, train):
+    cfg = AdapterConfig(
+        method=method, rank=4, alpha=8.0, principal_guard=K, adalora=AdaLoraConfig(target_rank=2)
+    )
+    model = policy(cfg, total_steps=10)  # adalora: no rank pruned to 0 within the 3 steps
+    names = target_matrix_names(model, cfg.target_modules)
+    assert len(names) == 14  # 7 projections x 2 layers
+    leaks = guarded_run(model, cfg, names, train)
+    assert max(leaks.values()) < 1e-6, leaks
+
+
+def test_without_the_guard_updates_do_touch_the_principal_subspaces(policy, train):
+    cfg = AdapterConfig(method="none")
+    model = policy(cfg)
+    names = target_matrix_names(model, cfg.target_modules)
+    assert min(guarded_run(model, cfg, names, train).values()) > 1e-3
+
+
+def test_guard_leaves_untargeted_weights_alone(policy, train):
+    cfg = AdapterConfig(method="none", principal_guard=K, target_modules=["q_proj"])
+    model = policy(cfg)
+    names = target_matrix_names(model, ["q_proj", "k_proj"])
+    leaks = guarded_run(model, cfg, names, train)
+    assert all(leaks[n] < 1e-6 for n in names if "q_proj" in n)
+    assert all(leaks[n] > 1e-3 for n in names if "k_proj" in n)
