@@ -94,6 +94,9 @@ def es_args(model: str, root: Path, out: Path) -> list[str]:
 
 
 RESUME = "resume the finished run"
+GRADIENT, HYPERVOLUME = "algo.reward_weighting=gradient", "algo.reward_weighting=hypervolume"
+TWO = "rewards=[{{func: '{root}/rewards.py:ok'}}, {{func: '{root}/rewards.py:ok'}}]"
+TWO_NEGATIVE = TWO.replace(":ok'}}]", ":ok', weight: -0.5}}]")
 # (case, command, arguments after the command's base ones, a phrase of the error line). In the
 # arguments, {root} is the fixture folder, {model} the tiny model; reward=NAME picks a function
 # of {root}/rewards.py, out=NAME an output_dir under {root}, RESUME resumes {root}/run.
@@ -116,6 +119,18 @@ CASES = [
     ("pg-not-a-checkpoint", "pg", ["out=run", "resume_from={root}"], "not a checkpoint folder"),
     ("pg-corrupt-checkpoint", "pg", ["out=corrupt", "resume_from=latest"], "optimizer.pt"),
     ("pg-pickle-payload", "pg", ["out=payload", "resume_from=latest"], "rng.pt: refused"),
+    ("pg-gradient-one-objective", "pg", [GRADIENT, RESUME], "needs 2 or more rewards"),
+    ("pg-hypervolume-one-objective", "pg", [HYPERVOLUME, RESUME], "2 or 3 reward functions"),
+    ("pg-hypervolume-without-eval", "pg", [TWO, HYPERVOLUME, RESUME], "eval.enabled=true"),
+    ("pg-grad-lambda-zero", "pg", ["algo.grad_lambda=0"], "grad_lambda must be"),
+    ("pg-grad-layers-negative", "pg", ["algo.grad_layers=[-1]"], "grad_layers must be"),
+    (
+        "pg-grad-layers-beyond-the-model",
+        "pg",
+        [TWO, GRADIENT, "algo.grad_layers=[5]", RESUME],
+        "the model has 2 layers",
+    ),
+    ("pg-dynamic-negative-weight", "pg", [TWO_NEGATIVE, GRADIENT, RESUME], "must be >= 0"),
     ("pg-output-dir-is-a-file", "pg", ["out=a_file"], "is a file"),
     ("pg-output-dir-holds-a-run", "pg", ["out=run"], "already holds a run"),
     ("es-unknown-key", "es", ["es.sigmaa=1"], "es.sigma"),
