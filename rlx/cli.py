@@ -9,6 +9,8 @@ rlx quantize --base B --finetuned F --method quantlrm --bits 4 --out DIR
                                  int4 export for vLLM (rlx/quant/cli.py)
 rlx eval --model DIR [--model DIR2] --task arithmetic
                                  held-out reward table through vLLM (rlx/eval_cli.py)
+rlx diagnose --base smollm2 --finetuned DIR [--top-k 16] [--out DIR]
+                                 spectral diagnostics of the update (rlx/adapters/cli.py)
 rlx serve --config recipes/grpo.yaml [port=8000]
                                  a vLLM rollout server for rollout.backend=server (rlx/serve_cli.py)
 """
@@ -82,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     gen.set_defaults(func=_generate)
 
+    from rlx.adapters.cli import add_diagnose_parser
     from rlx.eval_cli import add_eval_parser
     from rlx.quant.cli import add_quantize_parser
     from rlx.serve_cli import add_serve_parser
 
     add_quantize_parser(commands)  # rlx quantize: rlx/quant/cli.py
     add_eval_parser(commands)  # rlx eval: rlx/eval_cli.py
+    add_diagnose_parser(commands)  # rlx diagnose: rlx/adapters/cli.py
     add_serve_parser(commands)  # rlx serve: rlx/serve_cli.py
     return parser
 
