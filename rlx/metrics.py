@@ -90,30 +90,43 @@ def plot_reward_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
 
 
 def plot_weighting(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Dynamic reward weighting (rows with `meta_reward`): the validation points of the first two
-    objectives, coloured by step, and the meta-reward and hypervolume per step. None when the run
-    used static weights."""
-    rows = [r for r in read_metrics(metrics_path) if r.get("meta_reward") is not None]
-    names = sorted({k for r in rows for k in r if k.startswith("val/")})
-    if not rows or len(names) < 2:
+    """Dynamic reward weighting: the weights per step (rows with `weight/<reward>`); with the
+    hypervolume method also the validation points of the first two objectives, coloured by step,
+    and the meta-reward and hypervolume per step. None when the run used static weights."""
+    rows = read_metrics(metrics_path)
+    weighted = [r for r in rows if any(k.startswith("weight/") for k in r)]
+    validated = [r for r in rows if r.get("meta_reward") is not None]
+    names = sorted({k for r in validated for k in r if k.startswith("val/")})
+    panels = ["weights"] if weighted else []
+    panels += ["front", "meta"] if validated and len(names) >= 2 else []
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    points = left.scatter([r[names[0]] for r in rows], [r[names[1]] for r in rows], c=steps)
-    fig.colorbar(points, ax=left, label="step")
-    left.set_xlabel(f"{names[0]} (validation mean)")
-    left.set_ylabel(f"{names[1]} (validation mean)")
-    right.plot(steps, [r["meta_reward"] for r in rows], label="meta-reward")
-    right.plot(steps, [r["hypervolume"] for r in rows], label="hypervolume of the buffer")
-    right.set_xlabel("step")
-    for ax in (left, right):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "weights":
+            keys = sorted({k for r in weighted for k in r if k.startswith("weight/")})
+            for key in keys:
+                ax.plot([r["step"] for r in weighted], [r.get(key) for r in weighted], label=key)
+            ax.set_ylabel("weight of the step's update")
+        elif panel == "front":
+            steps = [r["step"] for r in validated]
+            x, y = [r[names[0]] for r in validated], [r[names[1]] for r in validated]
+            fig.colorbar(ax.scatter(x, y, c=steps), ax=ax, label="step")
+            ax.set_xlabel(f"{names[0]} (validation mean)")
+            ax.set_ylabel(f"{names[1]} (validation mean)")
+        else:
+            steps = [r["step"] for r in validated]
+            ax.plot(steps, [r["meta_reward"] for r in validated], label="meta-reward")
+            ax.plot(steps, [r["hypervolume"] for r in validated], label="hypervolume of the buffer")
+        if panel != "front":
+            ax.set_xlabel("step")
+            ax.legend()
         ax.grid(alpha=0.3)
-    right.legend()
     fig.tight_layout()
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=110)

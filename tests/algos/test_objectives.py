@@ -378,3 +378,25 @@ def test_gradient_weighting_steps_and_keeps_the_weight_of_a_missing_objective():
     assert copy.weights.tolist() == held.weights.tolist()
     with pytest.raises(ValueError, match="3 weights"):
         held.step([1.0, 2.0], lr=0.1)
+
+
+def test_weighting_png_plots_weight_trajectories(tmp_path):
+    """weighting.png: a gradient run gets the weights panel, a hypervolume run also the validation
+    points and the meta-reward (three panels: a wider image), a static run none."""
+    import matplotlib.pyplot as plt
+
+    from rlx.metrics import plot_weighting
+
+    def plot(name, rows):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return plot_weighting(path, tmp_path / f"{name}.png")
+
+    assert plot("static", [{"step": 1, "reward_mean": 0.5}]) is None
+    weights = [{"step": s, "weight/a": 0.5 + 0.1 * s, "weight/b": 0.5 - 0.1 * s} for s in (1, 2)]
+    hv = [
+        r | {"val/a": 0.1 * r["step"], "val/b": 0.2, "meta_reward": 0.5, "hypervolume": 0.01}
+        for r in weights
+    ]
+    one, three = plt.imread(plot("gradient", weights)), plt.imread(plot("hv", hv))
+    assert one.shape[1] * 2.5 < three.shape[1]
