@@ -31,6 +31,7 @@ CONFIG_OF = {
     "grpo": PGConfig,
     "rloo": PGConfig,
     "reinforce": PGConfig,
+    "multi": PGConfig,
     "es": ESConfig,
     "quantize": QuantizeConfig,
     "generate": GenerateConfig,
