@@ -94,3 +94,11 @@ def test_adalora_hooks_allocate_and_penalise(policy, train):
     # the budget shrank: fewer ranks kept than the initial 4 per matrix
     pattern = model.peft_config["default"].rank_pattern
     assert pattern and sum(int(sum(m)) for m in pattern.values()) < 4 * len(pattern)
+
+
+def test_mapped_lora_config_round_trips():
+    from rlx.config import to_dict
+
+    cfg = from_dict(PGConfig, {"lora": {"enabled": True, "rank": 4}})
+    again = from_dict(PGConfig, to_dict(cfg))  # what a resumed run reads from config.yaml
+    assert again.adapter == cfg.adapter and again.lora == cfg.lora

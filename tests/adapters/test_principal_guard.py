@@ -81,3 +81,27 @@ def test_guard_leaves_untargeted_weights_alone(policy, train):
     leaks = guarded_run(model, cfg, names, train)
     assert all(leaks[n] < 1e-6 for n in names if "q_proj" in n)
     assert all(leaks[n] > 1e-3 for n in names if "k_proj" in n)
+
+
+def test_guard_hooks_through_an_accelerate_prepared_optimizer(policy):
+    """The PG loop installs the hooks after accelerator.prepare: the wrapper is unwrapped."""
+    from accelerate import Accelerator
+
+    from rlx.adapters import install_step_hooks
+
+    cfg = AdapterConfig(method="none", principal_guard=K)
+    model = policy(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = Accelerator(cpu=True).prepare(model, optimizer)
+    hooks = install_step_hooks(model, optimizer, cfg)
+    names = target_matrix_names(model, cfg.target_modules)
+    w0s = {n: w.clone() for n, w in effective_weights(model, names)}
+    ids = torch.randint(3, 100, (2, 8))
+    for _ in range(2):
+        model(input_ids=ids).logits.logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert hooks.step == 2
+    after = {n: w.double() for n, w in effective_weights(model, names)}
+    leaks = principal_leaks(w0s, {n: w.double() for n, w in w0s.items()}, after, K)
+    assert max(leaks.values()) < 1e-6
