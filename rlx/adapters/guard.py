@@ -56,12 +56,17 @@ class _FullMatrix:
         self.ut_w0_v = (u.T @ w0 @ v).float()  # [k, k]
 
     def project(self) -> None:
-        dev = self.weight.device
-        w, u, v = self.weight.float(), self.u.to(dev), self.v.to(dev)  # [O, I] [O, k] [I, k]
+        if self.u.device != self.weight.device:  # the model moved (accelerate): follow it once
+            dev = self.weight.device
+            self.u, self.v = self.u.to(dev), self.v.to(dev)
+            self.ut_w0, self.w0_v, self.ut_w0_v = (
+                t.to(dev) for t in (self.ut_w0, self.w0_v, self.ut_w0_v)
+            )
+        w, u, v = self.weight.float(), self.u, self.v  # [O, I] [O, k] [I, k]
         w_v = w @ v  # [O, k]
-        d_left = u.T @ w - self.ut_w0.to(dev)  # U^T dW [k, I]
-        d_right = w_v - self.w0_v.to(dev)  # dW V [O, k]
-        d_both = u.T @ w_v - self.ut_w0_v.to(dev)  # U^T dW V [k, k]
+        d_left = u.T @ w - self.ut_w0  # U^T dW [k, I]
+        d_right = w_v - self.w0_v  # dW V [O, k]
+        d_both = u.T @ w_v - self.ut_w0_v  # U^T dW V [k, k]
         removed = u @ d_left + (d_right - u @ d_both) @ v.T  # R(dW) [O, I]
         self.weight.copy_(w - removed)
 
@@ -74,7 +79,9 @@ class _Factors:
         self.b, self.a, self.u, self.v = lora_b, lora_a, u.float(), v.float()
 
     def project(self) -> None:
-        u, v = self.u.to(self.b.device), self.v.to(self.a.device)
+        if self.u.device != self.b.device:  # the model moved (accelerate): follow it once
+            self.u, self.v = self.u.to(self.b.device), self.v.to(self.a.device)
+        u, v = self.u, self.v  # [O, k] [I, k]
         self.b.sub_(u @ (u.T @ self.b))
         self.a.sub_((self.a @ v) @ v.T)
 
