@@ -433,6 +433,7 @@ def test_hypervolume_weighting_logs_its_state_and_resumes_exactly(
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in ("reward_mean", "loss", "meta_reward", "hypervolume", "val/longer", "weight/longer"):
         assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-6, abs=1e-9), key
+    assert _final_weighting(tmp_path / "part") == pytest.approx(state["weighting"]["weights"])
 
 
 def test_gradient_weighting_moves_the_weights_and_resumes_exactly(
@@ -468,6 +469,13 @@ def test_gradient_weighting_moves_the_weights_and_resumes_exactly(
     resumed = run(tmp_path / "part", 3, resume_from="latest")
     for key in ("reward_mean", "loss", "weight/longer", "influence/longer", "influence/shorter"):
         assert resumed[2][key] == pytest.approx(full[2][key], rel=1e-5, abs=1e-9), key
+    assert _final_weighting(tmp_path / "part") == pytest.approx(state["weighting"]["weights"])
+
+
+def _final_weighting(out):
+    """The weights in the state.json of a run's step-3 checkpoint."""
+    state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
+    return state["weighting"]["weights"]
 
 
 def test_hypervolume_weighting_needs_two_or_three_rewards(tiny_llama, tmp_path, length_reward):
