@@ -102,13 +102,14 @@ def train(cfg: PGConfig) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     forward_params = matmul_params(model)  # for the train FLOP/s metric
     optimizer, scheduler = make_optimizer(cfg, trainable)
-    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout)
+    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank)
     sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.lora.enabled)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
     print(f"pg: rank {rank}: {sharding.describe(accelerator, policy)}")
-    if run.resume(model if sharding.zero_stage(accelerator) else policy, optimizer, scheduler):
-        sync_weights(engine, policy)
+    saved = model if sharding.zero_stage(accelerator) else policy  # DeepSpeed saves shards
+    if run.resume(saved, optimizer, scheduler) or cfg.rollout.backend == "server":
+        sync_weights(engine, policy, accelerator)  # a server may hold another run's weights
     weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
     run.start(engine, eval_data, reward_fns)
 
@@ -178,7 +179,7 @@ def train(cfg: PGConfig) -> dict:
 
         t2 = time.perf_counter()
         if stats is not None and (run.step + 1) % cfg.sync_every == 0:
-            sync_weights(engine, policy)
+            sync_weights(engine, policy, accelerator)
         t_sync = time.perf_counter() - t2
         run.step += 1
         hv = weighting.after_step(run.step, engine, eval_data) if weighting else {}
@@ -190,7 +191,6 @@ def train(cfg: PGConfig) -> dict:
                 run.step, full, keep, advantages, reward_fns, stats, times, step_s, lr
             )
             run.log_step(row | hv, reward=row["reward_mean"], gap=row["logprob_gap_max"])
-        saved = model if sharding.zero_stage(accelerator) else policy  # DeepSpeed saves shards
         extra = {"weighting": weighting.state_dict()} if weighting is not None else None
         if run.end_step(time.perf_counter() - t0, saved, optimizer, scheduler, extra):
             break
@@ -236,11 +236,14 @@ def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
     return optimizer, get_scheduler(schedule, optimizer, optim.warmup_steps, cfg.steps)
 
 
-def sync_weights(engine, policy) -> None:
-    """Push the policy's weights into the rollout engine (under ZeRO-3 gathered a chunk at a time;
-    every rank takes part)."""
-    for chunk in sharding.weight_chunks(policy, export_weights):
-        engine.update_weights(chunk)
+def sync_weights(engine, policy, accelerator) -> None:
+    """Push the policy's weights into the rollout engine as one update (under ZeRO-3 gathered a
+    chunk at a time; every rank takes part). Rollout servers are shared by all ranks, and rank 0
+    alone syncs them: the others wait for it before they sample again."""
+    with engine.weight_update():
+        for chunk in sharding.weight_chunks(policy, export_weights):
+            engine.update_weights(chunk)
+    accelerator.wait_for_everyone()
 
 
 def gather_rewards(accelerator, scores, completions, g: int) -> dict:

@@ -10,7 +10,6 @@ In-place perturbation is a weight copy; per-prompt LoRA adapters are not support
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Iterable, Sequence
 
 import torch

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -131,6 +131,7 @@ class ServerEngine:
         max_loras: int = 1,
         max_lora_rank: int = 8,
         enable_lora: bool = False,
+        max_model_len: int = 0,
     ):
         from transformers import AutoTokenizer
 
@@ -152,9 +153,13 @@ class ServerEngine:
         deadline = time.monotonic() + timeout_s
         for server in self.servers:
             server.wait_ready(deadline)
-        self.model_name = self.servers[0].call("listing its model", "GET", "/v1/models")["data"][0][
-            "id"
-        ]
+            served = server.call("listing its model", "GET", "/v1/models")["data"][0]
+            if served.get("max_model_len", max_model_len) < max_model_len:
+                raise RolloutWorkerError(
+                    f"rollout server {server.url} serves max_model_len={served['max_model_len']}, "
+                    f"below rollout.max_model_len={max_model_len}: start every server with the "
+                    "trainer's rollout settings (rlx serve --config <the recipe's file>)"
+                )
 
     @classmethod
     def from_config(cls, model: str, cfg, rank: int = 0) -> ServerEngine:
@@ -169,6 +174,7 @@ class ServerEngine:
             enable_lora=cfg.enable_lora,
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
+            max_model_len=cfg.max_model_len,
         )
 
     # ---------------------------------------------------------------- generation
@@ -202,7 +208,9 @@ class ServerEngine:
                     "model": names[i] if names else None,
                 },
             )
-            for i, (ids, server) in enumerate(zip(prompt_ids, self._assign(len(prompt_ids))))
+            for i, (ids, server) in enumerate(
+                zip(prompt_ids, self._assign(len(prompt_ids)), strict=True)
+            )
         ]
         completions = []
         for index, (ids, job) in enumerate(zip(prompt_ids, jobs, strict=True)):
@@ -226,7 +234,7 @@ class ServerEngine:
                 "/inference/v1/generate",
                 json={"token_ids": list(ids), "sampling_params": params, "output_mode": "tokens"},
             )
-            for ids, server in zip(token_ids, self._assign(len(token_ids)))
+            for ids, server in zip(token_ids, self._assign(len(token_ids)), strict=True)
         ]
         out = []
         for ids, job in zip(token_ids, jobs, strict=True):
@@ -252,17 +260,16 @@ class ServerEngine:
         for adapter in dict.fromkeys(adapters):
             if adapter.name not in self._adapters:
                 body = {"lora_name": adapter.name, "lora_path": adapter.path}
-                for server in self.servers:
-                    server.call(f"loading adapter {adapter.name}", "POST", "/v1/load_lora_adapter",
-                                json=body)
+                self._call_all(
+                    f"loading adapter {adapter.name}", "/v1/load_lora_adapter", json=body
+                )
                 self._adapters.add(adapter.name)
         return [a.name for a in adapters]
 
     def remove_adapters(self) -> None:
         for name in sorted(self._adapters):
-            for server in self.servers:
-                server.call(f"unloading adapter {name}", "POST", "/v1/unload_lora_adapter",
-                            json={"lora_name": name})
+            body = {"lora_name": name}
+            self._call_all(f"unloading adapter {name}", "/v1/unload_lora_adapter", json=body)
         self._adapters.clear()
 
     def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -282,18 +289,16 @@ class ServerEngine:
             return
         self._connect()
         version = str(self.weight_version + 1)
-        for server in self.servers:
-            server.call("pausing for a weight sync", "POST", "/pause", params={"mode": "wait"})
-            server.call("starting a weight update", "POST", "/start_weight_update")
+        self._call_all("pausing for a weight sync", "/pause", params={"mode": "wait"})
+        self._call_all("starting a weight update", "/start_weight_update")
         self._in_update = True
         try:
             yield
         finally:
             self._in_update = False
-        for server in self.servers:
-            server.call("finishing a weight update", "POST", "/finish_weight_update",
-                        json={"weight_version": version})
-            server.call("resuming after a weight sync", "POST", "/resume")
+        body = {"weight_version": version}
+        self._call_all("finishing a weight update", "/finish_weight_update", json=body)
+        self._call_all("resuming after a weight sync", "/resume")
         self.weight_version += 1
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -307,11 +312,9 @@ class ServerEngine:
             return
         tensors = [(name, t.detach()) for name, t in named_tensors]
         info = update_info(tensors)
-        receiving = [
-            self._pool.submit(server.call, "receiving weights", "POST", "/update_weights",
-                              json={"update_info": info})
-            for server in self.servers
-        ]
+        receiving = self._submit_all(
+            "receiving weights", "/update_weights", json={"update_info": info}
+        )
         try:
             self._gloo.send([t for _, t in tensors], info["dtype_names"])
         except RuntimeError as err:
@@ -322,21 +325,24 @@ class ServerEngine:
         for job in receiving:
             job.result()
 
+    def _submit_all(self, what: str, path: str, **kwargs) -> list[Future]:
+        """POST `path` to every server at once (their futures, in server order)."""
+        return [self._pool.submit(s.call, what, "POST", path, **kwargs) for s in self.servers]
+
+    def _call_all(self, what: str, path: str, **kwargs) -> list:
+        return [job.result() for job in self._submit_all(what, path, **kwargs)]
+
     def _connect(self) -> None:
         """Open the gloo group with every server's workers (once)."""
         if self._gloo is not None:
             return
-        from torch.distributed.elastic.utils.distributed import get_free_port
-
-        port = self.sync_port or get_free_port()
         sizes = [
             server.call("reading its world size", "GET", "/get_world_size")["world_size"]
             for server in self.servers
         ]
-        world, offsets = 1, []
-        for size in sizes:
-            offsets.append(world)
-            world += size
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]  # the trainer is rank 0
+        world = 1 + sum(sizes)
+        sender = GlooSender(self.sync_address, self.sync_port)
         joining = [
             self._pool.submit(
                 server.call,
@@ -346,7 +352,7 @@ class ServerEngine:
                 json={
                     "init_info": {
                         "master_address": self.sync_address,
-                        "master_port": port,
+                        "master_port": sender.port,
                         "rank_offset": offset,
                         "world_size": world,
                         "timeout_s": self.timeout_s,
@@ -356,17 +362,19 @@ class ServerEngine:
             for server, offset in zip(self.servers, offsets, strict=True)
         ]
         try:
-            self._gloo = GlooSender(self.sync_address, port, world, self.timeout_s)
+            sender.open(world, self.timeout_s)
         except RuntimeError as err:
+            sender.close()
             _raise_first_error(joining)
             raise RolloutWorkerError(
                 f"the rollout servers did not join the weight-sync group at "
-                f"{self.sync_address}:{port} within rollout.timeout_s={self.timeout_s:g} s "
+                f"{self.sync_address}:{sender.port} within rollout.timeout_s={self.timeout_s:g} s "
                 f"({str(err)[:200]}); set rollout.sync_address to this trainer's address as the "
                 "servers reach it"
             ) from None
         for job in joining:
             job.result()
+        self._gloo = sender
 
     def close(self) -> None:
         """Leave the weight-sync group and unload adapters; the servers keep running."""
@@ -374,10 +382,8 @@ class ServerEngine:
             if self._adapters:
                 self.remove_adapters()
         if self._gloo is not None:
-            for server in self.servers:
-                with contextlib.suppress(Exception):
-                    server.call("leaving the weight-sync group", "POST",
-                                "/shutdown_weight_transfer_engine")
+            with contextlib.suppress(Exception):
+                self._call_all("leaving the weight-sync group", "/shutdown_weight_transfer_engine")
             self._gloo.close()
             self._gloo = None
         self._pool.shutdown(wait=False, cancel_futures=True)

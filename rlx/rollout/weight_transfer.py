@@ -20,7 +20,9 @@ On GPUs use vLLM's `nccl` engine instead; the trainer side (`GlooSender`) is rlx
 from __future__ import annotations
 
 import datetime
+import socket
 from collections.abc import Sequence
+
 import torch
 
 BACKEND = "rlx_gloo"
@@ -42,8 +44,10 @@ def flat_groups(dtype_names: Sequence[str]) -> list[tuple[str, list[int]]]:
     return list(groups.items())
 
 
-def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
-    """The gloo group of one trainer (rank 0, hosting the rendezvous) and the servers' workers."""
+def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, listen=None):
+    """The gloo group of one trainer (rank 0) and the servers' workers. The trainer hosts the
+    rendezvous store on its own `listen` socket: under torchrun / accelerate launch, torch's
+    tcp:// rendezvous would otherwise look for the launcher's store and never host one."""
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
     return stateless_init_torch_distributed_process_group(
@@ -52,6 +56,7 @@ def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
         rank,
         world_size,
         backend="gloo",
+        listen_socket=listen,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
 
@@ -95,10 +100,18 @@ def register() -> None:
 
 
 class GlooSender:
-    """The trainer's side of `rlx_gloo`: rank 0 of the group, one broadcast per dtype per chunk."""
+    """The trainer's side of `rlx_gloo`: rank 0 of the group, one broadcast per dtype per chunk.
+    It listens on `host:port` (port 0: a free one, then `self.port`) before the servers join."""
 
-    def __init__(self, host: str, port: int, world_size: int, timeout_s: float):
-        self.group = open_group(host, port, 0, world_size, timeout_s)
+    def __init__(self, host: str, port: int = 0):
+        self.host = host
+        self.listen = socket.create_server((host, port))
+        self.port = self.listen.getsockname()[1]
+        self.group = None
+
+    def open(self, world_size: int, timeout_s: float) -> None:
+        """Wait for the servers' workers to join (they were told host, port and world size)."""
+        self.group = open_group(self.host, self.port, 0, world_size, timeout_s, self.listen)
 
     def send(self, tensors: Sequence[torch.Tensor], dtype_names: Sequence[str]) -> None:
         for _, indices in flat_groups(dtype_names):
@@ -109,6 +122,7 @@ class GlooSender:
         if self.group is not None:
             close_group(self.group)
             self.group = None
+        self.listen.close()  # harmless once the store owns its descriptor
 
 
 def update_info(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict:

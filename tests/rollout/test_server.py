@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from test_rollout import FIXED_TOKENS, hf_logprobs, perturbed_state_dict
 from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import AutoModelForCausalLM
 
@@ -20,7 +21,6 @@ from rlx.rollout.server import (
     exposure_warning,
     serve_command,
 )
-from test_rollout import FIXED_TOKENS, hf_logprobs, perturbed_state_dict
 
 
 @pytest.fixture
@@ -106,6 +106,11 @@ def test_a_hung_server_gives_one_error_within_the_timeout(rollout_server, tiny_t
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         engine.close()
+
+
+def test_a_server_with_a_shorter_context_is_refused(rollout_server, tiny_tied):
+    with pytest.raises(RolloutWorkerError, match="max_model_len=1024, below rollout.max_model_len"):
+        ServerEngine(tiny_tied, [rollout_server[0]], timeout_s=30, max_model_len=4096)
 
 
 def test_a_missing_server_is_named(rollout_server, tiny_tied):
