@@ -132,6 +132,7 @@ class ServerEngine:
         max_lora_rank: int = 8,
         enable_lora: bool = False,
         max_model_len: int = 0,
+        dtype: str | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -144,6 +145,8 @@ class ServerEngine:
         self.timeout_s = timeout_s
         self.sync_address, self.sync_port = sync_address, sync_port
         self.sender = sender  # only trainer rank 0 pushes weights
+        # the servers' dtype: weights travel in it (vLLM would round them to it on loading anyway)
+        self.wire_dtype = getattr(torch, dtype) if dtype else None
         self._limits = LoRALimits(max_loras, max_lora_rank) if enable_lora else None
         self.weight_version = 0  # completions sampled after the k-th sync carry k
         self._gloo: GlooSender | None = None
@@ -164,6 +167,8 @@ class ServerEngine:
     @classmethod
     def from_config(cls, model: str, cfg, rank: int = 0) -> ServerEngine:
         """Build from a model name and an rlx.config.RolloutConfig (`rank`: the trainer rank)."""
+        from rlx.rollout import engine_dtype
+
         return cls(
             model,
             cfg.servers,
@@ -171,6 +176,7 @@ class ServerEngine:
             sync_address=cfg.sync_address,
             sync_port=cfg.sync_port,
             sender=rank == 0,
+            dtype=engine_dtype(cfg),
             enable_lora=cfg.enable_lora,
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
@@ -310,7 +316,7 @@ class ServerEngine:
             with self.weight_update():
                 self.update_weights(named_tensors)
             return
-        tensors = [(name, t.detach()) for name, t in named_tensors]
+        tensors = [(name, self._wire(t.detach())) for name, t in named_tensors]
         info = update_info(tensors)
         receiving = self._submit_all(
             "receiving weights", "/update_weights", json={"update_info": info}
@@ -324,6 +330,11 @@ class ServerEngine:
             ) from None
         for job in receiving:
             job.result()
+
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.wire_dtype is None or not tensor.is_floating_point():
+            return tensor
+        return tensor.to(self.wire_dtype)
 
     def _submit_all(self, what: str, path: str, **kwargs) -> list[Future]:
         """POST `path` to every server at once (their futures, in server order)."""
