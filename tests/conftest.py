@@ -51,7 +51,7 @@ def rollout_server(tiny_tied, tmp_path_factory):
     port = get_free_port()
     log = tmp_path_factory.mktemp("rollout_server") / "server.log"
     cmd = [sys.executable, "-m", "rlx.cli", "serve", f"model.name={tiny_tied}", f"port={port}"]
-    cmd += ["rollout.dtype=float32"]
+    cmd += ["rollout.dtype=float32", "rollout.enable_lora=true", "rollout.max_loras=2"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + 240

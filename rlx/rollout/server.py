@@ -90,6 +90,8 @@ class _Server:
                 f"rollout server {self.url} answered HTTP {response.status_code} while {what}: "
                 f"{response.text[:300]}"
             )
+        if "json" not in response.headers.get("content-type", ""):
+            return response.text  # e.g. vLLM's adapter endpoints answer in plain text
         return response.json()
 
     def wait_ready(self, deadline: float) -> None:
@@ -266,9 +268,19 @@ class ServerEngine:
         for adapter in dict.fromkeys(adapters):
             if adapter.name not in self._adapters:
                 body = {"lora_name": adapter.name, "lora_path": adapter.path}
-                self._call_all(
-                    f"loading adapter {adapter.name}", "/v1/load_lora_adapter", json=body
-                )
+                try:
+                    self._call_all(
+                        f"loading adapter {adapter.name}", "/v1/load_lora_adapter", json=body
+                    )
+                except RolloutWorkerError as err:
+                    if "answered HTTP" not in str(err):
+                        raise
+                    limits = self.lora_limits()
+                    raise RolloutWorkerError(
+                        f"{err}; start every server for adapters: rlx serve ... "
+                        f"rollout.enable_lora=true rollout.max_loras={limits.max_loras} "
+                        f"rollout.max_lora_rank={limits.max_rank}"
+                    ) from None
                 self._adapters.add(adapter.name)
         return [a.name for a in adapters]
 

@@ -124,3 +124,47 @@ def test_a_missing_server_is_named(rollout_server, tiny_tied):
     with pytest.raises(EngineUnsupported, match="server rollout engine cannot perturb"):
         engine.perturb_weights([])
     engine.close()
+
+
+def test_adapters_load_through_the_servers_lora_endpoint(rollout_server, tiny_tied, tmp_path):
+    """ES on servers: one LoRA adapter per prompt, loaded with vLLM's /v1/load_lora_adapter; at
+    temperature 1 the logprobs are those of the HF model with the adapter merged (fp32, 1e-4)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlx.rollout import Adapter
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    peft.save_pretrained(tmp_path / "adapter")
+    merged = peft.merge_and_unload()
+
+    engine = ServerEngine(
+        tiny_tied, [rollout_server[0]], timeout_s=60, enable_lora=True, max_loras=2
+    )
+    try:
+        engine.update_weights(
+            AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+            .state_dict()
+            .items()
+        )
+        adapter = Adapter("member-0", str(tmp_path / "adapter"))
+        ids = [[1, 57, 210, 33], [1, 99, 140]]
+        out = engine.generate_ids(ids, Sampling(n=1, max_new_tokens=6), [adapter, adapter])
+        for c in out:
+            ref = hf_logprobs(merged, c.prompt_token_ids + c.token_ids)[-len(c.token_ids) :]
+            assert torch.allclose(torch.tensor(c.logprobs), ref, atol=1e-4)
+        plain = engine.generate_ids(ids[:1], Sampling(n=1, max_new_tokens=6))[0]
+        base_ref = hf_logprobs(
+            AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32),
+            plain.prompt_token_ids + plain.token_ids,
+        )[-len(plain.token_ids) :]
+        assert torch.allclose(torch.tensor(plain.logprobs), base_ref, atol=1e-4)
+        engine.remove_adapters()
+        assert not engine._adapters
+    finally:
+        engine.close()
