@@ -5,9 +5,11 @@ Noise. For an evolved matrix W [out, in] named `name` and population member i, o
 block Z [(in + out), r] is drawn from a generator seeded by hash(run seed, name, epoch // noise_reuse,
 i // 2) (noise_reuse 0 = the same noise every epoch); B = Z[:in], A = Z[in:] * s_i sigma / sqrt(r)
 with s_i = +1 for even i and -1 for odd i (antithetic pairs share a draw). The perturbation is
-E_i = A_i B_i^T; nothing is ever stored. The name enters the key, so two parameters of one shape
-never share noise (a bug other ES ports shipped). `kind="full_rank"` draws E_i = s_i sigma Z with Z
-of W's shape instead: the plain ES baseline (Qiu et al. 2025).
+E_i = A_i B_i^T, held as rlx.adapters.lowrank.LowRank(A_i, B_i): the one low-rank update type the
+adapter layer, the population kernel and every ES backend share; nothing is ever stored. The name
+enters the key, so two parameters of one shape never share noise (a bug other ES ports shipped).
+`kind="full_rank"` draws E_i = s_i sigma Z with Z of W's shape instead: the plain ES baseline
+(Qiu et al. 2025).
 
 Fitness shaping (`SHAPERS`, selected by name), from a [members, prompts] score matrix (NaN where a
 member did not answer a prompt; raw fitness = a member's mean score):
@@ -39,6 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from rlx.adapters.lowrank import LowRank, merged, stack
 
 NOISE_KINDS = ("low_rank", "full_rank")
 FITNESS_EPS = 1e-5  # added to the variance in the z-scores, as in the reference
@@ -83,22 +87,42 @@ def _draw(spec: NoiseSpec, name: str, epoch: int, member: int, shape) -> torch.T
     return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
-def low_rank_factors(
+def low_rank_noise(
     spec: NoiseSpec, name: str, shape: Sequence[int], epoch: int, member: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [out, r] with sign and sigma/sqrt(r) folded in, B [in, r]) of one member: E = A B^T."""
+) -> LowRank:
+    """One member's E = A B^T: LowRank(A [out, r], sign and sigma/sqrt(r) folded in, B [in, r])."""
     out_dim, in_dim = shape
     z = _draw(spec, name, epoch, member, (in_dim + out_dim, spec.rank))  # [in+out, r]
     scale = member_sign(member) * spec.sigma / math.sqrt(spec.rank)
-    return z[in_dim:] * scale, z[:in_dim]
+    return LowRank(z[in_dim:] * scale, z[:in_dim])
 
 
-def population_factors(
+def population_noise(
     spec: NoiseSpec, name: str, shape: Sequence[int], epoch: int, members: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked factors of several members: A [M, out, r], B [M, in, r]."""
-    pairs = [low_rank_factors(spec, name, shape, epoch, m) for m in members]
-    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+) -> LowRank:
+    """The noise of several members, stacked: A [M, out, r], B [M, in, r]."""
+    return stack([low_rank_noise(spec, name, shape, epoch, m) for m in members])
+
+
+def noise_adapter(
+    spec: NoiseSpec, shapes: Mapping[str, Sequence[int]], epoch: int, member: int
+) -> dict[str, LowRank]:
+    """HF module name -> one member's noise, for every evolved matrix of `shapes`
+    ("...q_proj.weight" -> [out, in]): the member as an adapter (rlx/adapters/lowrank.py)."""
+    return {
+        name.removesuffix(".weight"): low_rank_noise(spec, name, shape, epoch, member)
+        for name, shape in shapes.items()
+    }
+
+
+def population_adapter(
+    spec: NoiseSpec, shapes: Mapping[str, Sequence[int]], epoch: int, members: Sequence[int]
+) -> dict[str, LowRank]:
+    """HF module name -> the stacked noise of `members`, for every evolved matrix of `shapes`."""
+    return {
+        name.removesuffix(".weight"): population_noise(spec, name, shape, epoch, members)
+        for name, shape in shapes.items()
+    }
 
 
 def perturbation(
@@ -107,8 +131,16 @@ def perturbation(
     """The dense perturbation E [out, in] of one member (A B^T, or full-rank noise)."""
     if spec.kind == "full_rank":
         return _draw(spec, name, epoch, member, tuple(shape)) * (member_sign(member) * spec.sigma)
-    a, b = low_rank_factors(spec, name, shape, epoch, member)
-    return a @ b.T
+    return low_rank_noise(spec, name, shape, epoch, member).delta()
+
+
+def perturbed_weight(
+    spec: NoiseSpec, name: str, weight: torch.Tensor, epoch: int, member: int
+) -> torch.Tensor:
+    """W + E_member [out, in] (a new tensor): low-rank noise merged by rlx.adapters.lowrank."""
+    if spec.kind == "full_rank":
+        return weight + perturbation(spec, name, weight.shape, epoch, member)
+    return merged(weight, low_rank_noise(spec, name, weight.shape, epoch, member))
 
 
 def step_direction(
@@ -116,9 +148,9 @@ def step_direction(
 ) -> torch.Tensor:
     """(1 / (N sigma)) sum_i f~_i E_i [out, in] for members 0..N-1 with shaped fitness [N].
 
-    Low rank: one contraction over (member, rank) of the stacked factors, never materialising an
-    E_i; the result has rank up to N*r. Antithetic pairs are drawn once and their two fitnesses
-    folded into one weight: (f~_2k - f~_2k+1) E_2k."""
+    Low rank: the stacked noise's `weighted_sum`, one contraction over (member, rank) that never
+    materialises an E_i; the result has rank up to N*r. Antithetic pairs are drawn once and their
+    two fitnesses folded into one weight: (f~_2k - f~_2k+1) E_2k."""
     n = shaped.numel()
     shaped = shaped.to(torch.float64)
     pair_weight = shaped[0::2].clone()
@@ -129,9 +161,7 @@ def step_direction(
         for w, m in zip(pair_weight.tolist(), firsts, strict=True):
             total += w * perturbation(spec, name, shape, epoch, m).double()
     else:
-        a, b = population_factors(spec, name, shape, epoch, list(firsts))  # [P, out, r], [P, in, r]
-        weighted = a.double() * pair_weight[:, None, None]
-        total = torch.einsum("por,pir->oi", weighted, b.double())
+        total = population_noise(spec, name, shape, epoch, list(firsts)).weighted_sum(pair_weight)
     return (total / (n * spec.sigma)).to(torch.float32)
 
 

@@ -2,7 +2,8 @@
 
 Rows of several members go through one `generate` call of an HF engine wrapping the backend's model
 (`HFEngine.from_model`, all rows in one call); every evolved nn.Linear computes
-x W^T + (x B_m) A_m^T per row (rlx.kernels.perturbed_linears): one dense GEMM shared by all members
+x W^T + (x B_m) A_m^T per row (rlx.kernels.perturbed_linears, fed the members' noise as stacked
+rlx.adapters.lowrank.LowRank updates; no PEFT module): one dense GEMM shared by all members
 plus batched rank-r terms, with the KV cache as usual. The backend keeps its own copy of the model
 in `dtype` (bfloat16 is several times faster than float32 on CPUs with AVX-512 bf16) and takes
 the centre weights with `sync`. Only low-rank noise is supported here; full-rank noise needs
@@ -16,7 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from rlx.algos.eggroll import NoiseSpec, population_factors
+from rlx.adapters.lowrank import LowRank
+from rlx.algos.eggroll import NoiseSpec, population_adapter
 from rlx.es.population import PopulationPlan, chunk_plan, generate_rows, plan_rows
 from rlx.kernels import perturbed_linears
 from rlx.rollout import Completion, Sampling
@@ -59,14 +61,9 @@ class HFBatchedPopulation:
         if missing:
             raise ValueError(f"hf_batched: the model has no linear layer for {missing[:3]}")
 
-    def factors(self, epoch: int, members: Sequence[int]) -> dict:
-        """module name -> (A [M, out, r], B [M, in, r]) of `members` at `epoch`."""
-        return {
-            name.removesuffix(".weight"): population_factors(
-                self.noise, name, shape, epoch, members
-            )
-            for name, shape in self.shapes.items()
-        }
+    def factors(self, epoch: int, members: Sequence[int]) -> dict[str, LowRank]:
+        """module name -> the stacked noise of `members` at `epoch`: A [M, out, r], B [M, in, r]."""
+        return population_adapter(self.noise, self.shapes, epoch, members)
 
     @torch.no_grad()
     def evaluate(

@@ -1,7 +1,8 @@
 """Backend (c): the simple baseline. Perturb the rollout engine's weights in place, evaluate, restore.
 
 For each member in turn, the engine receives W + E_m for every evolved matrix (E_m regenerated
-from its seed: full-rank Gaussian noise as in Qiu et al. 2025, or EGGROLL's A B^T materialised),
+from its seed: full-rank Gaussian noise as in Qiu et al. 2025, or EGGROLL's A B^T merged by
+rlx.adapters.lowrank.merged),
 generates that member's rows, and after the last member gets the centre weights W back. The
 centre is a float32 copy held here and restored by copying it, never by subtracting E_m, so the
 restore is exact. Works with any rlx engine that perturbs its weights in place (`perturb_weights`,
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from rlx.algos.eggroll import NoiseSpec, perturbation
+from rlx.algos.eggroll import NoiseSpec, perturbed_weight
 from rlx.es.population import PopulationPlan, generate_rows, plan_rows
 from rlx.rollout import Completion, RolloutEngine, Sampling
 
@@ -33,7 +34,7 @@ class InPlacePopulation:
     def perturbed(self, epoch: int, member: int) -> list[tuple[str, torch.Tensor]]:
         """W + E_member for every evolved matrix."""
         return [
-            (name, w + perturbation(self.noise, name, w.shape, epoch, member))
+            (name, perturbed_weight(self.noise, name, w, epoch, member))
             for name, w in self.centre.items()
         ]
 

@@ -1,9 +1,11 @@
 """Backend (b): multi-LoRA, each population member one LoRA adapter.
 
 Member m's perturbation A_m B_m^T is exactly a LoRA adapter with lora_A = B_m^T [r, in],
-lora_B = A_m [out, r] and scale lora_alpha / r = 1, so one engine generate call with an adapter per
-row evaluates many members at once (vLLM batches different adapters together). Adapters are written
-in PEFT format under `workdir` once per (noise epoch, member) and reused while the noise is reused;
+lora_B = A_m [out, r] and scale lora_alpha / r = 1 (written from the member's
+rlx.adapters.lowrank.LowRank noise by `save_peft_adapter`: tensors and JSON, no PEFT module), so
+one engine generate call with an adapter per row evaluates many members at once (vLLM batches
+different adapters together). Adapters are written in PEFT format under `workdir` once per
+(noise epoch, member) and reused while the noise is reused;
 the engine loads each on first use (`RolloutEngine.generate_ids`; a server engine would use vLLM's
 load-adapter endpoint). The engine must serve adapters (`lora_limits`) with max rank >= rank (vLLM
 accepts 1, 8, 16, 32, ...: `engine_lora_rank`) and max_loras >= members_per_batch + 1.
@@ -20,7 +22,6 @@ Deviation: lm_head, embeddings, norms and biases cannot be perturbed this way (f
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from rlx.algos.eggroll import NoiseSpec, low_rank_factors, noise_epoch
+from rlx.adapters.lowrank import save_peft_adapter
+from rlx.algos.eggroll import NoiseSpec, noise_adapter, noise_epoch
 from rlx.es.population import PopulationPlan, chunk_plan, generate_rows, plan_rows
 from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
 
@@ -41,35 +43,6 @@ def engine_lora_rank(rank: int) -> int:
         if allowed >= rank:
             return allowed
     raise ValueError(f"rank {rank} exceeds vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
-
-
-def write_adapter(
-    path: Path, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int, base_model: str
-) -> None:
-    """A PEFT LoRA folder for module name -> (A [out, r], B [in, r]) (delta = A B^T)."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for module, (a, b) in factors.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = b.T.contiguous()  # [r, in]
-        tensors[f"base_model.model.{module}.lora_B.weight"] = a.contiguous()  # [out, r]
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": rank,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in factors}),
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
-        "base_model_name_or_path": base_model,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
 class VLLMLoRAPopulation:
@@ -107,13 +80,7 @@ class VLLMLoRAPopulation:
         path = self.workdir / f"epoch{key[0]}" / f"member{member}"
         if key not in self._written:
             self._drop_stale(key[0])
-            factors = {
-                name.removesuffix(".weight"): low_rank_factors(
-                    self.noise, name, shape, epoch, member
-                )
-                for name, shape in self.shapes.items()
-            }
-            write_adapter(path, factors, self.noise.rank, "rlx-es")
+            save_peft_adapter(path, noise_adapter(self.noise, self.shapes, epoch, member), "rlx-es")
             self._written.add(key)
         return Adapter(f"es-e{key[0]}-m{member}", str(path))
 

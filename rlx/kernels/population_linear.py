@@ -20,17 +20,23 @@ per-op costs of ~10-20 us dominate these small GEMMs); the bmm path was slower i
 
 `reference_population_linear` materialises W + A B^T per row: what both are tested against.
 `perturbed_linears` swaps the rank-r forward into a model's nn.Linear modules for the duration of a
-`with` block (HF generate with the KV cache works unchanged: decode steps only change T).
+`with` block (HF generate with the KV cache works unchanged: decode steps only change T); it takes
+each module's members as one stacked rlx.adapters.lowrank.LowRank (the update type ES shares with
+the adapter layer).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:  # the kernel reads only .factors(): no import of the adapter layer at run time
+    from rlx.adapters.lowrank import LowRank
 
 FUSED_MAX_COLUMNS = 64  # "auto" uses the fused path while members * rank <= this
 METHODS = ("auto", "fused", "bmm")
@@ -135,31 +141,35 @@ def reference_population_linear(
     b: torch.Tensor,
     row_member: torch.Tensor,
 ) -> torch.Tensor:
-    """Plain-torch reference: each row through its member's explicit W + A B^T."""
+    """Plain-torch reference: each row through its member's explicit W + A B^T (the merge of
+    rlx.adapters.lowrank)."""
+    from rlx.adapters.lowrank import LowRank, merged
+
     out = []
     for j in range(x.shape[0]):
         m = int(row_member[j])
-        out.append(F.linear(x[j], weight + a[m] @ b[m].T, bias))
+        out.append(F.linear(x[j], merged(weight, LowRank(a[m], b[m])), bias))
     return torch.stack(out)
 
 
 @contextlib.contextmanager
 def perturbed_linears(
     model: nn.Module,
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    updates: Mapping[str, LowRank],
     row_member: torch.Tensor,
     method: str = "auto",
 ) -> Iterator[None]:
     """Within the block, module `name` of `model` (an nn.Linear) computes row j with weight
-    W + A_m B_m^T, m = row_member[j], for every (name -> (A [M, out, r], B [M, in, r])) in
-    `factors`. The modules' own forward comes back on exit, whatever happens inside."""
+    W + dW_m, m = row_member[j], for every (name -> stacked LowRank dW [M]: A [M, out, r],
+    B [M, in, r]) in `updates`. The modules' own forward comes back on exit, whatever happens."""
     modules = dict(model.named_modules())
     patched = []
     try:
-        for name, (a, b) in factors.items():
+        for name, update in updates.items():
             module = modules.get(name)
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"perturbed_linears: {name!r} is not an nn.Linear of the model")
+            a, b = update.factors()  # the update's scale folded into A
             try:
                 forward = PopulationLinear(module.weight, module.bias, a, b, row_member, method)
             except ValueError as err:

@@ -19,12 +19,13 @@ def spec(**kw) -> eg.NoiseSpec:
 
 def test_noise_regenerates_identically_and_stacks():
     s = spec()
-    a1, b1 = eg.low_rank_factors(s, "layer.w", SHAPE, epoch=4, member=7)
-    a2, b2 = eg.low_rank_factors(s, "layer.w", SHAPE, epoch=4, member=7)
-    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    e1 = eg.low_rank_noise(s, "layer.w", SHAPE, epoch=4, member=7)
+    e2 = eg.low_rank_noise(s, "layer.w", SHAPE, epoch=4, member=7)
+    a1, b1 = e1.u, e1.v
+    assert torch.equal(a1, e2.u) and torch.equal(b1, e2.v) and e1.scale == 1.0
     assert a1.shape == (6, 2) and b1.shape == (5, 2)
-    a, b = eg.population_factors(s, "layer.w", SHAPE, 4, [6, 7])
-    assert torch.equal(a[1], a1) and torch.equal(b[1], b1)
+    pop = eg.population_noise(s, "layer.w", SHAPE, 4, [6, 7])
+    assert torch.equal(pop.u[1], a1) and torch.equal(pop.v[1], b1)
     assert torch.equal(eg.perturbation(s, "layer.w", SHAPE, 4, 7), a1 @ b1.T)
 
 
@@ -204,8 +205,8 @@ def test_low_rank_update_approaches_full_rank_as_rank_grows():
         s = eg.NoiseSpec(seed=11, sigma=1.0, rank=rank, kind=kind)
         n = 12000
         if kind == "low_rank":  # vectorised fitness for speed; the noise is the real one
-            a, b = eg.population_factors(s, "w", w.shape, 0, list(range(n)))
-            f = torch.sin(w + a @ b.transpose(1, 2)).sum(dim=(1, 2)).double()
+            noise = eg.population_noise(s, "w", w.shape, 0, list(range(n)))
+            f = torch.sin(w + noise.delta()).sum(dim=(1, 2)).double()
         else:
             f = torch.tensor(
                 [
