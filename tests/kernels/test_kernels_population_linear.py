@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
-from rlx.algos.eggroll import NoiseSpec, evolved_parameters, perturbation, population_factors
+from rlx.algos.eggroll import NoiseSpec, evolved_parameters, perturbation, population_adapter
 from rlx.kernels import (
     PopulationLinear,
     member_blocks,
@@ -86,6 +88,24 @@ def test_row_count_mismatch_is_a_clear_error():
         population_linear(torch.randn(3, 1, 4), torch.randn(4, 4), None, a, b, torch.tensor([0, 1]))
 
 
+def test_perturbed_linears_take_scaled_low_rank_updates():
+    """A stacked LowRank with scale != 1: row j sees W + scale * U_m V_m^T (the type's merge)."""
+    from rlx.adapters.lowrank import LowRank, merged
+
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 6))
+    a, b = random_factors(2, 6, 8, 3)
+    update = LowRank(a, b, scale=0.5)
+    row_member = torch.tensor([0, 0, 1, 1])
+    x = torch.randn(4, 5, 8, generator=gen)
+    with torch.no_grad(), perturbed_linears(model, {"0": update}, row_member, "bmm"):
+        got = model(x)
+    layer = model[0]
+    for j, m in enumerate(row_member.tolist()):
+        ref = F.linear(x[j], merged(layer.weight.detach(), update.member(m)), layer.bias)
+        assert torch.allclose(got[j], ref, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- on an HF model
 
 SIGMA = 0.05  # large enough that members generate different text on a random tiny model
@@ -104,10 +124,7 @@ def merged_model(path, spec, names, member):
 
 def member_factors(model, spec, names, members):
     shapes = {n: p.shape for n, p in model.named_parameters() if n in names}
-    return {
-        n.removesuffix(".weight"): population_factors(spec, n, s, 0, members)
-        for n, s in shapes.items()
-    }
+    return population_adapter(spec, shapes, 0, members)
 
 
 @pytest.mark.parametrize("device", DEVICES)
