@@ -50,14 +50,26 @@ def merged_weights(model) -> list[tuple[str, torch.Tensor]]:
     """HF-named weights of a PEFT model with its adapter merged in (copies): the names and tensors
     `merge_and_unload().state_dict()` would give, without changing the model."""
     base = model.get_base_model()
-    prefixes = tuple(f"{name}." for name in tuner_layers(base))
     with merged(base):
-        out = []
-        for name, tensor in base.state_dict().items():
-            if ".base_layer." in name:
-                out.append((name.replace(".base_layer.", "."), tensor.detach().clone()))
-            elif not name.startswith(prefixes):  # an adapter's own parameter or buffer
-                out.append((name, tensor.detach().clone()))
+        return _hf_weights(base)
+
+
+def base_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """HF-named weights of a PEFT model without its adapter (copies): the base an engine serving
+    the adapter through LoRA requests must hold (for lora and mica: W0 itself)."""
+    return _hf_weights(model.get_base_model())
+
+
+def _hf_weights(base) -> list[tuple[str, torch.Tensor]]:
+    """The base model's state dict under HF names: each tuner layer's base weight under the
+    layer's own name, the adapters' parameters and buffers left out."""
+    prefixes = tuple(f"{name}." for name in tuner_layers(base))
+    out = []
+    for name, tensor in base.state_dict().items():
+        if ".base_layer." in name:
+            out.append((name.replace(".base_layer.", "."), tensor.detach().clone()))
+        elif not name.startswith(prefixes):  # an adapter's own parameter or buffer
+            out.append((name, tensor.detach().clone()))
     return out
 
 

@@ -14,6 +14,10 @@ ADAPTER_METHODS = ("none", "lora", "dora", "pissa", "minor", "mica", "miss", "ad
 # the update of these is B @ A (times a constant): the guard projects the factors exactly
 GUARDED_ADAPTERS = ("lora", "minor", "mica", "adalora")
 
+# adapter.sync=adapter: the methods whose saved PEFT adapter vLLM serves exactly on the unchanged
+# base model; the others merge for the sync (rlx/adapters/sync.py says why, once)
+ENGINE_ADAPTERS = ("lora", "mica")
+
 
 @dataclasses.dataclass
 class AdaLoraConfig:
@@ -66,6 +70,12 @@ class AdapterConfig:
         help="k > 0: after every optimizer step remove the top-k principal part of each target "
         "matrix's update, dW <- (I - U_k U_k^T) dW (I - V_k V_k^T), U_k, V_k from W0's SVD; 0 = off",
     )
+    sync: Literal["merged", "adapter"] = knob(
+        "merged",
+        help="how the rollout engine gets the policy: merged = the merged weights; adapter = the "
+        "adapter only (PEFT format), served through vLLM LoRA requests (lora, mica; the other "
+        "methods fall back to merged); needs rollout.enable_lora and rollout.max_lora_rank >= rank",
+    )
     diagnostics_every: int = knob(
         0, help="log the cheap spectral diagnostics (diag/*) every k steps; 0 = off"
     )
@@ -101,6 +111,28 @@ class AdapterConfig:
         if self.method == "adalora":
             r = self.adalora.target_rank
             require(r <= self.rank, "adalora.target_rank", f"<= rank ({self.rank})", r)
+        if self.sync == "adapter" and not self.enabled:
+            require(False, "sync", "merged with method none (no adapter to serve)", self.sync)
+
+
+def check_adapter_sync(adapter: AdapterConfig, rollout) -> None:
+    """adapter.sync=adapter serves the adapter through the engine's LoRA requests: the engine must
+    be built for them (enable_lora) with room for its rank. Methods vLLM cannot serve merge
+    instead (rlx.adapters.sync), so they need nothing of the engine."""
+    if adapter.sync != "adapter" or adapter.method not in ENGINE_ADAPTERS:
+        return
+    if rollout.backend == "hf":
+        raise ConfigError(
+            "adapter.sync=adapter needs rollout.backend=vllm or server (the hf engine serves no "
+            "LoRA adapters); use adapter.sync=merged"
+        )
+    if not rollout.enable_lora or rollout.max_lora_rank < adapter.rank:
+        raise ConfigError(
+            f"adapter.sync=adapter serves the rank-{adapter.rank} adapter through vLLM LoRA "
+            f"requests: set rollout.enable_lora=true and rollout.max_lora_rank >= {adapter.rank} "
+            f"(one of vLLM's 8, 16, 32, 64, ...; now enable_lora={rollout.enable_lora}, "
+            f"max_lora_rank={rollout.max_lora_rank})"
+        )
 
 
 def adapter_from_lora(adapter: AdapterConfig, lora) -> AdapterConfig:

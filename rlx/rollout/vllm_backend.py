@@ -10,8 +10,9 @@ tied embeddings `lm_head` shares the embedding parameter but may keep its own pa
 re-pack it after every sync. The `prompt_logprobs` test against an HF forward is what proves the
 sync exact; log the vLLM-vs-trainer logprob gap during training as the stale-weights alarm.
 
-For ES: `generate_ids` takes one `Adapter` per prompt (a LoRARequest each; the engine must be built
-with enable_lora), and in-place perturbation is a weight sync like any other.
+For ES and the adapter-only sync (adapter.sync=adapter, rlx/adapters/sync.py): `generate_ids` and
+`prompt_logprobs` take adapters (a LoRARequest each; the engine must be built with enable_lora), and
+in-place perturbation is a weight sync like any other.
 """
 
 from __future__ import annotations
@@ -225,13 +226,18 @@ class VLLMEngine:
         for lora_id in list(llm_engine.list_loras()):
             llm_engine.remove_lora(lora_id)
 
-    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution)."""
+    def prompt_logprobs(
+        self, token_ids: Sequence[Sequence[int]], adapter: Adapter | None = None
+    ) -> list[list[float]]:
+        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution); with
+        `adapter`, the distribution of the base model with that LoRA adapter."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         requests = [{"prompt_token_ids": list(ids)} for ids in token_ids]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        adapters = None if adapter is None else [adapter] * len(requests)
+        lora = self._lora_requests(adapters, len(requests))
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora)
         return [
             [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
             for out, ids in zip(outputs, token_ids, strict=True)
