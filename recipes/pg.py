@@ -20,6 +20,9 @@ gathered so advantages, REINFORCE's global whitening and dynamic sampling see th
 Each rank divides its loss by the whole mini-batch's sequence and token counts (gathered) and
 multiplies it by the number of ranks, so that DDP's gradient average is the gradient of the batch
 loss one process would compute (TRL does this for loss_type "dapo" only).
+What is trained is the `adapter:` section's (docs/adapters.md): all weights or a PEFT adapter, the
+principal guard and AdaLoRA's allocation as optimizer step hooks, AdaLoRA's orthogonality penalty
+in the loss, the spectral probe's diag/* metrics, and merged or adapter-only weight sync.
 Outputs in `output_dir`: metrics.jsonl, eval.json, reward_curves.png,
 config.yaml, checkpoints/, tensorboard logs.
 """
@@ -35,9 +38,9 @@ import numpy as np
 import torch
 from transformers import get_scheduler
 
-from rlx import sharding
+from rlx import adapters, sharding
 from rlx.algos import pg
-from rlx.config import ConfigError, LoraConfig, PGConfig
+from rlx.config import AdapterConfig, ConfigError, PGConfig
 from rlx.data import load_held_out, load_prompts, step_prompt_indices
 from rlx.evaluation import resolve_rewards, score_rollout
 from rlx.hardware import autocast_enabled, describe_choice
@@ -91,25 +94,24 @@ def train(cfg: PGConfig) -> dict:
     announce(cfg, run)
 
     # ---- models, data, rewards, rollout engine
-    model, tokenizer = load_policy(cfg.model, cfg.lora)
+    updates_per_step = cfg.algo.ppo_epochs * cfg.algo.mini_batches
+    model, tokenizer = load_policy(cfg.model, cfg.adapter, total_steps=cfg.steps * updates_per_step)
     ref_model = load_reference(cfg) if cfg.algo.kl_beta > 0 else None
-    task, limit = cfg.task, cfg.max_prompt_tokens
-    train_data = load_prompts(
-        task, task.split, task.num_prompts, tokenizer, limit, cfg.long_prompts
-    )
-    eval_data = load_held_out(cfg, tokenizer)
-    reward_fns = resolve_rewards(task.name, cfg.rewards)
+    train_data, eval_data, reward_fns = load_data(cfg, tokenizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     forward_params = matmul_params(model)  # for the train FLOP/s metric
     optimizer, scheduler = make_optimizer(cfg, trainable)
-    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank)
-    sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.lora.enabled)
+    engine = make_rollout_engine(cfg, rank)
+    sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.adapter.enabled)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
+    hooks = adapters.install_step_hooks(policy, optimizer, cfg.adapter)  # before resume: W0
+    probe = adapters.make_probe(policy, cfg.adapter)
     print(f"pg: rank {rank}: {sharding.describe(accelerator, policy)}")
     saved = model if sharding.zero_stage(accelerator) else policy  # DeepSpeed saves shards
     if run.resume(saved, optimizer, scheduler) or cfg.rollout.backend == "server":
         sync_weights(engine, policy, accelerator)  # a server may hold another run's weights
+    hooks.step = run.step * updates_per_step  # AdaLoRA's budget schedule
     weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
     run.start(engine, eval_data, reward_fns)
 
@@ -190,6 +192,7 @@ def train(cfg: PGConfig) -> dict:
             row = step_metrics(
                 run.step, full, keep, advantages, reward_fns, stats, times, step_s, lr
             )
+            row |= adapters.diagnostics_row(probe, policy, run.step, cfg.adapter.diagnostics_every)
             run.log_step(row | hv, reward=row["reward_mean"], gap=row["logprob_gap_max"])
         extra = {"weighting": weighting.state_dict()} if weighting is not None else None
         if run.end_step(time.perf_counter() - t0, saved, optimizer, scheduler, extra):
@@ -220,9 +223,27 @@ def announce(cfg: PGConfig, run: Run) -> None:
 
 
 def load_reference(cfg: PGConfig):
-    """The frozen reference model of the KL term: the initial policy, without LoRA."""
-    ref_model, _ = load_policy(cfg.model, LoraConfig(enabled=False))
+    """The frozen reference model of the KL term: the initial policy, without an adapter."""
+    ref_model, _ = load_policy(cfg.model, AdapterConfig())
     return ref_model.eval().requires_grad_(False)
+
+
+def load_data(cfg: PGConfig, tokenizer):
+    """The training prompts, the held-out ones (None without eval) and the reward functions."""
+    task = cfg.task
+    train_data = load_prompts(
+        task, task.split, task.num_prompts, tokenizer, cfg.max_prompt_tokens, cfg.long_prompts
+    )
+    return train_data, load_held_out(cfg, tokenizer), resolve_rewards(task.name, cfg.rewards)
+
+
+def make_rollout_engine(cfg: PGConfig, rank: int):
+    """The rollout engine; with adapter.sync=adapter it serves the adapter through LoRA requests
+    (rlx.adapters.sync_engine; versions saved under output_dir/adapter_sync)."""
+    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank)
+    folder = f"{cfg.output_dir}/adapter_sync"
+    push_base = cfg.rollout.backend == "server"  # a server may hold another run's base weights
+    return adapters.sync_engine(engine, cfg.adapter, folder, rank, push_base)
 
 
 def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
@@ -239,10 +260,14 @@ def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
 def sync_weights(engine, policy, accelerator) -> None:
     """Push the policy's weights into the rollout engine as one update (under ZeRO-3 gathered a
     chunk at a time; every rank takes part). Rollout servers are shared by all ranks, and rank 0
-    alone syncs them: the others wait for it before they sample again."""
-    with engine.weight_update():
-        for chunk in sharding.weight_chunks(policy, export_weights):
-            engine.update_weights(chunk)
+    alone syncs them: the others wait for it before they sample again. adapter.sync=adapter: each
+    rank saves the adapter as a new version its engine serves from now on."""
+    if isinstance(engine, adapters.AdapterSyncEngine):
+        engine.sync(policy)
+    else:
+        with engine.weight_update():
+            for chunk in sharding.weight_chunks(policy, export_weights):
+                engine.update_weights(chunk)
     accelerator.wait_for_everyone()
 
 
@@ -415,7 +440,10 @@ def train_on_batch(
                 num_sequences=num_sequences,
                 num_tokens=num_tokens,
             )
-            accelerator.backward(loss * world)
+            # AdaLoRA's orthogonality penalty, once per update: each rank adds 1/(its micro-batches
+            # x world) of it per micro-batch, so DDP's average of the sums is its gradient
+            penalty = adapters.extra_loss(model) / (len(starts) * world)
+            accelerator.backward((loss + penalty) * world)
         gap = (old - mb.sampler_logprobs).abs() * mask  # stale-weights alarm
         stats["loss"] += float(loss.detach())
         stats["clip_low"] += float((low * mask).sum())

@@ -51,16 +51,17 @@ def zero_stage(accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
-def configure(accelerator, max_grad_norm: float, lora: bool) -> None:
+def configure(accelerator, max_grad_norm: float, adapter: bool) -> None:
     """Before `prepare`: the loop's batching and clipping in DeepSpeed's terms (one engine step
-    per mini-batch, gradient clipping = optim.max_grad_norm)."""
+    per mini-batch, gradient clipping = optim.max_grad_norm). `adapter`: an adapter is trained."""
     stage = zero_stage(accelerator)
     if not stage:
         return
-    if stage == 3 and lora:
+    if stage == 3 and adapter:
         raise ConfigError(
-            "lora.enabled=true under DeepSpeed ZeRO-3 is not supported yet (the adapter merge for "
-            "the rollout sync needs the full weights); use launch/cpu_2proc_zero2.yaml"
+            "an adapter (adapter.method other than none, or lora.enabled=true) under DeepSpeed "
+            "ZeRO-3 is not supported yet (the adapter merge for the rollout sync needs the full "
+            "weights); use launch/cpu_2proc_zero2.yaml"
         )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     ds["gradient_clipping"] = max_grad_norm

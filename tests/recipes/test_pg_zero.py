@@ -117,7 +117,7 @@ def test_zero3_with_lora_is_a_config_error():
 
     plugin = SimpleNamespace(zero_stage=3, deepspeed_config={})
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
-    with pytest.raises(ConfigError, match="cpu_2proc_zero2.yaml"):
-        sharding.configure(accelerator, 1.0, lora=True)
-    sharding.configure(accelerator, 0.5, lora=False)
+    with pytest.raises(ConfigError, match="adapter.method.*cpu_2proc_zero2.yaml"):
+        sharding.configure(accelerator, 1.0, adapter=True)
+    sharding.configure(accelerator, 0.5, adapter=False)
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
