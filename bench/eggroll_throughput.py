@@ -23,8 +23,10 @@ machine a neighbour's burst can halve one run), with the ratio of medians printe
     .venv/bin/python bench/eggroll_throughput.py                     # SmolLM2-135M, minutes
     bench/eggroll_gpu.sh                      # GPU: random-initialised ~0.5B Llama-shaped model
 
-The last line printed is `population_throughput_ratio=<ratio>` of the best backend, each backend's
-ratio taken against plain inference on its own engine type. Goal (the paper's figure): >= 0.91.
+The last line printed is `population_throughput_ratio=<ratio>`: the fastest population backend's
+tokens/s against the fastest plain inference measured in the same run, whatever its engine (the
+paper's 91% is against pure batch inference); the table keeps each backend's ratio against plain
+inference on its own engine type as extra columns. Goal (the paper's figure): >= 0.91.
 """
 
 from __future__ import annotations
@@ -345,9 +347,11 @@ def main(argv=None) -> int:
     report(summaries)
     if not summaries:
         return 1
-    best = max(summaries.values(), key=lambda s: s["ratio_same_engine"])
-    print(f"best backend: {best['backend']}")
-    print(f"population_throughput_ratio={best['ratio_same_engine']:.3f}")
+    fastest_plain = max(summaries.values(), key=lambda s: s["plain_tok_s"])
+    best = max(summaries.values(), key=lambda s: s["population_tok_s"])
+    print(f"fastest plain engine: {fastest_plain['backend']}'s; best backend: {best['backend']}")
+    ratio = best["population_tok_s"] / fastest_plain["plain_tok_s"]
+    print(f"population_throughput_ratio={ratio:.3f}")
     return 0
 
 

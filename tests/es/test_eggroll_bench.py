@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -39,4 +40,7 @@ def test_bench_every_backend():
     lines = run_bench("hf_batched,vllm_lora,inplace")
     for name in ("hf_batched", "vllm_lora", "inplace"):
         assert any(line.startswith(name) and "FAILED" not in line for line in lines), name
-    assert lines[-1].startswith("population_throughput_ratio=")
+    # the ratio is against the fastest plain engine of the run, not each backend's own
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    expected = max(r["population_tok_s"] for r in rows) / max(r["plain_tok_s"] for r in rows)
+    assert float(lines[-1].split("=")[1]) == pytest.approx(expected, abs=2e-3)
