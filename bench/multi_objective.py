@@ -8,10 +8,13 @@ format) with `steps` fixed and no time limit; the arms differ only in the weight
 static weight vectors (uniform and three that favour one objective), the hypervolume-guided
 meta-reward (the reference: fixed uniform weights) and the gradient-based weights
 (`--arms` also offers `hypervolume_adaptive`). Each run's held-out point after training (greedy,
-eval.json's "after") is (correctness, mean completion length, format); its hypervolume is taken
-with one reference point for every arm, the base model's point (eval.json's "before", the same
-model and prompts in every run), the length minimised. A run that ends worse than the base model
-in any objective has hypervolume 0.
+eval.json's "after") is (correctness, mean completion length, format), the length minimised. Its
+hypervolume is taken from one reference point shared by every arm: the worst value of each
+objective over the base model (eval.json's "before") and all final points, lowered by a tenth of
+its range. (Measured from the base model's point instead, a run that ends worse than the base in any
+one objective would score 0: with conflicting objectives and few steps that is most runs; the
+`beat base` column counts the runs that beat the base model everywhere.) Finished runs in `--out`
+are read again instead of rerun.
 
 Prints each arm's mean and std over seeds, the median step time and its excess over the static
 uniform arm's, and last `hv_ratio=<best dynamic mean / best static mean>`. Run it on an idle
@@ -31,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rlx.objectives import hypervolume, orient  # noqa: E402
+from rlx.objectives import dominates, hypervolume, orient  # noqa: E402
 
 REWARDS = (
     "rewards/arithmetic.py:correctness",
@@ -89,9 +92,10 @@ def run(arm: str, seed: int, model: str, steps: int, out: Path, tiny: bool) -> d
     cmd += [f"model.name={model}", f"steps={steps}", f"seed={seed}", f"rollout.seed={seed}"]
     cmd += ["max_run_minutes=0", "log_with=[]", f"output_dir={out}", "overwrite_output_dir=true"]
     cmd += TINY if tiny else []
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    if not finished(out, steps):  # a finished run in --out is read, not run again
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
     results = json.loads((out / "eval.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in rows[1:] or rows if r.get("step_time_s") is not None]
@@ -102,10 +106,31 @@ def run(arm: str, seed: int, model: str, steps: int, out: Path, tiny: bool) -> d
     }
 
 
+def finished(out: Path, steps: int) -> bool:
+    """Whether `out` holds a run of `steps` steps with its final evaluation."""
+    try:
+        results = json.loads((out / "eval.json").read_text())
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError):
+        return False
+    return "after" in results and bool(rows) and json.loads(rows[-1]).get("step") == steps
+
+
 def held_out_point(summary: dict) -> list[float]:
     """(correctness, mean completion tokens, format) of an eval.json summary."""
     rewards = summary["rewards"]
     return [rewards["correctness"], summary["completion_tokens_mean"], rewards["step_format"]]
+
+
+def nadir(points: list[list[float]]) -> list[float]:
+    """The shared hypervolume reference (maximised objectives): each objective's worst value over
+    the base model and every final point, lowered by a tenth of its range (1e-3 when all are
+    equal), so that no point has zero extent and every arm is measured from the same place."""
+    ref = []
+    for values in zip(*points, strict=True):
+        spread = max(values) - min(values)
+        ref.append(min(values) - (0.1 * spread if spread > 0 else 1e-3))
+    return ref
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -135,7 +160,9 @@ def main() -> None:
                 for a, b in zip(r["before"], reference, strict=True)
             ):
                 print(f"warning: {arm}'s base point {r['before']} differs from {reference}")
-    ref = orient(reference, MINIMISE)
+    base = orient(reference, MINIMISE)
+    finals = [orient(r["after"], MINIMISE) for arm_runs in runs.values() for r in arm_runs]
+    ref = nadir([base, *finals])
     base_step = (
         statistics.median(r["step_s"] for r in runs.get("static_uniform", []))
         if ("static_uniform" in runs)
@@ -143,21 +170,34 @@ def main() -> None:
     )
     print(f"\nmodel={args.model} steps={args.steps} seeds={args.seeds}")
     print(
-        f"reference (base model, held-out): correctness={reference[0]:.3f} "
+        f"base model (held-out): correctness={reference[0]:.3f} "
         f"length={reference[1]:.1f} format={reference[2]:.3f}"
     )
+    print(
+        f"hypervolume reference (shared nadir): correctness={ref[0]:.3f} length={-ref[1]:.1f} "
+        f"format={ref[2]:.3f}"
+    )
     header = f"{'arm':22} {'hv mean':>9} {'hv std':>9} {'correct':>8} {'length':>7} {'format':>7}"
-    print(header + f" {'step s':>7} {'extra s':>8}")
-    means = {}
+    print(header + f" {'step s':>7} {'extra s':>8} {'beat base':>9}")
+    means, points = {}, {}
     for arm, arm_runs in runs.items():
         hvs = [hypervolume([orient(r["after"], MINIMISE)], ref) for r in arm_runs]
+        wins = sum(hypervolume([orient(r["after"], MINIMISE)], base) > 0 for r in arm_runs)
         means[arm], std = mean_std(hvs)
         point = [statistics.mean(r["after"][k] for r in arm_runs) for k in range(3)]
+        points[arm] = orient(point, MINIMISE)
         step = statistics.median(r["step_s"] for r in arm_runs)
         print(
             f"{arm:22} {means[arm]:9.4f} {std:9.4f} {point[0]:8.3f} {point[1]:7.1f} "
-            f"{point[2]:7.3f} {step:7.2f} {step - base_step:8.2f}"
+            f"{point[2]:7.3f} {step:7.2f} {step - base_step:8.2f} {wins:>5}/{len(arm_runs)}"
         )
+    static_points = {a: p for a, p in points.items() if a in STATIC}
+    front = [
+        a
+        for a, p in static_points.items()
+        if not any(dominates(q, p) for q in static_points.values())
+    ]
+    print(f"static arms on their own Pareto front (mean points): {', '.join(front)}")
     static = [means[a] for a in means if a in STATIC]
     dynamic = [means[a] for a in means if a in DYNAMIC]
     best_static = max(static) if static else float("nan")
