@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def run(arm: str, seed: int, model: str, steps: int, out: Path, tiny: bool) -> d
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{arm} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    for bulky in ("checkpoints", "final"):  # about 2 GB a run that the table does not need
+        shutil.rmtree(out / bulky, ignore_errors=True)
     results = json.loads((out / "eval.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in rows[1:] or rows if r.get("step_time_s") is not None]
