@@ -122,7 +122,7 @@ def test_wrong_type_names_key_type_and_value(override, key, expected):
 
 def test_bad_literal_lists_choices():
     with pytest.raises(
-        ConfigError, match=r"rollout\.backend: expected one of 'vllm', 'hf', got 'tgi'"
+        ConfigError, match=r"rollout\.backend: expected one of 'vllm', 'hf', 'server', got 'tgi'"
     ):
         load_config(GenerateConfig, overrides=["rollout.backend=tgi"])
 
@@ -246,7 +246,7 @@ def test_every_field_has_help_and_describe_mentions_it():
     for key, f in all_fields(GenerateConfig):
         assert f.metadata.get("help"), f"{key} has no help text"
         assert key in text and f.metadata["help"] in text, key
-    assert "rollout.backend: 'vllm' | 'hf' = 'vllm'" in text
+    assert "rollout.backend: 'vllm' | 'hf' | 'server' = 'vllm'" in text
     assert "rewards[].func: str (required)" in text
 
 
