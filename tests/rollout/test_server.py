@@ -15,12 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from rlx.config import ConfigError, RolloutConfig
 from rlx.rollout import EngineUnsupported, Sampling
-from rlx.rollout.server import (
-    RolloutWorkerError,
-    ServerEngine,
-    exposure_warning,
-    serve_command,
-)
+from rlx.rollout.server import RolloutWorkerError, ServerEngine
+from rlx.serve_cli import exposure_warning, serve_command
 
 
 @pytest.fixture
