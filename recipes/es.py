@@ -9,7 +9,8 @@ member i using weights W + E_i, E_i = A_i B_i^T regenerated from (seed, paramete
 (rlx/algos/eggroll.py) -> each member's fitness is the mean task reward (the weighted total of the
 task's rewards, rlx.evaluation.score_rollout) over its completions -> fitness shaping -> the update
 (1/N) sum_i f~_i E_i / sigma goes to a torch optimizer (SGD by default) -> the new weights are synced
-into the population backend and the rollout engine. Population evaluation: `es.backend` =
+into the population backend (and, for hf_batched, into the rollout engine before the held-out
+evaluation, its only user). Population evaluation: `es.backend` =
 hf_batched (one batched HF forward for all members, rlx/kernels), vllm_lora (one LoRA adapter per
 member) or inplace (perturb the engine's weights member by member, then restore).
 
@@ -27,6 +28,7 @@ reward_curves.png, config.yaml, checkpoints/, final/ (the trained model), tensor
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 
@@ -36,6 +38,7 @@ import torch
 from rlx.algos.eggroll import (
     NoiseSpec,
     evolved_parameters,
+    fitness_snr,
     make_optimizer,
     set_es_gradients,
     shape_fitness,
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: ESConfig) -> dict:
     """Run the loop; return eval.json's content."""
-    run = Run(cfg, nan_on_skip=("update_norm",))
+    run = Run(cfg, nan_on_skip=("update_norm", "update_rms_over_sigma", "fitness_snr"))
     accelerator, world, rank, es = run.accelerator, run.world, run.rank, cfg.es
     try:
         members = split_members(es.population_size, world, rank)
@@ -128,7 +131,7 @@ def train(cfg: ESConfig) -> dict:
         t1 = time.perf_counter()
         shaped = shape_fitness(es.fitness_shaping, full["scores"])  # [N]
         update_norm = set_es_gradients(noise, params, run.step, shaped)
-        optimizer.step()
+        moved = optimizer_step(optimizer, params)  # RMS change of the evolved weights
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         t_update = time.perf_counter() - t1
@@ -146,11 +149,13 @@ def train(cfg: ESConfig) -> dict:
                 "sync": t_sync,
             }
             step_s, lr = time.perf_counter() - t0, scheduler.get_last_lr()[0]
-            row = step_metrics(run.step, full, shaped, reward_fns, update_norm, times, step_s, lr)
+            update = {"update_norm": update_norm, "update_rms_over_sigma": moved / es.sigma}
+            row = step_metrics(run.step, full, shaped, reward_fns, update, times, step_s, lr)
             run.log_step(row, reward=row["reward_mean"], fit_std=row["fitness_std"])
         if run.end_step(time.perf_counter() - t0, master, optimizer, scheduler):
             break
 
+    sync(cfg, backend, engine, params, to_engine=True)  # the held-out evaluation's weights
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy) after ES"
     results = run.finish(master, tokenizer, engine, eval_data, reward_fns, title)
     backend.close()  # backends never close the engine they were given: its owner does
@@ -200,12 +205,23 @@ def build_population(
     return engine, backend
 
 
-def sync(cfg: ESConfig, backend, engine, params) -> None:
-    """Push the evolved weights into the backend and, when it is separate, the rollout engine."""
+def sync(cfg: ESConfig, backend, engine, params, to_engine: bool = False) -> None:
+    """Push the evolved weights into the backend and, with `to_engine`, into the rollout engine
+    when it is separate (hf_batched: the engine only runs the held-out evaluation, so the loop
+    skips that copy on every step and makes it before the evaluation)."""
     named = [(name, p.detach()) for name, p in params.items()]
     backend.sync(named)
-    if engine is not None and cfg.es.backend == "hf_batched":
+    if to_engine and engine is not None and cfg.es.backend == "hf_batched":
         engine.update_weights(named)
+
+
+def optimizer_step(optimizer, params) -> float:
+    """optimizer.step(); return the RMS of the change it made to the evolved weights (one copy of
+    them is held meanwhile), the figure to compare with sigma, the noise's RMS per entry."""
+    before = {name: p.detach().clone() for name, p in params.items()}
+    optimizer.step()
+    sq = sum(float((p.detach() - before[n]).double().pow(2).sum()) for n, p in params.items())
+    return math.sqrt(sq / sum(p.numel() for p in params.values()))
 
 
 def local_stats(plan, scores, completions, num_prompts: int, seconds: float) -> dict:
@@ -220,8 +236,8 @@ def local_stats(plan, scores, completions, num_prompts: int, seconds: float) -> 
     }
 
 
-def step_metrics(step, full, shaped, reward_fns, update_norm, times, step_time, lr) -> dict:
-    """One metrics.jsonl row."""
+def step_metrics(step, full, shaped, reward_fns, update, times, step_time, lr) -> dict:
+    """One metrics.jsonl row; `update`: the update's figures (update_norm, ...)."""
     scores = full["scores"]  # [N, P]
     fitness = scores.nanmean(dim=1)  # [N]
     count, tokens = float(full["count"].sum()), float(full["tokens"].sum())
@@ -232,7 +248,8 @@ def step_metrics(step, full, shaped, reward_fns, update_norm, times, step_time, 
         "reward_min": float(fitness.min()),
         "fitness_std": float(fitness.std(unbiased=False)),
         "shaped_abs_mean": float(shaped.abs().mean()),
-        "update_norm": update_norm,
+        "fitness_snr": fitness_snr(scores),
+        **update,
         "lr": lr,
     }
     per_fn = full["per_fn_sum"].sum(0) / count

@@ -111,7 +111,7 @@ def train(cfg: PGConfig) -> dict:
     saved = model if sharding.zero_stage(accelerator) else policy  # DeepSpeed saves shards
     if run.resume(saved, optimizer, scheduler) or cfg.rollout.backend == "server":
         sync_weights(engine, policy, accelerator)  # a server may hold another run's weights
-    hooks.step = run.step * updates_per_step  # AdaLoRA's budget schedule
+    hooks.resume(run.step * updates_per_step, run.resumed_tensors)  # AdaLoRA's allocator
     weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
     run.start(engine, eval_data, reward_fns)
 
@@ -188,6 +188,7 @@ def train(cfg: PGConfig) -> dict:
 
         if run.main:
             times = {"rollout": t_rollout, "reward": t_reward, "train": t_train, "sync": t_sync}
+            times |= hooks.pop_seconds()  # the principal guard's and AdaLoRA's share of train
             step_s, lr = time.perf_counter() - t0, scheduler.get_last_lr()[0]
             row = step_metrics(
                 run.step, full, keep, advantages, reward_fns, stats, times, step_s, lr
@@ -195,7 +196,8 @@ def train(cfg: PGConfig) -> dict:
             row |= adapters.diagnostics_row(probe, policy, run.step, cfg.adapter.diagnostics_every)
             run.log_step(row | hv, reward=row["reward_mean"], gap=row["logprob_gap_max"])
         extra = {"weighting": weighting.state_dict()} if weighting is not None else None
-        if run.end_step(time.perf_counter() - t0, saved, optimizer, scheduler, extra):
+        state = (saved, optimizer, scheduler, extra, hooks.state_dict())  # + AdaLoRA's allocator
+        if run.end_step(time.perf_counter() - t0, *state):
             break
 
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `<output_dir>/checkpoints/step-<N>/` holding the trainable weights
 (`model/` as safetensors: the full model, or only the LoRA adapter), `optimizer.pt`,
-`scheduler.pt`, `rng.pt` (python / numpy / torch generator states) and `state.json` (step, data
-position and anything else the loop needs). It is written to a hidden temporary folder and renamed
+`scheduler.pt`, `rng.pt` (python / numpy / torch generator states), `state.json` (step, data
+position and anything else the loop needs) and, when the loop has some, `loop_tensors.pt` (its
+tensor state, e.g. AdaLoRA's importance averages). It is written to a hidden temporary folder and renamed
 into place, so a crash never leaves a half-written checkpoint under a real name.
 
 Loading never runs code from the folder: weights are safetensors, and the `.pt` files are read with
@@ -26,6 +27,7 @@ import torch
 from rlx.errors import UserError
 
 PREFIX = "step-"
+LOOP_TENSORS = "loop_tensors.pt"
 
 
 class CheckpointError(UserError):
@@ -72,9 +74,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(
+    output_dir, step: int, model, optimizer, scheduler, state: dict, tensors: dict | None = None
+) -> Path:
     """Write checkpoint `step` atomically and return its folder. `model` is saved with
-    save_pretrained (a peft model saves only its adapter)."""
+    save_pretrained (a peft model saves only its adapter); `tensors`: the loop's tensor state."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
@@ -84,6 +88,8 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, state: d
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        if tensors:
+            torch.save(tensors, tmp / LOOP_TENSORS)
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         old = None
         if final.exists():  # re-saving the same step (e.g. after a resume): swap, then remove
@@ -172,22 +178,37 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
+def load_loop_tensors(path: Path) -> dict:
+    """The loop's tensor state saved with checkpoint `path` ({} when it saved none)."""
+    return load_pt(path / LOOP_TENSORS) if (path / LOOP_TENSORS).is_file() else {}
+
+
 def checkpoint(
-    accelerator, output_dir, step: int, model, optimizer, scheduler, cfg, extra: dict | None = None
+    accelerator,
+    output_dir,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    cfg,
+    extra: dict | None = None,
+    tensors: dict | None = None,
 ) -> None:
     """save_checkpoint on the main process (data position from `cfg.prompts_per_step`, plus the
-    loop's `extra` state for state.json), then a barrier so no rank runs ahead of a checkpoint
-    being written. Under DeepSpeed every rank writes its shard of the weights and optimizer state
+    loop's `extra` state for state.json and its `tensors`), then a barrier so no rank runs ahead
+    of a checkpoint being written. Under DeepSpeed every rank writes its shard of the weights and optimizer state
     (DeepSpeed's format, in `deepspeed/`)."""
     position = {"data_position": step * cfg.prompts_per_step, **(extra or {})}
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        save_sharded_checkpoint(accelerator, output_dir, step, model, scheduler, position)
+        save_sharded_checkpoint(accelerator, output_dir, step, model, scheduler, position, tensors)
     elif accelerator.is_main_process:
-        save_checkpoint(output_dir, step, model, optimizer, scheduler, position)
+        save_checkpoint(output_dir, step, model, optimizer, scheduler, position, tensors)
     accelerator.wait_for_everyone()
 
 
-def save_sharded_checkpoint(accelerator, output_dir, step: int, engine, scheduler, state: dict):
+def save_sharded_checkpoint(
+    accelerator, output_dir, step: int, engine, scheduler, state: dict, tensors: dict | None = None
+):
     """The DeepSpeed variant of save_checkpoint, written by every rank into one temporary folder
     that the main process renames into place once all ranks are done (a shared filesystem when
     the ranks are on several machines)."""
@@ -204,6 +225,8 @@ def save_sharded_checkpoint(accelerator, output_dir, step: int, engine, schedule
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        if tensors:
+            torch.save(tensors, tmp / LOOP_TENSORS)
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         old = final.rename(root / f".old-{final.name}-sharded") if final.exists() else None
         tmp.rename(final)

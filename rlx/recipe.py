@@ -25,7 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from rlx import sharding
-from rlx.checkpoint import checkpoint, find_checkpoint, load_checkpoint, save_final_model
+from rlx.checkpoint import (
+    checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    load_loop_tensors,
+    save_final_model,
+)
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.errors import report_user_errors
 from rlx.evaluation import evaluate
@@ -82,6 +88,7 @@ class Run:
         self.nan_on_skip = ("reward_mean", "step_time_s", *nan_on_skip)
         self.step, self.results, self.log, self.bar, self.began = 0, {}, None, None, 0.0
         self.resumed_state: dict = {}  # state.json of the checkpoint resumed from
+        self.resumed_tensors: dict = {}  # and the loop's tensor state saved with it
         torch.manual_seed(cfg.seed)
 
     def resume(self, model, optimizer, scheduler) -> int:
@@ -91,6 +98,7 @@ class Run:
             return 0
         ckpt = find_checkpoint(self.out, self.cfg.resume_from)
         self.resumed_state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        self.resumed_tensors = load_loop_tensors(ckpt)
         self.step = self.resumed_state["step"]
         if self.main:
             truncate_metrics(self.out / "metrics.jsonl", self.step)
@@ -132,17 +140,23 @@ class Run:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
 
     def end_step(
-        self, step_seconds: float, model, optimizer, scheduler, extra: dict | None = None
+        self,
+        step_seconds: float,
+        model,
+        optimizer,
+        scheduler,
+        extra: dict | None = None,
+        tensors: dict | None = None,
     ) -> bool:
         """After a step: checkpoint when due (save_every, the last step, out of time), with the
-        loop's `extra` state (JSON) in state.json. True when training must stop now because
+        loop's `extra` state (JSON) in state.json and its `tensors` beside it. True when training must stop now because
         another step would not fit the time limits."""
         cfg = self.cfg
         out_of_time = self.clock.out_of_time(step_seconds, self.accelerator)
         due = cfg.save_every and self.step % cfg.save_every == 0
         if due or self.step == cfg.steps or out_of_time:
             args = (self.accelerator, self.out, self.step, model, optimizer, scheduler, cfg)
-            checkpoint(*args, extra=extra)
+            checkpoint(*args, extra=extra, tensors=tensors)
         if out_of_time and self.main:
             print(f"stopping after {self.step} steps: {out_of_time}")
         return bool(out_of_time)

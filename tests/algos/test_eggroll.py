@@ -122,6 +122,25 @@ def test_pair_sign_and_no_shaping():
         eg.shape_fitness("rank", scores)
 
 
+def test_fitness_snr_hand_computed_and_its_two_ends():
+    nan = float("nan")
+    # grouped: members 0-3 answered prompt 0 (+10 harder to miss), members 4-7 prompt 1
+    scores = torch.tensor([[1.0, nan], [0.0, nan], [1.0, nan], [1.0, nan],
+                           [nan, 11.0], [nan, 10.0], [nan, 10.0], [nan, 10.0]])  # fmt: skip
+    f = torch.tensor([0.25, -0.75, 0.25, 0.25, 0.75, -0.25, -0.25, -0.25], dtype=torch.float64)
+    d, s = f[0::2] - f[1::2], f[0::2] + f[1::2]  # the prompt's +10 is centred away
+    expected = (d.var(unbiased=False) + 1e-5) / (s.var(unbiased=False) + 1e-5)
+    assert eg.fitness_snr(scores) == pytest.approx(float(expected))
+    # only the noise's sign matters: far above 1; it does not matter at all: below 1; ties: 1
+    odd = torch.tensor([[1.0], [0.0], [0.0], [1.0], [1.0], [0.0], [0.0], [1.0]])
+    even = torch.tensor([[1.0], [1.0], [0.0], [0.0], [1.0], [1.0], [0.0], [0.0]])
+    assert eg.fitness_snr(odd) > 1e4
+    assert eg.fitness_snr(even) < 1e-4
+    assert eg.fitness_snr(torch.zeros(8, 2)) == 1.0
+    with pytest.raises(ValueError, match="even population"):
+        eg.fitness_snr(torch.zeros(3, 1))
+
+
 def test_shaped_fitness_of_all_equal_scores_is_zero():
     scores = torch.full((4, 3), 0.7, dtype=torch.float64)
     for name in ("zscore", "group_zscore", "pair_sign"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +26,8 @@ REQUIRED = {
     "reward_max",
     "fitness_std",
     "update_norm",
+    "update_rms_over_sigma",
+    "fitness_snr",
     "tokens_per_s",
     "time_population_s",
     "time_update_s",
@@ -100,6 +103,11 @@ def test_short_run_writes_every_output(tiny_llama, tmp_path, vowel_reward):
     start = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
     moved = {k for k in weights if not torch.equal(weights[k], start[k])}
     assert moved and all(k.endswith("proj.weight") for k in moved)  # norms, embeddings frozen
+    # plain SGD moves every entry by lr * direction: the logged RMS change is lr |dir| / sqrt(n)
+    entries = sum(start[k].numel() for k in moved)
+    expected = 0.01 * rows[0]["update_norm"] / math.sqrt(entries) / 0.01  # lr, sigma: overrides()
+    assert rows[0]["update_rms_over_sigma"] == pytest.approx(expected, rel=1e-3)
+    assert all(r["fitness_snr"] > 0 for r in rows)
 
 
 def test_es_raises_the_held_out_reward(tiny_llama, tmp_path, vowel_reward):

@@ -185,3 +185,40 @@ def test_adapters_load_through_the_servers_lora_endpoint(rollout_server, tiny_ti
         assert not engine._adapters
     finally:
         engine.close()
+
+
+def test_adapter_sync_to_a_server_serves_each_new_version(rollout_server, tiny_tied, tmp_path):
+    """adapter.sync=adapter with rollout servers: the base weights go first (the server may hold
+    another run's), then each sync saves a new adapter version that the server loads through its
+    LoRA endpoint; sampled and prompt logprobs are the trainer's PEFT model's (fp32, 1e-4), and
+    the previous version is unloaded and deleted."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlx.adapters import AdapterSyncEngine
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    engine = ServerEngine(
+        tiny_tied, [rollout_server[0]], timeout_s=60, enable_lora=True, max_loras=2
+    )
+    other = perturbed_state_dict(tiny_tied, seed=7).state_dict()
+    engine.update_weights(other.items())  # another run's weights
+    served = AdapterSyncEngine(engine, tmp_path / "sync", push_base=True)
+    try:
+        for version in (1, 2):
+            gen = torch.Generator().manual_seed(version)
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            served.sync(policy)
+            ref = hf_logprobs(policy, FIXED_TOKENS)
+            got = torch.tensor(served.prompt_logprobs([FIXED_TOKENS])[0])
+            assert (got - ref).abs().max() <= 1e-4
+            c = served.generate(["Sam has"], Sampling(n=1, max_new_tokens=6))[0]
+            sampled = hf_logprobs(policy, c.prompt_token_ids + c.token_ids)[-len(c.token_ids) :]
+            assert torch.allclose(torch.tensor(c.logprobs), sampled, atol=1e-4)
+        assert engine._adapters == {"rlx-rank0-v2"}
+        assert [p.name for p in (tmp_path / "sync").iterdir()] == ["rlx-rank0-v2"]
+    finally:
+        served.close()
