@@ -8,8 +8,9 @@ Rows (all from the run's own config.yaml, so the same model, task, population an
                                members and noise), scored --reseeds times with sampled decoding at
                                --temperature, and twice greedy. Per member: the std of its fitness
                                over the reseeds (mean over members), against the std across members
-                               of their mean fitness. Beside it the share of the members' fitness
-                               variance that reseeding alone produces (1 = all noise).
+                               of their mean fitness (each prompt centred over its members). Beside
+                               it the share of the fitness variance that reseeding alone produces
+                               (noise / (noise + between members); 1 = all noise).
   fitness_snr                  metrics.jsonl: median over steps of (var of antithetic pair
                                differences) / (var of pair sums), 1 = no signal
                                (rlx.algos.eggroll.fitness_snr).
@@ -93,20 +94,24 @@ def reseed_noise(cfg, reseeds: int, temperature: float) -> dict:
     )
     prompts = encode_prompts(tokenizer, rows["prompt"])
 
-    def fitness(temp: float, seed: int) -> torch.Tensor:
+    def scores(temp: float, seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
         sampling = Sampling.from_config(cfg.rollout, n=1, temperature=temp)
         completions = backend.evaluate(prompts, plan, 0, sampling)
-        scores = score_rollout(rows, completions, reward_fns)
-        return score_matrix(plan, scores.total, len(rows)).nanmean(dim=1)  # [N]
+        totals = score_rollout(rows, completions, reward_fns).total
+        return score_matrix(plan, totals, len(rows))  # [N, P], NaN where not answered
 
     out = {}
     for name, temp, seeds in (("sampled", temperature, range(reseeds)), ("greedy", 0.0, (0, 1))):
-        f = torch.stack([fitness(temp, s) for s in seeds])  # [reseeds, N]
+        s = torch.stack([scores(temp, seed) for seed in seeds])  # [reseeds, N, P]
+        f = s.nanmean(dim=2)  # [reseeds, N] raw fitness
+        # across members: each prompt centred over its members first (the prompt's difficulty
+        # is no member's doing), as the fitness shaping does
+        centred = (s.mean(dim=0) - s.mean(dim=0).nanmean(dim=0, keepdim=True)).nanmean(dim=1)
         across_reseeds = float(f.std(dim=0, unbiased=True).mean())
-        across_members = float(f.mean(dim=0).std(unbiased=True))
+        across_members = float(centred.std(unbiased=True))
         within = float(f.var(dim=0, unbiased=True).mean())
-        total = float(f.var(unbiased=True))
+        total = within + float(centred.var(unbiased=True))
         out[name] = {
             "temperature": temp,
             "reseeds": len(seeds),

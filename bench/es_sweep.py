@@ -6,8 +6,8 @@
 
 Every run is `recipes/es.py --config recipes/es.yaml` with the same `max_run_minutes` (both
 held-out evaluations included, so a slower arm runs fewer steps) plus its arm's overrides. The
-task is the main job's two-digit addition (recipes/grpo.yaml's task) unless the arm names sums20
-(sums and differences up to 20, the earlier ES task). Per arm, mean over seeds: held-out gain
+task is the main job's two-digit addition (recipes/grpo.yaml's task), or with --task sums20 sums
+and differences up to 20. Per arm, mean over seeds: held-out gain
 (eval.json after - before), steps, median step time, and from metrics.jsonl the medians of
 fitness_snr (1 = no signal) and update RMS / sigma. A finished run in --out is read back
 (result.json), not run again; its checkpoints are deleted once measured.
@@ -29,8 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ADD2 = ['task.options={one_shot: true, max_operand: 99, ops: ["+"]}']
-SUMS20 = ['task.options={one_shot: true, max_operand: 20, ops: ["+", "-"]}']
+TASKS = {
+    "add2": 'task.options={one_shot: true, max_operand: 99, ops: ["+"]}',
+    "sums20": 'task.options={one_shot: true, max_operand: 20, ops: ["+", "-"]}',
+}
 ARMS: dict[str, list[str]] = {  # each: the overrides of recipes/es.yaml (the task is added)
     "base": [],
     "lr4": ["es.lr=0.02"],
@@ -39,6 +41,9 @@ ARMS: dict[str, list[str]] = {  # each: the overrides of recipes/es.yaml (the ta
     "sigma2": ["es.sigma=0.01", "es.lr=0.04"],
     "sigma_half": ["es.sigma=0.0025", "es.lr=0.01"],
     "pop32": ["es.population_size=32", "es.lr=0.02"],
+    "pop32_lr2": ["es.population_size=32", "es.lr=0.01"],
+    "pop32_lr8": ["es.population_size=32", "es.lr=0.04"],
+    "pop32_lr32": ["es.population_size=32", "es.lr=0.16"],
     "pop128": ["es.population_size=128", "es.lr=0.02"],
     "prompts4": ["prompts_per_step=4", "es.lr=0.02"],
     "all": [
@@ -54,8 +59,6 @@ ARMS: dict[str, list[str]] = {  # each: the overrides of recipes/es.yaml (the ta
     "zscore": ["es.fitness_shaping=zscore", "es.lr=0.02"],
     "pair_sign": ["es.fitness_shaping=pair_sign", "es.lr=0.02"],
     "sampled": ["rollout.temperature=0.7", "es.lr=0.02"],
-    "sums20": ["task=sums20"],
-    "sums20_lr4": ["task=sums20", "es.lr=0.02"],
 }
 TINY_REWARD = (
     "def longer(prompts, completions, **kw):\n"
@@ -76,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["base", "lr4", "lr16"])
     p.add_argument("--seeds", type=int, default=1, help="runs per arm (seeds 0..n-1)")
+    p.add_argument("--task", choices=list(TASKS), default="add2", help="the arithmetic task")
     p.add_argument("--minutes", type=float, default=5.0, help="max_run_minutes of every run")
     p.add_argument(
         "--steps", type=int, default=1000, help="step cap (default: the clock ends runs)"
@@ -86,10 +90,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def overrides(arm: str) -> list[str]:
-    """The arm's overrides with its task (two-digit addition unless it names sums20)."""
-    extra = [o for o in ARMS[arm] if o != "task=sums20"]
-    return [*(SUMS20 if "task=sums20" in ARMS[arm] else ADD2), *extra]
+def overrides(arm: str, task: str) -> list[str]:
+    """The arm's overrides of recipes/es.yaml, after the task's."""
+    return [TASKS[task], *ARMS[arm]]
 
 
 def run(arm: str, seed: int, model: str, args, out: Path) -> dict:
@@ -97,7 +100,7 @@ def run(arm: str, seed: int, model: str, args, out: Path) -> dict:
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     cmd = [sys.executable, str(ROOT / "recipes" / "es.py")]
-    cmd += ["--config", str(ROOT / "recipes" / "es.yaml"), *overrides(arm)]
+    cmd += ["--config", str(ROOT / "recipes" / "es.yaml"), *overrides(arm, args.task)]
     cmd += [f"model.name={model}", f"seed={seed}", "log_with=[]", "max_minutes=0"]
     cmd += [f"max_run_minutes={args.minutes}", f"output_dir={out}", "overwrite_output_dir=true"]
     cmd += [f"steps={args.steps}"]
@@ -136,7 +139,7 @@ def main() -> None:
     args = parse_args()
     if args.list:
         for arm in ARMS:
-            print(f"{arm:11} {' '.join(overrides(arm))}")
+            print(f"{arm:11} {' '.join(ARMS[arm])}")
         return
     tmp = Path(args.out or tempfile.mkdtemp(prefix="es-sweep-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,9 @@ def main() -> None:
             print(f"{arm} seed {seed}: {r['before']:.3f} -> {r['after']:.3f} in {r['steps']} steps",
                   flush=True)  # fmt: skip
 
-    print(f"\nmodel={args.model} seeds={args.seeds} max_run_minutes={args.minutes}")
+    print(
+        f"\nmodel={args.model} task={args.task} seeds={args.seeds} max_run_minutes={args.minutes}"
+    )
     head = f"{'arm':11} {'before':>6} {'after':>6} {'gain':>7} {'steps':>6} {'step s':>7}"
     print(head + f" {'train r first':>13} {'train r last':>12} {'snr':>6} {'upd/sigma':>9}")
     for arm, rs in runs.items():

@@ -4,8 +4,8 @@ A checkpoint is a folder `<output_dir>/checkpoints/step-<N>/` holding the traina
 (`model/` as safetensors: the full model, or only the LoRA adapter), `optimizer.pt`,
 `scheduler.pt`, `rng.pt` (python / numpy / torch generator states), `state.json` (step, data
 position and anything else the loop needs) and, when the loop has some, `loop_tensors.pt` (its
-tensor state, e.g. AdaLoRA's importance averages). It is written to a hidden temporary folder and renamed
-into place, so a crash never leaves a half-written checkpoint under a real name.
+tensor state, e.g. AdaLoRA's importance averages). It is written to a hidden temporary folder and
+renamed into place, so a crash never leaves a half-written checkpoint under a real name.
 
 Loading never runs code from the folder: weights are safetensors, and the `.pt` files are read with
 `torch.load(weights_only=True)`, which accepts tensors and plain Python containers only (plus the

@@ -28,7 +28,7 @@ def test_sweep_prints_every_arm_and_the_best(tmp_path):
                   "--out", str(tmp_path), "--arms", *arms)  # fmt: skip
     assert lines[-1].startswith("best_arm=") and "base_gain=" in lines[-1]
     for arm in arms:
-        row = next(line.split() for line in lines if line.split()[:1] == [arm])
+        row = [line.split() for line in lines if line.split()[:1] == [arm]][-1]  # the table's
         assert int(float(row[4])) == 2  # steps
         result = json.loads((tmp_path / f"{arm}_0" / "result.json").read_text())
         assert float(row[3]) == pytest.approx(result["gain"], abs=1e-3)
@@ -54,10 +54,11 @@ def test_diagnose_reproduces_the_runs_evaluations(tmp_path, tiny_llama):
     value = {line.rsplit(" ", 1)[0].strip(): line.rsplit(" ", 1)[1] for line in table}
     results = json.loads((run / "eval.json").read_text())
     assert float(value["held-out reward at 0 x the update"]) == pytest.approx(
-        results["before"]["reward_mean"], abs=1e-6
+        results["before"]["reward_mean"],
+        abs=6e-4,  # printed with 3 decimals
     )
     assert float(value["held-out reward at 1 x the update"]) == pytest.approx(
-        results["after"]["reward_mean"], abs=1e-6
+        results["after"]["reward_mean"], abs=6e-4
     )
     assert float(value["fitness std across reseeds, greedy (T=0, 2 reseeds)"]) == 0.0
     assert float(value["ES completions per 10 min"]) > 0
