@@ -196,7 +196,7 @@ def train(cfg: PGConfig) -> dict:
             row |= adapters.diagnostics_row(probe, policy, run.step, cfg.adapter.diagnostics_every)
             run.log_step(row | hv, reward=row["reward_mean"], gap=row["logprob_gap_max"])
         extra = {"weighting": weighting.state_dict()} if weighting is not None else None
-        state = (saved, optimizer, scheduler, extra, hooks.state_dict())  # + AdaLoRA's allocator
+        state = (saved, optimizer, scheduler, extra, hooks.state_dict)  # + AdaLoRA's allocator
         if run.end_step(time.perf_counter() - t0, *state):
             break
 

@@ -146,17 +146,18 @@ class Run:
         optimizer,
         scheduler,
         extra: dict | None = None,
-        tensors: dict | None = None,
+        tensors: Callable[[], dict] | None = None,
     ) -> bool:
         """After a step: checkpoint when due (save_every, the last step, out of time), with the
-        loop's `extra` state (JSON) in state.json and its `tensors` beside it. True when training must stop now because
+        loop's `extra` state (JSON) in state.json and the tensor state `tensors()` returns (called
+        only when a checkpoint is written) beside it. True when training must stop now because
         another step would not fit the time limits."""
         cfg = self.cfg
         out_of_time = self.clock.out_of_time(step_seconds, self.accelerator)
         due = cfg.save_every and self.step % cfg.save_every == 0
         if due or self.step == cfg.steps or out_of_time:
             args = (self.accelerator, self.out, self.step, model, optimizer, scheduler, cfg)
-            checkpoint(*args, extra=extra, tensors=tensors)
+            checkpoint(*args, extra=extra, tensors=tensors() if tensors else None)
         if out_of_time and self.main:
             print(f"stopping after {self.step} steps: {out_of_time}")
         return bool(out_of_time)
