@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (best and median)")
     p.add_argument("--hf-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--vllm-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    p.add_argument("--members-per-batch", type=int, default=16, help="vllm_lora adapters per call")
+    p.add_argument("--members-per-batch", type=int, default=64, help="vllm_lora adapters per call")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
@@ -189,8 +189,9 @@ def run_worker(args) -> dict:
             engine.llm.reset_prefix_cache()
         return backend.evaluate(rows, plan, 0, sampling)
 
-    small = type(plan)(plan.members[:2], plan.prompts[:2])
-    backend.evaluate(rows, small, 0, sampling)  # warm-up of both paths
+    # Warm-up of both paths at full size: the population at epoch 1, so the timed runs (epoch 0)
+    # draw their noise anew, as a new ES step does (vllm_lora: new adapters to write and load).
+    backend.evaluate(rows, plan, 1, sampling)
     plain()
     runs = {"plain": [], "population": []}
     for _ in range(args.repeats):
@@ -222,11 +223,10 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
 
     per_batch = min(args.members_per_batch, args.population)
     everything = list(range(len(rows)))
-    small = type(plan)(plan.members[:2], plan.prompts[:2])
     runs = {"plain": [], "population": []}
     for _ in range(args.repeats):
         engine = vllm_engine(args, lora=False)
-        generate_rows(engine, rows, everything[:4], sampling)  # warm-up
+        generate_rows(engine, rows, everything, sampling)  # warm-up at full size
         engine.llm.reset_prefix_cache()
         runs["plain"].append(timed(lambda e=engine: generate_rows(e, rows, everything, sampling)))
         engine.close()
@@ -238,7 +238,9 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
             shapes=shapes,
             members_per_batch=per_batch,
         )
-        backend.evaluate(rows, small, 0, sampling)  # warm-up (and the adapters of two members)
+        # warm-up at full size with other adapters (epoch 1): the timed run writes and loads its
+        # own, as every new ES step does
+        backend.evaluate(rows, plan, 1, sampling)
         engine.llm.reset_prefix_cache()
         runs["population"].append(timed(lambda b=backend: b.evaluate(rows, plan, 0, sampling)))
         backend.close()

