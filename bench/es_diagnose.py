@@ -107,7 +107,8 @@ def reseed_noise(cfg, reseeds: int, temperature: float) -> dict:
         f = s.nanmean(dim=2)  # [reseeds, N] raw fitness
         # across members: each prompt centred over its members first (the prompt's difficulty
         # is no member's doing), as the fitness shaping does
-        centred = (s.mean(dim=0) - s.mean(dim=0).nanmean(dim=0, keepdim=True)).nanmean(dim=1)
+        per_member = s.mean(dim=0)  # [N, P] over reseeds
+        centred = (per_member - per_member.nanmean(dim=0, keepdim=True)).nanmean(dim=1)
         across_reseeds = float(f.std(dim=0, unbiased=True).mean())
         across_members = float(centred.std(unbiased=True))
         within = float(f.var(dim=0, unbiased=True).mean())

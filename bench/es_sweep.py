@@ -61,6 +61,7 @@ ARMS: dict[str, list[str]] = {  # each: the overrides of recipes/es.yaml (the ta
     "hf_pop32_lr8": [*HF, "es.population_size=32", "es.lr=0.04"],
     "hf_reuse0": [*HF, "es.noise_reuse=0", "es.lr=0.02"],
 }
+ARM_WIDTH = max(map(len, ARMS))  # the table's first column
 TINY_REWARD = (
     "def longer(prompts, completions, **kw):\n"
     "    return [min(len(c), 40) / 40 for c in completions]\n"
@@ -140,7 +141,7 @@ def main() -> None:
     args = parse_args()
     if args.list:
         for arm in ARMS:
-            print(f"{arm:11} {' '.join(ARMS[arm])}")
+            print(f"{arm:{ARM_WIDTH}} {' '.join(ARMS[arm])}")
         return
     tmp = Path(args.out or tempfile.mkdtemp(prefix="es-sweep-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -162,10 +163,10 @@ def main() -> None:
     print(
         f"\nmodel={args.model} task={args.task} seeds={args.seeds} max_run_minutes={args.minutes}"
     )
-    head = f"{'arm':11} {'before':>6} {'after':>6} {'gain':>7} {'steps':>6} {'step s':>7}"
+    head = f"{'arm':{ARM_WIDTH}} {'before':>6} {'after':>6} {'gain':>7} {'steps':>6} {'step s':>7}"
     print(head + f" {'train r first':>13} {'train r last':>12} {'snr':>6} {'upd/sigma':>9}")
     for arm, rs in runs.items():
-        line = f"{arm:11} {mean(r['before'] for r in rs):6.3f} {mean(r['after'] for r in rs):6.3f}"
+        line = f"{arm:{ARM_WIDTH}} {mean(r['before'] for r in rs):6.3f} {mean(r['after'] for r in rs):6.3f}"
         line += f" {mean(r['gain'] for r in rs):+7.3f} {mean(r['steps'] for r in rs):6.1f}"
         line += f" {mean(r['step_s'] for r in rs):7.2f}"
         line += f" {mean(r['train_reward_first'] for r in rs):13.3f}"

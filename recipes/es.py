@@ -55,7 +55,7 @@ from rlx.rewards import RewardError
 from rlx.rollout import Sampling, encode_prompts, engine_dtype, make_engine
 
 # Default adapters per vLLM call: each holds an adapter slot (memory grows with members x rank);
-# on CPU 32 adapters a call ran 14% faster than 16 (bench/eggroll_throughput.py, SmolLM2).
+# 32 adapters a call ran 14% faster than 16 (bench/eggroll_throughput.py, SmolLM2, AVX-512 bf16).
 VLLM_MEMBERS_PER_BATCH = 64
 
 
