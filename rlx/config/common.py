@@ -41,6 +41,12 @@ class RolloutConfig:
         help="rollout.backend=server: this trainer's address as the servers reach it (weight sync)",
     )
     sync_port: int = knob(0, help="rollout.backend=server: weight-sync rendezvous port; 0 = free")
+    sync_backend: Literal["auto", "nccl", "gloo"] = knob(
+        "auto",
+        help="rollout.backend=server: weight-sync transport, the same on the trainer and its "
+        "servers (both read this file); auto = nccl where a GPU is present, else gloo; gloo also "
+        "runs on GPUs (slower, through host memory)",
+    )
     num_samples: int = knob(8, help="completions sampled per prompt (the group size)")
     max_new_tokens: int = knob(64, help="most tokens generated per completion")
     temperature: float = knob(1.0, help="sampling temperature; 0 = greedy")
@@ -57,6 +63,20 @@ class RolloutConfig:
         None,
         help="vLLM KV block size in tokens; prompts share cached prefixes in whole blocks; "
         "null = 32 on CPU (vLLM-CPU's own default is 128), vLLM's default on GPU",
+    )
+    gpu_memory_utilization: float = knob(
+        0.3,
+        help="vLLM on a GPU: the share of GPU memory the engine may take (weights + KV cache); "
+        "the in-process engine shares the GPU with the trainer, so keep it below 1 - the "
+        "trainer's share; ignored on CPU (kv_cache_gib sizes the cache)",
+    )
+    sleep: bool = knob(
+        False,
+        help="in-process vLLM on a GPU: free the engine's GPU memory (vLLM sleep mode, level 1) "
+        "while the trainer steps and wake it before generating; not available on CPU",
+    )
+    max_num_seqs: int | None = knob(
+        None, help="most sequences vLLM runs at once; null = vLLM's default"
     )
     seed: int = knob(0, help="sampling seed")
     enable_lora: bool = knob(False, help="let the engine serve LoRA adapters")
@@ -80,6 +100,16 @@ class RolloutConfig:
         require(self.max_loras >= 1, "max_loras", ">= 1", self.max_loras)
         require(self.max_lora_rank >= 1, "max_lora_rank", ">= 1", self.max_lora_rank)
         require(self.timeout_s > 0, "timeout_s", "> 0", self.timeout_s)
+        gpu = self.gpu_memory_utilization
+        require(0 < gpu <= 1, "gpu_memory_utilization", "in (0, 1]", gpu)
+        n = self.max_num_seqs
+        require(n is None or n >= 1, "max_num_seqs", "null or >= 1", n)
+        require(
+            not self.sleep or self.backend == "vllm",
+            "sleep",
+            "false unless rollout.backend=vllm (the in-process engine)",
+            self.sleep,
+        )
         require(0 <= self.sync_port < 65536, "sync_port", "0 (free) or a port", self.sync_port)
         if self.backend == "server":
             require(

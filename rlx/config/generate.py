@@ -34,7 +34,16 @@ class ServeConfig:
     )
     host: str = knob("127.0.0.1", help="address to bind; anything but loopback is warned about")
     port: int = knob(8000, help="HTTP port")
+    tensor_parallel_size: int = knob(
+        1, help="GPUs one model replica is split over (vLLM --tensor-parallel-size)"
+    )
+    data_parallel_size: int = knob(
+        1, help="model replicas this server runs, one per GPU group (vLLM --data-parallel-size)"
+    )
 
     def __post_init__(self) -> None:
         require(bool(self.host), "host", "a non-empty address", self.host)
         require(0 < self.port < 65536, "port", "in 1..65535", self.port)
+        tp, dp = self.tensor_parallel_size, self.data_parallel_size
+        require(tp >= 1, "tensor_parallel_size", ">= 1", tp)
+        require(dp >= 1, "data_parallel_size", ">= 1", dp)
