@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from rlx.adapters.merge import effective_weights, is_adapted, tuner_layers
+from rlx.config import ConfigError
 
 
 def top_singular_vectors(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +48,12 @@ def target_matrix_names(model, target_modules) -> list[str]:
 class _FullMatrix:
     """Full fine-tuning: the weight itself and W0's projections."""
 
-    def __init__(self, weight: torch.nn.Parameter, w0: torch.Tensor, k: int):
+    def __init__(self, name: str, weight: torch.nn.Parameter, w0: torch.Tensor, k: int):
+        if weight.dtype != torch.float32:  # W - R(dW) written back in bf16 rounds R back in
+            raise ConfigError(
+                f"principal guard: {name} is {str(weight.dtype).removeprefix('torch.')}; the "
+                "full fine-tuning guard needs fp32 weights: set model.dtype=float32"
+            )
         u, v = top_singular_vectors(w0, k)
         w0 = w0.double()
         self.weight, self.u, self.v = weight, u.float(), v.float()
@@ -108,7 +114,7 @@ class PrincipalGuard:
                 w0 = w0.detach().to("cpu", torch.float64)
                 module_name = name.removesuffix(".weight")
                 if module_name not in layers:
-                    self.entries.append(_FullMatrix(params[name], w0, k))
+                    self.entries.append(_FullMatrix(name, params[name], w0, k))
                     continue
                 layer = layers[module_name]
                 for adapter in layer.lora_A:

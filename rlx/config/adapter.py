@@ -135,6 +135,19 @@ def check_adapter_sync(adapter: AdapterConfig, rollout) -> None:
         )
 
 
+def check_guard_precision(adapter: AdapterConfig, model) -> None:
+    """The full fine-tuning guard writes W - R(dW) back in the stored dtype: in bf16 a principal
+    update below half a bf16 step rounds back in (a 512x512 emulation kept 0.023 of its principal
+    share, 3e-7 in fp32). Adapters are fine: PEFT keeps their factors in fp32."""
+    if adapter.principal_guard and not adapter.enabled and model.dtype != "float32":
+        raise ConfigError(
+            f"adapter.principal_guard={adapter.principal_guard} with full fine-tuning needs fp32 "
+            f"weights (bf16 rounds the removed principal update back in): set model.dtype=float32 "
+            f"(bf16_autocast still computes in bf16), or train an adapter; got "
+            f"model.dtype={model.dtype}"
+        )
+
+
 def adapter_from_lora(adapter: AdapterConfig, lora) -> AdapterConfig:
     """The old `lora.*` keys as the `adapter:` section: lora.enabled=true is adapter.method=lora
     with lora's rank, alpha and target_modules; together with another adapter.method, an error."""

@@ -6,7 +6,12 @@ import dataclasses
 import math
 from typing import Literal
 
-from rlx.config.adapter import AdapterConfig, adapter_from_lora, check_adapter_sync
+from rlx.config.adapter import (
+    AdapterConfig,
+    adapter_from_lora,
+    check_adapter_sync,
+    check_guard_precision,
+)
 from rlx.config.common import LoraConfig, OptimConfig, RunConfig
 from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
@@ -149,6 +154,7 @@ class PGConfig(RunConfig):
         super().__post_init__()
         self.adapter = adapter_from_lora(self.adapter, self.lora)
         check_adapter_sync(self.adapter, self.rollout)
+        check_guard_precision(self.adapter, self.model)
         require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
         require(self.sync_every >= 1, "sync_every", ">= 1", self.sync_every)
         r = self.rollout

@@ -105,3 +105,38 @@ def test_guard_hooks_through_an_accelerate_prepared_optimizer(policy):
     after = {n: w.double() for n, w in effective_weights(model, names)}
     leaks = principal_leaks(w0s, {n: w.double() for n, w in w0s.items()}, after, K)
     assert max(leaks.values()) < 1e-6
+
+
+def test_guard_refuses_bf16_weights_for_full_fine_tuning(tiny_llama):
+    """The full fine-tuning guard writes W - R(dW) back in the stored dtype: in bf16 most of the
+    principal part it removes rounds back in. One line at config time, naming the fix, and the
+    guard itself refuses a bf16 matrix (a caller that skips PGConfig)."""
+    from rlx.adapters import install_step_hooks
+    from rlx.config import ConfigError, ModelConfig, PGConfig, load_config
+    from rlx.policy import load_policy
+
+    bf16 = ["model.dtype=bfloat16", f"adapter.principal_guard={K}"]
+    with pytest.raises(ConfigError, match="set model.dtype=float32") as err:
+        load_config(PGConfig, overrides=bf16)
+    assert "\n" not in str(err.value)
+    load_config(PGConfig, overrides=["model.dtype=bfloat16"])  # no guard: nothing to lose
+    load_config(PGConfig, overrides=[*bf16[1:], "model.dtype=float32"])
+    cfg = AdapterConfig(method="none", principal_guard=K)
+    model, _ = load_policy(ModelConfig(name=tiny_llama, dtype="bfloat16"), cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj.weight is bfloat16"):
+        install_step_hooks(model, optimizer, cfg)
+
+
+def test_guard_keeps_fp32_factors_on_a_bf16_base(tiny_llama, train):
+    """Adapters are accepted with a bf16 base: PEFT keeps their factors in fp32, so the guard's
+    projection of B and A stays exact there."""
+    from rlx.config import ModelConfig, PGConfig, load_config
+    from rlx.policy import load_policy
+
+    overrides = ["model.dtype=bfloat16", "adapter.method=lora", f"adapter.principal_guard={K}"]
+    load_config(PGConfig, overrides=overrides)
+    cfg = AdapterConfig(method="lora", rank=4, alpha=8.0, principal_guard=K)
+    model, _ = load_policy(ModelConfig(name=tiny_llama, dtype="bfloat16"), cfg)
+    names = target_matrix_names(model, cfg.target_modules)
+    assert max(guarded_run(model, cfg, names, train).values()) < 1e-6
