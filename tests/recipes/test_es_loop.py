@@ -195,6 +195,8 @@ def test_two_processes_give_exactly_the_single_process_update(tiny_llama, tmp_pa
         ({"rollout.num_samples": 4}, "1 with greedy decoding"),
         ({"es.sigma": 0}, "es.sigma must be > 0"),
         ({"es.fitness_shaping": "rank"}, "expected one of"),
+        # a bf16 master rounds ES steps of RMS ~1e-3 away: fp32 master required
+        ({"model.dtype": "bfloat16"}, "set model.dtype=float32"),
     ],
 )
 def test_bad_config_is_a_clear_error(extra, message):
