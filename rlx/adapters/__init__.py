@@ -22,7 +22,7 @@ from rlx.adapters.diff import weight_delta, weight_deltas
 from rlx.adapters.guard import PrincipalGuard
 from rlx.adapters.merge import base_weights, effective_weights, is_adapted, merged_weights
 from rlx.adapters.methods import METHODS
-from rlx.adapters.probe import SpectralProbe
+from rlx.adapters.probe import SpectralProbe, check_probe_sharding
 from rlx.adapters.sync import AdapterSyncEngine, adapter_sync_fallback
 from rlx.config import AdapterConfig, ConfigError
 
@@ -35,6 +35,7 @@ __all__ = [
     "after_optimizer_step",
     "base_weights",
     "build_adapter",
+    "check_probe_sharding",
     "diagnostics_row",
     "effective_weights",
     "extra_loss",

@@ -139,3 +139,80 @@ def test_probe_sees_the_guard(policy, train):
         rows[guard] = diagnostics_row(probe, model, 2, 2)
     assert rows[4]["diag/principal_share"] < 1e-5 < 1e-2 < rows[0]["diag/principal_share"]
     assert 0 <= rows[0]["diag/bf16_sparsity"] < 1
+
+
+def test_probe_measures_factor_adapters_in_fp32_on_a_bf16_base(tiny_llama, train):
+    """On a bf16 base, s B A merged in bf16 is mostly rounding: the probe takes dW from the fp32
+    factors, so the guard's exact projection shows as a principal share of ~0."""
+    from rlx.adapters import diagnostics_row, make_probe
+    from rlx.config import AdapterConfig, ModelConfig
+    from rlx.policy import load_policy
+
+    cfg = AdapterConfig(
+        method="lora", rank=4, principal_guard=4, diagnostics_every=1, diagnostics_top_k=4
+    )
+    torch.manual_seed(0)
+    model, _ = load_policy(ModelConfig(name=tiny_llama, dtype="bfloat16"), cfg)
+    probe = make_probe(model, cfg)
+    train(model, cfg, steps=2, lr=1e-4)  # merged in bf16 the share read 0.068
+    row = diagnostics_row(probe, model, 1, 1)
+    assert row["diag/principal_share"] < 1e-5 and row["diag/alignment"] < 1e-5, row
+    assert 0 < row["diag/bf16_sparsity"] < 1
+
+
+def test_probe_mean_skips_a_matrix_without_update(policy):
+    """A probed matrix whose dW is 0 has no alignment (nan): the mean is over the others, as
+    summarize does, not nan."""
+    from rlx.adapters import make_probe
+    from rlx.config import AdapterConfig
+
+    cfg = AdapterConfig(method="lora", rank=4, diagnostics_every=1, diagnostics_top_k=4)
+    model = policy(cfg)
+    probe = make_probe(model, cfg)
+    layers = dict(model.get_base_model().named_modules())
+    first = layers[probe.names[0].removesuffix(".weight")]
+    with torch.no_grad():  # only the first probed matrix moves (LoRA's B starts at 0)
+        first.lora_B["default"].weight.normal_(0, 0.1)
+    row = probe.metrics(model)
+    assert all(math.isfinite(v) for v in row.values()), row
+    assert 0 < row["diag/principal_share"] <= 1
+
+
+def test_probe_refused_under_zero3_full_fine_tuning(policy):
+    """ZeRO-3 partitions the weights the probe reads: refused at set-up, by the loop's check of
+    the zero stage and by the probe itself when it meets a partitioned (empty) weight."""
+    from rlx.adapters import check_probe_sharding, make_probe
+    from rlx.config import AdapterConfig, ConfigError
+
+    cfg = AdapterConfig(method="none", diagnostics_every=5)
+    with pytest.raises(ConfigError, match="adapter.diagnostics_every=5 under DeepSpeed ZeRO-3"):
+        check_probe_sharding(cfg, zero_stage=3)
+    check_probe_sharding(cfg, zero_stage=2)
+    check_probe_sharding(AdapterConfig(method="none"), zero_stage=3)  # diagnostics off
+    model = policy(cfg)
+    with torch.no_grad():  # what a ZeRO-3 rank holds of a weight outside a gather
+        model.model.layers[0].self_attn.q_proj.weight.data = torch.empty(0)
+    with pytest.raises(ConfigError, match="partitioned"):
+        make_probe(model, cfg)
+
+
+@pytest.mark.parametrize("method", ["lora", "minor", "mica", "pissa", "adalora", "dora", "miss"])
+def test_factor_delta_is_pefts_delta_weight(method, policy):
+    """The probe's fp32 c B A equals PEFT's own delta for every product adapter (None for DoRA
+    and MiSS, which the probe reads merged)."""
+    from rlx.adapters.merge import tuner_layers
+    from rlx.adapters.probe import factor_delta
+    from rlx.config import AdaLoraConfig, AdapterConfig
+
+    cfg = AdapterConfig(method=method, rank=4, alpha=8.0, adalora=AdaLoraConfig(target_rank=2))
+    model = policy(cfg, total_steps=10)
+    layer = tuner_layers(model.get_base_model())["model.layers.0.self_attn.q_proj"]
+    delta = factor_delta(layer)
+    if method in ("dora", "miss"):
+        assert delta is None
+        return
+    for name, param in layer.named_parameters():  # LoRA's B starts at 0: move every factor
+        if "lora_" in name:
+            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    with torch.no_grad():
+        torch.testing.assert_close(factor_delta(layer), layer.get_delta_weight("default"))
