@@ -148,12 +148,22 @@ def minor_init(layer, adapter: str) -> None:
 
 
 def _check_rank_fits(model, cfg: AdapterConfig) -> None:
-    """The minor-component inits need r <= min(O, I) of every target matrix: one clear line."""
+    """The minor-component inits need r <= min(O, I) of every target matrix, and with the guard
+    k + r <= min(O, I): else the top-k directions it removes overlap the r minor ones the init
+    starts on (it would cut into B0 A0; for mica, zero columns of the frozen B). One clear line."""
+    k, r = cfg.principal_guard, cfg.rank
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in cfg.target_modules:
             smallest = min(module.weight.shape)
-            if cfg.rank > smallest:
+            if r > smallest:
                 raise ConfigError(
                     f"adapter.rank must be <= {smallest} (the smaller side of {name}) for "
-                    f"method={cfg.method}, got {cfg.rank}"
+                    f"method={cfg.method}, got {r}"
+                )
+            if k + r > smallest:
+                size = "x".join(str(n) for n in module.weight.shape)
+                raise ConfigError(
+                    f"adapter.principal_guard + adapter.rank must be <= {smallest} for "
+                    f"method={cfg.method} ({name} is {size}): {k} + {r} > {smallest}, the guard "
+                    "would remove part of the minor init; lower one of them"
                 )

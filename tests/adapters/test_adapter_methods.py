@@ -81,6 +81,18 @@ def test_guard_refused_where_the_update_is_no_product():
         AdapterConfig(method="adalora", rank=4)  # target_rank 8 > rank 4
 
 
+@pytest.mark.parametrize("method", ["minor", "mica"])
+def test_guard_refused_where_it_would_cut_into_the_minor_init(method, policy):
+    """k + r > min(O, I): the guard's top-k directions overlap the r minor ones the init starts
+    on (k_proj of tiny_llama is 64 x 128). One line at adapter set-up, naming module and sizes."""
+    cfg = AdapterConfig(method=method, rank=32, alpha=8.0, principal_guard=40)
+    with pytest.raises(ConfigError, match=r"k_proj.*64x128.*40 \+ 32 > 64") as err:
+        policy(cfg)
+    assert "\n" not in str(err.value)
+    policy(AdapterConfig(method=method, rank=32, alpha=8.0, principal_guard=32))  # 64: fits
+    policy(AdapterConfig(method=method, rank=32, alpha=8.0))  # no guard: nothing to overlap
+
+
 def test_adalora_hooks_allocate_and_penalise(policy, train):
     from rlx.adapters import extra_loss
 
