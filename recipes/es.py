@@ -35,6 +35,7 @@ import time
 import numpy as np
 import torch
 
+from rlx import distributed
 from rlx.algos.eggroll import (
     NoiseSpec,
     evolved_parameters,
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: ESConfig) -> dict:
     """Run the loop; return eval.json's content."""
     run = Run(cfg, nan_on_skip=("update_norm", "update_rms_over_sigma", "fitness_snr"))
-    accelerator, world, rank, es = run.accelerator, run.world, run.rank, cfg.es
+    world, rank, es = run.world, run.rank, cfg.es
     try:
         members = split_members(es.population_size, world, rank)
     except ValueError as err:
@@ -121,14 +122,13 @@ def train(cfg: ESConfig) -> dict:
         t_reward = time.perf_counter() - t0 - t_population
 
         # Only scalars cross processes: failure flags, the score matrix, reward sums.
-        failed = accelerator.gather(torch.tensor([float(failure is not None)]))
-        if failed.any():
+        if distributed.agree(failure is not None):  # every rank skips (or stops) together
             if cfg.bad_steps == "error":
                 raise failure or RewardError("a reward function failed on another process")
             run.skip(f"reward function failed: {failure or 'on another rank'}")
             continue
         local = local_stats(plan, scores, completions, len(rows), t_population)
-        full = {k: accelerator.gather(v) for k, v in local.items()}  # rank order = member order
+        full = {k: distributed.gather(v) for k, v in local.items()}  # rank order = member order
 
         t1 = time.perf_counter()
         shaped = shape_fitness(es.fitness_shaping, full["scores"])  # [N]

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from transformers import get_scheduler
 
-from rlx import adapters, sharding
+from rlx import adapters, distributed, sharding
 from rlx.algos import pg
 from rlx.config import AdapterConfig, ConfigError, PGConfig
 from rlx.data import load_held_out, load_prompts, step_prompt_indices
 from rlx.evaluation import resolve_rewards, score_rollout
 from rlx.hardware import autocast_enabled, describe_choice
-from rlx.metrics import peak_rss_gib
+from rlx.metrics import peak_gpu_gib, peak_rss_gib
 from rlx.policy import (
     MiniBatch,
     RolloutBatch,
@@ -79,6 +79,7 @@ EXTREMES_MAX = (
     "tis_max",
     "ratio_dev_max",
     "peak_rss_gib",
+    "peak_gpu_gib",
 )  # reduced by max over ranks and updates
 EXTREMES_MIN = ("tis_min",)
 
@@ -96,7 +97,6 @@ def train(cfg: PGConfig) -> dict:
     # ---- models, data, rewards, rollout engine
     updates_per_step = cfg.algo.ppo_epochs * cfg.algo.mini_batches
     model, tokenizer = load_policy(cfg.model, cfg.adapter, total_steps=cfg.steps * updates_per_step)
-    ref_model = load_reference(cfg) if cfg.algo.kl_beta > 0 else None
     train_data, eval_data, reward_fns = load_data(cfg, tokenizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     forward_params = matmul_params(model)  # for the train FLOP/s metric
@@ -105,6 +105,7 @@ def train(cfg: PGConfig) -> dict:
     sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.adapter.enabled)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
+    ref_model = load_reference(cfg, accelerator) if cfg.algo.kl_beta > 0 else None
     hooks = adapters.install_step_hooks(policy, optimizer, cfg.adapter)  # before resume: W0
     probe = adapters.make_probe(policy, cfg.adapter)
     print(f"pg: rank {rank}: {sharding.describe(accelerator, policy)}")
@@ -126,17 +127,16 @@ def train(cfg: PGConfig) -> dict:
         torch.manual_seed(cfg.seed * 1_000_003 + run.step)
         completions = engine.generate(rows["prompt"], sampling)
         t_rollout = time.perf_counter() - t0
-        try:
-            scores = score_rollout(rows, completions, reward_fns)
-        except RewardError as err:
+        scores, failure = score_or_failure(rows, completions, reward_fns)
+        if distributed.agree(failure is not None):  # every rank skips (or stops) together
             if cfg.bad_steps == "error":
-                raise
-            run.skip(f"reward function failed: {err}")
+                raise failure or RewardError("a reward function failed on another process")
+            run.skip(f"reward function failed: {failure or 'on another process'}")
             continue
         t_reward = time.perf_counter() - t0 - t_rollout
 
         # Rewards of every rank -> advantages and kept groups of the whole step -> this rank's.
-        full = gather_rewards(accelerator, scores, completions, cfg.rollout.num_samples)
+        full = gather_rewards(scores, completions, cfg.rollout.num_samples)
         mine, pad = slice(rank * len(rows), (rank + 1) * len(rows)), tokenizer.pad_token_id
         algo, weights = cfg.algo, [fn.weight for fn in reward_fns]
         if weighting is not None:  # this step's weights (gradient: one pass per objective first)
@@ -167,7 +167,7 @@ def train(cfg: PGConfig) -> dict:
                 cfg, accelerator, model, ref_model, optimizer, trainable, batches, forward_params
             )
             stats = merge_updates(updates)
-            if not math.isfinite(stats["loss"]):
+            if not math.isfinite(stats["loss"]):  # reduced over ranks: the same on every rank
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.bad_steps == "error":
                     raise FloatingPointError(
@@ -219,15 +219,25 @@ def announce(cfg: PGConfig, run: Run) -> None:
         )
     if run.main:
         device, learner = run.accelerator.device, cfg.algo.advantage
-        print(f"pg: {run.world} process(es) on {device}, learner {learner}")
+        links = f", collectives over {distributed.backend()}" if distributed.active() else ""
+        print(f"pg: {run.world} process(es) on {device}{links}, learner {learner}")
         trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
         print(describe_choice(engine=engine_dtype(cfg.rollout), trainer=trainer))
 
 
-def load_reference(cfg: PGConfig):
-    """The frozen reference model of the KL term: the initial policy, without an adapter."""
+def load_reference(cfg: PGConfig, accelerator):
+    """The frozen reference model of the KL term: the initial policy, without an adapter, on the
+    trainer's device (under ZeRO-3 sharded like the policy, rlx.sharding.prepare_frozen)."""
     ref_model, _ = load_policy(cfg.model, AdapterConfig())
-    return ref_model.eval().requires_grad_(False)
+    return sharding.prepare_frozen(accelerator, ref_model.eval().requires_grad_(False))
+
+
+def score_or_failure(rows, completions, reward_fns):
+    """(scores, None), or (None, the RewardError) when a reward function failed on this rank."""
+    try:
+        return score_rollout(rows, completions, reward_fns), None
+    except RewardError as err:
+        return None, err
 
 
 def load_data(cfg: PGConfig, tokenizer):
@@ -273,7 +283,7 @@ def sync_weights(engine, policy, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def gather_rewards(accelerator, scores, completions, g: int) -> dict:
+def gather_rewards(scores, completions, g: int) -> dict:
     """Every rank's rewards, [P, G] totals, [P, G, K] per function and [P, G] completion lengths,
     in rank order (the step's prompt order)."""
     p_local = len(completions) // g
@@ -283,7 +293,7 @@ def gather_rewards(accelerator, scores, completions, g: int) -> dict:
         "per_fn": torch.tensor(scores.per_function, dtype=torch.float32).view(p_local, g, -1),
         "length": torch.tensor(lengths, dtype=torch.float32).view(p_local, g),
     }
-    return {k: accelerator.gather(v) for k, v in local.items()}
+    return {k: distributed.gather(v) for k, v in local.items()}
 
 
 def mini_batch_parts(keep: torch.Tensor, mini_batches: int) -> torch.Tensor:
@@ -344,7 +354,7 @@ def update_policy(
         for mb in batches:
             t0 = time.perf_counter()
             stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
-            stats = reduce_stats(accelerator, stats, EXTREMES_MAX, EXTREMES_MIN)
+            stats = reduce_stats(stats, EXTREMES_MAX, EXTREMES_MIN)
             if not math.isfinite(stats["loss"]):
                 return updates + [stats]
             max_norm = cfg.optim.max_grad_norm
@@ -370,11 +380,14 @@ def policy_logprobs(cfg: PGConfig, accelerator, model, batch: RolloutBatch) -> t
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
-    for start in range(0, batch.num_groups, per_micro):
+    starts = range(0, batch.num_groups, per_micro)
+    for i in range(sharding.forward_passes(accelerator, len(starts))):
+        start = starts[i] if i < len(starts) else 0  # past this rank's own: a repeat, dropped
         mb = batch.groups(start, start + per_micro).to(accelerator.device)
         with autocast:
             logits = completion_logits(model, mb)
-        rows.append(pg.token_logprobs(logits, mb.completion_ids, temperature).cpu())
+        if i < len(starts):
+            rows.append(pg.token_logprobs(logits, mb.completion_ids, temperature).cpu())
     return torch.cat(rows)
 
 
@@ -389,9 +402,9 @@ def train_on_batch(
     batch, g, algo = mini.batch, mini.batch.group_size, cfg.algo
     world = accelerator.num_processes
     loss_mask = batch.completion_mask * mini.weights[:, None]  # [B, T]
-    counts = torch.tensor([float((mini.weights > 0).sum()), float(loss_mask.sum())])
-    if world > 1:
-        counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
+    counts = distributed.reduce(
+        torch.tensor([float((mini.weights > 0).sum()), float(loss_mask.sum())]), "sum"
+    )
     num_sequences, num_tokens = float(counts[0]), max(float(counts[1]), 1.0)
     extremes = {k: 0.0 for k in EXTREMES_MAX} | {k: math.inf for k in EXTREMES_MIN}
     stats = {k: 0.0 for k in STAT_SUMS} | extremes
@@ -401,12 +414,15 @@ def train_on_batch(
     tis = algo.tis_cap > 0 and cfg.rollout.backend == "vllm"
     per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
     starts = range(0, batch.num_groups, per_micro)
-    for i, start in enumerate(starts):
+    passes = sharding.forward_passes(accelerator, len(starts))
+    for i in range(passes):
+        real = i < len(starts)  # past this rank's micro-batches: a repeat at loss weight 0
+        start = starts[i] if real else 0
         mb = batch.groups(start, start + per_micro).to(accelerator.device)
         rows = slice(start * g, (start + per_micro) * g)
         adv = mini.advantages[rows].to(accelerator.device)
-        mask = loss_mask[rows].to(accelerator.device)
-        last = i == len(starts) - 1
+        mask = loss_mask[rows].to(accelerator.device) * float(real)
+        last = i == passes - 1
         with sharding.micro_batch(accelerator, model, last):
             with autocast:
                 logits = completion_logits(model, mb)  # [b, T, V]
@@ -444,8 +460,10 @@ def train_on_batch(
             )
             # AdaLoRA's orthogonality penalty, once per update: each rank adds 1/(its micro-batches
             # x world) of it per micro-batch, so DDP's average of the sums is its gradient
-            penalty = adapters.extra_loss(model) / (len(starts) * world)
+            penalty = adapters.extra_loss(model) / (passes * world)
             accelerator.backward((loss + penalty) * world)
+        if not real:
+            continue
         gap = (old - mb.sampler_logprobs).abs() * mask  # stale-weights alarm
         stats["loss"] += float(loss.detach())
         stats["clip_low"] += float((low * mask).sum())
@@ -461,6 +479,7 @@ def train_on_batch(
         # plus 2 x params for the reference model's forward
         stats["flops"] += (6 + 2 * (ref_model is not None)) * matmul_params * real_tokens(mb)
     stats["peak_rss_gib"] = peak_rss_gib()  # this process's peak so far (the last sync included)
+    stats["peak_gpu_gib"] = peak_gpu_gib()  # 0 on CPU
     return stats
 
 
@@ -514,6 +533,8 @@ def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_ti
         "train_flops_per_s": stats["flops"] / times["train"],
         "peak_rss_gib": stats["peak_rss_gib"],
     }
+    if stats["peak_gpu_gib"] > 0:
+        row["peak_gpu_gib"] = stats["peak_gpu_gib"]
     if stats["tis_max"] > 0:
         row |= {
             "tis_mean": stats["tis_sum"] / tokens,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlx import sharding
+from rlx import distributed, sharding
 from rlx.checkpoint import (
     checkpoint,
     find_checkpoint,
@@ -97,7 +97,7 @@ class Run:
         if not self.cfg.resume_from:
             return 0
         ckpt = find_checkpoint(self.out, self.cfg.resume_from)
-        self.resumed_state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        self.resumed_state = load_checkpoint(ckpt, model, optimizer, scheduler, self.rank)
         self.resumed_tensors = load_loop_tensors(ckpt)
         self.step = self.resumed_state["step"]
         if self.main:
@@ -124,13 +124,15 @@ class Run:
         self.bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.main)
 
     def skip(self, reason: str) -> None:
-        """bad_steps=skip: log this step as skipped (one line on stderr) and count it done."""
+        """bad_steps=skip: log this step as skipped (one metrics row and one line on stderr, from
+        the main process) and count it done. Every rank calls it for the same step: the decision
+        is agreed first (rlx.distributed.agree)."""
         self.step += 1
         if self.main:
             row = {"step": self.step, "skipped": reason}
             self.log.log(row | {k: math.nan for k in self.nan_on_skip})
             self.bar.update(1)
-        print(f"step {self.step} skipped: {reason}", file=sys.stderr)
+            print(f"step {self.step} skipped: {reason}", file=sys.stderr)
 
     def log_step(self, row: dict, **postfix: float) -> None:
         """Main process: one metrics.jsonl row for the step just done, and the progress bar."""
@@ -153,7 +155,7 @@ class Run:
         only when a checkpoint is written) beside it. True when training must stop now because
         another step would not fit the time limits."""
         cfg = self.cfg
-        out_of_time = self.clock.out_of_time(step_seconds, self.accelerator)
+        out_of_time = self.clock.out_of_time(step_seconds)
         due = cfg.save_every and self.step % cfg.save_every == 0
         if due or self.step == cfg.steps or out_of_time:
             args = (self.accelerator, self.out, self.step, model, optimizer, scheduler, cfg)
@@ -214,12 +216,13 @@ def combine_stats(rows: list[dict], maxima=(), minima=(), means=()) -> dict:
     return merged
 
 
-def reduce_stats(accelerator, stats: dict, maxima=(), minima=()) -> dict:
-    """Per-step stats of this rank -> of the whole step: combine_stats over the ranks."""
-    if accelerator.num_processes == 1:
+def reduce_stats(stats: dict, maxima=(), minima=()) -> dict:
+    """Per-step stats of this rank -> of the whole step: combine_stats over the ranks. A NaN on
+    any rank reaches every rank, so a non-finite loss is seen (and acted on) by all of them."""
+    if not distributed.active():
         return stats
     keys = list(stats)
-    rows = accelerator.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
+    rows = distributed.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
     return combine_stats(
         [dict(zip(keys, row, strict=True)) for row in rows.tolist()], maxima, minima
     )
@@ -250,8 +253,9 @@ class RunClock:
         self.train_began = time.perf_counter()
         self.final_eval_s = eval_seconds
 
-    def out_of_time(self, last_step_s: float, accelerator=None) -> str | None:
-        """Why training must stop now (None: go on), judged before another step like the last."""
+    def out_of_time(self, last_step_s: float) -> str | None:
+        """Why training must stop now (None: go on), judged before another step like the last;
+        when any rank must stop, every rank stops."""
         now = time.perf_counter()
         reason = None
         if self.max_minutes and (now - self.train_began) / 60 >= self.max_minutes:
@@ -263,10 +267,8 @@ class RunClock:
                     f"max_run_minutes={self.max_run_minutes}: another step and the final "
                     f"evaluation (about {self.final_eval_s:.0f} s) would not fit"
                 )
-        if accelerator is not None and accelerator.num_processes > 1:  # main decides for all
-            flag = torch.tensor([1.0 if reason else 0.0], device=accelerator.device)
-            if accelerator.reduce(flag, reduction="max").item() and reason is None:
-                reason = "another process ran out of time"
+        if distributed.agree(reason is not None) and reason is None:
+            reason = "another process ran out of time"
         return reason
 
 

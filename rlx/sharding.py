@@ -8,6 +8,11 @@ here does what plain DDP needs, so the loops call them unconditionally.
 - `micro_batch` / `optimizer_step`: accelerate steps a DeepSpeed engine inside `backward` when
   gradients are synchronised, so a micro-batched update marks only its last micro-batch as the
   accumulation boundary, and the step itself (clipping included) has already happened after it.
+- `forward_passes`: under ZeRO-3 every forward gathers the parameters (a collective), so every
+  rank must run as many forward/backward passes as the busiest one; the loop pads with passes at
+  loss weight 0 (after dynamic sampling the ranks keep different numbers of groups).
+- `prepare_frozen`: the KL term's reference model on the trainer's device; under ZeRO-3 sharded
+  and wrapped by DeepSpeed like the policy (eval mode, no optimizer), as TRL does.
 - `weight_chunks`: under ZeRO-3 every rank holds a slice of each weight; the full weights for the
   rollout engine or the final model are gathered a few tensors at a time
   (`deepspeed.zero.GatheredParameters`), so the whole model is never held twice.
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
+from rlx import distributed
 from rlx.config import ConfigError
 
 # weights gathered at once under ZeRO-3: 16M elements (64 MiB in fp32) unless set
@@ -67,6 +73,30 @@ def configure(accelerator, max_grad_norm: float, adapter: bool) -> None:
     ds["gradient_clipping"] = max_grad_norm
     ds["train_micro_batch_size_per_gpu"] = 1
     ds["gradient_accumulation_steps"] = 1
+
+
+def forward_passes(accelerator, local: int) -> int:
+    """How many micro-batch passes this rank runs when it has `local` of its own: the maximum over
+    ranks under ZeRO-3 (a rank with fewer repeats one at loss weight 0), else `local`."""
+    return distributed.max_over_ranks(local) if zero_stage(accelerator) == 3 else local
+
+
+def prepare_frozen(accelerator, model):
+    """A frozen model (the reference of the KL term) ready for forward passes beside the policy:
+    under ZeRO-3 a DeepSpeed inference engine over the same stage-3 config (sharded; each forward
+    gathers its layers), elsewhere the model moved to the trainer's device (ZeRO-1/2 shard only
+    what a frozen model does not have: gradients and optimizer state)."""
+    if zero_stage(accelerator) != 3:
+        return model.to(accelerator.device)
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.eval()
 
 
 def describe(accelerator, model) -> str:
