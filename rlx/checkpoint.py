@@ -2,10 +2,14 @@
 
 A checkpoint is a folder `<output_dir>/checkpoints/step-<N>/` holding the trainable weights
 (`model/` as safetensors: the full model, or only the LoRA adapter), `optimizer.pt`,
-`scheduler.pt`, `rng.pt` (python / numpy / torch generator states), `state.json` (step, data
-position and anything else the loop needs) and, when the loop has some, `loop_tensors.pt` (its
-tensor state, e.g. AdaLoRA's importance averages). It is written to a hidden temporary folder and
-renamed into place, so a crash never leaves a half-written checkpoint under a real name.
+`scheduler.pt`, `rng.pt` (python / numpy / torch generator states; `rng-rank<r>.pt` for each
+further rank, which restores its own), `state.json` (step, data position, the number of processes
+and anything else the loop needs) and, when the loop has some, `loop_tensors.pt` (its tensor state,
+e.g. AdaLoRA's importance averages). Under DeepSpeed, `deepspeed/` holds every rank's shard and
+`deepspeed_files.json` lists them with their sizes, so a resume with a shard missing or cut short
+stops with one line naming it instead of going on with a fresh optimizer. It is written to a hidden
+temporary folder and renamed into place, so a crash never leaves a half-written checkpoint under a
+real name.
 
 Loading never runs code from the folder: weights are safetensors, and the `.pt` files are read with
 `torch.load(weights_only=True)`, which accepts tensors and plain Python containers only (plus the
@@ -28,6 +32,12 @@ from rlx.errors import UserError
 
 PREFIX = "step-"
 LOOP_TENSORS = "loop_tensors.pt"
+SHARD_LIST = "deepspeed_files.json"
+
+
+def rng_file(rank: int) -> str:
+    """The RNG state file of trainer rank `rank` (rank 0's keeps the single-process name)."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
 
 
 class CheckpointError(UserError):
@@ -75,21 +85,39 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    output_dir, step: int, model, optimizer, scheduler, state: dict, tensors: dict | None = None
+    output_dir,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    tensors: dict | None = None,
+    staged: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its folder. `model` is saved with
-    save_pretrained (a peft model saves only its adapter); `tensors`: the loop's tensor state."""
+    save_pretrained (a peft model saves only its adapter); `tensors`: the loop's tensor state.
+    `staged`: the temporary folder the other ranks have already written their files into (their
+    RNG states, DeepSpeed's shards); `model` and `optimizer` are None when DeepSpeed saved them."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{PREFIX}{step:06d}-"))
+    tmp = staged or Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{PREFIX}{step:06d}-"))
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if model is not None:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(rng_state(), tmp / rng_file(0))
         if tensors:
             torch.save(tensors, tmp / LOOP_TENSORS)
+        if (tmp / "deepspeed").is_dir():
+            shards = tmp / "deepspeed"
+            sizes = {
+                str(f.relative_to(shards)): f.stat().st_size
+                for f in sorted(shards.rglob("*"))
+                if f.is_file()
+            }
+            (tmp / SHARD_LIST).write_text(json.dumps(sizes, indent=1))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         old = None
         if final.exists():  # re-saving the same step (e.g. after a resume): swap, then remove
@@ -123,26 +151,65 @@ def find_checkpoint(output_dir, resume_from: str) -> Path:
     return steps[-1]
 
 
-def _load_sharded(path: Path, engine, scheduler, state: dict) -> dict:
+def _load_sharded(path: Path, engine, scheduler, state: dict, rank: int) -> dict:
     """Resume a DeepSpeed run (every rank): DeepSpeed's own loader for weights and optimizer
-    state; it unpickles its files, so resume only from checkpoints you wrote."""
+    state; it unpickles its files, so resume only from checkpoints you wrote. DeepSpeed goes on
+    with a fresh optimizer when a shard is missing, so every rank first checks every shard
+    against the checkpoint's list: all ranks reach the same verdict without a collective."""
     if not hasattr(engine, "load_checkpoint") or not (path / "deepspeed").is_dir():
         raise CheckpointError(
             f"{path}: a DeepSpeed checkpoint resumes under the same DeepSpeed launch config, and "
             "a plain one without DeepSpeed; relaunch with the config the run was started with"
         )
-    engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+    check_shards(path)
+    rng = rank_rng_file(path, rank, state)
+    try:
+        loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path / 'deepspeed'}: unreadable ({str(err)[:200]})") from err
+    if loaded is None:
+        raise CheckpointError(f"{path / 'deepspeed'}: DeepSpeed found no checkpoint to load")
     scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
-    set_rng_state(load_pt(path / "rng.pt"))
+    set_rng_state(load_pt(rng))
     return state
+
+
+def check_shards(path: Path) -> None:
+    """Every file DeepSpeed wrote is there at its size (checkpoints written before the list was
+    kept are left to DeepSpeed's own checks)."""
+    listing = path / SHARD_LIST
+    if not listing.is_file():
+        return
+    for name, size in json.loads(listing.read_text()).items():
+        file = path / "deepspeed" / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing; the checkpoint is incomplete")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{file}: {file.stat().st_size} bytes where {size} were written; the checkpoint "
+                "is damaged"
+            )
+
+
+def rank_rng_file(path: Path, rank: int, state: dict) -> Path:
+    """This rank's RNG state file, with one clear error for a resume on more processes."""
+    file = path / rng_file(rank)
+    saved = state.get("world_size", 1)
+    if rank >= saved:
+        raise CheckpointError(
+            f"{path} was written by {saved} process(es) and holds no state for rank {rank}: "
+            "resume with the launch config the run was started with"
+        )
+    return file
 
 
 def _step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states in place; return state.json."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states in place (`rank`: this trainer
+    process's, whose own RNG state is restored); return state.json."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -151,7 +218,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path / 'state.json'}: unreadable ({err})") from err
     if (path / "deepspeed").is_dir() or hasattr(model, "save_checkpoint"):
-        return _load_sharded(path, model, scheduler, state)
+        return _load_sharded(path, model, scheduler, state, rank)
     weights = path / "model"
     file = weights / "adapter_model.safetensors"
     if not file.exists():
@@ -174,7 +241,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             )
     optimizer.load_state_dict(load_pt(path / "optimizer.pt"))
     scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
-    set_rng_state(load_pt(path / "rng.pt"))
+    set_rng_state(load_pt(rank_rng_file(path, rank, state)))
     return state
 
 
@@ -194,44 +261,33 @@ def checkpoint(
     extra: dict | None = None,
     tensors: dict | None = None,
 ) -> None:
-    """save_checkpoint on the main process (data position from `cfg.prompts_per_step`, plus the
-    loop's `extra` state for state.json and its `tensors`), then a barrier so no rank runs ahead
-    of a checkpoint being written. Under DeepSpeed every rank writes its shard of the weights and optimizer state
-    (DeepSpeed's format, in `deepspeed/`)."""
-    position = {"data_position": step * cfg.prompts_per_step, **(extra or {})}
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        save_sharded_checkpoint(accelerator, output_dir, step, model, scheduler, position, tensors)
-    elif accelerator.is_main_process:
-        save_checkpoint(output_dir, step, model, optimizer, scheduler, position, tensors)
-    accelerator.wait_for_everyone()
-
-
-def save_sharded_checkpoint(
-    accelerator, output_dir, step: int, engine, scheduler, state: dict, tensors: dict | None = None
-):
-    """The DeepSpeed variant of save_checkpoint, written by every rank into one temporary folder
-    that the main process renames into place once all ranks are done (a shared filesystem when
-    the ranks are on several machines)."""
-    root = checkpoint_root(output_dir)
-    final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{PREFIX}{step:06d}-sharded"
+    """Checkpoint `step` on every process (data position from `cfg.prompts_per_step`, the number
+    of processes, the loop's `extra` state for state.json and its `tensors`). Each rank writes its
+    RNG state and, under DeepSpeed, its shard of the weights and optimizer state (DeepSpeed's
+    format, in `deepspeed/`) into one temporary folder; the main process adds the rest and renames
+    it into place once all are done (a shared filesystem when the ranks are on several machines).
+    Barriers around it: no rank runs ahead of a checkpoint being written."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    state = {"data_position": step * cfg.prompts_per_step, "world_size": world, **(extra or {})}
+    sharded = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    if world == 1 and not sharded:
+        save_checkpoint(output_dir, step, model, optimizer, scheduler, state, tensors)
+        return
+    staged = checkpoint_root(output_dir) / f".tmp-{PREFIX}{step:06d}-ranks"
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
     accelerator.wait_for_everyone()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective
+    if rank:
+        torch.save(rng_state(), staged / rng_file(rank))
+    if sharded:
+        model.save_checkpoint(str(staged / "deepspeed"), tag="state")  # collective
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        if tensors:
-            torch.save(tensors, tmp / LOOP_TENSORS)
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        old = final.rename(root / f".old-{final.name}-sharded") if final.exists() else None
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
+        weights = (None, None) if sharded else (model, optimizer)
+        save_checkpoint(output_dir, step, *weights, scheduler, state, tensors, staged=staged)
+    accelerator.wait_for_everyone()
 
 
 def save_final_model(model, tokenizer, folder: Path, state: dict | None = None) -> Path:
