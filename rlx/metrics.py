@@ -22,6 +22,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def peak_gpu_gib() -> float:
+    """The peak GPU memory torch has allocated in this process so far, in GiB (0 without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0.0
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl. A last line without its newline is a row whose append was
     cut short by a crash: it is dropped, so that a run can resume after such a crash."""

@@ -10,6 +10,11 @@ tied embeddings `lm_head` shares the embedding parameter but may keep its own pa
 re-pack it after every sync. The `prompt_logprobs` test against an HF forward is what proves the
 sync exact; log the vLLM-vs-trainer logprob gap during training as the stale-weights alarm.
 
+On a GPU the engine shares the device with the trainer: `rollout.gpu_memory_utilization` caps its
+share, and `rollout.sleep` puts it to sleep (vLLM's sleep mode, level 1: weights offloaded to the
+CPU, KV cache freed) whenever it is not generating or loading weights, so the trainer's step has
+the memory, as TRL's colocate mode does. vLLM has no sleep mode on CPU.
+
 For ES and the adapter-only sync (adapter.sync=adapter, rlx/adapters/sync.py): `generate_ids` and
 `prompt_logprobs` take adapters (a LoRARequest each; the engine must be built with enable_lora), and
 in-place perturbation is a weight sync like any other.
@@ -85,6 +90,8 @@ class VLLMEngine:
         max_lora_rank: int = 8,
         enforce_eager: bool = True,
         block_size: int | None = None,
+        sleep: bool = False,
+        max_num_seqs: int | None = None,
     ):
         from rlx.models import resolve_model
 
@@ -109,8 +116,18 @@ class VLLMEngine:
             # Sampler logprobs after temperature / top-p / top-k: the distribution actually sampled.
             logprobs_mode="processed_logprobs",
         )
+        if sleep and not on_gpu():
+            from rlx.config import ConfigError
+
+            raise ConfigError(
+                "rollout.sleep=true needs a GPU (vLLM has no sleep mode on CPU); set "
+                "rollout.sleep=false"
+            )
         if on_gpu():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = sleep
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
         # Prefix caching reuses whole KV blocks: vLLM-CPU's default block of 128 tokens is longer
         # than a typical shared system prompt / few-shot prefix, so nothing would be reused.
         block_size = block_size or (None if on_gpu() else CPU_BLOCK_SIZE)
@@ -124,6 +141,9 @@ class VLLMEngine:
             reset_vllm_process_state()  # a half-built engine must not break the next one
             raise
         self._lora_ids: dict[Adapter, int] = {}  # vLLM's lora_int_id of each adapter used
+        self.sleeps = sleep
+        if sleep:
+            self.llm.sleep(level=1)  # until the first call that needs it
 
     @classmethod
     def from_config(cls, model: str, cfg) -> VLLMEngine:
@@ -138,6 +158,9 @@ class VLLMEngine:
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
             block_size=cfg.block_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            sleep=cfg.sleep,
+            max_num_seqs=cfg.max_num_seqs,
         )
 
     def _params(self, sampling: Sampling):
@@ -171,12 +194,13 @@ class VLLMEngine:
         check_sampling(sampling)
         prompt_ids = [list(ids) for ids in prompt_ids]
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        outputs = self.llm.generate(
-            requests,
-            self._params(sampling),
-            use_tqdm=False,
-            lora_request=self._lora_requests(adapters, len(prompt_ids)),
-        )
+        with self.awake():
+            outputs = self.llm.generate(
+                requests,
+                self._params(sampling),
+                use_tqdm=False,
+                lora_request=self._lora_requests(adapters, len(prompt_ids)),
+            )
         completions = []
         for index, (ids, out) in enumerate(zip(prompt_ids, outputs, strict=True)):
             for sample in out.outputs:
@@ -237,21 +261,38 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": list(ids)} for ids in token_ids]
         adapters = None if adapter is None else [adapter] * len(requests)
         lora = self._lora_requests(adapters, len(requests))
-        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora)
+        with self.awake():
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=lora)
         return [
             [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
             for out, ids in zip(outputs, token_ids, strict=True)
         ]
 
+    @contextlib.contextmanager
+    def awake(self):
+        """With rollout.sleep: wake the engine for what runs inside, and put it back to sleep after
+        (also after a failure). Nested uses wake it once. Without sleep mode: nothing."""
+        if not self.sleeps or getattr(self, "_awake", False):
+            yield
+            return
+        self.llm.wake_up()
+        self._awake = True
+        try:
+            yield
+        finally:
+            self._awake = False
+            self.llm.sleep(level=1)
+
     def weight_update(self) -> contextlib.AbstractContextManager[None]:
-        """Chunked updates need no bracketing in process: each chunk loads as it comes."""
-        return contextlib.nullcontext()
+        """A chunked update: each chunk loads as it comes (awake for all of them with sleep)."""
+        return self.awake()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights in place (HF names), then drop cached prefixes computed with old ones."""
         tensors = [(name, t.detach()) for name, t in named_tensors]
-        self.llm.collective_rpc(_sync_weights_on_worker, args=(tensors,))
-        self.llm.reset_prefix_cache()
+        with self.awake():
+            self.llm.collective_rpc(_sync_weights_on_worker, args=(tensors,))
+            self.llm.reset_prefix_cache()
 
     def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load W + E in place (HF names): a weight sync; `restore_weights` syncs W back."""
