@@ -172,6 +172,8 @@ class DynamicWeighting:
             print(f"weighting: {held}: None for every sample of the step; weight kept")
         if isinstance(self.method, GradientWeighting):
             infl = self.influences(full, backward, missing)
+            if not all(i is None or math.isfinite(i) for i in infl):
+                infl = self.non_finite(infl)
             self.method.step(infl, lr)
             pairs = zip(self.names, infl, strict=True)
             self.metrics |= {f"influence/{n}": i for n, i in pairs if i is not None}
@@ -181,7 +183,8 @@ class DynamicWeighting:
     def influences(self, full: dict, backward: Callable, missing: list[int]) -> list:
         """I_k = <g_k, sum_j g_j> over the objectives with a reward (None for the missing).
         g_k: `backward(advantages [P, G], keep [P])` with the loop's estimator on r_k alone,
-        then the gradient of the chosen layers, after clipping the whole one."""
+        then the gradient of the chosen layers, after clipping the whole one. nan for every
+        objective when a gradient is not finite (reweigh then applies bad_steps)."""
         algo, grads = self.cfg.algo, []
         for k in range(len(self.names)):
             if k in missing:
@@ -204,8 +207,23 @@ class DynamicWeighting:
                 grads.append(torch.zeros(sum(p.numel() for p in self.params)))
         for p in self.trainable:
             p.grad = None
+        if not all(bool(torch.isfinite(g).all()) for g in grads):  # influences() would raise
+            return [None if k in missing else math.nan for k in range(len(self.names))]
         values = iter(influences(grads).tolist() if grads else [])
         return [None if k in missing else next(values) for k in range(len(self.names))]
+
+    def non_finite(self, infl: list) -> list:
+        """A pass gave a non-finite gradient: bad_steps=error stops; skip keeps every weight this
+        step (all influences None) and lets the loop's own finiteness check judge the update."""
+        if self.cfg.bad_steps == "error":
+            raise FloatingPointError(
+                f"algo.reward_weighting=gradient: an objective's gradient is not finite "
+                f"(influences {infl}); lower optim.lr or set bad_steps=skip"
+            )
+        if self.main:
+            print("weighting: an objective's gradient is not finite; weights kept this step")
+        self.metrics["weighting_non_finite"] = 1.0
+        return [None] * len(infl)
 
     def clipped_gradient(self) -> torch.Tensor:
         """[D] the chosen layers' gradient, scaled as clipping the whole gradient to

@@ -45,3 +45,55 @@ def test_reweigh_keeps_the_weight_of_an_objective_none_for_the_whole_step(capsys
         "c (weight 0.500): None for every sample of the step; weight kept"
         in capsys.readouterr().out
     )
+
+
+def _gradient_weighting(bad_steps: str = "skip") -> DynamicWeighting:
+    overrides = ["algo.reward_weighting=gradient", "optim.max_grad_norm=1.0"]
+    cfg = load_config(PGConfig, None, [*overrides, f"bad_steps={bad_steps}"])
+    return DynamicWeighting(cfg, ["a", "b"], GradientWeighting([0.5, 0.5], 1e-5))
+
+
+def _two_objectives() -> dict:
+    per_fn = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.2, 0.5], [0.8, 0.1]]])  # [P, G, K]
+    return {"per_fn": per_fn, "length": torch.ones(2, 2), "total": per_fn.sum(-1)}
+
+
+def test_reweigh_survives_a_mini_batch_whose_sequences_are_all_masked():
+    """mask_truncated_completions masked every sequence of the pass: the loop's loss over 0
+    sequences (sequence_mean) must give a zero gradient, not NaN influences and a crash."""
+    from rlx.algos import pg
+
+    theta = torch.nn.Parameter(torch.randn(4, 3))
+    weighting = _gradient_weighting()
+    weighting.params = weighting.trainable = [theta]
+
+    def backward(advantages, keep):  # the loop's pass with every completion truncated
+        logp = torch.log_softmax(theta, -1)  # [B=4, T=3]
+        mask = torch.zeros(4, 3)
+        per_token, _, _ = pg.clipped_policy_loss(logp, logp.detach(), advantages.reshape(-1), mask)
+        loss = pg.aggregate_loss(per_token, mask, "sequence_mean", num_sequences=0.0)
+        loss.backward()
+
+    _, weights = weighting.reweigh(_two_objectives(), backward, lr=1e-6)
+    assert weights == pytest.approx([0.5, 0.5])  # zero gradients: nothing moves the weights
+
+
+@pytest.mark.parametrize("bad_steps", ["skip", "error"])
+def test_reweigh_with_a_non_finite_gradient_follows_bad_steps(bad_steps, capsys):
+    """A non-finite gradient in an objective's pass: bad_steps=skip keeps the weights for this
+    step (the loop's own finiteness check then skips the update), bad_steps=error stops."""
+    theta = torch.nn.Parameter(torch.zeros(4))
+    weighting = _gradient_weighting(bad_steps)
+    weighting.params = weighting.trainable = [theta]
+
+    def backward(advantages, keep):
+        theta.grad = torch.full((4,), math.inf)
+
+    if bad_steps == "error":
+        with pytest.raises(FloatingPointError, match="bad_steps=skip"):
+            weighting.reweigh(_two_objectives(), backward, lr=1e-6)
+        return
+    _, weights = weighting.reweigh(_two_objectives(), backward, lr=1e-6)
+    assert weights == [0.5, 0.5] and theta.grad is None
+    assert weighting.metrics["weighting_non_finite"] == 1.0
+    assert "not finite" in capsys.readouterr().out

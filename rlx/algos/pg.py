@@ -201,6 +201,11 @@ def clipped_policy_loss(
     return per_token, low, high
 
 
+def _divisor(count: float) -> float:
+    """A loss divisor: the count, or 1 where nothing was counted (0 / 0 would give NaN)."""
+    return count if count > 0 else 1
+
+
 def aggregate_loss(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -217,14 +222,15 @@ def aggregate_loss(
 
     The divisors default to this tensor's own sequence and token counts. A micro-batch of a larger
     batch passes the whole batch's `num_sequences` / `num_tokens`, so that the micro-batches'
-    losses (and gradients) add up to the whole batch's.
+    losses (and gradients) add up to the whole batch's. A count of 0 (every sequence masked, e.g.
+    by mask_truncated_completions) divides by 1: the masked sum is 0, so is the loss.
     """
     masked = per_token * mask  # [B, T]
-    sequences = per_token.shape[0] if num_sequences is None else num_sequences
+    sequences = _divisor(per_token.shape[0] if num_sequences is None else num_sequences)
     if mode == "sequence_mean":
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / sequences
     if mode == "token_mean":
-        tokens = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+        tokens = mask.sum().clamp(min=1) if num_tokens is None else _divisor(num_tokens)
         return masked.sum() / tokens
     if mode == "constant_length":
         if max_completion_length <= 0:

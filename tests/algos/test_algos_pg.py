@@ -203,6 +203,23 @@ def test_groups_to_keep_drops_missing_and_all_equal_groups():
 
 
 @pytest.mark.parametrize("mode", ["sequence_mean", "token_mean", "constant_length"])
+def test_a_fully_masked_mini_batch_contributes_exactly_zero(mode):
+    """mask_truncated_completions can mask every sequence of a mini-batch: the loop then passes
+    the whole mini-batch's counts, 0 sequences (and 0 tokens). No 0 / 0: the loss is exactly 0 and
+    its gradient a finite zero."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(4, 5, generator=gen, requires_grad=True)
+    logp = torch.log_softmax(theta, -1)
+    per_token, _, _ = pg.clipped_policy_loss(logp, logp.detach(), torch.randn(4), torch.zeros(4, 5))
+    mask = torch.zeros(4, 5)
+    for tokens in (0.0, 1.0):  # the loop clamps the token count to 1; 0 must be safe too
+        loss = pg.aggregate_loss(per_token, mask, mode, 5, num_sequences=0.0, num_tokens=tokens)
+        (grad,) = torch.autograd.grad(loss, theta, retain_graph=True)
+        assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), tokens
+    assert pg.aggregate_loss(per_token, mask, mode, 5).item() == 0.0  # its own counts
+
+
+@pytest.mark.parametrize("mode", ["sequence_mean", "token_mean", "constant_length"])
 def test_micro_batching_changes_nothing(mode):
     """The loop's reduction: the gradient of one batch in 1, 2 or 4 micro-batches (each passing
     the whole batch's divisors to aggregate_loss) is the gradient of the batch, to 1e-6 (fp32)."""
