@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rlx.algos import pg
 from rlx.config import PGConfig, load_config
 from rlx.objectives import GradientWeighting, influences, mirror_descent_step
 from rlx.weighting import DynamicWeighting
@@ -34,7 +35,9 @@ def test_reweigh_keeps_the_weight_of_an_objective_none_for_the_whole_step(capsys
     grads = []
     for k in (0, 1):  # the expected step, by hand: GRPO advantages of each objective alone
         r = per_fn[..., k]
-        grads.append(((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).reshape(-1))
+        grads.append(
+            ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + pg.EPS)).reshape(-1)
+        )
     moved = mirror_descent_step([0.4, 0.6], influences(grads), lr=1e-6, mu=1e-5)
     assert weights[:2] == pytest.approx(0.5 * moved)
     assert weighting.metrics["none/c"] == 1.0 and "influence/c" not in weighting.metrics
@@ -61,8 +64,6 @@ def _two_objectives() -> dict:
 def test_reweigh_survives_a_mini_batch_whose_sequences_are_all_masked():
     """mask_truncated_completions masked every sequence of the pass: the loop's loss over 0
     sequences (sequence_mean) must give a zero gradient, not NaN influences and a crash."""
-    from rlx.algos import pg
-
     theta = torch.nn.Parameter(torch.randn(4, 3))
     weighting = _gradient_weighting()
     weighting.params = weighting.trainable = [theta]

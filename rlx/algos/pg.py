@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-EPS = 1e-6  # guards divisions by a zero std (all-equal groups)
+EPS = 1e-4  # TRL's, added to the group std (GRPO, GDPO); all-equal groups are 0 before it
+WHITEN_EPS = 1e-6  # REINFORCE++'s batch whitening (no TRL counterpart): std 1 to 1e-6
 
 REWARD_SCALES = ("group", "batch")
 """TRL's scale_rewards: divide by the std of the group or of the whole batch (GRPO only)."""
@@ -41,23 +42,39 @@ def _nanstd(values: torch.Tensor, dim: int | None = None, keepdim: bool = False)
     return var.sqrt()
 
 
+def _all_equal(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """True (keepdim) where the non-NaN values along `dim` are all equal (or there are none)."""
+    top = values.nan_to_num(nan=-torch.inf).amax(dim=dim, keepdim=True)
+    bottom = values.nan_to_num(nan=torch.inf).amin(dim=dim, keepdim=True)
+    return ~(top > bottom)
+
+
+def _centred(values: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """values - their NaN-ignoring mean along `dim`, exactly 0 where they are all equal: the
+    float32 mean of 8 x 0.99 is 1 ulp off, which / (std ~ 0 + eps) gave the whole group one
+    same-sign advantage. TRL keeps that residue (1.2e-3 there); rlx gives 0 on purpose."""
+    centred = values - values.nanmean(dim=dim, keepdim=True)
+    return centred.masked_fill(_all_equal(values, dim), 0.0)
+
+
 def grpo_advantages(rewards: torch.Tensor, eps: float = EPS, scale: str = "group") -> torch.Tensor:
     """(r - group mean) / (std + eps). [P, G] -> [P, G]. The std is the unbiased one, as in TRL,
     of the group (scale "group") or of every reward of the batch (scale "batch", TRL's
-    scale_rewards="batch"); 0 when there is a single value."""
+    scale_rewards="batch"); 0 when there is a single value. A group of equal rewards gets 0."""
     if scale not in REWARD_SCALES:
         raise ValueError(f"unknown reward scale {scale!r}: choose one of {REWARD_SCALES}")
-    mean = rewards.mean(dim=1, keepdim=True)  # [P, 1]
+    centred = _centred(rewards)  # [P, G]
+    zero = torch.zeros_like(rewards[:, :1])  # [P, 1]
     if scale == "batch":
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(mean)  # scalar
+        std = rewards.std() if rewards.numel() > 1 else zero  # scalar
     else:
-        std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
-    return (rewards - mean) / (std + eps)
+        std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else zero
+    return centred / (std + eps)
 
 
 def dr_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Dr. GRPO: r - group mean, no division by the std (removes the difficulty bias)."""
-    return rewards - rewards.mean(dim=1, keepdim=True)
+    return _centred(rewards)
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -65,10 +82,13 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     g = rewards.shape[1]
     if g < 2:
         raise ValueError("RLOO needs at least 2 completions per prompt (num_samples >= 2)")
-    return g / (g - 1) * (rewards - rewards.mean(dim=1, keepdim=True))
+    return g / (g - 1) * _centred(rewards)
 
 
 def _whiten(values: torch.Tensor, weights: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """(values - mean) / (std + eps) over the whole batch (weighted); 0 if all are equal."""
+    if bool(_all_equal(values.reshape(-1), 0)):
+        return torch.zeros_like(values)
     w = torch.ones_like(values) if weights is None else weights.to(values.dtype)
     mean = (values * w).sum() / w.sum()
     var = ((values - mean) ** 2 * w).sum() / w.sum()
@@ -76,17 +96,19 @@ def _whiten(values: torch.Tensor, weights: torch.Tensor | None, eps: float) -> t
 
 
 def reinforce_advantages(
-    rewards: torch.Tensor, lengths: torch.Tensor | None = None, eps: float = EPS
+    rewards: torch.Tensor, lengths: torch.Tensor | None = None, eps: float = WHITEN_EPS
 ) -> torch.Tensor:
     """REINFORCE++: rewards whitened over the whole batch (token-weighted when lengths given)."""
     return _whiten(rewards, lengths, eps)
 
 
 def reinforce_baseline_advantages(
-    rewards: torch.Tensor, lengths: torch.Tensor | None = None, eps: float = EPS
+    rewards: torch.Tensor, lengths: torch.Tensor | None = None, eps: float = WHITEN_EPS
 ) -> torch.Tensor:
-    """REINFORCE++-baseline: subtract the group mean, then whiten over the whole batch."""
-    return _whiten(dr_grpo_advantages(rewards), lengths, eps)
+    """REINFORCE++-baseline: subtract the group mean, then whiten over the whole batch. A group of
+    equal rewards stays 0 (token-weighted whitening would shift it by -mean / std)."""
+    whitened = _whiten(dr_grpo_advantages(rewards), lengths, eps)
+    return whitened.masked_fill(_all_equal(rewards, 1), 0.0)
 
 
 ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
@@ -117,15 +139,16 @@ def compute_advantages(
     lengths: torch.Tensor | None = None,
     *,
     scale_rewards: str = "group",
-    eps: float = EPS,
+    eps: float | None = None,
 ) -> torch.Tensor:
     """Dispatch by name; `lengths` [P, G] only matters for the globally whitened estimators,
-    `scale_rewards` ("group" or "batch") only for grpo, `eps` for those dividing by a std."""
+    `scale_rewards` ("group" or "batch") only for grpo, `eps` for those dividing by a std
+    (None: EPS for grpo, WHITEN_EPS for the reinforce whitening)."""
     _check_estimator(name, scale_rewards)
     if name.startswith("reinforce"):
-        return ADVANTAGES[name](rewards, lengths, eps)
+        return ADVANTAGES[name](rewards, lengths, WHITEN_EPS if eps is None else eps)
     if name == "grpo":
-        return grpo_advantages(rewards, eps, scale_rewards)
+        return grpo_advantages(rewards, EPS if eps is None else eps, scale_rewards)
     return ADVANTAGES[name](rewards)
 
 
@@ -254,17 +277,20 @@ def _check_options(name: str, normalization: str, scale_rewards: str) -> None:
         raise ValueError(f"normalize_then_sum is defined for advantage=grpo, not {name}")
 
 
-def _normalize_then_sum(per_fn: torch.Tensor, weights: list[float], eps: float) -> torch.Tensor:
+def _normalize_then_sum(
+    per_fn: torch.Tensor, weights: list[float], eps: float = EPS
+) -> torch.Tensor:
     """GDPO (TRL's normalize_then_sum): each reward normalised in its group, weighted sum, then
     normalised over the batch. NaN rewards are skipped; a sample with no reward gets 0. -> [P, G]."""
     g = per_fn.shape[1]
-    mean = per_fn.nanmean(dim=1, keepdim=True)  # [P, 1, K]
-    std = _nanstd(per_fn, dim=1, keepdim=True) if g > 1 else torch.zeros_like(mean)
+    centred = _centred(per_fn).masked_fill(per_fn.isnan(), float("nan"))  # [P, G, K]
+    std = _nanstd(per_fn, dim=1, keepdim=True) if g > 1 else torch.zeros_like(centred[:, :1])
     w = torch.tensor(weights, dtype=per_fn.dtype, device=per_fn.device)  # [K]
-    summed = ((per_fn - mean) / (std + eps) * w).nansum(-1)  # [P, G]
+    summed = (centred / (std + eps) * w).nansum(-1)  # [P, G]
     summed[per_fn.isnan().all(-1)] = float("nan")  # unscorable: out of the batch statistics
     std = _nanstd(summed) if summed.numel() > 1 else torch.zeros_like(summed)
-    return torch.nan_to_num((summed - summed.nanmean()) / (std + eps), nan=0.0)
+    advantages = torch.nan_to_num(_centred(summed.reshape(-1), 0).view_as(summed) / (std + eps))
+    return advantages.masked_fill(_all_equal(per_fn, 1).all(-1), 0.0)  # every reward constant
 
 
 def weighted_advantages(
@@ -274,7 +300,7 @@ def weighted_advantages(
     lengths: torch.Tensor,
     weights: list[float],
     normalization: str,
-    eps: float = EPS,
+    eps: float | None = None,
     *,
     scale_rewards: str = "group",
 ) -> torch.Tensor:
@@ -284,7 +310,7 @@ def weighted_advantages(
     (grpo only, as TRL; scale_rewards does not apply): see _normalize_then_sum."""
     _check_options(name, normalization, scale_rewards)
     if normalization == "normalize_then_sum":
-        return _normalize_then_sum(per_fn, weights, eps)
+        return _normalize_then_sum(per_fn, weights, EPS if eps is None else eps)
     return compute_advantages(
         name, torch.nan_to_num(total), lengths, scale_rewards=scale_rewards, eps=eps
     )
@@ -321,7 +347,7 @@ def kept_advantages(
     weights: list[float],
     normalization: str,
     dynamic_sampling: bool,
-    eps: float = EPS,
+    eps: float | None = None,
     *,
     scale_rewards: str = "group",
 ) -> tuple[torch.Tensor, torch.Tensor]:

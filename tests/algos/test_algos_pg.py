@@ -27,14 +27,53 @@ def test_all_equal_group_has_zero_advantage():
         assert torch.equal(pg.compute_advantages(name, r), torch.zeros_like(r))
 
 
+def test_constant_groups_get_exactly_zero_advantage():
+    """8 rewards of 0.99: their float32 mean is 1 ulp off, and (r - mean) / (std + eps) gave all
+    8 the same positive advantage (0.106 with eps 1e-6). A group of equal rewards gets 0."""
+    r = torch.tensor([[0.99] * 8, [0.0, 1.0] * 4])
+    for name in pg.GROUP_ESTIMATORS:
+        adv = pg.compute_advantages(name, r, torch.ones_like(r))
+        assert torch.equal(adv[0], torch.zeros(8)), name
+        assert adv[1].abs().min() > 0.4, name
+    adv = pg.compute_advantages("grpo", r, scale_rewards="batch")
+    assert torch.equal(adv[0], torch.zeros(8)) and adv[1].abs().min() > 0.4
+    # reinforce has no group baseline: only a batch of equal rewards is constant
+    assert torch.equal(pg.compute_advantages("reinforce", r[:1]), torch.zeros(1, 8))
+    # GDPO: a reward constant within a group adds 0 there, not a same-sign shift
+    per_fn = torch.stack([r, torch.full_like(r, 0.99)], -1)  # [2, 8, 2]
+    total = per_fn.sum(-1)
+    adv = pg.weighted_advantages(
+        "grpo", total, per_fn, torch.ones_like(r), [1.0, 1.0], "normalize_then_sum"
+    )
+    assert torch.equal(adv[0], torch.zeros(8))
+    assert (adv[1] * torch.tensor([-1.0, 1.0] * 4) > 1).all()  # batch std counts group 0's zeros
+
+
+def test_constant_group_differs_from_trl_on_purpose():
+    """TRL's formula (eps 1e-4) gives the 0.99 group a small same-sign advantage from the rounded
+    mean; rlx gives exactly 0. Where no such rounding happens the two agree (the tests below)."""
+    r = torch.full((1, 8), 0.99)
+    trl = _trl_advantages(r.view(-1, 1), torch.tensor([1.0]), 8, "sum_then_normalize", "group")
+    assert (trl > 1e-4).all()
+    assert torch.equal(pg.grpo_advantages(r, 1e-4), torch.zeros(1, 8))
+
+
+def test_default_eps_is_trls():
+    """The default eps of the std normalisation is TRL's 1e-4: with a small reward spread (std
+    5.8e-4) it matters, and the defaults agree with TRL's formula."""
+    r = torch.tensor([[0.0, 1e-3, 0.0, 1e-3]])
+    trl = _trl_advantages(r.view(-1, 1), torch.tensor([1.0]), 4, "sum_then_normalize", "group")
+    assert torch.allclose(pg.compute_advantages("grpo", r), trl.view(1, 4), rtol=0, atol=1e-6)
+
+
 def test_reinforce_whitening_hand_computed():
     r = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     # mean 0.25, population std sqrt(0.1875)
     std = math.sqrt(0.1875)
-    expected = (r - 0.25) / (std + pg.EPS)
+    expected = (r - 0.25) / (std + pg.WHITEN_EPS)
     assert torch.allclose(pg.reinforce_advantages(r), expected)
     # baseline: centred per group [[.5, -.5], [0, 0]], then whitened: std sqrt(0.125)
-    expected = torch.tensor([[0.5, -0.5], [0.0, 0.0]]) / (math.sqrt(0.125) + pg.EPS)
+    expected = torch.tensor([[0.5, -0.5], [0.0, 0.0]]) / (math.sqrt(0.125) + pg.WHITEN_EPS)
     assert torch.allclose(pg.reinforce_baseline_advantages(r), expected)
 
 
@@ -42,7 +81,7 @@ def test_reinforce_token_weighted_whitening():
     r = torch.tensor([[1.0, 0.0]])
     lengths = torch.tensor([[3.0, 1.0]])  # as if the 4 tokens had rewards 1, 1, 1, 0
     mean, std = 0.75, math.sqrt(0.1875)
-    expected = (r - mean) / (std + pg.EPS)
+    expected = (r - mean) / (std + pg.WHITEN_EPS)
     assert torch.allclose(pg.compute_advantages("reinforce", r, lengths), expected)
 
 
@@ -192,8 +231,8 @@ def test_weighted_advantages_both_normalisations():
     # function 1: (r - mean) / std = +-0.5 / sqrt(0.5) (unbiased std of [1, 0]); function 2: 0;
     # weighted sum +-a, a = 0.5 * 0.5 / sqrt(0.5), re-normalised over the batch: std a * sqrt(2)
     got = pg.weighted_advantages("grpo", total, per_fn, lengths, [0.5, 0.5], "normalize_then_sum")
-    a = 0.5 * 0.5 / (0.5**0.5 + 1e-6)
-    assert torch.allclose(got, torch.tensor([[a, -a]]) / (a * 2**0.5 + 1e-6))
+    a = 0.5 * 0.5 / (0.5**0.5 + pg.EPS)
+    assert torch.allclose(got, torch.tensor([[a, -a]]) / (a * 2**0.5 + pg.EPS))
 
 
 def test_groups_to_keep_drops_missing_and_all_equal_groups():
