@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import kill_process_tree
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 from rlx.metrics import read_metrics
@@ -82,18 +83,11 @@ def run(launch: str, args: list[str], log: Path, env: dict, timeout: float = 300
     cmd += [str(get_free_port()), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the launcher and its ranks: their own process group
+            kill_process_tree(proc.pid)  # the launcher and its ranks
             proc.wait()
             pytest.fail(f"{launch} run hung for {timeout} s:\n{log.read_text()[-3000:]}")
     return code, log.read_text()

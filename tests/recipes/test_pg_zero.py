@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_process_tree
 from safetensors.torch import load_file
 from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import AutoModelForCausalLM
@@ -83,9 +83,8 @@ def test_zero2_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_pat
     while not (killed / "checkpoints" / "step-000002").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # the launcher
+    kill_process_tree(proc.pid)  # the launcher and its ranks (each in a session of its own)
     proc.wait()
-    subprocess.run(["pkill", "-9", "-f", f"output_dir={killed}"], check=False)  # the ranks too
     time.sleep(1)
     assert not (killed / "checkpoints" / "step-000004").exists()
     resumed = launch(2, tiny_llama, killed, reward, *common, "resume_from=latest")
