@@ -93,6 +93,22 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def on_gpu() -> bool:
+    """True when torch sees a CUDA device (vLLM then runs on the GPU)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_process_env(kv_cache_gib: int) -> dict[str, str]:
+    """Environment vLLM must see before the engine starts (read lazily by vllm.envs)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if not on_gpu():
+        # Without this vLLM-CPU sizes its KV cache as a fraction of all RAM.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # whole GiB only
+    return env
+
+
 def native_bf16() -> bool:
     """bf16 matmuls run in hardware: a bf16-capable GPU, or a CPU with AVX-512 bf16 or AMX."""
     import torch

@@ -164,7 +164,7 @@ def _hf_greedy(model_dir: Path, max_new_tokens: int) -> list[str]:
 
 
 def _vllm_env() -> dict:
-    from rlx.rollout.vllm_backend import vllm_process_env
+    from rlx.hardware import vllm_process_env
 
     return {**os.environ, **vllm_process_env(kv_cache_gib=1)}
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from rlx.hardware import on_gpu, vllm_process_env
 from rlx.rollout.base import (
     Adapter,
     Completion,
@@ -40,19 +41,6 @@ from rlx.rollout.base import (
 )
 
 CPU_BLOCK_SIZE = 32  # tokens per KV block on CPU (vLLM-CPU wants multiples of 32)
-
-
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def vllm_process_env(kv_cache_gib: int) -> dict[str, str]:
-    """Environment vLLM must see before the engine starts (read lazily by vllm.envs)."""
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    if not on_gpu():
-        # Without this vLLM-CPU sizes its KV cache as a fraction of all RAM.
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))  # whole GiB only
-    return env
 
 
 def reset_vllm_process_state() -> None:
