@@ -303,8 +303,8 @@ def test_meta_reward_acts_on_the_advantages_for_every_estimator(estimator):
     on_rewards = advantages(rewards * factor)
     if estimator == "rloo":  # no normalisation: a factor on the rewards already scales it
         assert torch.allclose(on_rewards, base * factor, atol=1e-5)
-    else:  # it cancels (up to the epsilon)
-        assert torch.allclose(on_rewards, base, atol=1e-4)
+    else:  # it cancels, up to the eps added to the std (grpo: TRL's 1e-4)
+        assert torch.allclose(on_rewards, base, atol=3 * pg.EPS)
     weighting = HypervolumeWeighting([False, False])
     weighting.start([0.2, 0.2])
     metrics = weighting.update([0.6, 0.5])  # HVC = 0.4 * 0.3 = 0.12
