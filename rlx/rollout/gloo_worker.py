@@ -49,6 +49,14 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
             raise ValueError("names, dtype_names and shapes must have the same length")
 
 
+def worker_rank(parallel_config, rank_offset: int) -> int:
+    """This worker's rank in the weight-sync group, as vLLM's nccl engine numbers its workers:
+    a server's data-parallel replicas follow each other (`/get_world_size` counts them all)."""
+    per_replica = parallel_config.world_size  # TP x PP
+    index = parallel_config.data_parallel_index * per_replica + parallel_config.rank
+    return rank_offset + index
+
+
 class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
     """Receives checkpoint-format weights over gloo and loads them through layer-wise reload."""
 
@@ -65,7 +73,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.group = open_group(
             init_info.master_address,
             init_info.master_port,
-            init_info.rank_offset + self.parallel_config.rank,
+            worker_rank(self.parallel_config, init_info.rank_offset),
             init_info.world_size,
             init_info.timeout_s,
         )

@@ -10,12 +10,15 @@ with two of vLLM's optional route sets:
 
 `ServerEngine` implements the RolloutEngine protocol over HTTP: each call splits its prompts
 across the servers (contiguous slices, one request per prompt, all in flight at once) and returns
-the completions in prompt order. Weight sync goes through vLLM's weight-transfer API with rlx's
-gloo engine (rlx/rollout/weight_transfer.py): generation is paused around each sync, and every
-completion carries the weight version it was sampled with. Only trainer rank 0 sends weights.
+the completions in prompt order. Weight sync goes through vLLM's weight-transfer API, over
+vLLM's nccl engine on GPUs (rlx/rollout/nccl_sender.py) or rlx's gloo engine
+(rlx/rollout/weight_transfer.py), as rollout.sync_backend says: generation is paused around each
+sync, and every completion carries the weight version it was sampled with. Only trainer rank 0
+sends weights.
 
-Every HTTP call and the gloo group have a timeout (rollout.timeout_s); a dead or hung server
-gives one `RolloutWorkerError` naming the server and what it was doing.
+Every HTTP call and every open and send of the weight-sync group have a deadline
+(rollout.timeout_s); a dead or hung server gives one `RolloutWorkerError` naming the server or
+the phase of the sync it was in.
 """
 
 from __future__ import annotations
@@ -38,13 +41,16 @@ from rlx.rollout.base import (
     encode_prompts,
     unsupported,
 )
-from rlx.rollout.weight_transfer import GlooSender, update_info
+from rlx.rollout.weight_transfer import (
+    GlooSender,
+    RolloutWorkerError,
+    aligned_order,
+    raise_first_error,
+    resolve_sync_backend,
+    update_info,
+)
 
 MAX_IN_FLIGHT = 64  # concurrent HTTP requests per engine (vLLM batches them on the server)
-
-
-class RolloutWorkerError(UserError, RuntimeError):
-    """A rollout server did not answer, answered an error, or died (the message names it)."""
 
 
 def server_url(address: str) -> str:
@@ -131,6 +137,7 @@ class ServerEngine:
         enable_lora: bool = False,
         max_model_len: int = 0,
         dtype: str | None = None,
+        sync_backend: str = "auto",
     ):
         from transformers import AutoTokenizer
 
@@ -142,12 +149,13 @@ class ServerEngine:
         self.servers = [_Server(address, timeout_s) for address in servers]
         self.timeout_s = timeout_s
         self.sync_address, self.sync_port = sync_address, sync_port
+        self.sync_backend = resolve_sync_backend(sync_backend)  # nccl asked without CUDA: here
         self.sender = sender  # only trainer rank 0 pushes weights
         # the servers' dtype: weights travel in it (vLLM would round them to it on loading anyway)
         self.wire_dtype = getattr(torch, dtype) if dtype else None
         self._limits = LoRALimits(max_loras, max_lora_rank) if enable_lora else None
         self.weight_version = 0  # completions sampled after the k-th sync carry k
-        self._gloo: GlooSender | None = None
+        self._sender = None  # GlooSender or NcclSender, once the servers joined
         self._in_update = False
         self._pool = ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT)
         self._adapters: set[str] = set()
@@ -173,6 +181,7 @@ class ServerEngine:
             timeout_s=cfg.timeout_s,
             sync_address=cfg.sync_address,
             sync_port=cfg.sync_port,
+            sync_backend=cfg.sync_backend,
             sender=rank == 0,
             dtype=engine_dtype(cfg),
             enable_lora=cfg.enable_lora,
@@ -323,17 +332,17 @@ class ServerEngine:
             with self.weight_update():
                 self.update_weights(named_tensors)
             return
-        tensors = [(name, self._wire(t.detach())) for name, t in named_tensors]
+        tensors = aligned_order([(name, self._wire(t.detach())) for name, t in named_tensors])
         info = update_info(tensors)
         receiving = self._submit_all(
             "receiving weights", "/update_weights", json={"update_info": info}
         )
         try:
-            self._gloo.send([t for _, t in tensors], info["dtype_names"])
+            self._sender.send([t for _, t in tensors], info["dtype_names"], peers=receiving)
         except RuntimeError as err:
-            _raise_first_error(receiving)
+            raise_first_error(receiving)
             raise RolloutWorkerError(
-                f"weight sync to the rollout servers failed: {str(err)[:300]}"
+                f"weight sync ({self.sync_backend}) to the rollout servers failed: {str(err)[:300]}"
             ) from None
         for job in receiving:
             job.result()
@@ -351,67 +360,77 @@ class ServerEngine:
         return [job.result() for job in self._submit_all(what, path, **kwargs)]
 
     def _connect(self) -> None:
-        """Open the gloo group with every server's workers (once)."""
-        if self._gloo is not None:
+        """Open the weight-sync group with every server's workers (once)."""
+        if self._sender is not None:
             return
         sizes = [
             server.call("reading its world size", "GET", "/get_world_size")["world_size"]
             for server in self.servers
         ]
-        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]  # the trainer is rank 0
-        world = 1 + sum(sizes)
-        sender = GlooSender(self.sync_address, self.sync_port)
+        offsets, world = rank_offsets(sizes)
+        sender = make_sender(self.sync_backend, self.sync_address, self.sync_port)
         joining = [
             self._pool.submit(
                 server.call,
                 "joining the weight-sync group",
                 "POST",
                 "/init_weight_transfer_engine",
-                json={
-                    "init_info": {
-                        "master_address": self.sync_address,
-                        "master_port": sender.port,
-                        "rank_offset": offset,
-                        "world_size": world,
-                        "timeout_s": self.timeout_s,
-                    }
-                },
+                json={"init_info": sender.init_info(offset, world, self.timeout_s)},
             )
             for server, offset in zip(self.servers, offsets, strict=True)
         ]
         try:
-            sender.open(world, self.timeout_s)
+            sender.open(world, self.timeout_s, peers=joining)
         except RuntimeError as err:
             sender.close()
-            _raise_first_error(joining)
-            raise RolloutWorkerError(
-                f"the rollout servers did not join the weight-sync group at "
-                f"{self.sync_address}:{sender.port} within rollout.timeout_s={self.timeout_s:g} s "
-                f"({str(err)[:200]}); set rollout.sync_address to this trainer's address as the "
-                "servers reach it"
-            ) from None
+            self._explain_join_failure(joining, sender.port, err)
         for job in joining:
             job.result()
-        self._gloo = sender
+        self._sender = sender
+
+    def _explain_join_failure(self, joining: list[Future], port: int, err: Exception) -> None:
+        """A server's refusal (often another sync_backend: the init fields differ) or a timeout."""
+        hint = (
+            f"start every server from this trainer's config (rlx serve --config <its file>), "
+            f"so it runs the same rollout.sync_backend ({self.sync_backend})"
+        )
+        try:
+            raise_first_error(joining)
+        except RolloutWorkerError as refused:
+            raise RolloutWorkerError(f"{refused}; {hint}") from None
+        raise RolloutWorkerError(
+            f"the rollout servers did not join the {self.sync_backend} weight-sync group at "
+            f"{self.sync_address}:{port} ({str(err)[:300]}); set rollout.sync_address to this "
+            f"trainer's address as the servers reach it, and {hint}"
+        ) from None
 
     def close(self) -> None:
         """Leave the weight-sync group and unload adapters; the servers keep running."""
         with contextlib.suppress(Exception):
             if self._adapters:
                 self.remove_adapters()
-        if self._gloo is not None:
+        if self._sender is not None:
             with contextlib.suppress(Exception):
                 self._call_all("leaving the weight-sync group", "/shutdown_weight_transfer_engine")
-            self._gloo.close()
-            self._gloo = None
+            self._sender.close()
+            self._sender = None
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _raise_first_error(jobs) -> None:
-    """A server's own error explains a failed collective better than gloo's: raise it if any."""
-    for job in jobs:
-        if job.done() and job.exception() is not None:
-            raise job.exception()
+def rank_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """Each server's first rank in the weight-sync group (the trainer is rank 0) and the group's
+    size, from the servers' world sizes (`/get_world_size`: TP x PP x DP workers each)."""
+    offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+    return offsets, 1 + sum(sizes)
+
+
+def make_sender(sync_backend: str, host: str, port: int):
+    """The trainer's side of a resolved rollout.sync_backend, listening on host:port."""
+    if sync_backend == "nccl":
+        from rlx.rollout.nccl_sender import NcclSender
+
+        return NcclSender(host, port)
+    return GlooSender(host, port)
 
 
 def _sampling_params(sampling: Sampling) -> dict:

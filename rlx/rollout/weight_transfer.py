@@ -1,4 +1,5 @@
-"""Weight sync from the trainer to vLLM rollout servers over gloo: vLLM's weight-transfer API on CPU.
+"""Weight sync from the trainer to vLLM rollout servers: the transport choice, the watchdog both
+transports run under, and rlx's gloo transport (vLLM's weight-transfer API on CPU).
 
 vLLM's RL endpoints (`/start_weight_update`, `/update_weights`, `/finish_weight_update`, mounted
 with `VLLM_SERVER_DEV_MODE=1`) drive a pluggable *weight-transfer engine* inside each server's
@@ -14,18 +15,106 @@ broadcasts the chunk as one flat buffer per dtype. The worker loads it through v
 reload (checkpoint-format names, the same path the in-process engine uses), and re-packs a tied
 `lm_head` on CPU at the end, as the in-process engine does.
 
-On GPUs use vLLM's `nccl` engine instead; the trainer side (`GlooSender`) is rlx's.
+On GPUs the servers run vLLM's own `nccl` engine and the trainer side is `NcclSender`
+(rlx/rollout/nccl_sender.py). `rollout.sync_backend` picks the transport for the trainer and for
+`rlx serve` alike (`resolve_sync_backend`), so both sides read it from one config file.
+
+Every blocking open and send runs under `within_deadline`: NCCL has no timeout of its own, and a
+server that died mid-sync would otherwise hang the trainer for ever.
 """
 
 from __future__ import annotations
 
 import datetime
 import socket
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 import torch
 
+from rlx.errors import UserError
+
 BACKEND = "rlx_gloo"
+POLL_S = 0.05  # how often a waiting sender looks at its deadline and at the servers' answers
+
+
+class RolloutWorkerError(UserError, RuntimeError):
+    """A rollout server did not answer, answered an error, or died (the message names it)."""
+
+
+def resolve_sync_backend(choice: str) -> str:
+    """rollout.sync_backend -> "nccl" or "gloo": auto = nccl where CUDA is present, else gloo.
+    The trainer and `rlx serve` both call this, so they agree when they read one config file."""
+    from rlx.config.core import ConfigError
+
+    if choice not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"rollout.sync_backend must be auto, nccl or gloo, not {choice!r}")
+    cuda = torch.cuda.is_available()
+    if choice == "nccl" and not cuda:
+        raise ConfigError(
+            "rollout.sync_backend=nccl needs a CUDA GPU and none is visible here: use "
+            "rollout.sync_backend=gloo (or auto) on this machine"
+        )
+    if choice == "auto":
+        return "nccl" if cuda else "gloo"
+    return choice
+
+
+def transfer_backend(sync_backend: str) -> str:
+    """The vLLM weight-transfer engine a server runs for a resolved sync backend."""
+    return "nccl" if sync_backend == "nccl" else BACKEND
+
+
+def raise_first_error(jobs: Sequence[Future]) -> None:
+    """A server's own error explains a failed or stuck collective better than the transport's:
+    raise the first one that has already come back, if any."""
+    for job in jobs:
+        if job.done() and job.exception() is not None:
+            raise job.exception()
+
+
+def within_deadline(
+    fn: Callable[[], object],
+    timeout_s: float,
+    phase: str,
+    peers: Sequence[Future] = (),
+    on_abandon: Callable[[], None] | None = None,
+):
+    """fn() with a deadline: its result, or RolloutWorkerError naming `phase` after `timeout_s`;
+    a server call in `peers` that fails meanwhile is raised at once instead of waiting it out.
+    NCCL calls block in C (communicator setup, lazy connections) or on the GPU (a kernel waiting
+    for a peer) with no timeout, and Python cannot interrupt a thread stuck in C: so fn runs in a
+    daemon thread, abandoned on expiry or a peer's failure (`on_abandon` aborts what it can)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # handed to the waiting thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, name=f"rlx weight sync: {phase}", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout_s
+    while worker.is_alive():
+        worker.join(POLL_S)
+        if worker.is_alive() and (time.monotonic() > deadline or _failed(peers)):
+            if on_abandon is not None:
+                on_abandon()
+            raise_first_error(peers)
+            raise RolloutWorkerError(
+                f"{phase} did not finish within rollout.timeout_s={timeout_s:g} s: a rollout "
+                "server is hung, died, or cannot reach this trainer"
+            )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _failed(jobs: Sequence[Future]) -> bool:
+    return any(job.done() and job.exception() is not None for job in jobs)
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -103,26 +192,62 @@ class GlooSender:
     """The trainer's side of `rlx_gloo`: rank 0 of the group, one broadcast per dtype per chunk.
     It listens on `host:port` (port 0: a free one, then `self.port`) before the servers join."""
 
+    backend = "gloo"
+
     def __init__(self, host: str, port: int = 0):
         self.host = host
         self.listen = socket.create_server((host, port))
         self.port = self.listen.getsockname()[1]
         self.group = None
+        self.timeout_s = 600.0
 
-    def open(self, world_size: int, timeout_s: float) -> None:
+    def init_info(self, rank_offset: int, world_size: int, timeout_s: float) -> dict:
+        """What one server's `/init_weight_transfer_engine` gets (rlx_gloo's GlooInitInfo)."""
+        return {
+            "master_address": self.host,
+            "master_port": self.port,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            "timeout_s": timeout_s,
+        }
+
+    def open(self, world_size: int, timeout_s: float, peers: Sequence[Future] = ()) -> None:
         """Wait for the servers' workers to join (they were told host, port and world size)."""
-        self.group = open_group(self.host, self.port, 0, world_size, timeout_s, self.listen)
+        self.timeout_s = timeout_s
 
-    def send(self, tensors: Sequence[torch.Tensor], dtype_names: Sequence[str]) -> None:
-        for _, indices in flat_groups(dtype_names):
-            flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
-            broadcast(self.group, flat)
+        def join():
+            return open_group(self.host, self.port, 0, world_size, timeout_s, self.listen)
+
+        self.group = within_deadline(join, timeout_s, "opening the gloo group", peers)
+
+    def send(
+        self,
+        tensors: Sequence[torch.Tensor],
+        dtype_names: Sequence[str],
+        peers: Sequence[Future] = (),
+    ) -> None:
+        def broadcast_all() -> None:
+            for _, indices in flat_groups(dtype_names):
+                flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+                broadcast(self.group, flat)
+
+        within_deadline(broadcast_all, self.timeout_s, "sending weights over gloo", peers)
 
     def close(self) -> None:
         if self.group is not None:
             close_group(self.group)
             self.group = None
         self.listen.close()  # harmless once the store owns its descriptor
+
+
+def aligned_order(
+    named_tensors: Sequence[tuple[str, torch.Tensor]],
+) -> list[tuple[str, torch.Tensor]]:
+    """The chunk with the widest elements first (stable otherwise). vLLM's packed receiver views
+    each tensor's bytes in place, which fails unless its offset is a multiple of its element
+    size ("storage_offset must be divisible by 4", measured with bf16 before fp32); in this
+    order every offset is a sum of sizes that are multiples of the element size."""
+    return sorted(named_tensors, key=lambda item: -item[1].element_size())
 
 
 def update_info(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict:
