@@ -103,6 +103,7 @@ def train(cfg: PGConfig) -> dict:
     optimizer, scheduler = make_optimizer(cfg, trainable)
     engine = make_rollout_engine(cfg, rank)
     sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.adapter.enabled)
+    adapters.check_probe_sharding(cfg.adapter, sharding.zero_stage(accelerator))
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
     ref_model = load_reference(cfg, accelerator) if cfg.algo.kl_beta > 0 else None
@@ -166,8 +167,8 @@ def train(cfg: PGConfig) -> dict:
             updates = update_policy(
                 cfg, accelerator, model, ref_model, optimizer, trainable, batches, forward_params
             )
-            stats = merge_updates(updates)
-            if not math.isfinite(stats["loss"]):  # reduced over ranks: the same on every rank
+            stats = merge_updates(updates) if updates else None  # None: every token masked
+            if stats is not None and not math.isfinite(stats["loss"]):  # the same on every rank
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.bad_steps == "error":
                     raise FloatingPointError(
@@ -176,7 +177,8 @@ def train(cfg: PGConfig) -> dict:
                     )
                 run.skip("non-finite loss")
                 continue
-            scheduler.step()
+            if stats is not None:
+                scheduler.step()
         t_train = time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -352,6 +354,8 @@ def update_policy(
     updates = []
     for _ in range(cfg.algo.ppo_epochs):
         for mb in batches:
+            if not loss_tokens(mb):  # every sequence masked on every rank: AdamW's momentum
+                continue  # and weight decay would still move the weights, so no step at all
             t0 = time.perf_counter()
             stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
             stats = reduce_stats(stats, EXTREMES_MAX, EXTREMES_MIN)
@@ -363,8 +367,15 @@ def update_policy(
                 stats["grad_norm"] = norm
             stats["seconds"] = time.perf_counter() - t0
             updates.append(stats)
-    updates[0]["flops"] += old_pass_flops
+    if updates:
+        updates[0]["flops"] += old_pass_flops
     return updates
+
+
+def loss_tokens(mini: MiniBatch) -> float:
+    """The tokens that carry loss in this mini-batch, over all ranks (the same on every rank)."""
+    local = (mini.batch.completion_mask * mini.weights[:, None]).sum()
+    return float(distributed.reduce(local.reshape(1), "sum"))
 
 
 def real_tokens(batch: RolloutBatch) -> float:
@@ -416,12 +427,12 @@ def train_on_batch(
     starts = range(0, batch.num_groups, per_micro)
     passes = sharding.forward_passes(accelerator, len(starts))
     for i in range(passes):
-        real = i < len(starts)  # past this rank's micro-batches: a repeat at loss weight 0
-        start = starts[i] if real else 0
+        padding = i >= len(starts)  # past this rank's micro-batches: a repeat at loss weight 0
+        start = 0 if padding else starts[i]
         mb = batch.groups(start, start + per_micro).to(accelerator.device)
         rows = slice(start * g, (start + per_micro) * g)
         adv = mini.advantages[rows].to(accelerator.device)
-        mask = loss_mask[rows].to(accelerator.device) * float(real)
+        mask = loss_mask[rows].to(accelerator.device) * float(not padding)
         last = i == passes - 1
         with sharding.micro_batch(accelerator, model, last):
             with autocast:
@@ -462,7 +473,7 @@ def train_on_batch(
             # x world) of it per micro-batch, so DDP's average of the sums is its gradient
             penalty = adapters.extra_loss(model) / (passes * world)
             accelerator.backward((loss + penalty) * world)
-        if not real:
+        if padding:
             continue
         gap = (old - mb.sampler_logprobs).abs() * mask  # stale-weights alarm
         stats["loss"] += float(loss.detach())
