@@ -3,7 +3,6 @@
     run_recipe   the command line: config -> train(cfg), user errors as one line (exit status 2)
     Run          one run on every process: the Accelerator, output_dir, resume, metrics, the
                  before/after evaluation, skipped steps, checkpoints and the time limits
-    reduce_stats per-step stats over ranks (combine_stats: sums, extremes by max / min)
     RunClock     the wall-time limits (max_minutes, max_run_minutes)
 
 A loop builds its models and engine, then: `run.resume(...)`, `run.start(...)`, one
@@ -197,35 +196,6 @@ class Run:
 
     def close(self) -> None:
         shutdown(self.accelerator)
-
-
-def combine_stats(rows: list[dict], maxima=(), minima=(), means=()) -> dict:
-    """Several stats dicts (of ranks, or of updates) -> one: each key summed over the rows that
-    have it, except the keys in `maxima` / `minima` / `means`, which take the max / min / mean."""
-    merged = {}
-    for k in rows[0]:
-        values = [row[k] for row in rows if k in row]
-        if k in maxima:
-            merged[k] = max(values)
-        elif k in minima:
-            merged[k] = min(values)
-        elif k in means:
-            merged[k] = sum(values) / len(values)
-        else:
-            merged[k] = sum(values)
-    return merged
-
-
-def reduce_stats(stats: dict, maxima=(), minima=()) -> dict:
-    """Per-step stats of this rank -> of the whole step: combine_stats over the ranks. A NaN on
-    any rank reaches every rank, so a non-finite loss is seen (and acted on) by all of them."""
-    if not distributed.active():
-        return stats
-    keys = list(stats)
-    rows = distributed.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
-    return combine_stats(
-        [dict(zip(keys, row, strict=True)) for row in rows.tolist()], maxima, minima
-    )
 
 
 class RunClock:

@@ -96,7 +96,8 @@ def prepare_frozen(accelerator, model):
     for key in ("optimizer", "scheduler"):
         config.pop(key, None)
     engine, *_ = deepspeed.initialize(model=model, config=config)
-    return engine.eval()
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine
 
 
 def describe(accelerator, model) -> str:

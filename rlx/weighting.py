@@ -1,10 +1,12 @@
 """The training loop's side of dynamic reward weighting (recipes/pg.py); the math is rlx/objectives.py.
 
     weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
-    per step:   full, weights = weighting.reweigh(full, backward, lr)  # this step's total, weights
-                advantages = advantages * weighting.factor            # the hypervolume meta-reward
-                row |= weighting.after_step(step, engine, eval_data)  # validation; the metrics
-    checkpoint: weighting.state_dict()
+
+It is a feature of the loop (rlx.features), plugged in at three points of each step:
+    after_rewards       full, weights = reweigh(full, backward, lr): this step's total, weights
+    after_advantages    advantages * factor: the hypervolume meta-reward
+    after_step          validation (hypervolume), the metrics
+and state() for the checkpoint.
 
 Hypervolume-guided: a validation point every `algo.hv_every` steps feeds HypervolumeWeighting
 (meta-reward, and with `algo.hv_adapt_weights` the preference weights).
@@ -29,6 +31,7 @@ from rlx import sharding
 from rlx.algos import pg
 from rlx.config import ConfigError
 from rlx.evaluation import evaluate
+from rlx.features import Feature
 from rlx.objectives import GradientWeighting, HypervolumeWeighting, check_weights, influences
 from rlx.rewards import RewardFunction, load_reward
 
@@ -81,7 +84,7 @@ def start_weighting(cfg, run, engine, eval_data, reward_fns, policy) -> DynamicW
         hv = HypervolumeWeighting(minimise, weights if adapt_lr else fixed, adapt_lr)
         weighting = DynamicWeighting(cfg, names, hv)
         weighting.validation = validation
-    weighting.main = run.main
+    weighting.main, weighting.engine, weighting.eval_data = run.main, engine, eval_data
     if "weighting" in run.resumed_state:
         weighting.method.load_state_dict(run.resumed_state["weighting"])
     elif method == "hypervolume":
@@ -140,12 +143,12 @@ def weighted_total(per_fn: torch.Tensor, weights) -> torch.Tensor:
     return total
 
 
-class DynamicWeighting:
+class DynamicWeighting(Feature):
     """The weighting state of one run and what the loop asks of it (module docstring)."""
 
     def __init__(self, cfg, names: list[str], method) -> None:
         self.cfg, self.names, self.method = cfg, names, method
-        self.main = True
+        self.main, self.engine, self.eval_data = True, None, None  # set by start_weighting
         self.params: list[torch.nn.Parameter] = []  # gradient: the layers of the influences
         self.trainable: list[torch.nn.Parameter] = []  # gradient: all of them, for the clip
         self.validation: list[RewardFunction] = []  # hypervolume: the validation objectives
@@ -239,13 +242,27 @@ class DynamicWeighting:
         ]
         return torch.cat(parts).cpu() * scale
 
-    def after_step(self, step: int, engine, eval_data) -> dict:
+    # ---------------------------------------------------------------- the loop's feature points
+
+    def after_rewards(self, step) -> None:
+        """The step's weights and the rewards' total under them (step: full, weights, backward,
+        lr of recipes/pg.py's ScoredStep)."""
+        step.full, step.weights = self.reweigh(step.full, step.backward, step.lr)
+
+    def after_advantages(self, step) -> None:
+        """The hypervolume meta-reward scales the step's advantages (1 for the gradient method)."""
+        step.advantages = step.advantages * self.factor
+
+    def state(self) -> dict:
+        return {"weighting": self.state_dict()}
+
+    def after_step(self, step: int) -> dict:
         """The step's metrics. Hypervolume, every algo.hv_every steps: a validation point, its
         hypervolume contribution, the next meta-reward (and weights). Every rank evaluates
         (greedy on identical weights: the same point) so no rank waits for another's number."""
         if not isinstance(self.method, HypervolumeWeighting) or step % self.cfg.algo.hv_every:
             return self.metrics
-        point = self.validation_point(engine, eval_data)
+        point = self.validation_point(self.engine, self.eval_data)
         row = self.metrics | {
             f"val/{fn.name}": v for fn, v in zip(self.validation, point, strict=True)
         }

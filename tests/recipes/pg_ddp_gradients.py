@@ -98,7 +98,7 @@ def main(model_path: str, out: str) -> None:
             (mini,) = recipe.local_mini_batches(cfg, local, parts[mine], adv[mine], pad, 1)
             model.zero_grad(set_to_none=True)
             stats = recipe.train_on_batch(cfg, accelerator, model, ref, mini, 1)
-            stats = recipe.reduce_stats(stats, recipe.EXTREMES_MAX, recipe.EXTREMES_MIN)
+            stats = stats.over_ranks()
             grad = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
             result = {"grad": grad, "loss": stats["loss"], "keep": keep}
             torch.save(result, Path(out) / f"grad_{world}_{rank}_{case}_{agg}.pt")
