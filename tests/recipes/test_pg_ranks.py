@@ -166,7 +166,7 @@ def test_zero2_resume_with_a_missing_optimizer_shard_is_one_line(tiny_llama, rew
     assert len(shards) == 1, sorted((out / "checkpoints").rglob("*"))
     shards[0].unlink()
     code, log = run("cpu_2proc_zero2", [*args, "resume_from=latest"], tmp_path / "resume.log", {})
-    assert code == 2, log[-3000:]
+    assert code != 0 and "exitcode: 2" in log, log[-3000:]  # the ranks' status 2; the launcher 1
     errors = [line for line in log.splitlines() if "pg: error:" in line]
     assert errors and all(shards[0].name in line and "missing" in line for line in errors), log
     assert len(set(errors)) == 1  # the same line from each rank
