@@ -6,6 +6,8 @@ then each dataclass's `__post_init__` checks ranges and combinations with `requi
 (one line naming the knob). Modules:
 
     core.py      knob, require, ConfigError, load_config, save_config, describe (the machinery)
+    choices.py   every named choice (advantage estimators, backends, ...) as a Literal type and,
+                 where rlx/algos, rlx/rollout or rlx/es need the names, a tuple of them
     adapter.py   the `adapter:` section (method, knobs, principal guard, diagnostics)
     common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, LoRA,
                  the held-out evaluation of training runs, and RunConfig (fields of both loops)
@@ -15,7 +17,8 @@ then each dataclass's `__post_init__` checks ranges and combinations with `requi
 Everything public is importable from `rlx.config`.
 """
 
-from rlx.config.adapter import ADAPTER_METHODS, AdaLoraConfig, AdapterConfig
+from rlx.config.adapter import AdaLoraConfig, AdapterConfig
+from rlx.config.choices import ADAPTER_METHODS
 from rlx.config.common import (
     HeldOutConfig,
     LoraConfig,

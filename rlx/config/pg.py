@@ -12,6 +12,16 @@ from rlx.config.adapter import (
     check_adapter_sync,
     check_guard_precision,
 )
+from rlx.config.choices import (
+    GROUP_ESTIMATORS,
+    AdvantageEstimator,
+    ImportanceLevel,
+    LossAggregation,
+    RewardNormalization,
+    RewardScale,
+    TisMode,
+    WeightingMethod,
+)
 from rlx.config.common import LoraConfig, OptimConfig, RunConfig
 from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
@@ -20,14 +30,12 @@ from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 class AlgoConfig:
     """Which member of the policy-gradient family: advantage estimator, clipping, loss reduction."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline"] = knob(
-        "grpo", help="advantage estimator (see rlx/algos/pg.py)"
-    )
-    loss_aggregation: Literal["sequence_mean", "token_mean", "constant_length"] = knob(
+    advantage: AdvantageEstimator = knob("grpo", help="advantage estimator (see rlx/algos/pg.py)")
+    loss_aggregation: LossAggregation = knob(
         "token_mean",
         help="sequence_mean (GRPO), token_mean (DAPO), constant_length (Dr. GRPO)",
     )
-    importance_level: Literal["token", "sequence"] = knob(
+    importance_level: ImportanceLevel = knob(
         "token", help="token ratios (GRPO/DAPO) or one sequence ratio (GSPO)"
     )
     eps_low: float = knob(0.2, help="lower clip: ratio >= 1 - eps_low")
@@ -38,7 +46,7 @@ class AlgoConfig:
         help="importance-sampling correction of the vLLM/trainer mismatch: upper bound of the "
         "ratio trainer/sampler; 0 = no correction",
     )
-    tis_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = knob(
+    tis_mode: TisMode = knob(
         "token_truncate",
         help="per token or per sequence (product of the token ratios); truncate = clamp the ratio "
         "to [tis_min, tis_cap], mask = weight 0 outside it (TRL's vllm_importance_sampling_mode)",
@@ -57,16 +65,16 @@ class AlgoConfig:
         "many mini-batches",
     )
     dynamic_sampling: bool = knob(True, help="drop groups whose rewards are all equal")
-    reward_normalization: Literal["sum_then_normalize", "normalize_then_sum"] = knob(
+    reward_normalization: RewardNormalization = knob(
         "sum_then_normalize",
         help="weighted sum of rewards then advantages, or (advantage=grpo) advantages per reward, "
         "weighted sum, re-normalised over the batch (GDPO; a None reward adds 0)",
     )
-    scale_rewards: Literal["group", "batch"] = knob(
+    scale_rewards: RewardScale = knob(
         "group",
         help="advantage=grpo divides by the group's reward std, or by the whole batch's",
     )
-    reward_weighting: Literal["static", "hypervolume", "gradient"] = knob(
+    reward_weighting: WeightingMethod = knob(
         "static",
         help="static: the rewards' weights; hypervolume: also scale each step's advantages by a "
         "meta-reward from the hypervolume gain of a validation point (2 or 3 rewards); gradient: "
@@ -166,8 +174,6 @@ class PGConfig(RunConfig):
                 "full distribution (the trainer's logprobs are not truncated like the sampler's); "
                 "set rollout.top_p=1.0 and rollout.top_k=-1, and use rollout.temperature"
             )
-        from rlx.algos.pg import GROUP_ESTIMATORS  # (lazy: keeps `--show-config` free of torch)
-
         if self.algo.advantage in GROUP_ESTIMATORS and self.rollout.num_samples < 2:
             rule = f">= 2 for algo.advantage={self.algo.advantage} (or use reinforce)"
             require(False, "rollout.num_samples", rule, self.rollout.num_samples)
