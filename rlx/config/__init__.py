@@ -9,8 +9,8 @@ then each dataclass's `__post_init__` checks ranges and combinations with `requi
     choices.py   every named choice (advantage estimators, backends, ...) as a Literal type and,
                  where rlx/algos, rlx/rollout or rlx/es need the names, a tuple of them
     adapter.py   the `adapter:` section (method, knobs, principal guard, diagnostics)
-    common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, LoRA,
-                 the held-out evaluation of training runs, and RunConfig (fields of both loops)
+    common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, the
+                 held-out evaluation of training runs, and RunConfig (fields of both loops)
     generate.py  `rlx generate`, `rlx serve`       pg.py  recipes/pg.py       es.py  recipes/es.py
     quant.py     `rlx quantize`, `rlx eval`
 
@@ -21,7 +21,6 @@ from rlx.config.adapter import AdaLoraConfig, AdapterConfig
 from rlx.config.choices import ADAPTER_METHODS
 from rlx.config.common import (
     HeldOutConfig,
-    LoraConfig,
     ModelConfig,
     OptimConfig,
     RewardConfig,
@@ -68,7 +67,6 @@ __all__ = [
     "GenerateConfig",
     "ServeConfig",
     "HeldOutConfig",
-    "LoraConfig",
     "ModelConfig",
     "OptimConfig",
     "PGConfig",

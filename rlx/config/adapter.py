@@ -143,22 +143,3 @@ def check_guard_precision(adapter: AdapterConfig, model) -> None:
             f"(bf16_autocast still computes in bf16), or train an adapter; got "
             f"model.dtype={model.dtype}"
         )
-
-
-def adapter_from_lora(adapter: AdapterConfig, lora) -> AdapterConfig:
-    """The old `lora.*` keys as the `adapter:` section: lora.enabled=true is adapter.method=lora
-    with lora's rank, alpha and target_modules; together with another adapter.method, an error."""
-    if not lora.enabled:
-        return adapter
-    if adapter.method not in ("none", "lora"):
-        raise ConfigError(
-            f"lora.enabled=true and adapter.method={adapter.method}: lora.* is the old name of "
-            "adapter.method=lora; set only adapter.* (adapter.method, adapter.rank, adapter.alpha)"
-        )
-    return dataclasses.replace(
-        adapter,
-        method="lora",
-        rank=lora.rank,
-        alpha=float(lora.alpha),
-        target_modules=list(lora.target_modules),
-    )

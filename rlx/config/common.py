@@ -1,5 +1,5 @@
-"""The config sections every command shares: model, rollout engine, task, rewards, optimizer, LoRA,
-the held-out evaluation of the training loops, and the run fields both loops have (RunConfig)."""
+"""The config sections every command shares: model, rollout engine, task, rewards, optimizer, the
+held-out evaluation of the training loops, and the run fields both loops have (RunConfig)."""
 
 from __future__ import annotations
 
@@ -169,22 +169,6 @@ class OptimConfig:
         require(self.lr > 0, "lr", "> 0", self.lr)
         require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0", self.max_grad_norm)
-
-
-@dataclasses.dataclass
-class LoraConfig:
-    """LoRA through peft; merged into the weights pushed to the rollout engine."""
-
-    enabled: bool = knob(False, help="train a LoRA adapter instead of all weights")
-    rank: int = knob(16, help="adapter rank")
-    alpha: int = knob(32, help="adapter scale numerator (scale = alpha / rank)")
-    target_modules: list[str] = knob(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="module names that get adapters",
-    )
-
-    def __post_init__(self) -> None:
-        require(self.rank >= 1, "rank", ">= 1", self.rank)
 
 
 @dataclasses.dataclass

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
-from rlx.config.adapter import (
-    AdapterConfig,
-    adapter_from_lora,
-    check_adapter_sync,
-    check_guard_precision,
-)
+from rlx.config.adapter import AdapterConfig, check_adapter_sync, check_guard_precision
 from rlx.config.choices import (
     GROUP_ESTIMATORS,
     AdvantageEstimator,
@@ -22,7 +17,7 @@ from rlx.config.choices import (
     TisMode,
     WeightingMethod,
 )
-from rlx.config.common import LoraConfig, OptimConfig, RunConfig
+from rlx.config.common import OptimConfig, RunConfig
 from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
 
@@ -140,13 +135,16 @@ class AlgoConfig:
 class PGConfig(RunConfig):
     """recipes/pg.py: GRPO / RLOO / REINFORCE on rollouts from the rlx rollout engine."""
 
+    # the old LoRA-only section: adapter.method=lora is what lora.enabled=true trained
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lora": "adapter.method=lora with adapter.rank, adapter.alpha, adapter.target_modules "
+        "(lora.enabled=false: adapter.method=none, the default)"
+    }
+
     algo: AlgoConfig = knob(AlgoConfig(), help="the learner")
     optim: OptimConfig = knob(OptimConfig(), help="optimizer")
     adapter: AdapterConfig = knob(
         AdapterConfig(), help="full fine-tuning or an adapter, the principal guard, diagnostics"
-    )
-    lora: LoraConfig = knob(
-        LoraConfig(), help="old name of adapter.method=lora (lora.enabled=true maps to it)"
     )
     micro_batch_size: int = knob(
         16, help="sequences per forward/backward pass (rounded down to whole groups, at least one)"
@@ -160,7 +158,6 @@ class PGConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.adapter = adapter_from_lora(self.adapter, self.lora)
         check_adapter_sync(self.adapter, self.rollout)
         check_guard_precision(self.adapter, self.model)
         require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from rlx.algos import pg
-from rlx.config import LoraConfig, PGConfig, load_config
+from rlx.config import AdapterConfig, PGConfig, load_config
 from rlx.policy import load_policy
 from rlx.rollout.base import Completion
 
@@ -70,8 +70,8 @@ def main(model_path: str, out: str) -> None:
         "bf16_autocast=false",
     ]
     model_cfg = load_config(PGConfig, None, base).model
-    model, tokenizer = load_policy(model_cfg, LoraConfig(enabled=False))
-    ref, _ = load_policy(model_cfg, LoraConfig(enabled=False))
+    model, tokenizer = load_policy(model_cfg, AdapterConfig())
+    ref, _ = load_policy(model_cfg, AdapterConfig())
     ref.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the same perturbation on every rank: policy != reference

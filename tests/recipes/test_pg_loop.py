@@ -107,8 +107,8 @@ def test_sync_every_k_steps_shows_as_logprob_gap(tiny_llama, tmp_path, length_re
 
 def test_lora_run_merges_for_sync(tiny_llama, tmp_path, length_reward):
     extra = {
-        "lora.enabled": "true",
-        "lora.rank": 4,
+        "adapter.method": "lora",
+        "adapter.rank": 4,
         "eval.enabled": "false",
         "steps": 2,
         "optim.schedule": "linear",
@@ -318,7 +318,7 @@ def _crafted_step(recipe, model_path, tmp_path, **algo):
     spec.loader.exec_module(crafted)
     extra = {f"algo.{k}": v for k, v in algo.items()} | {"rollout.num_samples": 2}
     cfg = load_config(PGConfig, overrides=overrides(model_path, tmp_path, "x:y", **extra))
-    model, tokenizer = recipe.load_policy(cfg.model, cfg.lora)
+    model, tokenizer = recipe.load_policy(cfg.model, cfg.adapter)
     completions = crafted.crafted_completions(model.config.vocab_size)
     total = torch.tensor(crafted.REWARDS["all_kept"])
     lengths = torch.ones_like(total)

@@ -103,6 +103,7 @@ TWO_NEGATIVE = TWO.replace(":ok'}}]", ":ok', weight: -0.5}}]")
 CASES = [
     ("pg-unknown-key", "pg", ["optim.lrr=1"], "did you mean 'optim.lr'"),
     ("pg-bad-value", "pg", ["steps=0"], "steps must be >= 1"),
+    ("pg-old-lora-key", "pg", ["lora.enabled=true"], "use adapter.method=lora"),
     ("pg-missing-config-file", "pg", ["--config", "{root}/nope.yaml"], "config file not found"),
     ("pg-missing-dataset", "pg", ["task.name={root}/nope.jsonl", RESUME], "nor an existing"),
     ("pg-empty-dataset", "pg", ["task.name={root}/empty.jsonl", RESUME], "empty"),
