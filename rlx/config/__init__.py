@@ -43,7 +43,7 @@ from rlx.config.core import (
 )
 from rlx.config.es import LINEAR_PROJECTIONS, EggrollConfig, ESConfig
 from rlx.config.generate import GenerateConfig, ServeConfig
-from rlx.config.pg import AlgoConfig, PGConfig
+from rlx.config.pg import AlgoConfig, PGConfig, WeightingConfig
 from rlx.config.quant import (
     CalibrationConfig,
     EvalCommandConfig,
@@ -77,6 +77,7 @@ __all__ = [
     "RunConfig",
     "TaskConfig",
     "TuneConfig",
+    "WeightingConfig",
     "describe",
     "from_dict",
     "knob",

@@ -25,6 +25,16 @@ from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 class AlgoConfig:
     """Which member of the policy-gradient family: advantage estimator, clipping, loss reduction."""
 
+    # the dynamic weighting's knobs have their own section (WeightingConfig)
+    RENAMED: ClassVar[dict[str, str]] = {
+        "reward_weighting": "weighting.method",
+        **{
+            name: f"weighting.{name}"
+            for name in ("hv_every", "hv_prompts", "hv_minimise", "hv_validation")
+            + ("hv_adapt_weights", "hv_adapt_lr", "grad_lambda", "grad_layers")
+        },
+    }
+
     advantage: AdvantageEstimator = knob("grpo", help="advantage estimator (see rlx/algos/pg.py)")
     loss_aggregation: LossAggregation = knob(
         "token_mean",
@@ -69,7 +79,31 @@ class AlgoConfig:
         "group",
         help="advantage=grpo divides by the group's reward std, or by the whole batch's",
     )
-    reward_weighting: WeightingMethod = knob(
+    mask_truncated_completions: bool = knob(
+        False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
+    )
+
+    def __post_init__(self) -> None:
+        require(0 <= self.eps_low < 1, "eps_low", "in [0, 1)", self.eps_low)
+        require(self.eps_high >= 0, "eps_high", ">= 0", self.eps_high)
+        require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
+        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "0 (off) or >= 1", self.tis_cap)
+        require(0 <= self.tis_min < 1, "tis_min", "in [0, 1)", self.tis_min)
+        require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
+        require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
+        if self.scale_rewards == "batch" and self.advantage != "grpo":
+            require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
+        if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":
+            rule = "sum_then_normalize unless advantage=grpo"
+            require(False, "reward_normalization", rule, self.reward_normalization)
+
+
+@dataclasses.dataclass
+class WeightingConfig:
+    """How the rewards' weights move during training (rlx/weighting.py, docs/multi_objective.md):
+    hv_* are the hypervolume-guided method's knobs, grad_* the gradient-based method's."""
+
+    method: WeightingMethod = knob(
         "static",
         help="static: the rewards' weights; hypervolume: also scale each step's advantages by a "
         "meta-reward from the hypervolume gain of a validation point (2 or 3 rewards); gradient: "
@@ -102,33 +136,17 @@ class AlgoConfig:
         help="gradient: decoder layers whose parameters' gradients enter the influences; "
         "[] = the middle half (the reference used layers 10-25 of 36)",
     )
-    mask_truncated_completions: bool = knob(
-        False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
-    )
 
     def __post_init__(self) -> None:
-        require(0 <= self.eps_low < 1, "eps_low", "in [0, 1)", self.eps_low)
-        require(self.eps_high >= 0, "eps_high", ">= 0", self.eps_high)
-        require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
-        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "0 (off) or >= 1", self.tis_cap)
-        require(0 <= self.tis_min < 1, "tis_min", "in [0, 1)", self.tis_min)
-        require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
-        require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
         require(self.hv_every >= 1, "hv_every", ">= 1", self.hv_every)
         require(self.hv_prompts >= 1, "hv_prompts", ">= 1", self.hv_prompts)
         ok = math.isfinite(self.hv_adapt_lr) and self.hv_adapt_lr > 0
         require(ok, "hv_adapt_lr", "a finite number > 0", self.hv_adapt_lr)
         ok = math.isfinite(self.grad_lambda) and self.grad_lambda > 0
         require(ok, "grad_lambda", "a finite number > 0", self.grad_lambda)
-        ok = all(i >= 0 for i in self.grad_layers) and len(set(self.grad_layers)) == len(
-            self.grad_layers
-        )
-        require(ok, "grad_layers", "distinct layer indices >= 0", self.grad_layers)
-        if self.scale_rewards == "batch" and self.advantage != "grpo":
-            require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
-        if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":
-            rule = "sum_then_normalize unless advantage=grpo"
-            require(False, "reward_normalization", rule, self.reward_normalization)
+        layers = self.grad_layers
+        ok = all(i >= 0 for i in layers) and len(set(layers)) == len(layers)
+        require(ok, "grad_layers", "distinct layer indices >= 0", layers)
 
 
 @dataclasses.dataclass
@@ -145,6 +163,9 @@ class PGConfig(RunConfig):
     optim: OptimConfig = knob(OptimConfig(), help="optimizer")
     adapter: AdapterConfig = knob(
         AdapterConfig(), help="full fine-tuning or an adapter, the principal guard, diagnostics"
+    )
+    weighting: WeightingConfig = knob(
+        WeightingConfig(), help="static reward weights, or weights moved during training"
     )
     micro_batch_size: int = knob(
         16, help="sequences per forward/backward pass (rounded down to whole groups, at least one)"

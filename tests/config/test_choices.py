@@ -61,7 +61,7 @@ def test_the_registries_hold_exactly_the_config_names():
         ("algo.tis_mode", choices.TIS_MODES),
         ("algo.reward_normalization", choices.REWARD_NORMALIZATIONS),
         ("algo.scale_rewards", choices.REWARD_SCALES),
-        ("algo.reward_weighting", choices.WEIGHTING_METHODS),
+        ("weighting.method", choices.WEIGHTING_METHODS),
         ("adapter.method", choices.ADAPTER_METHODS),
         ("rollout.backend", choices.ROLLOUT_BACKENDS),
         ("rollout.sync_backend", choices.SYNC_BACKENDS),

@@ -113,7 +113,7 @@ def save_influences(recipe, accelerator, model, ref, local, lengths, base, mine,
 
     from rlx.weighting import DynamicWeighting, layer_parameters, trainable_parameters
 
-    cfg = load_config(PGConfig, None, [*base, "algo.reward_weighting=gradient"])
+    cfg = load_config(PGConfig, None, [*base, "weighting.method=gradient"])
     policy = accelerator.unwrap_model(model)
     per_fn = torch.stack(
         [torch.tensor(REWARDS["all_kept"]), torch.tensor(REWARDS["rank1_drops_all"])], dim=-1
