@@ -24,6 +24,7 @@ from accelerate import Accelerator
 
 from rlx.algos import pg
 from rlx.config import AdapterConfig, PGConfig, load_config
+from rlx.config.choices import LOSS_AGGREGATIONS
 from rlx.policy import load_policy
 from rlx.rollout.base import Completion
 
@@ -33,7 +34,7 @@ REWARDS = {
     "all_kept": [[0.0, 1.0], [1.0, 0.5], [0.2, 0.9], [0.7, 0.1]],
     "rank1_drops_all": [[0.0, 1.0], [1.0, 0.5], [0.3, 0.3], [0.6, 0.6]],
 }
-AGGREGATIONS = ("sequence_mean", "token_mean", "constant_length")
+AGGREGATIONS = LOSS_AGGREGATIONS  # every one, each checked across two processes
 
 
 def crafted_completions(vocab: int) -> list[Completion]:
