@@ -2,8 +2,10 @@
 
 Each choice is a Literal type, what the config fields are annotated with (`load_config` rejects any
 other name, listing these), and where code outside the configs needs the names (a registry, an
-argument check) a tuple of them derived from it. rlx/algos, rlx/rollout, rlx/es and rlx/adapters
-import these names from here; nothing here imports them.
+argument check) a tuple of them derived from it. Code below the configs (rlx/algos, rlx/es, ...)
+imports the tuples from here, never the other way round; the name -> function registries
+(ADVANTAGES, SHAPERS, the adapters' METHODS) are checked against them by
+tests/config/test_choices.py.
 """
 
 from __future__ import annotations
