@@ -25,12 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
+from rlx.config.choices import (
+    IMPORTANCE_LEVELS,
+    LOSS_AGGREGATIONS,
+    REWARD_SCALES,
+    TIS_MODES,
+)
+from rlx.config.choices import REWARD_NORMALIZATIONS as NORMALIZATIONS
+
 EPS = 1e-4  # TRL's, added to the group std (GRPO, GDPO); all-equal groups are 0 before it
 WHITEN_EPS = 1e-6  # REINFORCE++'s batch whitening (no TRL counterpart): std 1 to 1e-6
-
-REWARD_SCALES = ("group", "batch")
-"""TRL's scale_rewards: divide by the std of the group or of the whole batch (GRPO only)."""
-
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -215,7 +219,7 @@ def clipped_policy_loss(
     elif level == "sequence":
         log_ratio = sequence_log_ratio(logp, logp_old, mask)  # [B, 1], gradient through every token
     else:
-        raise ValueError(f"importance level must be 'token' or 'sequence', got {level!r}")
+        raise ValueError(f"importance level must be one of {IMPORTANCE_LEVELS}, got {level!r}")
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None]  # [B, 1]
     unclipped = ratio * adv
@@ -262,12 +266,7 @@ def aggregate_loss(
         if max_completion_length <= 0:
             raise ValueError("constant_length aggregation needs max_completion_length > 0")
         return masked.sum() / (sequences * max_completion_length)
-    raise ValueError(
-        f"unknown loss aggregation {mode!r}: sequence_mean, token_mean or constant_length"
-    )
-
-
-NORMALIZATIONS = ("sum_then_normalize", "normalize_then_sum")
+    raise ValueError(f"unknown loss aggregation {mode!r}: choose one of {LOSS_AGGREGATIONS}")
 
 
 def _check_options(name: str, normalization: str, scale_rewards: str) -> None:
@@ -338,10 +337,6 @@ def groups_to_keep(
     return keep
 
 
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
-"""Advantage estimators that compare a sample with the others of its group (need G >= 2)."""
-
-
 def kept_advantages(
     name: str,
     total: torch.Tensor,
@@ -380,10 +375,6 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
-
-
-TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-"""TRL's vllm_importance_sampling_mode: one ratio per token or per sequence, truncated or masked."""
 
 
 @torch.no_grad()

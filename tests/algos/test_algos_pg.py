@@ -9,6 +9,7 @@ import torch
 
 from rlx.algos import pg
 from rlx.config import AlgoConfig
+from rlx.config.choices import GROUP_ESTIMATORS
 
 
 def test_group_advantages_hand_computed():
@@ -32,7 +33,7 @@ def test_constant_groups_get_exactly_zero_advantage():
     """8 rewards of 0.99: their float32 mean is 1 ulp off, and (r - mean) / (std + eps) gave all
     8 the same positive advantage (0.106 with eps 1e-6). A group of equal rewards gets 0."""
     r = torch.tensor([[0.99] * 8, [0.0, 1.0] * 4])
-    for name in pg.GROUP_ESTIMATORS:
+    for name in GROUP_ESTIMATORS:
         adv = pg.compute_advantages(name, r, torch.ones_like(r))
         assert torch.equal(adv[0], torch.zeros(8)), name
         assert adv[1].abs().min() > 0.4, name
@@ -331,7 +332,7 @@ def test_pg_config_refuses_one_sample_groups_and_truncated_sampling():
     for knob in ("rollout.top_p=0.9", "rollout.top_k=20"):  # truncated sampling: refused
         with pytest.raises(ConfigError, match="training samples from the full distribution"):
             load_config(PGConfig, overrides=[knob])
-    for name in pg.GROUP_ESTIMATORS:
+    for name in GROUP_ESTIMATORS:
         with pytest.raises(
             ConfigError, match="rollout.num_samples must be >= 2 for algo.advantage"
         ):

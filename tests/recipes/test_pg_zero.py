@@ -101,7 +101,9 @@ def test_zero2_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_pat
 @pytest.mark.multiprocess
 def test_zero2_trains_lora_and_syncs_the_merged_weights(tiny_llama, tmp_path, reward):
     out = tmp_path / "z2lora"
-    assert launch(2, tiny_llama, out, reward, "steps=2", "lora.enabled=true").wait(timeout=600) == 0
+    assert (
+        launch(2, tiny_llama, out, reward, "steps=2", "adapter.method=lora").wait(timeout=600) == 0
+    )
     assert "DeepSpeed ZeRO-2" in (tmp_path / "z2lora.log").read_text()
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[1]["grad_norm"] > 0 and rows[1]["logprob_gap_max"] < 1e-4
