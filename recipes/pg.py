@@ -42,8 +42,7 @@ from transformers import get_scheduler
 from rlx import adapters, distributed, sharding
 from rlx.algos import pg
 from rlx.config import AdapterConfig, ConfigError, PGConfig
-from rlx.data import load_held_out, load_prompts, step_prompt_indices
-from rlx.evaluation import resolve_rewards, score_rollout
+from rlx.data import step_prompt_indices
 from rlx.features import Features
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
@@ -56,8 +55,7 @@ from rlx.policy import (
     load_policy,
     matmul_params,
 )
-from rlx.recipe import Run, run_recipe
-from rlx.rewards import RewardError
+from rlx.recipe import Run, StepClock, load_data, run_recipe
 from rlx.rollout import Sampling, engine_dtype, make_engine
 from rlx.weighting import start_weighting
 
@@ -90,11 +88,8 @@ def train(cfg: PGConfig) -> dict:
         clock = StepClock()
         rows, completions = rollouts.next(run.step)
         clock.lap("rollout")
-        scores, failure = score_or_failure(rows, completions, reward_fns)
-        if distributed.agree(failure is not None):  # every rank skips (or stops) together
-            if cfg.bad_steps == "error":
-                raise failure or RewardError("a reward function failed on another process")
-            run.skip(f"reward function failed: {failure or 'on another process'}")
+        scores = run.score(rows, completions, reward_fns)  # None: skipped on every rank
+        if scores is None:
             continue
         clock.lap("reward")
         step = score_step(cfg, trainer, run, scores, completions, reward_fns, features)
@@ -258,21 +253,6 @@ def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features
     return Features([adapter, weighting])
 
 
-class StepClock:
-    """Wall time of a step's stages: lap(name) closes the stage that ran since the last lap."""
-
-    def __init__(self):
-        self.began = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name], self.last = now - self.last, now
-
-    def total(self) -> float:
-        return time.perf_counter() - self.began
-
-
 # ----------------------------------------------------------------------------- the step's pieces
 
 
@@ -296,23 +276,6 @@ def load_reference(cfg: PGConfig, accelerator):
     trainer's device (under ZeRO-3 sharded like the policy, rlx.sharding.prepare_frozen)."""
     ref_model, _ = load_policy(cfg.model, AdapterConfig())
     return sharding.prepare_frozen(accelerator, ref_model.eval().requires_grad_(False))
-
-
-def score_or_failure(rows, completions, reward_fns):
-    """(scores, None), or (None, the RewardError) when a reward function failed on this rank."""
-    try:
-        return score_rollout(rows, completions, reward_fns), None
-    except RewardError as err:
-        return None, err
-
-
-def load_data(cfg: PGConfig, tokenizer):
-    """The training prompts, the held-out ones (None without eval) and the reward functions."""
-    task = cfg.task
-    train_data = load_prompts(
-        task, task.split, task.num_prompts, tokenizer, cfg.max_prompt_tokens, cfg.long_prompts
-    )
-    return train_data, load_held_out(cfg, tokenizer), resolve_rewards(task.name, cfg.rewards)
 
 
 def make_rollout_engine(cfg: PGConfig, rank: int):

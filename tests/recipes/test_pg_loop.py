@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from rlx.config import PGConfig, load_config
 from rlx.metrics import read_metrics
+from rlx.recipe import CRASH_AFTER_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "pg.py"
@@ -215,8 +215,8 @@ def test_long_prompts_error_names_the_knob(tiny_llama, tmp_path, length_reward):
         load_recipe().train(cfg)
 
 
-def _launch(args: list[str], out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _launch(args: list[str], out: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -230,13 +230,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path, len
     assert _launch(cmd + overrides(tiny_llama, full, reward, **common), full).wait(timeout=600) == 0
 
     killed = tmp_path / "killed"
-    proc = _launch(cmd + overrides(tiny_llama, killed, reward, **common), killed)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    crash = {CRASH_AFTER_CHECKPOINT: "2"}  # SIGKILL right after the step-2 checkpoint
+    proc = _launch(cmd + overrides(tiny_llama, killed, reward, **common), killed, env=crash)
+    assert proc.wait(timeout=600) == -signal.SIGKILL
     assert not (killed / "checkpoints" / "step-000005").exists()
     resumed = _launch(
         cmd + overrides(tiny_llama, killed, reward, resume_from="latest", **common), killed
