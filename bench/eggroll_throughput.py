@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-BACKENDS = ("hf_batched", "vllm_lora", "inplace")
+from rlx.config.choices import ES_BACKENDS as BACKENDS
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -49,9 +49,9 @@ STATIC = {
     "static_format": (0.2, 0.2, 0.6),
 }
 DYNAMIC = {
-    "hypervolume": ["algo.reward_weighting=hypervolume"],
-    "gradient": ["algo.reward_weighting=gradient"],
-    "hypervolume_adaptive": ["algo.reward_weighting=hypervolume", "algo.hv_adapt_weights=true"],
+    "hypervolume": ["weighting.method=hypervolume"],
+    "gradient": ["weighting.method=gradient"],
+    "hypervolume_adaptive": ["weighting.method=hypervolume", "weighting.hv_adapt_weights=true"],
 }
 DEFAULT_ARMS = [*STATIC, "hypervolume", "gradient"]
 MINIMISE = (False, True, False)  # correctness, completion length, format
@@ -61,7 +61,7 @@ TINY = [  # a tiny random model: small batches, short completions, fp32 engine
     "rollout.max_new_tokens=12",
     "eval.max_new_tokens=12",
     "eval.num_prompts=8",
-    "algo.hv_prompts=4",
+    "weighting.hv_prompts=4",
     "micro_batch_size=16",
     "rollout.dtype=float32",
 ]
@@ -83,7 +83,7 @@ def arm_overrides(arm: str) -> list[str]:
     rewards = ", ".join(
         f"{{func: '{f}', weight: {w}}}" for f, w in zip(REWARDS, weights, strict=True)
     )
-    return [f"rewards=[{rewards}]", *DYNAMIC.get(arm, ["algo.reward_weighting=static"])]
+    return [f"rewards=[{rewards}]", *DYNAMIC.get(arm, ["weighting.method=static"])]
 
 
 def run(arm: str, seed: int, model: str, steps: int, out: Path, tiny: bool) -> dict:

@@ -45,14 +45,12 @@ from rlx.algos.eggroll import (
     shape_fitness,
 )
 from rlx.config import ConfigError, ESConfig
-from rlx.data import load_held_out, load_prompts, step_prompt_indices
+from rlx.data import step_prompt_indices
 from rlx.es import make_backend, plan_population, score_matrix, split_members
 from rlx.es.vllm_lora import engine_lora_rank
-from rlx.evaluation import resolve_rewards, score_rollout
 from rlx.hardware import auto_dtype, describe_choice
 from rlx.models import load_model_and_tokenizer
-from rlx.recipe import Run, run_recipe
-from rlx.rewards import RewardError
+from rlx.recipe import Run, load_data, run_recipe
 from rlx.rollout import Sampling, encode_prompts, engine_dtype, make_engine
 
 # Default adapters per vLLM call: each holds an adapter slot (memory grows with members x rank);
@@ -82,12 +80,7 @@ def train(cfg: ESConfig) -> dict:
     # by hand): a frozen lm_head makes HF prefill very slow on CPU (rlx/es/hf_batched.py).
     master, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype=cfg.model.dtype)
     params = evolved_parameters(master, es.target_modules)  # name -> Parameter, updated here
-    task, limit = cfg.task, cfg.max_prompt_tokens
-    train_data = load_prompts(
-        task, task.split, task.num_prompts, tokenizer, limit, cfg.long_prompts
-    )
-    eval_data = load_held_out(cfg, tokenizer)
-    reward_fns = resolve_rewards(task.name, cfg.rewards)
+    train_data, eval_data, reward_fns = load_data(cfg, tokenizer)
     noise = NoiseSpec(cfg.seed, es.sigma, es.rank, es.noise_reuse, es.noise)
     optimizer = make_optimizer(es.optimizer, params.values(), es.lr, es.momentum, es.weight_decay)
     warmup = max(es.warmup_steps, 1)
@@ -114,19 +107,12 @@ def train(cfg: ESConfig) -> dict:
         prompts = encode_prompts(tokenizer, rows["prompt"])
         completions = backend.evaluate(prompts, plan, run.step, sampling)
         t_population = time.perf_counter() - t0
-        failure = None
-        try:
-            scores = score_rollout(rows, completions, reward_fns)
-        except RewardError as err:
-            failure, scores = err, None
+        scores = run.score(rows, completions, reward_fns)  # None: skipped on every rank
+        if scores is None:
+            continue
         t_reward = time.perf_counter() - t0 - t_population
 
         # Only scalars cross processes: failure flags, the score matrix, reward sums.
-        if distributed.agree(failure is not None):  # every rank skips (or stops) together
-            if cfg.bad_steps == "error":
-                raise failure or RewardError("a reward function failed on another process")
-            run.skip(f"reward function failed: {failure or 'on another rank'}")
-            continue
         local = local_stats(plan, scores, completions, len(rows), t_population)
         full = {k: distributed.gather(v) for k, v in local.items()}  # rank order = member order
 

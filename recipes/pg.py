@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -41,10 +42,10 @@ from transformers import get_scheduler
 from rlx import adapters, distributed, sharding
 from rlx.algos import pg
 from rlx.config import AdapterConfig, ConfigError, PGConfig
-from rlx.data import load_held_out, load_prompts, step_prompt_indices
-from rlx.evaluation import resolve_rewards, score_rollout
+from rlx.data import step_prompt_indices
+from rlx.features import Features
 from rlx.hardware import autocast_enabled, describe_choice
-from rlx.metrics import peak_gpu_gib, peak_rss_gib
+from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
 from rlx.policy import (
     MiniBatch,
     RolloutBatch,
@@ -54,34 +55,15 @@ from rlx.policy import (
     load_policy,
     matmul_params,
 )
-from rlx.recipe import Run, combine_stats, reduce_stats, run_recipe
-from rlx.rewards import RewardError
+from rlx.recipe import Run, StepClock, load_data, run_recipe
 from rlx.rollout import Sampling, engine_dtype, make_engine
 from rlx.weighting import start_weighting
 
-# per-update stats summed over micro-batches and ranks; the extremes are in train_on_batch
-STAT_SUMS = (
-    "loss",
-    "clip_low",
-    "clip_high",
-    "entropy",
-    "kl",
-    "gap_sum",
-    "tis_sum",
-    "tis_zero",
-    "tokens",
-    "flops",
-)
-
-
-EXTREMES_MAX = (
-    "gap_max",
-    "tis_max",
-    "ratio_dev_max",
-    "peak_rss_gib",
-    "peak_gpu_gib",
-)  # reduced by max over ranks and updates
-EXTREMES_MIN = ("tis_min",)
+# One update's statistics: sums over micro-batches and ranks, except these (rlx.metrics.Stats)
+MAXIMA = ("gap_max", "tis_max", "ratio_dev_max", "peak_rss_gib", "peak_gpu_gib")
+MINIMA = ("tis_min",)
+SUMS = ("loss", "clip_low", "clip_high", "entropy", "kl", "gap_sum", "tis_sum", "tis_zero")
+SUMS += ("tokens", "flops")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,124 +71,186 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: PGConfig) -> dict:
-    """Run the loop; return eval.json's content."""
+    """Run the loop; return eval.json's content. Each step: rollouts -> rewards -> advantages ->
+    update -> sync -> log and checkpoint; research features plug in at named points (Feature)."""
     run = Run(cfg, nan_on_skip=("loss", "logprob_gap_max"))
-    accelerator, world, rank = run.accelerator, run.world, run.rank
     announce(cfg, run)
-
-    # ---- models, data, rewards, rollout engine
-    updates_per_step = cfg.algo.ppo_epochs * cfg.algo.mini_batches
-    model, tokenizer = load_policy(cfg.model, cfg.adapter, total_steps=cfg.steps * updates_per_step)
-    train_data, eval_data, reward_fns = load_data(cfg, tokenizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    forward_params = matmul_params(model)  # for the train FLOP/s metric
-    optimizer, scheduler = make_optimizer(cfg, trainable)
-    engine = make_rollout_engine(cfg, rank)
-    sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.adapter.enabled)
-    adapters.check_probe_sharding(cfg.adapter, sharding.zero_stage(accelerator))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    policy = accelerator.unwrap_model(model)
-    ref_model = load_reference(cfg, accelerator) if cfg.algo.kl_beta > 0 else None
-    hooks = adapters.install_step_hooks(policy, optimizer, cfg.adapter)  # before resume: W0
-    probe = adapters.make_probe(policy, cfg.adapter)
-    print(f"pg: rank {rank}: {sharding.describe(accelerator, policy)}")
-    saved = model if sharding.zero_stage(accelerator) else policy  # DeepSpeed saves shards
-    if run.resume(saved, optimizer, scheduler) or cfg.rollout.backend == "server":
-        sync_weights(engine, policy, accelerator)  # a server may hold another run's weights
-    hooks.resume(run.step * updates_per_step, run.resumed_tensors)  # AdaLoRA's allocator
-    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
+    trainer = Trainer(cfg, run)
+    train_data, eval_data, reward_fns = load_data(cfg, trainer.tokenizer)
+    engine = make_rollout_engine(cfg, run.rank)
+    if run.resume(*trainer.checkpointed()) or cfg.rollout.backend == "server":
+        trainer.sync(engine)  # a server may hold another run's weights
+    features = start_features(cfg, run, trainer, engine, eval_data, reward_fns)
+    rollouts = SyncRollouts(cfg, engine, train_data, run.rank, run.world)
     run.start(engine, eval_data, reward_fns)
 
-    # ---- training
-    sampling = Sampling.from_config(cfg.rollout)
     while run.step < cfg.steps:
-        t0 = time.perf_counter()
-        idx = step_prompt_indices(run.step, cfg.prompts_per_step, len(train_data), cfg.seed)
-        rows = train_data.select(idx[rank::world])
-        # In-process vLLM samples with torch's global generator: seeding it per step makes a
-        # resumed run sample exactly what an uninterrupted run would have.
-        torch.manual_seed(cfg.seed * 1_000_003 + run.step)
-        completions = engine.generate(rows["prompt"], sampling)
-        t_rollout = time.perf_counter() - t0
-        scores, failure = score_or_failure(rows, completions, reward_fns)
-        if distributed.agree(failure is not None):  # every rank skips (or stops) together
-            if cfg.bad_steps == "error":
-                raise failure or RewardError("a reward function failed on another process")
-            run.skip(f"reward function failed: {failure or 'on another process'}")
+        clock = StepClock()
+        rows, completions = rollouts.next(run.step)
+        clock.lap("rollout")
+        scores = run.score(rows, completions, reward_fns)  # None: skipped on every rank
+        if scores is None:
             continue
-        t_reward = time.perf_counter() - t0 - t_rollout
-
-        # Rewards of every rank -> advantages and kept groups of the whole step -> this rank's.
-        full = gather_rewards(scores, completions, cfg.rollout.num_samples)
-        mine, pad = slice(rank * len(rows), (rank + 1) * len(rows)), tokenizer.pad_token_id
-        algo, weights = cfg.algo, [fn.weight for fn in reward_fns]
-        if weighting is not None:  # this step's weights (gradient: one pass per objective first)
-            args = (cfg, accelerator, model, ref_model, completions, mine, pad)
-            lr = scheduler.get_last_lr()[0]
-            full, weights = weighting.reweigh(full, partial(objective_backward, *args), lr)
-        total, per_fn, lengths = full["total"], full["per_fn"], full["length"]
-        advantages, keep = pg.kept_advantages(
-            algo.advantage,
-            total,
-            per_fn,
-            lengths,
-            weights,
-            algo.reward_normalization,
-            algo.dynamic_sampling,
-            scale_rewards=algo.scale_rewards,
-        )
-        if weighting is not None:  # after the normalisation, so that no estimator cancels it
-            advantages = advantages * weighting.factor
-
-        t1 = time.perf_counter()
-        stats = None
-        if keep.any():
-            parts = mini_batch_parts(keep, algo.mini_batches)  # [P]
-            num_parts, adv = int(parts.max()) + 1, advantages[mine]
-            batches = local_mini_batches(cfg, completions, parts[mine], adv, pad, num_parts)
-            updates = update_policy(
-                cfg, accelerator, model, ref_model, optimizer, trainable, batches, forward_params
-            )
-            stats = merge_updates(updates) if updates else None  # None: every token masked
-            if stats is not None and not math.isfinite(stats["loss"]):  # the same on every rank
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.bad_steps == "error":
-                    raise FloatingPointError(
-                        f"step {run.step + 1}: the loss is not finite; lower optim.lr or set "
-                        "bad_steps=skip"
-                    )
-                run.skip("non-finite loss")
-                continue
-            if stats is not None:
-                scheduler.step()
-        t_train = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
+        clock.lap("reward")
+        step = score_step(cfg, trainer, run, scores, completions, reward_fns, features)
+        stats = trainer.update(step) if step.keep.any() else None
+        if stats is not None and not math.isfinite(stats["loss"]):  # the same on every rank
+            if cfg.bad_steps == "error":
+                raise FloatingPointError(
+                    f"step {run.step + 1}: the loss is not finite; lower optim.lr or set "
+                    "bad_steps=skip"
+                )
+            run.skip("non-finite loss")
+            continue
+        clock.lap("train")
         if stats is not None and (run.step + 1) % cfg.sync_every == 0:
-            sync_weights(engine, policy, accelerator)
-        t_sync = time.perf_counter() - t2
+            trainer.sync(engine)
+        clock.lap("sync")
         run.step += 1
-        hv = weighting.after_step(run.step, engine, eval_data) if weighting else {}
-
+        extra = features.after_step(run.step)  # on every rank: some features evaluate
         if run.main:
-            times = {"rollout": t_rollout, "reward": t_reward, "train": t_train, "sync": t_sync}
-            times |= hooks.pop_seconds()  # the principal guard's and AdaLoRA's share of train
-            step_s, lr = time.perf_counter() - t0, scheduler.get_last_lr()[0]
-            row = step_metrics(
-                run.step, full, keep, advantages, reward_fns, stats, times, step_s, lr
-            )
-            row |= adapters.diagnostics_row(probe, policy, run.step, cfg.adapter.diagnostics_every)
-            run.log_step(row | hv, reward=row["reward_mean"], gap=row["logprob_gap_max"])
-        extra = {"weighting": weighting.state_dict()} if weighting is not None else None
-        state = (saved, optimizer, scheduler, extra, hooks.state_dict)  # + AdaLoRA's allocator
-        if run.end_step(time.perf_counter() - t0, *state):
+            lr = trainer.scheduler.get_last_lr()[0]
+            row = step_metrics(run.step, step, reward_fns, stats, clock, lr) | extra
+            run.log_step(row, reward=row["reward_mean"], gap=row["logprob_gap_max"])
+        state = (*trainer.checkpointed(), features.state(), features.tensors)
+        if run.end_step(clock.total(), *state):
             break
 
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
-    results = run.finish(policy, tokenizer, engine, eval_data, reward_fns, title)
+    results = run.finish(trainer.policy, trainer.tokenizer, engine, eval_data, reward_fns, title)
     engine.close()
     run.close()
     return results
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+class Trainer:
+    """The learner's side of the loop: the policy (all weights or an adapter, under DDP or
+    DeepSpeed), the KL term's reference model, AdamW and its schedule, and the adapter's
+    optimizer-step hooks (installed before a resume: the principal guard keeps the initial
+    weights' directions)."""
+
+    def __init__(self, cfg: PGConfig, run: Run):
+        accelerator = self.accelerator = run.accelerator
+        self.cfg, self.updates_per_step = cfg, cfg.algo.ppo_epochs * cfg.algo.mini_batches
+        total = cfg.steps * self.updates_per_step
+        model, self.tokenizer = load_policy(cfg.model, cfg.adapter, total_steps=total)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.forward_params = matmul_params(model)  # for the train FLOP/s metric
+        optimizer, self.scheduler = make_optimizer(cfg, self.trainable)
+        sharding.configure(accelerator, cfg.optim.max_grad_norm, cfg.adapter.enabled)
+        adapters.check_probe_sharding(cfg.adapter, sharding.zero_stage(accelerator))
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.policy = accelerator.unwrap_model(self.model)
+        self.ref_model = load_reference(cfg, accelerator) if cfg.algo.kl_beta > 0 else None
+        self.hooks = adapters.install_step_hooks(self.policy, self.optimizer, cfg.adapter)
+        self.probe = adapters.make_probe(self.policy, cfg.adapter)
+        print(f"pg: rank {run.rank}: {sharding.describe(accelerator, self.policy)}")
+
+    def checkpointed(self) -> tuple:
+        """(model, optimizer, scheduler) as checkpoints save them (DeepSpeed: its engine's shards)."""
+        saved = self.model if sharding.zero_stage(self.accelerator) else self.policy
+        return saved, self.optimizer, self.scheduler
+
+    def update(self, step: ScoredStep) -> Stats | None:
+        """`algo.ppo_epochs` passes over the step's mini-batches of kept groups, one optimizer step
+        each; the step's statistics over all ranks (None when every loss token was masked)."""
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        parts = mini_batch_parts(step.keep, cfg.algo.mini_batches)  # [P]
+        num_parts, mine = int(parts.max()) + 1, step.mine
+        adv = step.advantages[mine]
+        batches = local_mini_batches(cfg, step.completions, parts[mine], adv, pad, num_parts)
+        args = (self.accelerator, self.model, self.ref_model, self.optimizer, self.trainable)
+        updates = update_policy(cfg, *args, batches, self.forward_params)
+        if not updates:
+            return None
+        stats = merge_updates(updates)
+        if math.isfinite(stats["loss"]):
+            self.scheduler.step()
+        else:  # the caller stops or skips the step: drop what the last backward left
+            self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def sync(self, engine) -> None:
+        sync_weights(engine, self.policy, self.accelerator)
+
+    def objective_backward(self, step: ScoredStep):
+        """The gradient-weighting method's backward pass on `step`'s completions (see
+        objective_backward)."""
+        pad = self.tokenizer.pad_token_id
+        args = (self.accelerator, self.model, self.ref_model, step.completions, step.mine, pad)
+        return partial(objective_backward, self.cfg, *args)
+
+
+class SyncRollouts:
+    """The synchronous rollout source: each step, this rank's share of the step's prompts sampled
+    on the engine with the weights of the last sync."""
+
+    def __init__(self, cfg: PGConfig, engine, data, rank: int, world: int):
+        self.cfg, self.engine, self.data, self.rank, self.world = cfg, engine, data, rank, world
+        self.sampling = Sampling.from_config(cfg.rollout)
+
+    def next(self, step: int):
+        """(this rank's prompt rows, their completions, prompt-major) for step `step` (0-based)."""
+        cfg = self.cfg
+        idx = step_prompt_indices(step, cfg.prompts_per_step, len(self.data), cfg.seed)
+        rows = self.data.select(idx[self.rank :: self.world])
+        # In-process vLLM samples with torch's global generator: seeding it per step makes a
+        # resumed run sample exactly what an uninterrupted run would have.
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        return rows, self.engine.generate(rows["prompt"], self.sampling)
+
+
+class ScoredStep:
+    """One step's record from its rewards on: this rank's completions and its slice `mine` of the
+    step's prompts, every rank's rewards (`full`: [P, G] total, [P, G, K] per function, [P, G]
+    lengths), the rewards' weights, then the advantages [P, G] and kept groups [P]. `backward`
+    and `lr` serve the gradient-weighting feature. (A plain class: tests load this script by path,
+    where dataclasses cannot resolve its annotations.)"""
+
+    def __init__(self, completions: list, mine: slice, full: dict, weights: list[float]):
+        self.completions, self.mine, self.full, self.weights = completions, mine, full, weights
+        self.backward: Callable | None = None
+        self.lr = 0.0
+        self.advantages: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+
+
+def score_step(cfg, trainer, run, scores, completions, reward_fns, features) -> ScoredStep:
+    """Every rank's rewards -> the step's weights (features may change both) -> advantages over
+    the kept groups (features may scale them)."""
+    full = gather_rewards(scores, completions, cfg.rollout.num_samples)
+    p_local = len(completions) // cfg.rollout.num_samples
+    mine = slice(run.rank * p_local, (run.rank + 1) * p_local)
+    step = ScoredStep(completions, mine, full, [fn.weight for fn in reward_fns])
+    step.lr = trainer.scheduler.get_last_lr()[0]
+    step.backward = trainer.objective_backward(step)
+    features.after_rewards(step)
+    algo = cfg.algo
+    step.advantages, step.keep = pg.kept_advantages(
+        algo.advantage,
+        step.full["total"],
+        step.full["per_fn"],
+        step.full["length"],
+        step.weights,
+        algo.reward_normalization,
+        algo.dynamic_sampling,
+        scale_rewards=algo.scale_rewards,
+    )
+    features.after_advantages(step)
+    return step
+
+
+def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features:
+    """The research features of this run, after the resume: the adapter's (hook time, AdaLoRA's
+    allocator state, spectral diagnostics) and dynamic reward weighting (None: static)."""
+    trainer.hooks.resume(run.step * trainer.updates_per_step, run.resumed_tensors)
+    every = cfg.adapter.diagnostics_every
+    adapter = adapters.AdapterFeature(trainer.hooks, trainer.probe, trainer.policy, every, run.main)
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, trainer.policy)
+    return Features([adapter, weighting])
 
 
 # ----------------------------------------------------------------------------- the step's pieces
@@ -232,23 +276,6 @@ def load_reference(cfg: PGConfig, accelerator):
     trainer's device (under ZeRO-3 sharded like the policy, rlx.sharding.prepare_frozen)."""
     ref_model, _ = load_policy(cfg.model, AdapterConfig())
     return sharding.prepare_frozen(accelerator, ref_model.eval().requires_grad_(False))
-
-
-def score_or_failure(rows, completions, reward_fns):
-    """(scores, None), or (None, the RewardError) when a reward function failed on this rank."""
-    try:
-        return score_rollout(rows, completions, reward_fns), None
-    except RewardError as err:
-        return None, err
-
-
-def load_data(cfg: PGConfig, tokenizer):
-    """The training prompts, the held-out ones (None without eval) and the reward functions."""
-    task = cfg.task
-    train_data = load_prompts(
-        task, task.split, task.num_prompts, tokenizer, cfg.max_prompt_tokens, cfg.long_prompts
-    )
-    return train_data, load_held_out(cfg, tokenizer), resolve_rewards(task.name, cfg.rewards)
 
 
 def make_rollout_engine(cfg: PGConfig, rank: int):
@@ -342,10 +369,11 @@ def objective_backward(
 
 def update_policy(
     cfg, accelerator, model, ref_model, optimizer, trainable, batches, matmul_params: int
-) -> list[dict]:
+) -> list[Stats]:
     """`algo.ppo_epochs` passes over the step's mini-batches, one optimizer step per mini-batch.
     With more than one update, the old logprobs are taken once, before the first. Returns each
-    update's stats (stops after a non-finite loss, leaving its gradients for the caller)."""
+    update's stats over all ranks (stops after a non-finite loss, leaving its gradients for the
+    caller)."""
     old_pass_flops = 0.0
     if cfg.algo.ppo_epochs * len(batches) > 1:
         for mb in batches:
@@ -358,18 +386,27 @@ def update_policy(
                 continue  # and weight decay would still move the weights, so no step at all
             t0 = time.perf_counter()
             stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
-            stats = reduce_stats(stats, EXTREMES_MAX, EXTREMES_MIN)
+            stats = stats.over_ranks()
             if not math.isfinite(stats["loss"]):
                 return updates + [stats]
             max_norm = cfg.optim.max_grad_norm
             norm = sharding.optimizer_step(accelerator, model, optimizer, trainable, max_norm)
             if max_norm > 0:
-                stats["grad_norm"] = norm
-            stats["seconds"] = time.perf_counter() - t0
+                stats.add({"grad_norm": norm})
+            stats.add({"seconds": time.perf_counter() - t0, "updates": 1})
             updates.append(stats)
     if updates:
-        updates[0]["flops"] += old_pass_flops
+        updates[0].add({"flops": old_pass_flops})
     return updates
+
+
+def merge_updates(updates: list[Stats]) -> Stats:
+    """One step's stats from its updates (sums add up, extremes take the max / min; the loss and
+    the gradient norm are summed too: step_metrics divides them by the number of updates)."""
+    step = Stats(SUMS, MAXIMA, MINIMA)
+    for update in updates:
+        step.add(update.values)
+    return step
 
 
 def loss_tokens(mini: MiniBatch) -> float:
@@ -404,11 +441,13 @@ def policy_logprobs(cfg: PGConfig, accelerator, model, batch: RolloutBatch) -> t
 
 def train_on_batch(
     cfg: PGConfig, accelerator, model, ref_model, mini: MiniBatch, matmul_params: int
-) -> dict:
-    """Micro-batched backward pass of the clipped policy loss over one mini-batch.
+) -> Stats:
+    """Micro-batched backward pass of rlx.algos.pg.policy_loss over one mini-batch; this rank's
+    stats.
 
     The loss is the whole mini-batch's over all ranks: every rank divides by the global sequence
     and token counts, and multiplies by the number of ranks because DDP averages the gradients.
+    Under ZeRO-3 every rank runs as many passes as the busiest (extra ones at loss weight 0).
     """
     batch, g, algo = mini.batch, mini.batch.group_size, cfg.algo
     world = accelerator.num_processes
@@ -416,9 +455,8 @@ def train_on_batch(
     counts = distributed.reduce(
         torch.tensor([float((mini.weights > 0).sum()), float(loss_mask.sum())]), "sum"
     )
-    num_sequences, num_tokens = float(counts[0]), max(float(counts[1]), 1.0)
-    extremes = {k: 0.0 for k in EXTREMES_MAX} | {k: math.inf for k in EXTREMES_MIN}
-    stats = {k: 0.0 for k in STAT_SUMS} | extremes
+    divisors = pg.LossDivisors(float(counts[0]), float(counts[1]), cfg.rollout.max_new_tokens)
+    stats = Stats(SUMS, MAXIMA, MINIMA)
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
@@ -433,77 +471,49 @@ def train_on_batch(
         rows = slice(start * g, (start + per_micro) * g)
         adv = mini.advantages[rows].to(accelerator.device)
         mask = loss_mask[rows].to(accelerator.device) * float(not padding)
-        last = i == passes - 1
-        with sharding.micro_batch(accelerator, model, last):
+        old = None if mini.old_logprobs is None else mini.old_logprobs[rows]
+        with sharding.micro_batch(accelerator, model, i == passes - 1):
             with autocast:
                 logits = completion_logits(model, mb)  # [b, T, V]
             logp = pg.token_logprobs(logits, mb.completion_ids, temperature)  # [b, T]
-            # one update per rollout batch: the old policy is the current one (ratio exactly 1)
-            old = logp.detach() if mini.old_logprobs is None else mini.old_logprobs[rows].to(logp)
-            per_token, low, high = pg.clipped_policy_loss(
-                logp, old, adv, mask, algo.eps_low, algo.eps_high, algo.importance_level
-            )
-            if tis:
-                weights = pg.importance_weights(
-                    old, mb.sampler_logprobs, mask, algo.tis_mode, algo.tis_cap, algo.tis_min
-                )
-                per_token = per_token * weights
-                real = weights.expand_as(mask)[mask > 0]
-                if real.numel():
-                    stats["tis_sum"] += float(real.sum())
-                    stats["tis_zero"] += float((real == 0).sum())
-                    stats["tis_min"] = min(stats["tis_min"], float(real.min()))
-                    stats["tis_max"] = max(stats["tis_max"], float(real.max()))
+            ref = None
             if ref_model is not None:
                 with torch.no_grad(), autocast:
                     ref_logits = completion_logits(ref_model, mb)
-                kl = pg.k3_kl(logp, pg.token_logprobs(ref_logits, mb.completion_ids, temperature))
-                per_token = per_token + algo.kl_beta * kl
-                stats["kl"] += float((kl.detach() * mask).sum())
-            # this micro-batch's share of the mini-batch's loss: divisors of the whole mini-batch
-            loss = pg.aggregate_loss(
-                per_token,
-                mask,
-                algo.loss_aggregation,
-                max_completion_length=cfg.rollout.max_new_tokens,
-                num_sequences=num_sequences,
-                num_tokens=num_tokens,
-            )
-            # AdaLoRA's orthogonality penalty, once per update: each rank adds 1/(its micro-batches
-            # x world) of it per micro-batch, so DDP's average of the sums is its gradient
+                ref = pg.token_logprobs(ref_logits, mb.completion_ids, temperature)
+            sampler = mb.sampler_logprobs if tis else None
+            loss, loss_stats = pg.policy_loss(logp, old, sampler, ref, adv, mask, algo, divisors)
+            # AdaLoRA's orthogonality penalty, once per update: each rank adds 1/(its passes x
+            # world) of it per pass, so DDP's average of the sums is its gradient
             penalty = adapters.extra_loss(model) / (passes * world)
             accelerator.backward((loss + penalty) * world)
         if padding:
             continue
+        old = logp.detach() if old is None else old.to(logp)
         gap = (old - mb.sampler_logprobs).abs() * mask  # stale-weights alarm
-        stats["loss"] += float(loss.detach())
-        stats["clip_low"] += float((low * mask).sum())
-        stats["clip_high"] += float((high * mask).sum())
-        stats["ratio_dev_max"] = max(
-            stats["ratio_dev_max"], float(((logp.detach() - old).exp() - 1).abs().mul(mask).max())
+        stats.add(loss_stats)
+        stats.add(
+            {
+                "loss": float(loss.detach()),
+                "entropy": float((pg.token_entropy(logits.detach(), temperature) * mask).sum()),
+                "gap_sum": float(gap.sum()),
+                "gap_max": float(gap.max()),
+                "tokens": float(mask.sum()),
+                # forward + backward over every real prompt and completion token: 6 x params
+                # each, plus 2 x params for the reference model's forward
+                "flops": (6 + 2 * (ref_model is not None)) * matmul_params * real_tokens(mb),
+            }
         )
-        stats["entropy"] += float((pg.token_entropy(logits.detach(), temperature) * mask).sum())
-        stats["gap_sum"] += float(gap.sum())
-        stats["gap_max"] = max(stats["gap_max"], float(gap.max()))
-        stats["tokens"] += float(mask.sum())
-        # forward + backward over every real prompt and completion token: 6 x params each,
-        # plus 2 x params for the reference model's forward
-        stats["flops"] += (6 + 2 * (ref_model is not None)) * matmul_params * real_tokens(mb)
-    stats["peak_rss_gib"] = peak_rss_gib()  # this process's peak so far (the last sync included)
-    stats["peak_gpu_gib"] = peak_gpu_gib()  # 0 on CPU
-    return stats
+    # this process's peak memory so far (the last sync included); 0 GPU memory on CPU
+    return stats.add({"peak_rss_gib": peak_rss_gib(), "peak_gpu_gib": peak_gpu_gib()})
 
 
-def merge_updates(updates: list[dict]) -> dict:
-    """One step's stats from its updates: sums add up, extremes take the max / min, the loss and
-    the gradient norm are the mean over updates."""
-    means = ("loss", "grad_norm")
-    return {"updates": len(updates)} | combine_stats(updates, EXTREMES_MAX, EXTREMES_MIN, means)
-
-
-def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_time, lr) -> dict:
-    """One metrics.jsonl row."""
+def step_metrics(step: int, scored, reward_fns, stats: Stats | None, clock, lr: float) -> dict:
+    """One metrics.jsonl row: rewards, advantages and kept groups of `scored` (ScoredStep), the
+    update's statistics, the stages' times."""
+    full, advantages, keep = scored.full, scored.advantages, scored.keep
     total, per_fn, length = full["total"], full["per_fn"], full["length"]
+    step_time = clock.total()
     row = {
         "step": step,
         "reward_mean": float(total.nanmean()),
@@ -522,17 +532,17 @@ def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_ti
         "step_time_s": step_time,
         "tokens_per_s": float(length.sum()) / step_time,
     }
-    row |= {f"time_{k}_s": v for k, v in times.items()}
+    row |= {f"time_{k}_s": v for k, v in clock.seconds.items()}
     if stats is None:
         return row | {
             "loss": math.nan,
             "logprob_gap_max": math.nan,
             "skipped": "no group with signal",
         }
-    tokens = max(stats["tokens"], 1.0)
+    tokens, updates = max(stats["tokens"], 1.0), stats["updates"]
     row |= {
-        "loss": stats["loss"],
-        "updates": stats["updates"],
+        "loss": stats["loss"] / updates,
+        "updates": int(updates),
         "clip_low_fraction": stats["clip_low"] / tokens,
         "clip_high_fraction": stats["clip_high"] / tokens,
         "ratio_dev_max": stats["ratio_dev_max"],
@@ -540,8 +550,8 @@ def step_metrics(step, full, keep, advantages, reward_fns, stats, times, step_ti
         "kl": stats["kl"] / tokens,
         "logprob_gap_max": stats["gap_max"],
         "logprob_gap_mean": stats["gap_sum"] / tokens,
-        "grad_norm": stats.get("grad_norm", math.nan),
-        "train_flops_per_s": stats["flops"] / times["train"],
+        "grad_norm": stats.get("grad_norm") / updates,
+        "train_flops_per_s": stats["flops"] / clock.seconds["train"],
         "peak_rss_gib": stats["peak_rss_gib"],
     }
     if stats["peak_gpu_gib"] > 0:

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from rlx.atomic import atomic_write_text
 
 
@@ -29,6 +31,50 @@ def peak_gpu_gib() -> float:
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return 0.0
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+class Stats:
+    """Named step statistics, merged over micro-batches, updates and ranks: each name is a sum,
+    unless it is one of `maxima` (max; these are of non-negative values and start at 0) or
+    `minima` (min; start at +inf). Every rank declares the same names, so the rank merge lines
+    them up without exchanging the names."""
+
+    def __init__(self, sums=(), maxima=(), minima=()):
+        self.maxima, self.minima = frozenset(maxima), frozenset(minima)
+        self.values = {k: 0.0 for k in (*sums, *maxima)} | {k: math.inf for k in minima}
+
+    def add(self, values: dict) -> Stats:
+        """Merge `values` in (a micro-batch's, an update's); new names are sums."""
+        for key, value in values.items():
+            if key in self.maxima:
+                self.values[key] = max(self.values[key], value)
+            elif key in self.minima:
+                self.values[key] = min(self.values[key], value)
+            else:
+                self.values[key] = self.values.get(key, 0.0) + value
+        return self
+
+    def over_ranks(self) -> Stats:
+        """The same statistics of the whole step: every rank's merged (a collective)."""
+        from rlx import distributed
+
+        if not distributed.active():
+            return self
+        keys = sorted(self.values)
+        rows = distributed.gather(
+            torch.tensor([[self.values[k] for k in keys]], dtype=torch.float64)
+        )
+        merged = Stats(maxima=self.maxima, minima=self.minima)
+        merged.values = dict.fromkeys(keys, 0.0) | {k: math.inf for k in self.minima}
+        for row in rows.tolist():
+            merged.add(dict(zip(keys, row, strict=True)))
+        return merged
+
+    def __getitem__(self, key: str) -> float:
+        return self.values[key]
+
+    def get(self, key: str, default: float = math.nan) -> float:
+        return self.values.get(key, default)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -375,7 +375,7 @@ def hypervolume_direction(
 
 
 class HypervolumeWeighting:
-    """The hypervolume-guided meta-reward of a training run (algo.reward_weighting=hypervolume).
+    """The hypervolume-guided meta-reward of a training run (weighting.method=hypervolume).
 
     `start(p0)` takes the validation point of the model before training (one mean per objective)
     as the reference point and the first buffer entry; each later `update(p_t)` adds p_t's
@@ -441,7 +441,7 @@ class HypervolumeWeighting:
 
 
 class GradientWeighting:
-    """The gradient-based weights of a training run (algo.reward_weighting=gradient).
+    """The gradient-based weights of a training run (weighting.method=gradient).
 
     `step(influences, lr)` is one mirror-descent step (mirror_descent_step) with the step's
     influences I_k = <g_k, sum_j g_j>. An objective whose influence is None (it returned None for

@@ -18,14 +18,10 @@ from rlx.rollout import Completion
 
 def load_policy(model_cfg, adapter_cfg, total_steps: int | None = None):
     """The trainable policy (fp32 master weights) and its tokenizer, wrapped in the adapter of
-    `adapter_cfg` (an AdapterConfig; the old LoraConfig is read as adapter.method=lora) when it
-    has one (rlx.adapters.build_adapter; `total_steps`: the run's optimizer steps, for AdaLoRA)."""
+    `adapter_cfg` (an AdapterConfig) when it has one (rlx.adapters.build_adapter; `total_steps`:
+    the run's optimizer steps, for AdaLoRA)."""
     from rlx.adapters import build_adapter
-    from rlx.config import AdapterConfig, LoraConfig
-    from rlx.config.adapter import adapter_from_lora
 
-    if isinstance(adapter_cfg, LoraConfig):
-        adapter_cfg = adapter_from_lora(AdapterConfig(), adapter_cfg)
     model, tokenizer = load_model_and_tokenizer(model_cfg.name, dtype=model_cfg.dtype)
     model.config.use_cache = False
     model = build_adapter(model, adapter_cfg, total_steps)

@@ -3,18 +3,20 @@
     run_recipe   the command line: config -> train(cfg), user errors as one line (exit status 2)
     Run          one run on every process: the Accelerator, output_dir, resume, metrics, the
                  before/after evaluation, skipped steps, checkpoints and the time limits
-    reduce_stats per-step stats over ranks (combine_stats: sums, extremes by max / min)
     RunClock     the wall-time limits (max_minutes, max_run_minutes)
 
-A loop builds its models and engine, then: `run.resume(...)`, `run.start(...)`, one
-`run.log_step(...)` or `run.skip(...)` per step and `run.end_step(...)` after it, `run.finish(...)`.
+A loop builds its models and engine, then: `run.resume(...)`, `run.start(...)`, per step
+`run.score(...)` (None: the step was skipped), one `run.log_step(...)` or `run.skip(...)` and
+`run.end_step(...)` after it, `run.finish(...)`. `load_data` and `StepClock` serve both loops.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,11 +35,16 @@ from rlx.checkpoint import (
     save_final_model,
 )
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
+from rlx.data import load_held_out, load_prompts
 from rlx.errors import report_user_errors
-from rlx.evaluation import evaluate
+from rlx.evaluation import evaluate, resolve_rewards, score_rollout
 from rlx.metrics import MetricsLog, plot_reward_curves, plot_weighting, truncate_metrics
 from rlx.policy import export_weights
 from rlx.reporting import print_eval_table, read_eval, write_eval
+from rlx.rewards import RewardError
+
+CRASH_AFTER_CHECKPOINT = "RLX_TEST_CRASH_AFTER_CHECKPOINT"
+"""Tests only: a step number; every process SIGKILLs itself right after that step's checkpoint."""
 
 
 def run_recipe(
@@ -123,6 +130,22 @@ class Run:
         self.clock.start_training(self.results.get("before", {}).get("generate_seconds", 0.0))
         self.bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.main)
 
+    def score(self, rows, completions, reward_fns):
+        """This rank's rewards of the step (rlx.evaluation.score_rollout), or None when the step is
+        skipped because a reward function failed on any rank (bad_steps=skip; every rank agrees
+        before any acts); bad_steps=error raises on every rank."""
+        failure = scores = None
+        try:
+            scores = score_rollout(rows, completions, reward_fns)
+        except RewardError as err:
+            failure = err
+        if not distributed.agree(failure is not None):
+            return scores
+        if self.cfg.bad_steps == "error":
+            raise failure or RewardError("a reward function failed on another process")
+        self.skip(f"reward function failed: {failure or 'on another process'}")
+        return None
+
     def skip(self, reason: str) -> None:
         """bad_steps=skip: log this step as skipped (one metrics row and one line on stderr, from
         the main process) and count it done. Every rank calls it for the same step: the decision
@@ -160,6 +183,8 @@ class Run:
         if due or self.step == cfg.steps or out_of_time:
             args = (self.accelerator, self.out, self.step, model, optimizer, scheduler, cfg)
             checkpoint(*args, extra=extra, tensors=tensors() if tensors else None)
+            if os.environ.get(CRASH_AFTER_CHECKPOINT) == str(self.step):
+                os.kill(os.getpid(), signal.SIGKILL)  # the resume tests' crash, at a known point
         if out_of_time and self.main:
             print(f"stopping after {self.step} steps: {out_of_time}")
         return bool(out_of_time)
@@ -199,33 +224,28 @@ class Run:
         shutdown(self.accelerator)
 
 
-def combine_stats(rows: list[dict], maxima=(), minima=(), means=()) -> dict:
-    """Several stats dicts (of ranks, or of updates) -> one: each key summed over the rows that
-    have it, except the keys in `maxima` / `minima` / `means`, which take the max / min / mean."""
-    merged = {}
-    for k in rows[0]:
-        values = [row[k] for row in rows if k in row]
-        if k in maxima:
-            merged[k] = max(values)
-        elif k in minima:
-            merged[k] = min(values)
-        elif k in means:
-            merged[k] = sum(values) / len(values)
-        else:
-            merged[k] = sum(values)
-    return merged
-
-
-def reduce_stats(stats: dict, maxima=(), minima=()) -> dict:
-    """Per-step stats of this rank -> of the whole step: combine_stats over the ranks. A NaN on
-    any rank reaches every rank, so a non-finite loss is seen (and acted on) by all of them."""
-    if not distributed.active():
-        return stats
-    keys = list(stats)
-    rows = distributed.gather(torch.tensor([[stats[k] for k in keys]], dtype=torch.float64))
-    return combine_stats(
-        [dict(zip(keys, row, strict=True)) for row in rows.tolist()], maxima, minima
+def load_data(cfg, tokenizer):
+    """A run's training prompts, its held-out ones (None without eval) and its reward functions."""
+    task = cfg.task
+    train_data = load_prompts(
+        task, task.split, task.num_prompts, tokenizer, cfg.max_prompt_tokens, cfg.long_prompts
     )
+    return train_data, load_held_out(cfg, tokenizer), resolve_rewards(task.name, cfg.rewards)
+
+
+class StepClock:
+    """Wall time of a step's stages: lap(name) closes the stage that ran since the last lap."""
+
+    def __init__(self):
+        self.began = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self.last = now - self.last, now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.began
 
 
 class RunClock:

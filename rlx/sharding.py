@@ -65,9 +65,9 @@ def configure(accelerator, max_grad_norm: float, adapter: bool) -> None:
         return
     if stage == 3 and adapter:
         raise ConfigError(
-            "an adapter (adapter.method other than none, or lora.enabled=true) under DeepSpeed "
-            "ZeRO-3 is not supported yet (the adapter merge for the rollout sync needs the full "
-            "weights); use launch/cpu_2proc_zero2.yaml"
+            "an adapter (adapter.method other than none) under DeepSpeed ZeRO-3 is not supported "
+            "yet (the adapter merge for the rollout sync needs the full weights); use "
+            "launch/cpu_2proc_zero2.yaml"
         )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     ds["gradient_clipping"] = max_grad_norm

@@ -1,16 +1,18 @@
 """The training loop's side of dynamic reward weighting (recipes/pg.py); the math is rlx/objectives.py.
 
     weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
-    per step:   full, weights = weighting.reweigh(full, backward, lr)  # this step's total, weights
-                advantages = advantages * weighting.factor            # the hypervolume meta-reward
-                row |= weighting.after_step(step, engine, eval_data)  # validation; the metrics
-    checkpoint: weighting.state_dict()
 
-Hypervolume-guided: a validation point every `algo.hv_every` steps feeds HypervolumeWeighting
-(meta-reward, and with `algo.hv_adapt_weights` the preference weights).
+It is a feature of the loop (rlx.features), plugged in at three points of each step:
+    after_rewards       full, weights = reweigh(full, backward, lr): this step's total, weights
+    after_advantages    advantages * factor: the hypervolume meta-reward
+    after_step          validation (hypervolume), the metrics
+and state() for the checkpoint.
+
+Hypervolume-guided: a validation point every `weighting.hv_every` steps feeds HypervolumeWeighting
+(meta-reward, and with `weighting.hv_adapt_weights` the preference weights).
 Gradient-based: before the real update, one backward pass of the loop's own loss per objective,
 with advantages from that objective alone (`backward`, supplied by the loop); the gradients,
-restricted to `algo.grad_layers` after clipping the whole gradient to `optim.max_grad_norm` (as
+restricted to `weighting.grad_layers` after clipping the whole gradient to `optim.max_grad_norm` (as
 the reference does), give the influences and GradientWeighting's mirror-descent step. Under DDP
 each pass ends in the gradient all-reduce, so every rank holds the whole batch's gradient and
 computes the same influences.
@@ -29,6 +31,7 @@ from rlx import sharding
 from rlx.algos import pg
 from rlx.config import ConfigError
 from rlx.evaluation import evaluate
+from rlx.features import Feature
 from rlx.objectives import GradientWeighting, HypervolumeWeighting, check_weights, influences
 from rlx.rewards import RewardFunction, load_reward
 
@@ -40,48 +43,48 @@ def start_weighting(cfg, run, engine, eval_data, reward_fns, policy) -> DynamicW
     """The run's dynamic weighting, from the checkpoint resumed from or new (the hypervolume
     method evaluates its reference point now); None for static weights. Bad settings raise
     ConfigError before anything is written."""
-    algo, names = cfg.algo, [fn.name for fn in reward_fns]
-    method = algo.reward_weighting
+    knobs, names = cfg.weighting, [fn.name for fn in reward_fns]
+    method = knobs.method
     if method == "static":
         return None
     if len(names) < 2 or (method == "hypervolume" and len(names) > 3):
         wanted = "2 or 3 reward functions" if method == "hypervolume" else "2 or more rewards"
         raise ConfigError(
-            f"algo.reward_weighting={method} needs {wanted} (objectives to weigh), got "
+            f"weighting.method={method} needs {wanted} (objectives to weigh), got "
             f"{len(names)}: {names}"
         )
     try:
         weights = check_weights([fn.weight for fn in reward_fns])
     except ValueError as err:
-        raise ConfigError(f"algo.reward_weighting={method}: reward {err}") from None
+        raise ConfigError(f"weighting.method={method}: reward {err}") from None
     if method == "gradient":
         if sharding.zero_stage(run.accelerator):
             raise ConfigError(
-                "algo.reward_weighting=gradient under DeepSpeed ZeRO is not supported (the engine "
+                "weighting.method=gradient under DeepSpeed ZeRO is not supported (the engine "
                 "steps inside the backward pass); use launch/cpu_2proc.yaml or one process"
             )
-        params = layer_parameters(policy, algo.grad_layers)
-        weighting = DynamicWeighting(cfg, names, GradientWeighting(weights, algo.grad_lambda))
+        params = layer_parameters(policy, knobs.grad_layers)
+        weighting = DynamicWeighting(cfg, names, GradientWeighting(weights, knobs.grad_lambda))
         weighting.params, weighting.trainable = params, trainable_parameters(policy)
     else:
         if eval_data is None:
             raise ConfigError(
-                "algo.reward_weighting=hypervolume needs eval.enabled=true (its validation slice)"
+                "weighting.method=hypervolume needs eval.enabled=true (its validation slice)"
             )
-        validation = validation_functions(reward_fns, algo.hv_validation)
+        validation = validation_functions(reward_fns, knobs.hv_validation)
         objectives = [fn.name for fn in validation]
-        unknown = sorted(set(algo.hv_minimise) - set(objectives))
+        unknown = sorted(set(knobs.hv_minimise) - set(objectives))
         if unknown:
             raise ConfigError(
-                f"algo.hv_minimise: {unknown} are not validation objectives of {objectives}"
+                f"weighting.hv_minimise: {unknown} are not validation objectives of {objectives}"
             )
-        minimise = [name in algo.hv_minimise for name in objectives]
+        minimise = [name in knobs.hv_minimise for name in objectives]
         fixed = [fn.weight for fn in reward_fns]
-        adapt_lr = algo.hv_adapt_lr if algo.hv_adapt_weights else 0.0
+        adapt_lr = knobs.hv_adapt_lr if knobs.hv_adapt_weights else 0.0
         hv = HypervolumeWeighting(minimise, weights if adapt_lr else fixed, adapt_lr)
         weighting = DynamicWeighting(cfg, names, hv)
         weighting.validation = validation
-    weighting.main = run.main
+    weighting.main, weighting.engine, weighting.eval_data = run.main, engine, eval_data
     if "weighting" in run.resumed_state:
         weighting.method.load_state_dict(run.resumed_state["weighting"])
     elif method == "hypervolume":
@@ -90,12 +93,12 @@ def start_weighting(cfg, run, engine, eval_data, reward_fns, policy) -> DynamicW
 
 
 def validation_functions(reward_fns, replacements: dict[str, str]) -> list[RewardFunction]:
-    """The validation objectives: each reward function, or the one `algo.hv_validation` scores in
+    """The validation objectives: each reward function, or the one `weighting.hv_validation` scores in
     its place (named after its own function, e.g. completion_length for concise)."""
     names = [fn.name for fn in reward_fns]
     unknown = sorted(set(replacements) - set(names))
     if unknown:
-        raise ConfigError(f"algo.hv_validation: {unknown} are not reward functions of {names}")
+        raise ConfigError(f"weighting.hv_validation: {unknown} are not reward functions of {names}")
     out = []
     for fn in reward_fns:
         spec = replacements.get(fn.name)
@@ -119,7 +122,7 @@ def layer_parameters(model, layers: list[int]) -> list[torch.nn.Parameter]:
     chosen = set(layers) if layers else set(range(count // 4, count - count // 4))
     if max(chosen) >= count:
         raise ConfigError(
-            f"algo.grad_layers={sorted(chosen)}: the model has {count} layers (0..{count - 1})"
+            f"weighting.grad_layers={sorted(chosen)}: the model has {count} layers (0..{count - 1})"
         )
     params = []
     for name, param in model.named_parameters():
@@ -127,7 +130,7 @@ def layer_parameters(model, layers: list[int]) -> list[torch.nn.Parameter]:
         if param.requires_grad and match and int(match.group(1)) in chosen:
             params.append(param)
     if not params:
-        raise ConfigError(f"algo.grad_layers={sorted(chosen)}: no trainable parameter there")
+        raise ConfigError(f"weighting.grad_layers={sorted(chosen)}: no trainable parameter there")
     return params
 
 
@@ -140,12 +143,12 @@ def weighted_total(per_fn: torch.Tensor, weights) -> torch.Tensor:
     return total
 
 
-class DynamicWeighting:
+class DynamicWeighting(Feature):
     """The weighting state of one run and what the loop asks of it (module docstring)."""
 
     def __init__(self, cfg, names: list[str], method) -> None:
         self.cfg, self.names, self.method = cfg, names, method
-        self.main = True
+        self.main, self.engine, self.eval_data = True, None, None  # set by start_weighting
         self.params: list[torch.nn.Parameter] = []  # gradient: the layers of the influences
         self.trainable: list[torch.nn.Parameter] = []  # gradient: all of them, for the clip
         self.validation: list[RewardFunction] = []  # hypervolume: the validation objectives
@@ -217,7 +220,7 @@ class DynamicWeighting:
         step (all influences None) and lets the loop's own finiteness check judge the update."""
         if self.cfg.bad_steps == "error":
             raise FloatingPointError(
-                f"algo.reward_weighting=gradient: an objective's gradient is not finite "
+                f"weighting.method=gradient: an objective's gradient is not finite "
                 f"(influences {infl}); lower optim.lr or set bad_steps=skip"
             )
         if self.main:
@@ -239,13 +242,27 @@ class DynamicWeighting:
         ]
         return torch.cat(parts).cpu() * scale
 
-    def after_step(self, step: int, engine, eval_data) -> dict:
-        """The step's metrics. Hypervolume, every algo.hv_every steps: a validation point, its
+    # ---------------------------------------------------------------- the loop's feature points
+
+    def after_rewards(self, step) -> None:
+        """The step's weights and the rewards' total under them (step: full, weights, backward,
+        lr of recipes/pg.py's ScoredStep)."""
+        step.full, step.weights = self.reweigh(step.full, step.backward, step.lr)
+
+    def after_advantages(self, step) -> None:
+        """The hypervolume meta-reward scales the step's advantages (1 for the gradient method)."""
+        step.advantages = step.advantages * self.factor
+
+    def state(self) -> dict:
+        return {"weighting": self.state_dict()}
+
+    def after_step(self, step: int) -> dict:
+        """The step's metrics. Hypervolume, every weighting.hv_every steps: a validation point, its
         hypervolume contribution, the next meta-reward (and weights). Every rank evaluates
         (greedy on identical weights: the same point) so no rank waits for another's number."""
-        if not isinstance(self.method, HypervolumeWeighting) or step % self.cfg.algo.hv_every:
+        if not isinstance(self.method, HypervolumeWeighting) or step % self.cfg.weighting.hv_every:
             return self.metrics
-        point = self.validation_point(engine, eval_data)
+        point = self.validation_point(self.engine, self.eval_data)
         row = self.metrics | {
             f"val/{fn.name}": v for fn, v in zip(self.validation, point, strict=True)
         }
@@ -256,10 +273,10 @@ class DynamicWeighting:
         return row | self.method.update(point)
 
     def validation_point(self, engine, eval_data) -> list[float]:
-        """Mean of each validation objective on the first algo.hv_prompts held-out prompts,
+        """Mean of each validation objective on the first weighting.hv_prompts held-out prompts,
         greedy."""
         cfg = self.cfg
-        data = eval_data.select(range(min(cfg.algo.hv_prompts, len(eval_data))))
+        data = eval_data.select(range(min(cfg.weighting.hv_prompts, len(eval_data))))
         summary = evaluate(engine, data, self.validation, cfg.eval.max_new_tokens, cfg.rollout.stop)
         return [summary["rewards"][fn.name] for fn in self.validation]
 

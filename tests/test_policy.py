@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlx.config import LoraConfig, ModelConfig
+from rlx.config import AdapterConfig, ModelConfig
 from rlx.policy import build_batch, completion_logits, completion_logits_reference, load_policy
 from rlx.rollout import Completion
 
@@ -20,9 +20,9 @@ def _completions(prompts: list[list[int]], lengths: list[list[int]]) -> list[Com
     return out
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_forward_matches_reference(tiny_qwen2, lora):
-    model, _ = load_policy(ModelConfig(name=tiny_qwen2), LoraConfig(enabled=lora, rank=4))
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_shared_prompt_forward_matches_reference(tiny_qwen2, method):
+    model, _ = load_policy(ModelConfig(name=tiny_qwen2), AdapterConfig(method=method, rank=4))
     prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23]]  # different lengths: left padding
     comps = _completions(prompts, [[4, 1, 3], [2, 4, 4], [1, 1, 2]])
     batch = build_batch(comps, pad_id=0, group_size=3)

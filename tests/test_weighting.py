@@ -14,7 +14,7 @@ from rlx.weighting import DynamicWeighting
 
 
 def test_reweigh_keeps_the_weight_of_an_objective_none_for_the_whole_step(capsys):
-    cfg = load_config(PGConfig, None, ["algo.reward_weighting=gradient", "optim.max_grad_norm=0"])
+    cfg = load_config(PGConfig, None, ["weighting.method=gradient", "optim.max_grad_norm=0"])
     param = torch.nn.Parameter(torch.zeros(4))
     passes = []
 
@@ -51,7 +51,7 @@ def test_reweigh_keeps_the_weight_of_an_objective_none_for_the_whole_step(capsys
 
 
 def _gradient_weighting(bad_steps: str = "skip") -> DynamicWeighting:
-    overrides = ["algo.reward_weighting=gradient", "optim.max_grad_norm=1.0"]
+    overrides = ["weighting.method=gradient", "optim.max_grad_norm=1.0"]
     cfg = load_config(PGConfig, None, [*overrides, f"bad_steps={bad_steps}"])
     return DynamicWeighting(cfg, ["a", "b"], GradientWeighting([0.5, 0.5], 1e-5))
 

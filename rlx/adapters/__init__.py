@@ -25,9 +25,11 @@ from rlx.adapters.methods import METHODS
 from rlx.adapters.probe import SpectralProbe, check_probe_sharding
 from rlx.adapters.sync import AdapterSyncEngine, adapter_sync_fallback
 from rlx.config import AdapterConfig, ConfigError
+from rlx.features import Feature
 
 __all__ = [
     "METHODS",
+    "AdapterFeature",
     "AdapterSyncEngine",
     "PrincipalGuard",
     "SpectralProbe",
@@ -186,6 +188,26 @@ def diagnostics_row(probe: SpectralProbe | None, model, step: int, every: int) -
     if probe is None or not every or step % every:
         return {}
     return probe.metrics(getattr(model, "module", model))
+
+
+class AdapterFeature(Feature):
+    """The adapter's part of a training loop (rlx.features): after each step the optimizer-step
+    hooks' time (time_adapter_hooks_s) and, every `every` steps, the spectral probe's diag/*
+    metrics (main process only); AdaLoRA's allocator state in every checkpoint."""
+
+    def __init__(
+        self, hooks: StepHooks, probe: SpectralProbe | None, model, every: int, main: bool
+    ):
+        self.hooks, self.probe, self.model, self.every, self.main = hooks, probe, model, every, main
+
+    def after_step(self, step: int) -> dict:
+        times = {f"time_{k}_s": v for k, v in self.hooks.pop_seconds().items()}
+        if not self.main:
+            return times
+        return times | diagnostics_row(self.probe, self.model, step, self.every)
+
+    def tensors(self) -> dict:
+        return self.hooks.state_dict()
 
 
 def sync_engine(engine, cfg: AdapterConfig, folder, rank: int = 0, push_base: bool = False):

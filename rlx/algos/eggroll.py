@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from rlx.adapters.lowrank import LowRank, merged, stack
+from rlx.config.choices import NOISE_KINDS
 
-NOISE_KINDS = ("low_rank", "full_rank")
 FITNESS_EPS = 1e-5  # added to the variance in the z-scores, as in the reference
 
 

@@ -6,9 +6,11 @@ prompt, B = P*G sequences, T completion tokens (right-padded), V vocabulary.
 
     advantages  ADVANTAGES[name](rewards [P, G]) -> [P, G]; several rewards: kept_advantages(...)
     logprobs    token_logprobs(logits [B, T, V], tokens [B, T]) -> [B, T]
-    loss        clipped_policy_loss(...) -> per-token loss, low / high clip indicators [B, T];
-                aggregate_loss(...) -> scalar
-    sampler IS  importance_weights(logp_trainer, logp_sampler, mask, mode) -> [B, T] or [B, 1]
+    loss        policy_loss(logprobs, old, sampler, ref, advantages, mask, algo, divisors)
+                -> (scalar, metrics): the whole objective, built from
+                clipped_policy_loss(...) -> per-token loss, low / high clip indicators [B, T],
+                importance_weights(logp_trainer, logp_sampler, mask, mode) -> [B, T] or [B, 1]
+                (the sampler correction), k3_kl(...) and aggregate_loss(...) -> scalar
 
 Deviations from the papers, on purpose: REINFORCE++ whitens per-sequence rewards weighted by token
 count (identical to whitening over all tokens when every token of a sequence shares its advantage,
@@ -19,15 +21,20 @@ estimator added to the loss (GRPO style), not folded into the reward.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from rlx.config.choices import (
+    IMPORTANCE_LEVELS,
+    LOSS_AGGREGATIONS,
+    REWARD_SCALES,
+    TIS_MODES,
+)
+from rlx.config.choices import REWARD_NORMALIZATIONS as NORMALIZATIONS
+
 EPS = 1e-4  # TRL's, added to the group std (GRPO, GDPO); all-equal groups are 0 before it
 WHITEN_EPS = 1e-6  # REINFORCE++'s batch whitening (no TRL counterpart): std 1 to 1e-6
-
-REWARD_SCALES = ("group", "batch")
-"""TRL's scale_rewards: divide by the std of the group or of the whole batch (GRPO only)."""
-
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -212,7 +219,7 @@ def clipped_policy_loss(
     elif level == "sequence":
         log_ratio = sequence_log_ratio(logp, logp_old, mask)  # [B, 1], gradient through every token
     else:
-        raise ValueError(f"importance level must be 'token' or 'sequence', got {level!r}")
+        raise ValueError(f"importance level must be one of {IMPORTANCE_LEVELS}, got {level!r}")
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None]  # [B, 1]
     unclipped = ratio * adv
@@ -259,12 +266,7 @@ def aggregate_loss(
         if max_completion_length <= 0:
             raise ValueError("constant_length aggregation needs max_completion_length > 0")
         return masked.sum() / (sequences * max_completion_length)
-    raise ValueError(
-        f"unknown loss aggregation {mode!r}: sequence_mean, token_mean or constant_length"
-    )
-
-
-NORMALIZATIONS = ("sum_then_normalize", "normalize_then_sum")
+    raise ValueError(f"unknown loss aggregation {mode!r}: choose one of {LOSS_AGGREGATIONS}")
 
 
 def _check_options(name: str, normalization: str, scale_rewards: str) -> None:
@@ -335,10 +337,6 @@ def groups_to_keep(
     return keep
 
 
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
-"""Advantage estimators that compare a sample with the others of its group (need G >= 2)."""
-
-
 def kept_advantages(
     name: str,
     total: torch.Tensor,
@@ -379,10 +377,6 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
-TIS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-"""TRL's vllm_importance_sampling_mode: one ratio per token or per sequence, truncated or masked."""
-
-
 @torch.no_grad()
 def importance_weights(
     logp_trainer: torch.Tensor,
@@ -407,3 +401,68 @@ def importance_weights(
     if mode.endswith("truncate"):
         return ratio.clamp(min=floor, max=cap)
     return ratio.masked_fill((ratio < floor) | (ratio > cap), 0.0)
+
+
+@dataclass(frozen=True)
+class LossDivisors:
+    """The whole mini-batch's counts (over all ranks) a micro-batch's loss is divided by, so that
+    the micro-batches' losses and gradients add up to the mini-batch's."""
+
+    num_sequences: float
+    num_tokens: float
+    max_completion_length: int
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old: torch.Tensor | None,
+    sampler: torch.Tensor | None,
+    ref: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    algo,
+    divisors: LossDivisors,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The whole policy-gradient objective of one micro-batch: clipped ratio, importance weights
+    against the sampler, KL to the reference, aggregation. Pure: no model, no process group.
+
+    logprobs [b, T] the trainer's (with gradient); old [b, T] the policy's before this step's
+    first update (None: one update per batch, the ratio is exactly 1); sampler [b, T] the rollout
+    engine's logprobs (None: no importance correction); ref [b, T] the reference model's (None: no
+    KL term); advantages [b]; mask [b, T] loss weights (0 on padding and dropped sequences);
+    `algo`: eps_low, eps_high, importance_level, tis_mode, tis_cap, tis_min, kl_beta and
+    loss_aggregation as in rlx.config.AlgoConfig.
+    Returns (loss, metrics): the metrics are this micro-batch's sums (clip_low, clip_high, kl,
+    tis_sum, tis_zero, over its loss tokens) and extremes (tis_min, tis_max, ratio_dev_max).
+    """
+    old = logprobs.detach() if old is None else old.to(logprobs)
+    per_token, low, high = clipped_policy_loss(
+        logprobs, old, advantages, mask, algo.eps_low, algo.eps_high, algo.importance_level
+    )  # [b, T]
+    stats = {
+        "clip_low": float((low * mask).sum()),
+        "clip_high": float((high * mask).sum()),
+        "ratio_dev_max": float(((logprobs.detach() - old).exp() - 1).abs().mul(mask).max()),
+    }
+    if sampler is not None:
+        weights = importance_weights(
+            old, sampler, mask, algo.tis_mode, algo.tis_cap, algo.tis_min
+        )  # [b, T] or [b, 1]
+        per_token = per_token * weights
+        real = weights.expand_as(mask)[mask > 0]
+        if real.numel():
+            stats |= {"tis_sum": float(real.sum()), "tis_zero": float((real == 0).sum())}
+            stats |= {"tis_min": float(real.min()), "tis_max": float(real.max())}
+    if ref is not None:
+        kl = k3_kl(logprobs, ref)  # [b, T]
+        per_token = per_token + algo.kl_beta * kl
+        stats["kl"] = float((kl.detach() * mask).sum())
+    loss = aggregate_loss(
+        per_token,
+        mask,
+        algo.loss_aggregation,
+        max_completion_length=divisors.max_completion_length,
+        num_sequences=divisors.num_sequences,
+        num_tokens=divisors.num_tokens,
+    )
+    return loss, stats

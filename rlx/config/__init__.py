@@ -6,19 +6,21 @@ then each dataclass's `__post_init__` checks ranges and combinations with `requi
 (one line naming the knob). Modules:
 
     core.py      knob, require, ConfigError, load_config, save_config, describe (the machinery)
+    choices.py   every named choice (advantage estimators, backends, ...) as a Literal type and,
+                 where rlx/algos, rlx/rollout or rlx/es need the names, a tuple of them
     adapter.py   the `adapter:` section (method, knobs, principal guard, diagnostics)
-    common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, LoRA,
-                 the held-out evaluation of training runs, and RunConfig (fields of both loops)
+    common.py    sections shared by the commands: model, rollout, task, rewards, optimizer, the
+                 held-out evaluation of training runs, and RunConfig (fields of both loops)
     generate.py  `rlx generate`, `rlx serve`       pg.py  recipes/pg.py       es.py  recipes/es.py
     quant.py     `rlx quantize`, `rlx eval`
 
 Everything public is importable from `rlx.config`.
 """
 
-from rlx.config.adapter import ADAPTER_METHODS, AdaLoraConfig, AdapterConfig
+from rlx.config.adapter import AdaLoraConfig, AdapterConfig
+from rlx.config.choices import ADAPTER_METHODS
 from rlx.config.common import (
     HeldOutConfig,
-    LoraConfig,
     ModelConfig,
     OptimConfig,
     RewardConfig,
@@ -41,7 +43,7 @@ from rlx.config.core import (
 )
 from rlx.config.es import LINEAR_PROJECTIONS, EggrollConfig, ESConfig
 from rlx.config.generate import GenerateConfig, ServeConfig
-from rlx.config.pg import AlgoConfig, PGConfig
+from rlx.config.pg import AlgoConfig, PGConfig, WeightingConfig
 from rlx.config.quant import (
     CalibrationConfig,
     EvalCommandConfig,
@@ -65,7 +67,6 @@ __all__ = [
     "GenerateConfig",
     "ServeConfig",
     "HeldOutConfig",
-    "LoraConfig",
     "ModelConfig",
     "OptimConfig",
     "PGConfig",
@@ -76,6 +77,7 @@ __all__ = [
     "RunConfig",
     "TaskConfig",
     "TuneConfig",
+    "WeightingConfig",
     "describe",
     "from_dict",
     "knob",

@@ -4,12 +4,9 @@ its knobs, the off-principal guard and the spectral diagnostics the PG loop logs
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
+from rlx.config.choices import AdapterMethod, AdapterSync
 from rlx.config.core import ConfigError, knob, require
-
-ADAPTER_METHODS = ("none", "lora", "dora", "pissa", "minor", "mica", "miss", "adalora")
-"""none = full fine-tuning; the rest are in rlx/adapters/methods.py."""
 
 # the update of these is B @ A (times a constant): the guard projects the factors exactly
 GUARDED_ADAPTERS = ("lora", "minor", "mica", "adalora")
@@ -48,7 +45,7 @@ class AdaLoraConfig:
 class AdapterConfig:
     """What the policy-gradient loop trains: all weights (method none) or a PEFT adapter."""
 
-    method: Literal["none", "lora", "dora", "pissa", "minor", "mica", "miss", "adalora"] = knob(
+    method: AdapterMethod = knob(
         "none",
         help="none = full fine-tuning; lora; dora (magnitude + direction); pissa (starts on the "
         "top-r singular triplets of W0); minor (MiLoRA-style: starts on the smallest r); mica "
@@ -70,7 +67,7 @@ class AdapterConfig:
         help="k > 0: after every optimizer step remove the top-k principal part of each target "
         "matrix's update, dW <- (I - U_k U_k^T) dW (I - V_k V_k^T), U_k, V_k from W0's SVD; 0 = off",
     )
-    sync: Literal["merged", "adapter"] = knob(
+    sync: AdapterSync = knob(
         "merged",
         help="how the rollout engine gets the policy: merged = the merged weights; adapter = the "
         "adapter only (PEFT format), served through vLLM LoRA requests (lora, mica; the other "
@@ -146,22 +143,3 @@ def check_guard_precision(adapter: AdapterConfig, model) -> None:
             f"(bf16_autocast still computes in bf16), or train an adapter; got "
             f"model.dtype={model.dtype}"
         )
-
-
-def adapter_from_lora(adapter: AdapterConfig, lora) -> AdapterConfig:
-    """The old `lora.*` keys as the `adapter:` section: lora.enabled=true is adapter.method=lora
-    with lora's rank, alpha and target_modules; together with another adapter.method, an error."""
-    if not lora.enabled:
-        return adapter
-    if adapter.method not in ("none", "lora"):
-        raise ConfigError(
-            f"lora.enabled=true and adapter.method={adapter.method}: lora.* is the old name of "
-            "adapter.method=lora; set only adapter.* (adapter.method, adapter.rank, adapter.alpha)"
-        )
-    return dataclasses.replace(
-        adapter,
-        method="lora",
-        rank=lora.rank,
-        alpha=float(lora.alpha),
-        target_modules=list(lora.target_modules),
-    )

@@ -1,12 +1,13 @@
-"""The config sections every command shares: model, rollout engine, task, rewards, optimizer, LoRA,
-the held-out evaluation of the training loops, and the run fields both loops have (RunConfig)."""
+"""The config sections every command shares: model, rollout engine, task, rewards, optimizer, the
+held-out evaluation of the training loops, and the run fields both loops have (RunConfig)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any
 
+from rlx.config.choices import AutoDtype, Dtype, LrSchedule, OnError, RolloutBackend, SyncBackend
 from rlx.config.core import AUTO_DTYPE, knob, require
 
 
@@ -15,7 +16,7 @@ class ModelConfig:
     """The policy model."""
 
     name: str = knob("smollm2", help='alias ("smollm2"), a local HF model directory, or a hub id')
-    dtype: Literal["float32", "bfloat16"] = knob("float32", help="trainer-side parameter dtype")
+    dtype: Dtype = knob("float32", help="trainer-side parameter dtype")
 
     def __post_init__(self) -> None:
         require(bool(self.name), "name", "a non-empty string", self.name)
@@ -25,7 +26,7 @@ class ModelConfig:
 class RolloutConfig:
     """How completions are sampled."""
 
-    backend: Literal["vllm", "hf", "server"] = knob(
+    backend: RolloutBackend = knob(
         "vllm",
         help="generation engine: vllm in this process; server = vLLM servers started with "
         "`rlx serve` (rollout.servers); hf is the slow fallback",
@@ -41,7 +42,7 @@ class RolloutConfig:
         help="rollout.backend=server: this trainer's address as the servers reach it (weight sync)",
     )
     sync_port: int = knob(0, help="rollout.backend=server: weight-sync rendezvous port; 0 = free")
-    sync_backend: Literal["auto", "nccl", "gloo"] = knob(
+    sync_backend: SyncBackend = knob(
         "auto",
         help="rollout.backend=server: weight-sync transport, the same on the trainer and its "
         "servers (both read this file); auto = nccl where a GPU is present, else gloo; gloo also "
@@ -53,7 +54,7 @@ class RolloutConfig:
     top_p: float = knob(1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
     top_k: int = knob(-1, help="sample from the k most likely tokens; -1 = off")
     stop: list[str] = knob(["</answer>"], help="stop after any of these strings (kept in output)")
-    dtype: Literal["auto", "float32", "bfloat16"] = knob(
+    dtype: AutoDtype = knob(
         "auto",
         help=f"engine dtype; {AUTO_DTYPE} (the HF backend: float32)",
     )
@@ -159,7 +160,7 @@ class OptimConfig:
     lr: float = knob(3e-5, help="peak learning rate")
     weight_decay: float = knob(0.0, help="AdamW weight decay")
     warmup_steps: int = knob(0, help="linear warm-up steps")
-    schedule: Literal["constant", "linear", "cosine"] = knob(
+    schedule: LrSchedule = knob(
         "constant", help="after warm-up: keep lr, or decay it to 0 at the run's last step (`steps`)"
     )
     max_grad_norm: float = knob(1.0, help="gradient-norm clip; 0 = off")
@@ -168,22 +169,6 @@ class OptimConfig:
         require(self.lr > 0, "lr", "> 0", self.lr)
         require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0", self.max_grad_norm)
-
-
-@dataclasses.dataclass
-class LoraConfig:
-    """LoRA through peft; merged into the weights pushed to the rollout engine."""
-
-    enabled: bool = knob(False, help="train a LoRA adapter instead of all weights")
-    rank: int = knob(16, help="adapter rank")
-    alpha: int = knob(32, help="adapter scale numerator (scale = alpha / rank)")
-    target_modules: list[str] = knob(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="module names that get adapters",
-    )
-
-    def __post_init__(self) -> None:
-        require(self.rank >= 1, "rank", ">= 1", self.rank)
 
 
 @dataclasses.dataclass
@@ -218,10 +203,10 @@ class RunConfig:
     steps: int = knob(30, help="training steps (one rollout batch each)")
     prompts_per_step: int = knob(8, help="training prompts per step, over all processes")
     max_prompt_tokens: int = knob(512, help="longest prompt accepted, in tokens")
-    long_prompts: Literal["error", "skip"] = knob(
+    long_prompts: OnError = knob(
         "error", help="a prompt over max_prompt_tokens: stop with an error, or skip it (logged)"
     )
-    bad_steps: Literal["error", "skip"] = knob(
+    bad_steps: OnError = knob(
         "error",
         help="a reward function failure (PG: or a NaN loss): stop with an error, or skip the step",
     )

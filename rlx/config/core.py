@@ -2,11 +2,13 @@
 
 Precedence, lowest to highest: dataclass defaults, then a YAML file, then `key.sub=value` arguments:
 
-    cfg = load_config(GenerateConfig, "recipes/generate.yaml", ["rollout.temperature=0.7"])
+    cfg = load_config(GenerateConfig, "recipes/generate_demo.yaml", ["rollout.temperature=0.7"])
 
 `from_dict` type-checks every value against its field's annotation before the dataclass's own
 `__post_init__` checks the ranges. To add a config, write a dataclass whose fields are declared with
-`knob(default, help=...)`; nested dataclasses and `list[SomeConfig]` need nothing else.
+`knob(default, help=...)`; nested dataclasses and `list[SomeConfig]` need nothing else. A choice
+is a Literal type from choices.py. A key that moved or went is named in the class's `RENAMED`
+(old field name -> what to set instead): an old config then gets one line saying what to set.
 """
 
 import copy
@@ -128,7 +130,12 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    renamed = getattr(cls, "RENAMED", {})
     for name, value in data.items():
+        if name in renamed:
+            raise ConfigError(
+                f"config key {_join(prefix, name)!r} was renamed: use {renamed[name]}"
+            )
         if name not in fields:
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f"did you mean {_join(prefix, close[0])!r}?" if close else ""

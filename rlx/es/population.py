@@ -30,10 +30,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from rlx.config.choices import ES_BACKENDS as BACKENDS
+from rlx.config.choices import PROMPT_ASSIGNMENTS as ASSIGNMENTS
 from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
-
-BACKENDS = ("hf_batched", "vllm_lora", "inplace")
-ASSIGNMENTS = ("all", "grouped")
 
 
 @dataclass

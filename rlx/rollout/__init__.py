@@ -1,5 +1,6 @@
 """Rollout engines: vLLM (default) and HF generate (fallback) behind one interface."""
 
+from rlx.config.choices import ROLLOUT_BACKENDS as BACKENDS
 from rlx.rollout.base import (
     Adapter,
     Completion,
@@ -9,8 +10,6 @@ from rlx.rollout.base import (
     Sampling,
     encode_prompts,
 )
-
-BACKENDS = ("vllm", "hf", "server")
 
 
 def engine_dtype(rollout_cfg) -> str:

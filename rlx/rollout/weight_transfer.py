@@ -34,6 +34,8 @@ from concurrent.futures import Future
 
 import torch
 
+from rlx.config.choices import SYNC_BACKENDS
+from rlx.config.core import ConfigError
 from rlx.errors import UserError
 
 BACKEND = "rlx_gloo"
@@ -47,10 +49,8 @@ class RolloutWorkerError(UserError, RuntimeError):
 def resolve_sync_backend(choice: str) -> str:
     """rollout.sync_backend -> "nccl" or "gloo": auto = nccl where CUDA is present, else gloo.
     The trainer and `rlx serve` both call this, so they agree when they read one config file."""
-    from rlx.config.core import ConfigError
-
-    if choice not in ("auto", "nccl", "gloo"):
-        raise ConfigError(f"rollout.sync_backend must be auto, nccl or gloo, not {choice!r}")
+    if choice not in SYNC_BACKENDS:
+        raise ConfigError(f"rollout.sync_backend must be one of {SYNC_BACKENDS}, not {choice!r}")
     cuda = torch.cuda.is_available()
     if choice == "nccl" and not cuda:
         raise ConfigError(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlx.adapters import merged_weights
-from rlx.config import AdaLoraConfig, AdapterConfig, ConfigError, LoraConfig, PGConfig, from_dict
+from rlx.config import AdaLoraConfig, AdapterConfig, ConfigError
 from rlx.policy import export_weights
 
 METHODS = ["lora", "dora", "pissa", "minor", "mica", "miss", "adalora"]
@@ -56,22 +56,6 @@ def test_minor_init_starts_on_the_smallest_singular_triplets(policy):
     u, s, vh = torch.linalg.svd(w0, full_matrices=False)
     delta = (layer.scaling["default"] * b @ a).double()
     torch.testing.assert_close(delta, (u[:, -4:] * s[-4:]) @ vh[-4:], atol=1e-6, rtol=0)
-
-
-def test_old_lora_keys_map_to_adapter_method_lora():
-    cfg = from_dict(PGConfig, {"lora": {"enabled": True, "rank": 4, "alpha": 8}})
-    assert (cfg.adapter.method, cfg.adapter.rank, cfg.adapter.alpha) == ("lora", 4, 8.0)
-    assert from_dict(PGConfig, {"lora": {"enabled": False}}).adapter.method == "none"
-    with pytest.raises(ConfigError, match="adapter.method=lora"):
-        from_dict(PGConfig, {"lora": {"enabled": True}, "adapter": {"method": "dora"}})
-
-
-def test_load_policy_still_takes_a_lora_config(tiny_llama):
-    from rlx.config import ModelConfig
-    from rlx.policy import load_policy
-
-    model, _ = load_policy(ModelConfig(name=tiny_llama), LoraConfig(enabled=True, rank=2))
-    assert model.peft_config["default"].r == 2
 
 
 def test_guard_refused_where_the_update_is_no_product():
@@ -148,11 +132,3 @@ def test_adalora_allocator_state_makes_a_resume_exact(policy, tmp_path):
         assert all(torch.equal(resumed[n], full[n]) for n in full), k
     lost = run(5, run(2), tensors=False)["model"]
     assert any(not torch.equal(lost[n], full[n]) for n in full)
-
-
-def test_mapped_lora_config_round_trips():
-    from rlx.config import to_dict
-
-    cfg = from_dict(PGConfig, {"lora": {"enabled": True, "rank": 4}})
-    again = from_dict(PGConfig, to_dict(cfg))  # what a resumed run reads from config.yaml
-    assert again.adapter == cfg.adapter and again.lora == cfg.lora

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from rlx.algos import pg
+from rlx.config import AlgoConfig
+from rlx.config.choices import GROUP_ESTIMATORS
 
 
 def test_group_advantages_hand_computed():
@@ -31,7 +33,7 @@ def test_constant_groups_get_exactly_zero_advantage():
     """8 rewards of 0.99: their float32 mean is 1 ulp off, and (r - mean) / (std + eps) gave all
     8 the same positive advantage (0.106 with eps 1e-6). A group of equal rewards gets 0."""
     r = torch.tensor([[0.99] * 8, [0.0, 1.0] * 4])
-    for name in pg.GROUP_ESTIMATORS:
+    for name in GROUP_ESTIMATORS:
         adv = pg.compute_advantages(name, r, torch.ones_like(r))
         assert torch.equal(adv[0], torch.zeros(8)), name
         assert adv[1].abs().min() > 0.4, name
@@ -213,11 +215,11 @@ def test_matches_trl_grpo_loss(tiny_llama, tmp_path, loss_type):
         logits = model(torch.cat([prompt_ids, completion_ids], 1)).logits[:, tp - 1 : -1]
     logp = pg.token_logprobs(logits, completion_ids)
     mask = completion_mask.float()
-    per_token, _, _ = pg.clipped_policy_loss(logp, old, adv, mask, 0.2, 0.28)
-    per_token = per_token + 0.04 * pg.k3_kl(logp, ref)
     modes = {"grpo": "sequence_mean", "dr_grpo": "constant_length", "bnpo": "token_mean"}
     mode = modes.get(loss_type, "token_mean")  # dapo: token mean over the whole batch
-    ours = pg.aggregate_loss(per_token, mask, mode, max_len)
+    algo = AlgoConfig(loss_aggregation=mode, kl_beta=0.04, eps_low=0.2, eps_high=0.28, tis_cap=0)
+    divisors = pg.LossDivisors(float(b), float(mask.sum()), max_len)
+    ours, _ = pg.policy_loss(logp, old, None, ref, adv, mask, algo, divisors)
     assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
 
 
@@ -330,7 +332,7 @@ def test_pg_config_refuses_one_sample_groups_and_truncated_sampling():
     for knob in ("rollout.top_p=0.9", "rollout.top_k=20"):  # truncated sampling: refused
         with pytest.raises(ConfigError, match="training samples from the full distribution"):
             load_config(PGConfig, overrides=[knob])
-    for name in pg.GROUP_ESTIMATORS:
+    for name in GROUP_ESTIMATORS:
         with pytest.raises(
             ConfigError, match="rollout.num_samples must be >= 2 for algo.advantage"
         ):
@@ -633,3 +635,34 @@ def test_pg_config_refuses_bad_learner_knobs(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PGConfig, overrides=overrides)
     load_config(PGConfig, overrides=["algo.scale_rewards=batch", "algo.tis_mode=sequence_mask"])
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_policy_loss_composes_ratio_importance_weights_and_kl(mode):
+    """policy_loss = aggregate(clipped loss x importance weights + beta x k3 KL), its metrics the
+    masked sums and extremes of the pieces."""
+    torch.manual_seed(0)
+    logp = (torch.randn(3, 4) * 0.3 - 1).requires_grad_()
+    old, sampler, ref = (logp.detach() + torch.randn(3, 4) * 0.2 for _ in range(3))
+    adv, mask = torch.tensor([1.0, -0.5, 0.8]), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1] * 4])
+    mask = mask.float()
+    algo = AlgoConfig(tis_mode=mode, tis_cap=1.5, kl_beta=0.1, loss_aggregation="token_mean")
+    divisors = pg.LossDivisors(6.0, 20.0, 4)  # a micro-batch of a larger mini-batch
+    loss, stats = pg.policy_loss(logp, old, sampler, ref, adv, mask, algo, divisors)
+
+    per_token, low, high = pg.clipped_policy_loss(logp, old, adv, mask, 0.2, algo.eps_high)
+    weights = pg.importance_weights(old, sampler, mask, mode, 1.5, 0.0)
+    kl = pg.k3_kl(logp, ref)
+    expected = ((per_token * weights + 0.1 * kl) * mask).sum() / 20.0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    real = weights.expand_as(mask)[mask > 0]
+    assert stats["tis_max"] == pytest.approx(real.max().item()) and stats["tis_max"] <= 1.5
+    assert stats["kl"] == pytest.approx((kl.detach() * mask).sum().item(), rel=1e-6)
+    assert stats["clip_low"] == (low * mask).sum().item()
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad.abs().sum() > 0
+    # without a sampler, reference or old policy: no correction, no KL, ratio exactly 1
+    bare, bare_stats = pg.policy_loss(logp, None, None, None, adv, mask, algo, divisors)
+    assert "tis_max" not in bare_stats and "kl" not in bare_stats
+    assert bare_stats["ratio_dev_max"] == 0.0
+    assert bare.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / 20.0, rel=1e-6)

@@ -23,7 +23,8 @@ import torch
 from accelerate import Accelerator
 
 from rlx.algos import pg
-from rlx.config import LoraConfig, PGConfig, load_config
+from rlx.config import AdapterConfig, PGConfig, load_config
+from rlx.config.choices import LOSS_AGGREGATIONS
 from rlx.policy import load_policy
 from rlx.rollout.base import Completion
 
@@ -33,7 +34,7 @@ REWARDS = {
     "all_kept": [[0.0, 1.0], [1.0, 0.5], [0.2, 0.9], [0.7, 0.1]],
     "rank1_drops_all": [[0.0, 1.0], [1.0, 0.5], [0.3, 0.3], [0.6, 0.6]],
 }
-AGGREGATIONS = ("sequence_mean", "token_mean", "constant_length")
+AGGREGATIONS = LOSS_AGGREGATIONS  # every one, each checked across two processes
 
 
 def crafted_completions(vocab: int) -> list[Completion]:
@@ -70,8 +71,8 @@ def main(model_path: str, out: str) -> None:
         "bf16_autocast=false",
     ]
     model_cfg = load_config(PGConfig, None, base).model
-    model, tokenizer = load_policy(model_cfg, LoraConfig(enabled=False))
-    ref, _ = load_policy(model_cfg, LoraConfig(enabled=False))
+    model, tokenizer = load_policy(model_cfg, AdapterConfig())
+    ref, _ = load_policy(model_cfg, AdapterConfig())
     ref.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the same perturbation on every rank: policy != reference
@@ -98,7 +99,7 @@ def main(model_path: str, out: str) -> None:
             (mini,) = recipe.local_mini_batches(cfg, local, parts[mine], adv[mine], pad, 1)
             model.zero_grad(set_to_none=True)
             stats = recipe.train_on_batch(cfg, accelerator, model, ref, mini, 1)
-            stats = recipe.reduce_stats(stats, recipe.EXTREMES_MAX, recipe.EXTREMES_MIN)
+            stats = stats.over_ranks()
             grad = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
             result = {"grad": grad, "loss": stats["loss"], "keep": keep}
             torch.save(result, Path(out) / f"grad_{world}_{rank}_{case}_{agg}.pt")
@@ -113,7 +114,7 @@ def save_influences(recipe, accelerator, model, ref, local, lengths, base, mine,
 
     from rlx.weighting import DynamicWeighting, layer_parameters, trainable_parameters
 
-    cfg = load_config(PGConfig, None, [*base, "algo.reward_weighting=gradient"])
+    cfg = load_config(PGConfig, None, [*base, "weighting.method=gradient"])
     policy = accelerator.unwrap_model(model)
     per_fn = torch.stack(
         [torch.tensor(REWARDS["all_kept"]), torch.tensor(REWARDS["rank1_drops_all"])], dim=-1

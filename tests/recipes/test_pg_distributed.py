@@ -61,7 +61,7 @@ def test_two_ranks_hold_the_one_process_gradient(launched):
 
 @pytest.mark.multiprocess
 def test_two_ranks_compute_the_one_process_influences(launched):
-    """algo.reward_weighting=gradient: each objective's gradient is all-reduced before the dot
+    """weighting.method=gradient: each objective's gradient is all-reduced before the dot
     products, so both ranks' influences equal the 1-process ones (to 1e-5); the objective that
     is None for the whole step has none."""
     one = torch.load(launched / "influences_1_0.pt")

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from rlx.config import PGConfig, load_config
 from rlx.metrics import read_metrics
+from rlx.recipe import CRASH_AFTER_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "pg.py"
@@ -107,8 +107,8 @@ def test_sync_every_k_steps_shows_as_logprob_gap(tiny_llama, tmp_path, length_re
 
 def test_lora_run_merges_for_sync(tiny_llama, tmp_path, length_reward):
     extra = {
-        "lora.enabled": "true",
-        "lora.rank": 4,
+        "adapter.method": "lora",
+        "adapter.rank": 4,
         "eval.enabled": "false",
         "steps": 2,
         "optim.schedule": "linear",
@@ -215,8 +215,8 @@ def test_long_prompts_error_names_the_knob(tiny_llama, tmp_path, length_reward):
         load_recipe().train(cfg)
 
 
-def _launch(args: list[str], out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _launch(args: list[str], out: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -230,13 +230,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path, len
     assert _launch(cmd + overrides(tiny_llama, full, reward, **common), full).wait(timeout=600) == 0
 
     killed = tmp_path / "killed"
-    proc = _launch(cmd + overrides(tiny_llama, killed, reward, **common), killed)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    crash = {CRASH_AFTER_CHECKPOINT: "2"}  # SIGKILL right after the step-2 checkpoint
+    proc = _launch(cmd + overrides(tiny_llama, killed, reward, **common), killed, env=crash)
+    assert proc.wait(timeout=600) == -signal.SIGKILL
     assert not (killed / "checkpoints" / "step-000005").exists()
     resumed = _launch(
         cmd + overrides(tiny_llama, killed, reward, resume_from="latest", **common), killed
@@ -318,7 +314,7 @@ def _crafted_step(recipe, model_path, tmp_path, **algo):
     spec.loader.exec_module(crafted)
     extra = {f"algo.{k}": v for k, v in algo.items()} | {"rollout.num_samples": 2}
     cfg = load_config(PGConfig, overrides=overrides(model_path, tmp_path, "x:y", **extra))
-    model, tokenizer = recipe.load_policy(cfg.model, cfg.lora)
+    model, tokenizer = recipe.load_policy(cfg.model, cfg.adapter)
     completions = crafted.crafted_completions(model.config.vocab_size)
     total = torch.tensor(crafted.REWARDS["all_kept"])
     lengths = torch.ones_like(total)
@@ -399,16 +395,16 @@ def test_mask_truncated_completions_weighs_them_zero(tiny_llama, tmp_path):
 def test_hypervolume_weighting_logs_its_state_and_resumes_exactly(
     tiny_llama, tmp_path, length_reward
 ):
-    """algo.reward_weighting=hypervolume on two conflicting rewards: every step logs the
+    """weighting.method=hypervolume on two conflicting rewards: every step logs the
     validation point, its hypervolume contribution and the meta-reward; the buffer and the
     meta-reward are checkpointed, so a run resumed after step 2 repeats step 3 exactly."""
     rewards = f"[{{func: '{length_reward}:longer', weight: 0.7}}, "
     rewards += f"{{func: '{length_reward}:shorter', weight: 0.3}}]"
-    extra = {"rewards": rewards, "algo.reward_weighting": "hypervolume", "algo.hv_prompts": 4}
-    extra |= {"eval.num_prompts": 4, "save_every": 1, "algo.hv_minimise": "[chars]"}
+    extra = {"rewards": rewards, "weighting.method": "hypervolume", "weighting.hv_prompts": 4}
+    extra |= {"eval.num_prompts": 4, "save_every": 1, "weighting.hv_minimise": "[chars]"}
     # shorter is validated by the length in characters, minimised; the preference weights adapt
-    extra |= {"algo.hv_validation": f"{{shorter: '{length_reward}:chars'}}"}
-    extra |= {"algo.hv_adapt_weights": "true"}
+    extra |= {"weighting.hv_validation": f"{{shorter: '{length_reward}:chars'}}"}
+    extra |= {"weighting.hv_adapt_weights": "true"}
     recipe = load_recipe()
 
     def run(out, steps, **more):
@@ -441,15 +437,15 @@ def test_hypervolume_weighting_logs_its_state_and_resumes_exactly(
 def test_gradient_weighting_moves_the_weights_and_resumes_exactly(
     tiny_llama, tmp_path, length_reward
 ):
-    """algo.reward_weighting=gradient on two conflicting rewards: each step logs the influences
+    """weighting.method=gradient on two conflicting rewards: each step logs the influences
     and the weights of its update; the weights are checkpointed, so a run resumed after step 2
     repeats step 3 exactly. The influences of opposite rewards are mostly negative: the weights
     move. Not `longer` against `shorter`: their gradients are exact opposites, so their sum, and
     with it every influence, is zero but for rounding."""
     rewards = f"[{{func: '{length_reward}:longer', weight: 0.5}}, "
     rewards += f"{{func: '{length_reward}:shorter_squared', weight: 0.5}}]"
-    extra = {"rewards": rewards, "algo.reward_weighting": "gradient", "save_every": 1}
-    extra |= {"eval.enabled": "false", "algo.grad_lambda": 1e-3, "algo.kl_beta": 0.05}
+    extra = {"rewards": rewards, "weighting.method": "gradient", "save_every": 1}
+    extra |= {"eval.enabled": "false", "weighting.grad_lambda": 1e-3, "algo.kl_beta": 0.05}
     recipe = load_recipe()
 
     def run(out, steps, **more):
@@ -484,7 +480,7 @@ def _final_weighting(out):
 def test_hypervolume_weighting_needs_two_or_three_rewards(tiny_llama, tmp_path, length_reward):
     from rlx.config import ConfigError
 
-    extra = {"algo.reward_weighting": "hypervolume", "eval.num_prompts": 4, "steps": 1}
+    extra = {"weighting.method": "hypervolume", "eval.num_prompts": 4, "steps": 1}
     cfg = load_config(
         PGConfig, overrides=overrides(tiny_llama, tmp_path, f"{length_reward}:longer", **extra)
     )

@@ -8,16 +8,15 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import kill_process_tree
 from safetensors.torch import load_file
 from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import AutoModelForCausalLM
 
 from rlx.metrics import read_metrics
+from rlx.recipe import CRASH_AFTER_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "pg.py"
@@ -78,14 +77,8 @@ def test_zero2_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_pat
     assert "DeepSpeed ZeRO-2" in (tmp_path / "full.log").read_text()
 
     killed = tmp_path / "killed"
-    proc = launch(2, tiny_llama, killed, reward, *common)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
-        time.sleep(0.05)
-    kill_process_tree(proc.pid)  # the launcher and its ranks (each in a session of its own)
-    proc.wait()
-    time.sleep(1)
+    crash = {CRASH_AFTER_CHECKPOINT: "2"}  # every rank SIGKILLs itself after checkpoint 2
+    assert launch(2, tiny_llama, killed, reward, *common, env=crash).wait(timeout=600) != 0
     assert not (killed / "checkpoints" / "step-000004").exists()
     resumed = launch(2, tiny_llama, killed, reward, *common, "resume_from=latest")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "killed.log").read_text()[-3000:]
@@ -101,7 +94,9 @@ def test_zero2_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_pat
 @pytest.mark.multiprocess
 def test_zero2_trains_lora_and_syncs_the_merged_weights(tiny_llama, tmp_path, reward):
     out = tmp_path / "z2lora"
-    assert launch(2, tiny_llama, out, reward, "steps=2", "lora.enabled=true").wait(timeout=600) == 0
+    assert (
+        launch(2, tiny_llama, out, reward, "steps=2", "adapter.method=lora").wait(timeout=600) == 0
+    )
     assert "DeepSpeed ZeRO-2" in (tmp_path / "z2lora.log").read_text()
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[1]["grad_norm"] > 0 and rows[1]["logprob_gap_max"] < 1e-4

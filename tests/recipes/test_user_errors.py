@@ -94,7 +94,7 @@ def es_args(model: str, root: Path, out: Path) -> list[str]:
 
 
 RESUME = "resume the finished run"
-GRADIENT, HYPERVOLUME = "algo.reward_weighting=gradient", "algo.reward_weighting=hypervolume"
+GRADIENT, HYPERVOLUME = "weighting.method=gradient", "weighting.method=hypervolume"
 TWO = "rewards=[{{func: '{root}/rewards.py:ok'}}, {{func: '{root}/rewards.py:ok'}}]"
 TWO_NEGATIVE = TWO.replace(":ok'}}]", ":ok', weight: -0.5}}]")
 # (case, command, arguments after the command's base ones, a phrase of the error line). In the
@@ -103,6 +103,8 @@ TWO_NEGATIVE = TWO.replace(":ok'}}]", ":ok', weight: -0.5}}]")
 CASES = [
     ("pg-unknown-key", "pg", ["optim.lrr=1"], "did you mean 'optim.lr'"),
     ("pg-bad-value", "pg", ["steps=0"], "steps must be >= 1"),
+    ("pg-old-lora-key", "pg", ["lora.enabled=true"], "use adapter.method=lora"),
+    ("pg-old-weighting-key", "pg", ["algo.reward_weighting=gradient"], "use weighting.method"),
     ("pg-missing-config-file", "pg", ["--config", "{root}/nope.yaml"], "config file not found"),
     ("pg-missing-dataset", "pg", ["task.name={root}/nope.jsonl", RESUME], "nor an existing"),
     ("pg-empty-dataset", "pg", ["task.name={root}/empty.jsonl", RESUME], "empty"),
@@ -122,12 +124,12 @@ CASES = [
     ("pg-gradient-one-objective", "pg", [GRADIENT, RESUME], "needs 2 or more rewards"),
     ("pg-hypervolume-one-objective", "pg", [HYPERVOLUME, RESUME], "2 or 3 reward functions"),
     ("pg-hypervolume-without-eval", "pg", [TWO, HYPERVOLUME, RESUME], "eval.enabled=true"),
-    ("pg-grad-lambda-zero", "pg", ["algo.grad_lambda=0"], "grad_lambda must be"),
-    ("pg-grad-layers-negative", "pg", ["algo.grad_layers=[-1]"], "grad_layers must be"),
+    ("pg-grad-lambda-zero", "pg", ["weighting.grad_lambda=0"], "grad_lambda must be"),
+    ("pg-grad-layers-negative", "pg", ["weighting.grad_layers=[-1]"], "grad_layers must be"),
     (
         "pg-grad-layers-beyond-the-model",
         "pg",
-        [TWO, GRADIENT, "algo.grad_layers=[5]", RESUME],
+        [TWO, GRADIENT, "weighting.grad_layers=[5]", RESUME],
         "the model has 2 layers",
     ),
     ("pg-dynamic-negative-weight", "pg", [TWO_NEGATIVE, GRADIENT, RESUME], "must be >= 0"),
