@@ -4,9 +4,9 @@ The math (noise, fitness shaping, update) lives in rlx/algos/eggroll.py, the pop
 rlx/kernels/population_linear.py, the loop in recipes/es.py.
 """
 
+from rlx.config.choices import ES_BACKENDS as BACKENDS
 from rlx.es.population import (
     ASSIGNMENTS,
-    BACKENDS,
     PopulationBackend,
     PopulationPlan,
     chunk_plan,

@@ -15,7 +15,7 @@ Every backend lays rows out member by member (`plan_rows`) and returns one compl
     backend.sync(named_tensors)   # new centre weights (HF names) after an update
     backend.close()
 
-Backends (`BACKENDS`, built by rlx.es.make_backend): hf_batched (rlx/es/hf_batched.py), vllm_lora
+Backends (rlx.es.BACKENDS, built by rlx.es.make_backend): hf_batched (rlx/es/hf_batched.py), vllm_lora
 (rlx/es/vllm_lora.py), inplace (rlx/es/inplace.py). All of them generate through the rollout engine
 protocol (rlx.rollout.RolloutEngine): `generate_rows` below.
 """
@@ -30,7 +30,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from rlx.config.choices import ES_BACKENDS as BACKENDS
 from rlx.config.choices import PROMPT_ASSIGNMENTS as ASSIGNMENTS
 from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
 
