@@ -6,13 +6,13 @@ rlx generate [--config F] [key.sub=value ...]
                                  sample and score completions for a task (baseline reward)
 rlx generate --show-config       every knob of `rlx generate`, with defaults and help
 rlx quantize --base B --finetuned F --method quantlrm --bits 4 --out DIR
-                                 int4 export for vLLM (rlx/quant/cli.py)
+                                 int4 export for vLLM (rlx/cli/quantize.py)
 rlx eval --model DIR [--model DIR2] --task arithmetic
-                                 held-out reward table through vLLM (rlx/eval_cli.py)
+                                 held-out reward table through vLLM (rlx/cli/eval.py)
 rlx diagnose --base smollm2 --finetuned DIR [--top-k 16] [--out DIR]
-                                 spectral diagnostics of the update (rlx/adapters/cli.py)
+                                 spectral diagnostics of the update (rlx/cli/diagnose.py)
 rlx serve --config recipes/grpo.yaml [port=8000]
-                                 a vLLM rollout server for rollout.backend=server (rlx/serve_cli.py)
+                                 a vLLM rollout server for rollout.backend=server (rlx/cli/serve.py)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _generate(args) -> int:
     if args.show_config:
         print(describe(GenerateConfig))
         return 0
-    from rlx.generate import run_generate
+    from rlx.cli.generate import run_generate
 
     run_generate(load_config(GenerateConfig, args.config, args.overrides))
     return 0
@@ -84,15 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     gen.set_defaults(func=_generate)
 
-    from rlx.adapters.cli import add_diagnose_parser
-    from rlx.eval_cli import add_eval_parser
-    from rlx.quant.cli import add_quantize_parser
-    from rlx.serve_cli import add_serve_parser
+    from rlx.cli.diagnose import add_diagnose_parser
+    from rlx.cli.eval import add_eval_parser
+    from rlx.cli.quantize import add_quantize_parser
+    from rlx.cli.serve import add_serve_parser
 
-    add_quantize_parser(commands)  # rlx quantize: rlx/quant/cli.py
-    add_eval_parser(commands)  # rlx eval: rlx/eval_cli.py
-    add_diagnose_parser(commands)  # rlx diagnose: rlx/adapters/cli.py
-    add_serve_parser(commands)  # rlx serve: rlx/serve_cli.py
+    add_quantize_parser(commands)  # rlx quantize: rlx/cli/quantize.py
+    add_eval_parser(commands)  # rlx eval: rlx/cli/eval.py
+    add_diagnose_parser(commands)  # rlx diagnose: rlx/cli/diagnose.py
+    add_serve_parser(commands)  # rlx serve: rlx/cli/serve.py
     return parser
 
 
