@@ -15,9 +15,9 @@ Every backend lays rows out member by member (`plan_rows`) and returns one compl
     backend.sync(named_tensors)   # new centre weights (HF names) after an update
     backend.close()
 
-Backends (`BACKENDS`, built by `make_backend`): hf_batched (rlx/es/hf_batched.py), vllm_lora
-(rlx/es/vllm_lora.py), inplace (rlx/es/inplace.py). All of them generate through the rollout engine
-protocol (rlx.rollout.RolloutEngine): `generate_rows` below.
+Backends (`rlx.es.BACKENDS`, built by `rlx.es.make_backend`): hf_batched (rlx/es/hf_batched.py),
+vllm_lora (rlx/es/vllm_lora.py), inplace (rlx/es/inplace.py). All of them generate through the
+rollout engine protocol (rlx.rollout.RolloutEngine): `generate_rows` below.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import torch
 
 from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
 
-BACKENDS = ("hf_batched", "vllm_lora", "inplace")
 ASSIGNMENTS = ("all", "grouped")
 
 
@@ -146,20 +145,3 @@ def score_matrix(plan: PopulationPlan, totals: Sequence[float], num_prompts: int
     if row != len(totals):
         raise ValueError(f"plan has {row} rows but {len(totals)} scores were given")
     return out
-
-
-def make_backend(name: str, **kwargs) -> PopulationBackend:
-    """Build backend `name` (see BACKENDS) with its constructor's keyword arguments."""
-    if name == "hf_batched":
-        from rlx.es.hf_batched import HFBatchedPopulation
-
-        return HFBatchedPopulation(**kwargs)
-    if name == "vllm_lora":
-        from rlx.es.vllm_lora import VLLMLoRAPopulation
-
-        return VLLMLoRAPopulation(**kwargs)
-    if name == "inplace":
-        from rlx.es.inplace import InPlacePopulation
-
-        return InPlacePopulation(**kwargs)
-    raise ValueError(f"unknown population backend {name!r}: choose one of {BACKENDS}")
