@@ -21,6 +21,9 @@ On GPUs the servers run vLLM's own `nccl` engine and the trainer side is `NcclSe
 
 Every blocking open and send runs under `within_deadline`: NCCL has no timeout of its own, and a
 server that died mid-sync would otherwise hang the trainer for ever.
+
+vLLM is imported inside the functions that use it (deferred): a trainer that syncs nothing, or
+only checks its settings, never loads it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from concurrent.futures import Future
 
 import torch
 
+from rlx.config import ConfigError
 from rlx.errors import UserError
 
 BACKEND = "rlx_gloo"
@@ -47,8 +51,6 @@ class RolloutWorkerError(UserError, RuntimeError):
 def resolve_sync_backend(choice: str) -> str:
     """rollout.sync_backend -> "nccl" or "gloo": auto = nccl where CUDA is present, else gloo.
     The trainer and `rlx serve` both call this, so they agree when they read one config file."""
-    from rlx.config.core import ConfigError
-
     if choice not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"rollout.sync_backend must be auto, nccl or gloo, not {choice!r}")
     cuda = torch.cuda.is_available()
