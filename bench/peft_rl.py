@@ -129,7 +129,7 @@ def run(variant: str, seed: int, model: str, args, out: Path) -> dict:
 
 def final_diagnostics(model: str, out: Path) -> dict:
     """The "all" row of rlx diagnose (final model vs base, top-16), its table kept quiet."""
-    from rlx.adapters.cli import diagnose
+    from rlx.cli.diagnose import diagnose
 
     with contextlib.redirect_stdout(io.StringIO()):
         result = diagnose(model, str(out / "final"), TOP_K, str(out / "diagnose"), progress=False)

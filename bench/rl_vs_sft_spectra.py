@@ -92,7 +92,7 @@ def contrast(grpo: dict, sft: dict) -> dict[str, bool | None]:
 
 def main() -> None:
     args = parse_args()
-    from rlx.adapters.cli import diagnose
+    from rlx.cli.diagnose import diagnose
     from rlx.models import resolve_model
     from rlx.models.smollm2 import cache_root
 

@@ -27,8 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy._core.multiarray import _reconstruct
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from rlx.errors import UserError
+from rlx.policy import export_weights
 
 PREFIX = "step-"
 LOOP_TENSORS = "loop_tensors.pt"
@@ -46,8 +50,6 @@ class CheckpointError(UserError):
 
 def _numpy_globals() -> list:
     """What unpickling numpy's RNG state needs: array reconstruction, no code execution."""
-    from numpy._core.multiarray import _reconstruct
-
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
@@ -210,9 +212,6 @@ def _step_of(path: Path) -> int:
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler and RNG states in place (`rank`: this trainer
     process's, whose own RNG state is restored); return state.json."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as err:
@@ -228,7 +227,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{file}: unreadable ({err})") from err
     if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # deferred: peft imports transformers
 
         set_peft_model_state_dict(model, tensors)
     else:
@@ -294,9 +293,8 @@ def save_final_model(model, tokenizer, folder: Path, state: dict | None = None) 
     """Weights (a peft adapter merged in) and tokenizer as a plain HF folder, loadable by
     transformers, vLLM and `rlx quantize`; written to a temporary folder, then renamed. `state`:
     the full weights when the model itself holds only a shard of them (ZeRO-3)."""
-    from rlx.policy import export_weights  # the merged, HF-named weights the rollout engine gets
-
-    state = dict(export_weights(model)) if state is None else state
+    if state is None:  # the merged, HF-named weights the rollout engine gets
+        state = dict(export_weights(model))
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import sys
 from pathlib import Path
+
+import torch
 
 from rlx.errors import UserError
 
@@ -45,8 +48,6 @@ def force_cpu_isa(isa: str | None = None) -> None:
         return
     if isa not in ISAS:
         raise ValueError(f"{FORCE_ISA_ENV}={isa!r}: choose one of {', '.join(ISAS)}")
-    import torch
-
     level = ISAS.index(isa)
     real = {
         "avx512": torch.cpu._is_avx512_supported,
@@ -82,21 +83,15 @@ def cpu_name() -> str:
                 return line.partition(":")[2].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
 def gpu_name() -> str | None:
-    import torch
-
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def on_gpu() -> bool:
     """True when torch sees a CUDA device (vLLM then runs on the GPU)."""
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -111,8 +106,6 @@ def vllm_process_env(kv_cache_gib: int) -> dict[str, str]:
 
 def native_bf16() -> bool:
     """bf16 matmuls run in hardware: a bf16-capable GPU, or a CPU with AVX-512 bf16 or AMX."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -134,9 +127,7 @@ def autocast_enabled(setting: bool | str) -> bool:
 def vllm_build() -> str | None:
     """Which vLLM kernel library this process loaded: "_C", "_C_AVX512", "_C_AVX2" (CPU), "cuda",
     or None when vLLM is missing. Imports vLLM's custom ops (and so loads the kernels)."""
-    import torch
-
-    try:
+    try:  # deferred: vLLM is optional here, and importing it loads its kernels
         import vllm._custom_ops  # noqa: F401  (loads the kernel library this CPU gets)
     except ImportError:
         return None
@@ -155,8 +146,6 @@ def vllm_build() -> str | None:
 
 def int4_serving_available() -> bool:
     """vLLM can serve int4 compressed-tensors checkpoints here (its int4 GEMM op exists)."""
-    import torch
-
     if vllm_build() is None:
         return False
     if torch.cuda.is_available():
@@ -190,11 +179,7 @@ def describe_choice(**dtypes: str) -> str:
 
 def report() -> dict:
     """Everything `rlx env` prints (also what a bug report should start with)."""
-    import platform
-
-    import torch
-
-    try:
+    try:  # deferred: vLLM is optional here (None when missing)
         import vllm
 
         vllm_version = vllm.__version__

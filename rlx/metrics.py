@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 from pathlib import Path
 
 import torch
@@ -19,15 +20,11 @@ from rlx.atomic import atomic_write_text
 
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far, in GiB (Linux reports ru_maxrss in KiB)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def peak_gpu_gib() -> float:
     """The peak GPU memory torch has allocated in this process so far, in GiB (0 without CUDA)."""
-    import torch
-
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return 0.0
     return torch.cuda.max_memory_allocated() / 2**30
@@ -122,7 +119,7 @@ class MetricsLog:
 
 def plot_reward_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
     """Total and per-function training reward per step, saved as a PNG."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib (a second to import) loads only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -156,7 +153,7 @@ def plot_weighting(metrics_path: str | Path, png_path: str | Path) -> Path | Non
     panels += ["front", "meta"] if validated and len(names) >= 2 else []
     if not panels:
         return None
-    import matplotlib
+    import matplotlib  # deferred: matplotlib loads only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
+from rlx.adapters import build_adapter, merged_weights
 from rlx.models import load_model_and_tokenizer
 from rlx.rollout import Completion
+from rlx.sharding import full_numel
 
 
 def load_policy(model_cfg, adapter_cfg, total_steps: int | None = None):
     """The trainable policy (fp32 master weights) and its tokenizer, wrapped in the adapter of
     `adapter_cfg` (an AdapterConfig) when it has one (rlx.adapters.build_adapter; `total_steps`:
     the run's optimizer steps, for AdaLoRA)."""
-    from rlx.adapters import build_adapter
-
     model, tokenizer = load_model_and_tokenizer(model_cfg.name, dtype=model_cfg.dtype)
     model.config.use_cache = False
     model = build_adapter(model, adapter_cfg, total_steps)
@@ -35,18 +35,14 @@ def export_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     if not hasattr(model, "peft_config"):
         yield from model.state_dict().items()
         return
-    from rlx.adapters import merged_weights
-
     yield from merged_weights(model)
 
 
 def matmul_params(model: torch.nn.Module) -> int:
     """Weights of the model's matrix multiplications (every nn.Linear, the LM head included; the
     embedding lookup is free): a forward pass costs about 2 FLOPs per weight per token."""
-    from rlx.sharding import full_numel  # ZeRO-3 keeps only a slice of each weight here
-
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return sum(full_numel(m.weight) for m in linears)
+    return sum(full_numel(m.weight) for m in linears)  # ZeRO-3 keeps a slice of each weight here
 
 
 @dataclass

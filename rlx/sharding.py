@@ -21,6 +21,7 @@ here does what plain DDP needs, so the loops call them unconditionally.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 
@@ -46,7 +47,7 @@ def accelerator_kwargs() -> dict:
         return {"cpu": not on_gpu}
     if on_gpu:
         return {}
-    from accelerate import InitProcessGroupKwargs
+    from accelerate import InitProcessGroupKwargs  # deferred: a second to import (rlx/recipe.py)
 
     return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
 
@@ -88,9 +89,7 @@ def prepare_frozen(accelerator, model):
     what a frozen model does not have: gradients and optimizer state)."""
     if zero_stage(accelerator) != 3:
         return model.to(accelerator.device)
-    import copy
-
-    import deepspeed
+    import deepspeed  # deferred: DeepSpeed is heavy and only ZeRO runs need it
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     for key in ("optimizer", "scheduler"):
@@ -161,7 +160,7 @@ def weight_chunks(model, export) -> Iterator[list[tuple[str, torch.Tensor]]]:
     if not partitioned:
         yield list(export(model))
         return
-    import deepspeed
+    import deepspeed  # deferred: as in prepare_frozen
 
     by_param = {}  # the state dict's names of each parameter (tied weights have two)
     for name, tensor in model.state_dict(keep_vars=True).items():

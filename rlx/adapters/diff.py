@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from rlx.errors import UserError
 
@@ -84,8 +85,6 @@ class LazyWeights(Mapping):
     """The tensors of an HF model folder's *.safetensors files, read one at a time on access."""
 
     def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
         folder = Path(folder)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -98,8 +97,6 @@ class LazyWeights(Mapping):
         self._shapes = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(self._where[name], "pt") as f:
             return f.get_tensor(name)
 
@@ -110,8 +107,6 @@ class LazyWeights(Mapping):
         return len(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
         if name not in self._shapes:
             with safe_open(self._where[name], "pt") as f:
                 self._shapes[name] = tuple(f.get_slice(name).get_shape())

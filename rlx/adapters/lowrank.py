@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 PEFT_PREFIX = "base_model.model."  # how PEFT's save_pretrained names a causal LM's modules
 
@@ -132,8 +133,6 @@ def peft_config(updates: Mapping[str, LowRank], base_model: str) -> dict:
 
 def save_peft_adapter(path: str | Path, updates: Mapping[str, LowRank], base_model: str) -> None:
     """A PEFT LoRA folder (adapter_model.safetensors + adapter_config.json) for `updates`."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = peft_config(updates, base_model)
@@ -143,8 +142,6 @@ def save_peft_adapter(path: str | Path, updates: Mapping[str, LowRank], base_mod
 
 def load_peft_adapter(path: str | Path) -> dict[str, LowRank]:
     """Module name -> update of a PEFT LoRA folder (plain LoRA: no DoRA, no per-module ranks)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = json.loads((path / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
@@ -167,7 +164,7 @@ def from_peft_model(model) -> dict[str, LowRank]:
     """Module name (HF, as in the base model) -> the active LoRA update of each LoRA layer of a
     PEFT model: its tensors, not copies. LoRA, PiSSA, minor, mica are plain low-rank; DoRA is not
     (its magnitude rescales W + dW) and is refused."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # deferred: peft imports transformers
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = {}

@@ -21,7 +21,7 @@ def is_adapted(model) -> bool:
 
 def tuner_layers(model) -> dict[str, torch.nn.Module]:
     """{module name: PEFT tuner layer} of the model (names as in model.named_modules())."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # deferred: peft imports transformers
 
     return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 

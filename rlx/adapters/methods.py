@@ -6,6 +6,9 @@ B = the r left singular vectors of W0 with the smallest singular values, frozen;
 `minor` instead mirrors PiSSA at the other end of the spectrum (PEFT's pissa_init with the last r
 triplets): A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s) from the r smallest singular triplets of
 W0 (s = alpha / rank), and the base weight becomes W0 - s B A, so the model starts unchanged.
+
+PEFT is imported inside the builders: it imports transformers (seconds), which full fine-tuning
+and `--show-config` never need.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from rlx.config import AdapterConfig, ConfigError
 
 
 def _lora_config(cfg: AdapterConfig, **extra):
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: peft
 
     return LoraConfig(
         r=cfg.rank,
@@ -31,7 +34,7 @@ def _lora_config(cfg: AdapterConfig, **extra):
 
 
 def _peft(model, peft_config):
-    from peft import get_peft_model
+    from peft import get_peft_model  # deferred: peft
 
     return get_peft_model(model, peft_config)
 
@@ -70,7 +73,7 @@ def minor(model, cfg: AdapterConfig, total_steps: int | None = None):
 
 def miss(model, cfg: AdapterConfig, total_steps: int | None = None):
     """MiSS (PEFT): one shared block of r columns per matrix, updated by shard sharing."""
-    from peft import MissConfig
+    from peft import MissConfig  # deferred: peft
 
     peft_config = MissConfig(
         r=cfg.rank,
@@ -85,7 +88,7 @@ def adalora(model, cfg: AdapterConfig, total_steps: int | None = None):
     """AdaLoRA (PEFT): B diag(E) A with ranks pruned from `rank` to `adalora.target_rank` on a
     budget over the run's optimizer steps. The loop must add `extra_loss` to its loss and call
     `update_and_allocate` after each optimizer step (rlx.adapters.install_step_hooks does)."""
-    from peft import AdaLoraConfig
+    from peft import AdaLoraConfig  # deferred: peft
 
     a = cfg.adalora
     total = a.total_step or total_steps
@@ -127,7 +130,7 @@ METHODS: dict[str, Callable] = {
 
 def lora_layers(model) -> list:
     """The model's PEFT LoRA layers (LoRA, DoRA, PiSSA, minor, MiCA and AdaLoRA all are)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # deferred: peft
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 

@@ -1,4 +1,4 @@
-"""Configs of `rlx generate` (rlx/generate.py) and `rlx serve` (rlx/serve_cli.py)."""
+"""Configs of `rlx generate` (rlx/cli/generate.py) and `rlx serve` (rlx/cli/serve.py)."""
 
 from __future__ import annotations
 

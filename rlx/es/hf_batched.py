@@ -21,6 +21,7 @@ from rlx.adapters.lowrank import LowRank
 from rlx.algos.eggroll import NoiseSpec, population_adapter
 from rlx.es.population import PopulationPlan, chunk_plan, generate_rows, plan_rows
 from rlx.kernels import perturbed_linears
+from rlx.models import load_model_and_tokenizer
 from rlx.rollout import Completion, Sampling
 from rlx.rollout.hf_backend import HFEngine
 
@@ -44,8 +45,6 @@ class HFBatchedPopulation:
         if noise.kind != "low_rank":
             raise ValueError("hf_batched evaluates low-rank noise only; use the inplace backend")
         if model is None:
-            from rlx.models import load_model_and_tokenizer
-
             model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
         # Keep requires_grad as loaded: generation runs under no_grad anyway, and on torch 2.13 CPU
         # F.linear(non-contiguous 3-D input, weight without requires_grad) expands the weight per

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:  # the kernel reads only .factors(): no import of the adapter layer at run time
-    from rlx.adapters.lowrank import LowRank
+from rlx.adapters.lowrank import LowRank, merged
 
 FUSED_MAX_COLUMNS = 64  # "auto" uses the fused path while members * rank <= this
 METHODS = ("auto", "fused", "bmm")
@@ -143,8 +141,6 @@ def reference_population_linear(
 ) -> torch.Tensor:
     """Plain-torch reference: each row through its member's explicit W + A B^T (the merge of
     rlx.adapters.lowrank)."""
-    from rlx.adapters.lowrank import LowRank, merged
-
     out = []
     for j in range(x.shape[0]):
         m = int(row_member[j])

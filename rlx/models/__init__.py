@@ -45,6 +45,7 @@ def resolve_model(name: str) -> str:
 
 def load_model_and_tokenizer(name: str, dtype: str = "float32"):
     """Load an HF causal LM (eval mode) and its tokenizer from a model name, folder or alias."""
+    # deferred: torch and transformers load with a model, so naming one stays instant (rlx CLI)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

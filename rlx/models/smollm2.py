@@ -97,6 +97,7 @@ def _download_gguf(workdir: Path) -> Path:
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize the GGUF into a plain fp32 safetensors HF folder (transformers shows a bar)."""
+    # deferred: torch and transformers load with a model, so naming one stays instant (rlx CLI)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +150,7 @@ def _chat_prompts(tokenizer) -> list[str]:
 
 
 def _hf_greedy(model_dir: Path, max_new_tokens: int) -> list[str]:
-    import torch
+    import torch  # deferred: as in _convert_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -164,12 +165,13 @@ def _hf_greedy(model_dir: Path, max_new_tokens: int) -> list[str]:
 
 
 def _vllm_env() -> dict:
-    from rlx.hardware import vllm_process_env
+    from rlx.hardware import vllm_process_env  # deferred: it imports torch (see _convert_gguf)
 
     return {**os.environ, **vllm_process_env(kv_cache_gib=1)}
 
 
 def _vllm_greedy(model_dir: str, max_new_tokens: int) -> list[str]:
+    # deferred: vLLM loads only in the child process verify_greedy_agreement starts
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rlx.config import QuantizeConfig
+from rlx.config import QuantizeConfig, to_dict
 from rlx.hardware import auto_dtype
+from rlx.models import resolve_model
 from rlx.quant.calibration import calibration_blocks, check_calibration_source
 from rlx.quant.checks import (
     LINEAR_NAMES,
@@ -73,10 +75,6 @@ class QuantResult:
 
 
 def _resolve(name: str, role: str) -> tuple[str, dict]:
-    from transformers import AutoConfig
-
-    from rlx.models import resolve_model
-
     try:
         source = resolve_model(name)
         return source, AutoConfig.from_pretrained(source).to_dict()
@@ -196,8 +194,6 @@ def _importance_fn(cfg, plan, model, base_weights, layer_names, blocks, report):
 
 
 def _load_base(plan: Plan, model, layer_names) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
     base = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch.float32)
     weights = dict(base.named_parameters())
     ours = dict(model.named_parameters())
@@ -220,8 +216,6 @@ def quantize_model(cfg: QuantizeConfig, show_progress: bool = True) -> QuantResu
 
 
 def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     times: dict[str, float] = {}
     start = time.perf_counter()
     plan = plan_quantization(cfg)
@@ -348,8 +342,6 @@ def _quantize(cfg: QuantizeConfig, show_progress: bool) -> QuantResult:
 
 
 def _metadata(cfg: QuantizeConfig, plan: Plan, times: dict, report: dict) -> dict:
-    from rlx.config import to_dict
-
     return {
         "config": to_dict(cfg),
         "format": cfg.resolved_format,

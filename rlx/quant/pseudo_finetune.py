@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlx.models import load_model_and_tokenizer
 from rlx.quant.calibration import encode_examples
 from rlx.quant.checks import LINEAR_NAMES
+from rlx.rollout import encode_prompts
+from rlx.tasks import load_task_dataset
 
 
 def _is_quantised_weight(name: str) -> bool:
@@ -132,10 +135,6 @@ def sft_arithmetic(
 
     Returns at once if `out_dir` already holds a model made with the same settings.
     """
-    from rlx.models import load_model_and_tokenizer
-    from rlx.rollout.base import encode_prompts
-    from rlx.tasks import load_task_dataset
-
     out_dir = Path(out_dir)
     recipe = {"base": base, "steps": steps, "batch": batch, "lr": lr, "seed": seed}
     stamp = out_dir / "rlx_sft.json"

@@ -23,14 +23,14 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from safetensors.torch import load_file, save_file
 
 from rlx.hardware import auto_dtype, int4_serving_available, require_int4_serving, vllm_build
+from rlx.models import resolve_model
+from rlx.rollout.vllm_backend import VLLMEngine
 
 INT4_MODES = ("auto", "vllm", "dequantize")
 
 
 def pack_quantized_config(model: str) -> dict | None:
     """The compressed-tensors pack-quantized config of a local model folder, else None."""
-    from rlx.models import resolve_model
-
     config_file = Path(resolve_model(model)) / "config.json"
     if not config_file.is_file():
         return None
@@ -72,8 +72,6 @@ def dequantize_tensors(tensors: dict[str, torch.Tensor], quant: dict) -> dict[st
 
 def dequantize_export(model: str, out_dir: str | Path) -> Path:
     """Write a plain float32 HF folder holding the exact dense weights of an int4 export."""
-    from rlx.models import resolve_model
-
     source = Path(resolve_model(model))
     quant = pack_quantized_config(model)
     if quant is None:
@@ -136,8 +134,6 @@ def serving_engine(
     say=print,
 ) -> Iterator[tuple[object, str]]:
     """An in-process VLLMEngine serving `model` as `serving_plan` decides; closed on exit."""
-    from rlx.rollout.vllm_backend import VLLMEngine
-
     how, engine_dtype, note = serving_plan(model, int4, dtype)
     if note:
         say(note)

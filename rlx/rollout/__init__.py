@@ -1,4 +1,8 @@
-"""Rollout engines: vLLM (default) and HF generate (fallback) behind one interface."""
+"""Rollout engines: vLLM (default), HF generate (fallback) and rollout servers behind one interface.
+
+`make_engine` builds one by the config's rollout.backend. None of the engine modules imports vLLM
+at its top (they defer it to the engine's start), so importing this package does not load vLLM.
+"""
 
 from rlx.config.choices import ROLLOUT_BACKENDS as BACKENDS
 from rlx.rollout.base import (
@@ -9,32 +13,21 @@ from rlx.rollout.base import (
     RolloutEngine,
     Sampling,
     encode_prompts,
+    engine_dtype,
 )
-
-
-def engine_dtype(rollout_cfg) -> str:
-    """The dtype the configured engine runs in (`auto` resolved by rlx.hardware)."""
-    from rlx.hardware import auto_dtype
-
-    if rollout_cfg.backend == "hf" and rollout_cfg.dtype == "auto":
-        return "float32"  # HF generate keeps the trainer's float32 weights
-    return auto_dtype(rollout_cfg.dtype)
+from rlx.rollout.hf_backend import HFEngine
+from rlx.rollout.server import ServerEngine
+from rlx.rollout.vllm_backend import VLLMEngine
 
 
 def make_engine(backend: str, model: str, rollout_cfg, rank: int = 0) -> RolloutEngine:
     """Build the engine named by `backend` from an rlx.config.RolloutConfig (`rank`: this
     trainer process's rank; with rollout servers only rank 0 sends weights)."""
     if backend == "vllm":
-        from rlx.rollout.vllm_backend import VLLMEngine
-
         return VLLMEngine.from_config(model, rollout_cfg)
     if backend == "hf":
-        from rlx.rollout.hf_backend import HFEngine
-
         return HFEngine.from_config(model, rollout_cfg)
     if backend == "server":
-        from rlx.rollout.server import ServerEngine
-
         return ServerEngine.from_config(model, rollout_cfg, rank)
     raise ValueError(f"unknown rollout backend {backend!r}: choose one of {BACKENDS}")
 

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from rlx.errors import UserError
+from rlx.hardware import auto_dtype
 
 Prompt = str | list[dict]
 
@@ -183,3 +184,10 @@ def check_sampling(sampling: Sampling) -> None:
             f"greedy decoding (temperature 0) with n={sampling.n} gives n identical completions: "
             "use n=1 or a temperature above 0"
         )
+
+
+def engine_dtype(rollout_cfg) -> str:
+    """The dtype the configured engine runs in (`auto` resolved by rlx.hardware)."""
+    if rollout_cfg.backend == "hf" and rollout_cfg.dtype == "auto":
+        return "float32"  # HF generate keeps the trainer's float32 weights
+    return auto_dtype(rollout_cfg.dtype)

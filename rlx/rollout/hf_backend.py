@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from rlx.models import load_model_and_tokenizer
 from rlx.rollout.base import (
     Adapter,
     Completion,
@@ -40,8 +41,6 @@ class HFEngine:
         batch_size: int = 64,
         device: str | None = None,
     ):
-        from rlx.models import load_model_and_tokenizer
-
         self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)

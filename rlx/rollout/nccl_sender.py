@@ -15,7 +15,8 @@ own `pack_tensors` (its producer's), so both sides cut the stream at the same pl
 NCCL waits for ever for a peer that never comes, so the open and every send run under
 `within_deadline` (rollout.timeout_s); a send that times out aborts the communicator.
 
-Not yet run on a GPU with vLLM: only the parts that run on a CPU are tested.
+Not yet run on a GPU with vLLM: only the parts that run on a CPU are tested. vLLM is imported
+inside the functions that use it (deferred, as in weight_transfer.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rollouts on vLLM servers in their own processes (rollout.backend=server).
 
-A rollout worker is vLLM's own OpenAI-compatible server (`rlx serve`, rlx/serve_cli.py, starts it)
+A rollout worker is vLLM's own OpenAI-compatible server (`rlx serve`, rlx/cli/serve.py, starts it)
 with two of vLLM's optional route sets:
 - the token-in / token-out endpoint `/inference/v1/generate` (`--enable-scale-out`): prompt token
   ids in; completion token ids, text, sampler logprobs and the weight version of every token out;
@@ -39,6 +39,7 @@ from rlx.rollout.base import (
     Sampling,
     check_sampling,
     encode_prompts,
+    engine_dtype,
     unsupported,
 )
 from rlx.rollout.weight_transfer import (
@@ -173,8 +174,6 @@ class ServerEngine:
     @classmethod
     def from_config(cls, model: str, cfg, rank: int = 0) -> ServerEngine:
         """Build from a model name and an rlx.config.RolloutConfig (`rank`: the trainer rank)."""
-        from rlx.rollout import engine_dtype
-
         return cls(
             model,
             cfg.servers,

@@ -21,6 +21,9 @@ On GPUs the servers run vLLM's own `nccl` engine and the trainer side is `NcclSe
 
 Every blocking open and send runs under `within_deadline`: NCCL has no timeout of its own, and a
 server that died mid-sync would otherwise hang the trainer for ever.
+
+vLLM is imported inside the functions that use it (deferred): a trainer that syncs nothing, or
+only checks its settings, never loads it.
 """
 
 from __future__ import annotations

@@ -91,10 +91,11 @@ def test_an_es_choice_is_its_one_list(key, names):
 
 
 def test_the_es_and_algos_modules_use_the_config_lists():
+    import rlx.es
     from rlx.algos import eggroll, pg
     from rlx.es import population
 
-    assert population.BACKENDS is choices.ES_BACKENDS
+    assert rlx.es.BACKENDS is choices.ES_BACKENDS
     assert population.ASSIGNMENTS is choices.PROMPT_ASSIGNMENTS
     assert eggroll.NOISE_KINDS is choices.NOISE_KINDS
     assert pg.TIS_MODES is choices.TIS_MODES and pg.REWARD_SCALES is choices.REWARD_SCALES

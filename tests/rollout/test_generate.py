@@ -7,8 +7,8 @@ import json
 import pytest
 
 from rlx.cli import main
+from rlx.cli.generate import run_generate
 from rlx.config import GenerateConfig, load_config
-from rlx.generate import run_generate
 
 
 def _config(model: str, out, backend: str, **extra) -> GenerateConfig:

@@ -13,10 +13,10 @@ from test_rollout import FIXED_TOKENS, hf_logprobs, perturbed_state_dict
 from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import AutoModelForCausalLM
 
+from rlx.cli.serve import exposure_warning, serve_command
 from rlx.config import ConfigError, RolloutConfig
 from rlx.rollout import EngineUnsupported, Sampling
 from rlx.rollout.server import RolloutWorkerError, ServerEngine
-from rlx.serve_cli import exposure_warning, serve_command
 
 
 @pytest.fixture

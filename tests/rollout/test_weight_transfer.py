@@ -23,6 +23,7 @@ from vllm.distributed.weight_transfer.nccl_engine import (
 )
 
 from rlx.cli import main as rlx_main
+from rlx.cli.serve import serve_command
 from rlx.config import ConfigError, RolloutConfig
 from rlx.rollout import nccl_sender, server
 from rlx.rollout.gloo_worker import GlooInitInfo, worker_rank
@@ -35,7 +36,6 @@ from rlx.rollout.weight_transfer import (
     update_info,
     within_deadline,
 )
-from rlx.serve_cli import serve_command
 
 
 class RecordingComm:
@@ -380,7 +380,7 @@ def test_serve_on_a_cpu_leaves_gpu_memory_alone(tiny_tied, monkeypatch, vllm_ser
 def test_rlx_serve_reads_the_parallel_sizes_from_its_config(tiny_tied, monkeypatch):
     seen = {}
     monkeypatch.setattr(
-        "rlx.serve_cli.serve", lambda model, rollout, host, port, **kw: seen.update(kw)
+        "rlx.cli.serve.serve", lambda model, rollout, host, port, **kw: seen.update(kw)
     )
     overrides = [f"model.name={tiny_tied}", "tensor_parallel_size=2", "data_parallel_size=3"]
     assert rlx_main(["serve", *overrides]) == 0

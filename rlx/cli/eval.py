@@ -17,13 +17,47 @@ import json
 import math
 from pathlib import Path
 
-FLAGS = {"task": "task.name", "split": "task.split", "num_prompts": "task.num_prompts"}
+from rich.console import Console
+from rich.table import Table
+
+from rlx.atomic import atomic_write_json
+from rlx.cli.options import add_config_arguments, read_config, show_config
+from rlx.config import EvalCommandConfig
+from rlx.models import resolve_model
+
+# flag -> config key (--model may repeat: a list)
+FLAGS = {
+    "model": "models",
+    "task": "task.name",
+    "split": "task.split",
+    "num_prompts": "task.num_prompts",
+}
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="held-out reward of models (fp or quantised) through vLLM",
+        description="Flags set config keys; key.sub=value overrides win over --config and flags.",
+    )
+    add_config_arguments(p, "YAML file with EvalCommandConfig keys")
+    p.add_argument("--model", action="append", help="model to evaluate (repeat for several)")
+    p.add_argument("--task", help="task name or data file (default arithmetic)")
+    p.add_argument("--split", help="split to evaluate (default test)")
+    p.add_argument("--num-prompts", dest="num_prompts", type=int, help="prompts (default 200)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """`rlx eval`: parse, evaluate, print."""
+    if args.show_config:
+        return show_config(EvalCommandConfig)
+    evaluate_models(read_config(args, EvalCommandConfig, FLAGS))
+    return 0
 
 
 def describe_weights(model: str) -> str:
     """A short description of how a model folder stores its weights."""
-    from rlx.models import resolve_model
-
     path = Path(resolve_model(model))
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -48,8 +82,6 @@ def describe_weights(model: str) -> str:
 
 def weights_megabytes(model: str) -> float:
     """Size of the model's weight files in MB (nan when not a local folder)."""
-    from rlx.models import resolve_model
-
     path = Path(resolve_model(model))
     files = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     return sum(f.stat().st_size for f in files) / 1e6 if files else math.nan
@@ -57,8 +89,7 @@ def weights_megabytes(model: str) -> float:
 
 def evaluate_models(cfg, console=None) -> list[dict]:
     """Evaluate every model of an EvalCommandConfig; one result row per model, printed as a table."""
-    from rich.console import Console
-
+    # deferred: torch, datasets and vLLM load only when the command runs
     from rlx.evaluation import evaluate, resolve_rewards
     from rlx.quant.serve import serving_engine, serving_plan
     from rlx.tasks import load_task_dataset
@@ -91,16 +122,12 @@ def evaluate_models(cfg, console=None) -> list[dict]:
         rows.append(row | {"size_mb": weights_megabytes(name), **metrics})
     console.print(results_table(rows, f"{t.name} ({t.split}, {len(dataset)} prompts, greedy)"))
     if cfg.output_json:
-        from rlx.atomic import atomic_write_json
-
         atomic_write_json(cfg.output_json, rows)
     return rows
 
 
 def results_table(rows: list[dict], title: str):
     """A rich table: one row per model, one column per reward."""
-    from rich.table import Table
-
     names = list(rows[0]["rewards"]) if rows else []
     table = Table(title=title)
     for col in ["model", "weights", "MB", "reward", *names, "tok/s"]:
@@ -115,38 +142,3 @@ def results_table(rows: list[dict], title: str):
             f"{r['tokens_per_second']:.0f}",
         )
     return table
-
-
-def add_eval_parser(commands) -> None:
-    """Register `rlx eval` on the subcommand parser of rlx/cli.py."""
-    p = commands.add_parser(
-        "eval",
-        help="held-out reward of models (fp or quantised) through vLLM",
-        description="Flags set config keys; key.sub=value overrides win over --config and flags.",
-    )
-    p.add_argument("--config", help="YAML file with EvalCommandConfig keys")
-    p.add_argument("--show-config", action="store_true", help="list every knob and exit")
-    p.add_argument("--model", action="append", help="model to evaluate (repeat for several)")
-    p.add_argument("--task", help="task name or data file (default arithmetic)")
-    p.add_argument("--split", help="split to evaluate (default test)")
-    p.add_argument("--num-prompts", dest="num_prompts", type=int, help="prompts (default 200)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.set_defaults(func=run_eval_command)
-
-
-def run_eval_command(args) -> int:
-    """`rlx eval`: parse, evaluate, print."""
-    from rlx.config import EvalCommandConfig, describe, load_config
-
-    if args.show_config:
-        print(describe(EvalCommandConfig))
-        return 0
-    flags = [
-        f"{k}={json.dumps(getattr(args, a))}"
-        for a, k in FLAGS.items()
-        if getattr(args, a) is not None
-    ]
-    if args.model:
-        flags.append(f"models={json.dumps(args.model)}")
-    evaluate_models(load_config(EvalCommandConfig, args.config, [*flags, *args.overrides]))
-    return 0

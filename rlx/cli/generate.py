@@ -1,5 +1,9 @@
 """`rlx generate`: sample completions for a task's prompts, score them, summarise, save.
 
+    rlx generate --config recipes/generate_demo.yaml rollout.num_samples=8
+    rlx generate model.name=runs/grpo/final task.split=test rollout.backend=hf
+    rlx generate --show-config
+
 This is the rollout + reward half of every learner, run once: it gives the baseline reward of a
 model on a task before any training. Outputs in `output_dir`: completions.jsonl (one row per
 completion, with token ids, sampler logprobs and every reward), summary.json and config.yaml.
@@ -15,10 +19,25 @@ from rich.console import Console
 from rich.table import Table
 
 from rlx.atomic import atomic_write_json, atomic_write_jsonl
+from rlx.cli.options import add_config_arguments, read_config, show_config
 from rlx.config import GenerateConfig, save_config
-from rlx.evaluation import resolve_rewards, score_rollout, summarize
-from rlx.rollout import Sampling, make_engine
-from rlx.tasks import load_task_dataset
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="sample and score completions for a task",
+        description="Overrides are key.sub=value, e.g. rollout.backend=hf task.num_prompts=16",
+    )
+    add_config_arguments(p, "YAML file with GenerateConfig keys")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.show_config:
+        return show_config(GenerateConfig)
+    run_generate(read_config(args, GenerateConfig))
+    return 0
 
 
 def summary_table(summary: dict, title: str) -> Table:
@@ -42,6 +61,11 @@ def summary_table(summary: dict, title: str) -> Table:
 
 def run_generate(cfg: GenerateConfig, console: Console | None = None) -> dict:
     """Generate, score, print the summary table and write the outputs; return the summary."""
+    # deferred: torch, datasets and the rollout engines load only when the command runs
+    from rlx.evaluation import resolve_rewards, score_rollout, summarize
+    from rlx.rollout import Sampling, make_engine
+    from rlx.tasks import load_task_dataset
+
     console = console or Console()
     dataset = load_task_dataset(
         cfg.task.name, cfg.task.split, cfg.task.num_prompts, cfg.task.seed, **cfg.task.options

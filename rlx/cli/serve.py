@@ -1,15 +1,15 @@
 """`rlx serve`: start one rollout server for trainers that run with rollout.backend=server.
 
-    rlx serve --config recipes/grpo.yaml --port 8000          # model + rollout settings of a recipe
+    rlx serve --config recipes/grpo.yaml port=8000            # model + rollout settings of a recipe
     rlx serve model.name=smollm2 rollout.dtype=float32 host=0.0.0.0 port=8001
     rlx serve --config recipes/grpo.yaml tensor_parallel_size=2 rollout.gpu_memory_utilization=0.9
     rlx serve --show-config
 
 Only the file's `model` and `rollout` sections are read, so a trainer and its servers share one
 config file and cannot disagree on dtype, context length, LoRA limits or the weight-sync
-transport (rollout.sync_backend). The process becomes
-vLLM's own server (rlx/rollout/server.py says which endpoints rlx uses; `serve_command` below
-has the flags, and why it binds 127.0.0.1 by default); stop it with Ctrl-C or SIGTERM.
+transport (rollout.sync_backend). The process becomes vLLM's own server (rlx/rollout/server.py
+says which endpoints rlx uses; `serve_command` below has the flags, `exposure_warning` why it
+binds 127.0.0.1 by default); stop it with Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,30 +19,29 @@ import json
 import os
 import sys
 
-
-def _serve(args) -> int:
-    from rlx.config import ServeConfig, describe, load_config
-
-    if args.show_config:
-        print(describe(ServeConfig))
-        return 0
-    cfg = load_config(ServeConfig, args.config, args.overrides, sections=("model", "rollout"))
-    parallel = {"tensor_parallel_size": cfg.tensor_parallel_size}
-    parallel["data_parallel_size"] = cfg.data_parallel_size
-    serve(cfg.model.name, cfg.rollout, cfg.host, cfg.port, **parallel)  # does not return
-    return 0
+from rlx.cli.options import add_config_arguments, read_config, show_config
+from rlx.config import ServeConfig
+from rlx.models import resolve_model
 
 
-def add_serve_parser(commands) -> None:
-    serve = commands.add_parser(
+def add_parser(commands) -> None:
+    p = commands.add_parser(
         "serve",
         help="start a vLLM rollout server for rollout.backend=server",
         description="Overrides are key.sub=value, e.g. port=8001 rollout.dtype=float32",
     )
-    serve.add_argument("--config", help="a recipe's YAML file (its model and rollout sections)")
-    serve.add_argument("--show-config", action="store_true", help="list every knob and exit")
-    serve.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    serve.set_defaults(func=_serve)
+    add_config_arguments(p, "a recipe's YAML file (its model and rollout sections)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.show_config:
+        return show_config(ServeConfig)
+    cfg = read_config(args, ServeConfig, sections=("model", "rollout"))
+    parallel = {"tensor_parallel_size": cfg.tensor_parallel_size}
+    parallel["data_parallel_size"] = cfg.data_parallel_size
+    serve(cfg.model.name, cfg.rollout, cfg.host, cfg.port, **parallel)  # does not return
+    return 0
 
 
 def serve_command(
@@ -58,8 +57,8 @@ def serve_command(
     an rlx config (dtype, context, KV cache, block size, seed, LoRA, weight-sync transport): the
     same engine settings as the in-process engine, so importance weights mean the same thing on
     both, and the transport the trainer picks from the same rollout.sync_backend."""
+    # deferred: torch and the vLLM backend's modules load only when the command runs
     from rlx.hardware import auto_dtype, on_gpu, vllm_process_env
-    from rlx.models import resolve_model
     from rlx.rollout.vllm_backend import CPU_BLOCK_SIZE
     from rlx.rollout.weight_transfer import resolve_sync_backend, transfer_backend
 

