@@ -19,7 +19,7 @@ import torch
 
 from rlx.adapters.lowrank import LowRank
 from rlx.algos.eggroll import NoiseSpec, population_adapter
-from rlx.es.population import PopulationPlan, chunk_plan, generate_rows, plan_rows
+from rlx.es.population import PopulationPlan, TokenIds, chunk_plan, generate_rows, plan_rows
 from rlx.kernels import perturbed_linears
 from rlx.models import load_model_and_tokenizer
 from rlx.rollout import Completion, Sampling
@@ -66,11 +66,7 @@ class HFBatchedPopulation:
 
     @torch.no_grad()
     def evaluate(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        plan: PopulationPlan,
-        epoch: int,
-        sampling: Sampling,
+        self, prompt_ids: TokenIds, plan: PopulationPlan, epoch: int, sampling: Sampling
     ) -> list[Completion]:
         """Completions of every row of `plan`, `members_per_batch` members per generate call."""
         completions = []

@@ -14,12 +14,12 @@ rollout.dtype=float32 with small sigma.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from rlx.algos.eggroll import NoiseSpec, perturbed_weight
-from rlx.es.population import PopulationPlan, generate_rows, plan_rows
+from rlx.es.population import PopulationPlan, TokenIds, generate_rows, plan_rows
 from rlx.rollout import Completion, RolloutEngine, Sampling
 
 
@@ -39,11 +39,7 @@ class InPlacePopulation:
         ]
 
     def evaluate(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        plan: PopulationPlan,
-        epoch: int,
-        sampling: Sampling,
+        self, prompt_ids: TokenIds, plan: PopulationPlan, epoch: int, sampling: Sampling
     ) -> list[Completion]:
         """Completions of every row of `plan`, one member (one weight push) at a time."""
         row_member, row_prompt = plan_rows(plan)

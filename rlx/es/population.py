@@ -33,6 +33,9 @@ import torch
 from rlx.config.choices import PROMPT_ASSIGNMENTS as ASSIGNMENTS
 from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
 
+TokenIds = Sequence[Sequence[int]]
+"""Tokenized prompts: [P] lists of token ids."""
+
 
 @dataclass
 class PopulationPlan:
@@ -51,11 +54,7 @@ class PopulationBackend(Protocol):
     """What the ES loop needs from a population evaluator."""
 
     def evaluate(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        plan: PopulationPlan,
-        epoch: int,
-        sampling: Sampling,
+        self, prompt_ids: TokenIds, plan: PopulationPlan, epoch: int, sampling: Sampling
     ) -> list[Completion]:
         """One completion per row of `plan_rows(plan)`, member `m` evaluated with weights W + E_m."""
         ...

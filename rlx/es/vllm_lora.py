@@ -31,7 +31,7 @@ import torch
 
 from rlx.adapters.lowrank import save_peft_adapter
 from rlx.algos.eggroll import NoiseSpec, noise_adapter, noise_epoch
-from rlx.es.population import PopulationPlan, chunk_plan, generate_rows, plan_rows
+from rlx.es.population import PopulationPlan, TokenIds, chunk_plan, generate_rows, plan_rows
 from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -91,11 +91,7 @@ class VLLMLoRAPopulation:
         self._written = {k for k in self._written if k[0] == current}
 
     def evaluate(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        plan: PopulationPlan,
-        epoch: int,
-        sampling: Sampling,
+        self, prompt_ids: TokenIds, plan: PopulationPlan, epoch: int, sampling: Sampling
     ) -> list[Completion]:
         """Completions of every row of `plan`; adapters are removed from the engine afterwards."""
         completions = []
