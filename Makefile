@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rlx-installed
 
-.PHONY: install demo test test-all lint bench-rollout
+.PHONY: install demo test test-fast test-all lint bench-rollout
 
 $(STAMP): pyproject.toml scripts/setup_env.sh constraints/cpu.txt
 	VENV=$(VENV) scripts/setup_env.sh
@@ -16,6 +16,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The fast tier (docs/testing.md): pure math, config, rewards and data tests, chosen by path; the
+# markers keep out the few tests there that launch processes or need SmolLM2. Nothing in it builds
+# a vLLM engine or starts a training process. Not a substitute for `make test`.
+FAST_TESTS := tests/algos tests/config tests/rewards tests/data tests/test_distributed.py \
+	tests/test_weighting.py tests/recipes/test_run_clock.py
+FAST_MARKERS := not slow and not gpu and not multiprocess and not smollm2
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "$(FAST_MARKERS)" $(FAST_TESTS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "not gpu"

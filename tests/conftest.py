@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random models built in seconds (never downloaded) and one vLLM engine."""
+"""Shared fixtures: tiny random models built in seconds (never downloaded), one `rlx serve` rollout
+server for the session (started only by the tests that ask for it), a free port, and killing a
+launch with all its ranks by pid. vLLM engines are built by the tests that need them, not here."""
 
 from __future__ import annotations
 
