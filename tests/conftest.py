@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random models built in seconds (never downloaded), one `rlx serve` rollout
-server for the session (started only by the tests that ask for it), a free port, and killing a
-launch with all its ranks by pid. vLLM engines are built by the tests that need them, not here."""
+server for the session (started only by the tests that ask for it) and a free port. vLLM engines are built by the tests that need them, not here."""
 
 from __future__ import annotations
 
@@ -81,23 +80,3 @@ def free_port() -> int:
     from torch.distributed.elastic.utils.distributed import get_free_port
 
     return get_free_port()
-
-
-def kill_process_tree(pid: int) -> None:
-    """SIGKILL a process and every process it started, by pid (torch's launcher starts each rank
-    in its own session, so killing the launcher's process group leaves the ranks running)."""
-    import contextlib
-
-    import psutil
-
-    with contextlib.suppress(psutil.NoSuchProcess):
-        parent = psutil.Process(pid)
-        for proc in [*parent.children(recursive=True), parent]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-
-
-@pytest.fixture
-def kill_tree():
-    """kill_process_tree, for tests that must stop a launch and all its ranks."""
-    return kill_process_tree

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import kill_process_tree
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 from rlx.metrics import read_metrics
@@ -73,6 +72,20 @@ def recipe_args(model: str, reward: Path, out: Path, *extra: str) -> list[str]:
     args += ["max_minutes=0", f"output_dir={out}"]
     args += [f"rewards=[{{func: '{reward}:longer', weight: 1.0}}]", *extra]
     return args
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a launch and every process it started, by pid (torch's launcher starts each rank in
+    its own session, so killing the launcher's process group would leave the ranks running)."""
+    import contextlib
+
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(pid)
+        for proc in [*parent.children(recursive=True), parent]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
 
 
 def run(launch: str, args: list[str], log: Path, env: dict, timeout: float = 300):
