@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models built in seconds (never downloaded), one `rlx serve` rollout
-server for the session (started only by the tests that ask for it) and a free port. vLLM engines are built by the tests that need them, not here."""
+server for the session (started only by the tests that ask for it) and a free port. vLLM engines
+are built by the tests that need them, not here."""
 
 from __future__ import annotations
 
