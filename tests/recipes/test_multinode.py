@@ -32,6 +32,7 @@ def recipe_args(model: str, reward: Path, out: Path) -> list[str]:
     return args + [f"output_dir={out}", f"rewards={rewards}", "max_run_minutes=0"]
 
 
+@pytest.mark.slow  # two 2-process launches: the suite's 15-minute budget on an AVX2 CPU
 @pytest.mark.multiprocess
 def test_two_machines_on_loopback_train_like_two_processes(tiny_llama, tmp_path):
     reward = tmp_path / "length.py"

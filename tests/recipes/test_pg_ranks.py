@@ -125,7 +125,7 @@ def uneven(tiny_llama, reward, tmp_path_factory) -> tuple[list[dict], list[dict]
     return rows[0], rows[1]
 
 
-@pytest.mark.slow  # two runs, about 1 minute here
+@pytest.mark.slow  # two 2-process runs (DeepSpeed included), 2-4 minutes on 2 cores
 @pytest.mark.multiprocess
 def test_zero3_with_uneven_work_trains_like_ddp(uneven):
     one, two = uneven
@@ -146,6 +146,7 @@ def test_zero3_reference_model_gives_the_ddp_kl(uneven):
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7), a["step"]
 
 
+@pytest.mark.slow  # two 2-process runs, about 2 minutes on a 2-core AVX2 machine
 @pytest.mark.multiprocess
 def test_a_reward_failing_on_one_rank_skips_the_step_on_every_rank(tiny_llama, reward, tmp_path):
     """DDP: rank 1's reward raises at step 2. Today's code would let rank 0 pair its step-2 gather
@@ -168,7 +169,7 @@ def test_a_reward_failing_on_one_rank_skips_the_step_on_every_rank(tiny_llama, r
             assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6), ra["step"]
 
 
-@pytest.mark.slow  # a 2-process ZeRO-2 run and a resume, about 1 minute here
+@pytest.mark.slow  # a 2-process ZeRO-2 run and a resume, about 2 minutes on 2 cores
 @pytest.mark.multiprocess
 def test_zero2_resume_with_a_missing_optimizer_shard_is_one_line(tiny_llama, reward, tmp_path):
     out = tmp_path / "z2"
