@@ -16,13 +16,17 @@ are taken once, before the first, and the clip bounds act. The KL term (off by d
 to the loss, not folded into the reward.
 
 Several processes: each rank generates and scores its share of the step's prompts; rewards are
-gathered so advantages, REINFORCE's global whitening and dynamic sampling see the whole batch.
+gathered (rlx/distributed.py, the only place ranks exchange data) so advantages, REINFORCE's
+global whitening and dynamic sampling see the whole batch, and every skip or stop is agreed by
+all ranks before any acts. Under ZeRO-3 every rank runs as many micro-batch passes as the
+busiest one (the extra ones at loss weight 0), since each forward gathers the parameters.
 Each rank divides its loss by the whole mini-batch's sequence and token counts (gathered) and
 multiplies it by the number of ranks, so that DDP's gradient average is the gradient of the batch
 loss one process would compute (TRL does this for loss_type "dapo" only).
 What is trained is the `adapter:` section's (docs/adapters.md): all weights or a PEFT adapter, the
 principal guard and AdaLoRA's allocation as optimizer step hooks, AdaLoRA's orthogonality penalty
-in the loss, the spectral probe's diag/* metrics, and merged or adapter-only weight sync.
+in the loss, the spectral probe's diag/* metrics, and merged or adapter-only weight sync. Dynamic
+reward weighting and the adapter's hooks plug into the step's named points (rlx/features.py).
 Outputs in `output_dir`: metrics.jsonl, eval.json, reward_curves.png,
 config.yaml, checkpoints/, tensorboard logs.
 """
