@@ -246,6 +246,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama, tmp_path, len
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-9), ra["step"]
 
 
+@pytest.mark.slow  # 36 s on a 2-core AVX2 CPU; the two-process launch below covers accelerate
 def test_accelerate_launch_one_process(tiny_llama, tmp_path, length_reward):
     out = tmp_path / "one"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(RECIPE)]
