@@ -378,6 +378,9 @@ def update_policy(
     With more than one update, the old logprobs are taken once, before the first. Returns each
     update's stats over all ranks (stops after a non-finite loss, leaving its gradients for the
     caller)."""
+    # a mini-batch whose every token is masked on every rank takes no step at all (AdamW's
+    # momentum and weight decay would still move the weights); decided once, the same on all ranks
+    batches = [mb for mb in batches if loss_tokens(mb)]
     old_pass_flops = 0.0
     if cfg.algo.ppo_epochs * len(batches) > 1:
         for mb in batches:
@@ -386,8 +389,6 @@ def update_policy(
     updates = []
     for _ in range(cfg.algo.ppo_epochs):
         for mb in batches:
-            if not loss_tokens(mb):  # every sequence masked on every rank: AdamW's momentum
-                continue  # and weight decay would still move the weights, so no step at all
             t0 = time.perf_counter()
             stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
             stats = stats.over_ranks()
