@@ -31,6 +31,7 @@ from rlx.config.common import (
 from rlx.config.core import (
     AUTO_DTYPE,
     ConfigError,
+    config_key,
     describe,
     from_dict,
     knob,
@@ -61,6 +62,7 @@ __all__ = [
     "AlgoConfig",
     "CalibrationConfig",
     "ConfigError",
+    "config_key",
     "ESConfig",
     "EggrollConfig",
     "EvalCommandConfig",

@@ -48,6 +48,21 @@ class RolloutConfig:
         "servers (both read this file); auto = nccl where a GPU is present, else gloo; gloo also "
         "runs on GPUs (slower, through host memory)",
     )
+    token: str = knob(
+        "",
+        help="rollout.backend=server: the token `rlx serve` requires on every call but /health; "
+        "empty = the RLX_SERVE_TOKEN environment variable (servers beyond loopback need one)",
+    )
+    async_: bool = knob(
+        False,
+        help="generate the next batches while the learner trains (a producer thread on the "
+        "newest synced weights); the loss corrects the lag with the sampler's logprobs",
+    )
+    max_staleness: int = knob(
+        1,
+        help="rollout.async=true: drop (and count) completions sampled more than this many weight "
+        "versions before the trainer's current weights; the synchronous loop accepts none",
+    )
     num_samples: int = knob(8, help="completions sampled per prompt (the group size)")
     max_new_tokens: int = knob(64, help="most tokens generated per completion")
     temperature: float = knob(1.0, help="sampling temperature; 0 = greedy")
@@ -86,6 +101,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         require(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
+        require(self.max_staleness >= 0, "max_staleness", ">= 0", self.max_staleness)
         require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         room = f"< max_model_len ({self.max_model_len}), leaving room for the prompt"
         require(

@@ -14,6 +14,7 @@ is a Literal type from choices.py. A key that moved or went is named in the clas
 import copy
 import dataclasses
 import difflib
+import keyword
 import os
 import re
 import types
@@ -53,6 +54,13 @@ def require(ok: bool, name: str, rule: str, value: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- dict -> dataclass
+
+
+def config_key(field_name: str) -> str:
+    """The config key of a field: a Python keyword is declared with a trailing underscore
+    (`async_`) and written without it (`rollout.async`)."""
+    bare = field_name[:-1] if field_name.endswith("_") else field_name
+    return bare if keyword.iskeyword(bare) else field_name
 
 
 def _join(prefix: str, name: Any) -> str:
@@ -128,7 +136,7 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         got = f"{data!r} ({type(data).__name__})"
         raise ConfigError(f"{prefix or cls.__name__}: expected {cls.__name__} mapping, got {got}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {config_key(f.name): f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     renamed = getattr(cls, "RENAMED", {})
     for name, value in data.items():
@@ -141,9 +149,9 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             hint = f"did you mean {_join(prefix, close[0])!r}?" if close else ""
             hint = hint or f"valid keys: {', '.join(_join(prefix, f) for f in fields)}"
             raise ConfigError(f"unknown key {_join(prefix, name)!r}; {hint}")
-        kwargs[name] = _check(value, hints[name], _join(prefix, name))
+        kwargs[fields[name].name] = _check(value, hints[fields[name].name], _join(prefix, name))
     for name, f in fields.items():
-        if name not in kwargs and f.default is f.default_factory is dataclasses.MISSING:
+        if f.name not in kwargs and f.default is f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(prefix, name)} is required: {f.metadata.get('help', '')}")
     try:
         return cls(**kwargs)
@@ -228,8 +236,14 @@ def load_config(
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config as plain dicts and lists (what `save_config` writes)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain dicts and lists under its config keys (what `save_config` writes)."""
+    if dataclasses.is_dataclass(cfg):
+        return {config_key(f.name): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return copy.deepcopy(cfg)
 
 
 def save_config(cfg: Any, path: str) -> None:
@@ -256,7 +270,7 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> str:
     lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip()}", ""] if not prefix else []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key, tp, help_ = _join(prefix, f.name), hints[f.name], f.metadata.get("help", "")
+        key, tp, help_ = _join(prefix, config_key(f.name)), hints[f.name], f.metadata.get("help", "")
         value = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
             lines += [f"{key}: {help_}", describe(tp, key, None if value is _REQUIRED else value)]

@@ -10,6 +10,7 @@ from rlx.config import (
     RewardConfig,
     RolloutConfig,
     TaskConfig,
+    config_key,
     describe,
     from_dict,
     knob,
@@ -34,7 +35,7 @@ def all_fields(cls, prefix=""):
     """(dotted key, field) for every field, descending into nested and list-of configs."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
+        key = f"{prefix}{config_key(f.name)}"
         yield key, f
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
@@ -248,6 +249,17 @@ def test_every_field_has_help_and_describe_mentions_it():
         assert key in text and f.metadata["help"] in text, key
     assert "rollout.backend: 'vllm' | 'hf' | 'server' = 'vllm'" in text
     assert "rewards[].func: str (required)" in text
+
+
+def test_a_keyword_key_reads_writes_and_reads_back(tmp_path):
+    cfg = from_dict(RolloutConfig, {"async": True, "max_staleness": 2})
+    assert cfg.async_ and cfg.max_staleness == 2
+    path = str(tmp_path / "saved.yaml")
+    save_config(cfg, path)
+    assert "async: true" in open(path).read()
+    assert load_config(RolloutConfig, path) == cfg
+    with pytest.raises(ConfigError, match="unknown key 'async_'"):
+        from_dict(RolloutConfig, {"async_": True})
 
 
 def test_describe_shows_the_parents_default_for_a_nested_section():
