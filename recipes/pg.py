@@ -55,12 +55,12 @@ from rlx.policy import (
     RolloutBatch,
     build_batch,
     completion_logits,
-    export_weights,
     load_policy,
     matmul_params,
 )
 from rlx.recipe import Run, StepClock, load_data, run_recipe
 from rlx.rollout import Sampling, engine_dtype, make_engine
+from rlx.weight_sync import weight_sync
 from rlx.weighting import start_weighting
 
 # One update's statistics: sums over micro-batches and ranks, except these (rlx.metrics.Stats)
@@ -81,9 +81,10 @@ def train(cfg: PGConfig) -> dict:
     announce(cfg, run)
     trainer = Trainer(cfg, run)
     train_data, eval_data, reward_fns = load_data(cfg, trainer.tokenizer)
-    engine = make_rollout_engine(cfg, run.rank)
+    weights = make_weight_sync(cfg, run.rank)
+    engine = weights.engine
     if run.resume(*trainer.checkpointed()) or cfg.rollout.backend == "server":
-        trainer.sync(engine)  # a server may hold another run's weights
+        trainer.sync(weights, run.step)  # a server may hold another run's weights
     features = start_features(cfg, run, trainer, engine, eval_data, reward_fns)
     rollouts = SyncRollouts(cfg, engine, train_data, run.rank, run.world)
     run.start(engine, eval_data, reward_fns)
@@ -108,7 +109,7 @@ def train(cfg: PGConfig) -> dict:
             continue
         clock.lap("train")
         if stats is not None and (run.step + 1) % cfg.sync_every == 0:
-            trainer.sync(engine)
+            trainer.sync(weights, run.step + 1)
         clock.lap("sync")
         run.step += 1
         extra = features.after_step(run.step)  # on every rank: some features evaluate
@@ -177,8 +178,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return stats
 
-    def sync(self, engine) -> None:
-        sync_weights(engine, self.policy, self.accelerator)
+    def sync(self, weights, version: int) -> None:
+        """Push the policy into the rollout engine (`weights`: the rlx.weight_sync strategy) as
+        weight version `version` (the steps trained). Every rank takes part (ZeRO-3 gathers
+        collectively); rollout servers are shared by all ranks and rank 0 alone sends to them,
+        so the others wait for it before they sample again."""
+        weights.push(self.policy, version)
+        self.accelerator.wait_for_everyone()
 
     def objective_backward(self, step: ScoredStep):
         """The gradient-weighting method's backward pass on `step`'s completions (see
@@ -282,13 +288,13 @@ def load_reference(cfg: PGConfig, accelerator):
     return sharding.prepare_frozen(accelerator, ref_model.eval().requires_grad_(False))
 
 
-def make_rollout_engine(cfg: PGConfig, rank: int):
-    """The rollout engine; with adapter.sync=adapter it serves the adapter through LoRA requests
-    (rlx.adapters.sync_engine; versions saved under output_dir/adapter_sync)."""
+def make_weight_sync(cfg: PGConfig, rank: int):
+    """The rollout engine inside its weight-sync strategy (rlx.weight_sync: merged weights, or
+    with adapter.sync=adapter the adapter alone, versions saved under output_dir/adapter_sync)."""
     engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank)
     folder = f"{cfg.output_dir}/adapter_sync"
     push_base = cfg.rollout.backend == "server"  # a server may hold another run's base weights
-    return adapters.sync_engine(engine, cfg.adapter, folder, rank, push_base)
+    return weight_sync(engine, cfg.adapter, folder, rank, push_base)
 
 
 def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
@@ -300,20 +306,6 @@ def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
     )
     schedule = {"constant": "constant_with_warmup"}.get(optim.schedule, optim.schedule)
     return optimizer, get_scheduler(schedule, optimizer, optim.warmup_steps, cfg.steps)
-
-
-def sync_weights(engine, policy, accelerator) -> None:
-    """Push the policy's weights into the rollout engine as one update (under ZeRO-3 gathered a
-    chunk at a time; every rank takes part). Rollout servers are shared by all ranks, and rank 0
-    alone syncs them: the others wait for it before they sample again. adapter.sync=adapter: each
-    rank saves the adapter as a new version its engine serves from now on."""
-    if isinstance(engine, adapters.AdapterSyncEngine):
-        engine.sync(policy)
-    else:
-        with engine.weight_update():
-            for chunk in sharding.weight_chunks(policy, export_weights):
-                engine.update_weights(chunk)
-    accelerator.wait_for_everyone()
 
 
 def gather_rewards(scores, completions, g: int) -> dict:

@@ -20,13 +20,14 @@ import torch
 
 from rlx.algos.eggroll import NoiseSpec, perturbed_weight
 from rlx.es.population import PopulationPlan, TokenIds, generate_rows, plan_rows
-from rlx.rollout import Completion, RolloutEngine, Sampling
+from rlx.rollout import Completion, PerturbEngine, Sampling
+from rlx.rollout.sync import push_weights
 
 
 class InPlacePopulation:
     """Population evaluation one member at a time on a rollout engine (see the module docstring)."""
 
-    def __init__(self, engine: RolloutEngine, noise: NoiseSpec, centre: Mapping[str, torch.Tensor]):
+    def __init__(self, engine: PerturbEngine, noise: NoiseSpec, centre: Mapping[str, torch.Tensor]):
         """`centre`: evolved parameter name -> current weights [out, in] (copied)."""
         self.engine, self.noise = engine, noise
         self.centre = {n: t.detach().to(torch.float32).clone() for n, t in centre.items()}
@@ -63,7 +64,7 @@ class InPlacePopulation:
         for name, tensor in named:
             if name in self.centre:
                 self.centre[name] = tensor.to(torch.float32).clone()
-        self.engine.update_weights(named)
+        push_weights(self.engine, lambda: [named])
 
     def close(self) -> None:
         self.centre.clear()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -130,6 +130,7 @@ class VLLMEngine:
             raise
         self._lora_ids: dict[Adapter, int] = {}  # vLLM's lora_int_id of each adapter used
         self.sleeps = sleep
+        self.weight_version = 0  # the version of the last whole weight update (0: as loaded)
         if sleep:
             self.llm.sleep(level=1)  # until the first call that needs it
 
@@ -271,9 +272,14 @@ class VLLMEngine:
             self._awake = False
             self.llm.sleep(level=1)
 
-    def weight_update(self) -> contextlib.AbstractContextManager[None]:
-        """A chunked update: each chunk loads as it comes (awake for all of them with sleep)."""
-        return self.awake()
+    @contextlib.contextmanager
+    def weight_update(self, version: int | None = None) -> Iterator[None]:
+        """A chunked update: each chunk loads as it comes (awake for all of them with sleep);
+        `version` (default: the previous one + 1) is the engine's `weight_version` once it is
+        whole. Nothing samples meanwhile in process, so completions carry no version."""
+        with self.awake():
+            yield
+        self.weight_version = self.weight_version + 1 if version is None else version
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights in place (HF names), then drop cached prefixes computed with old ones."""
