@@ -7,7 +7,7 @@
 Each step: the `prompts_per_step` training prompts are answered by `es.population_size` members,
 member i using weights W + E_i, E_i = A_i B_i^T regenerated from (seed, parameter, step, i // 2)
 (rlx/algos/eggroll.py) -> each member's fitness is the mean task reward (the weighted total of the
-task's rewards, rlx.evaluation.score_rollout) over its completions -> fitness shaping -> the update
+task's rewards, rlx.rewards.score_rollout) over its completions -> fitness shaping -> the update
 (1/N) sum_i f~_i E_i / sigma goes to a torch optimizer (SGD by default) -> the new weights are synced
 into the population backend (and, for hf_batched, into the rollout engine before the held-out
 evaluation, its only user). Population evaluation: `es.backend` =

@@ -45,19 +45,13 @@ from transformers import get_scheduler
 
 from rlx import adapters, distributed, sharding
 from rlx.algos import pg
+from rlx.batch import MiniBatch, RolloutBatch, build_batch
 from rlx.config import AdapterConfig, ConfigError, PGConfig
 from rlx.data import step_prompt_indices
 from rlx.features import Features
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
-from rlx.policy import (
-    MiniBatch,
-    RolloutBatch,
-    build_batch,
-    completion_logits,
-    load_policy,
-    matmul_params,
-)
+from rlx.policy import completion_logits, load_policy, matmul_params
 from rlx.recipe import Run, StepClock, load_data, run_recipe
 from rlx.rollout import Sampling, engine_dtype, make_engine
 from rlx.weight_sync import weight_sync

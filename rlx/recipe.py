@@ -37,11 +37,11 @@ from rlx.checkpoint import (
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.data import load_held_out, load_prompts
 from rlx.errors import report_user_errors
-from rlx.evaluation import evaluate, resolve_rewards, score_rollout
+from rlx.evaluation import evaluate
 from rlx.metrics import MetricsLog, plot_reward_curves, plot_weighting, truncate_metrics
 from rlx.policy import export_weights
 from rlx.reporting import print_eval_table, read_eval, write_eval
-from rlx.rewards import RewardError
+from rlx.rewards import RewardError, resolve_rewards, score_rollout
 
 CRASH_AFTER_CHECKPOINT = "RLX_TEST_CRASH_AFTER_CHECKPOINT"
 """Tests only: a step number; every process SIGKILLs itself right after that step's checkpoint."""
@@ -131,7 +131,7 @@ class Run:
         self.bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.main)
 
     def score(self, rows, completions, reward_fns):
-        """This rank's rewards of the step (rlx.evaluation.score_rollout), or None when the step is
+        """This rank's rewards of the step (rlx.rewards.score_rollout), or None when the step is
         skipped because a reward function failed on any rank (bad_steps=skip; every rank agrees
         before any acts); bad_steps=error raises on every rank."""
         failure = scores = None

@@ -2,7 +2,7 @@
 
 For each member in turn, the engine receives W + E_m for every evolved matrix (E_m regenerated
 from its seed: full-rank Gaussian noise as in Qiu et al. 2025, or EGGROLL's A B^T merged by
-rlx.adapters.lowrank.merged),
+rlx.lowrank.merged),
 generates that member's rows, and after the last member gets the centre weights W back. The
 centre is a float32 copy held here and restored by copying it, never by subtracting E_m, so the
 restore is exact. Works with any rlx engine that perturbs its weights in place (`perturb_weights`,
