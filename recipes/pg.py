@@ -234,7 +234,7 @@ def score_step(cfg, trainer, run, scores, completions, reward_fns, features) -> 
     features.after_rewards(step)
     algo = cfg.algo
     step.advantages, step.keep = pg.kept_advantages(
-        algo.advantage,
+        algo.learner,
         step.full["total"],
         step.full["per_fn"],
         step.full["length"],
@@ -268,7 +268,7 @@ def announce(cfg: PGConfig, run: Run) -> None:
             "processes"
         )
     if run.main:
-        device, learner = run.accelerator.device, cfg.algo.advantage
+        device, learner = run.accelerator.device, cfg.algo.learner
         links = f", collectives over {distributed.backend()}" if distributed.active() else ""
         print(f"pg: {run.world} process(es) on {device}{links}, learner {learner}")
         trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
