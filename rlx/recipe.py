@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -78,7 +79,7 @@ class Run:
     def __init__(self, cfg, nan_on_skip: tuple[str, ...] = ()):
         """`nan_on_skip`: the loop's metrics a skipped step logs as NaN, beside reward_mean and
         step_time_s."""
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # deferred: a second to import; --help answers first
 
         self.cfg = cfg
         self.clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
@@ -259,8 +260,6 @@ class RunClock:
     MARGIN_S = 15.0  # saving the final model and plotting, after the last evaluation
 
     def __init__(self, max_minutes: float, max_run_minutes: float):
-        import psutil
-
         self.max_minutes, self.max_run_minutes = max_minutes, max_run_minutes
         # the run began when this process did: imports and set-up count too
         process_age = max(time.time() - psutil.Process().create_time(), 0.0)

@@ -135,9 +135,7 @@ def _check_estimator(name: str, scale_rewards: str) -> None:
     if scale_rewards not in REWARD_SCALES:
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}: choose one of {REWARD_SCALES}")
     if scale_rewards != "group" and name != "grpo":
-        raise ValueError(
-            f"scale_rewards={scale_rewards!r} is defined for learner=grpo, not {name}"
-        )
+        raise ValueError(f"scale_rewards={scale_rewards!r} is defined for learner=grpo, not {name}")
 
 
 def compute_advantages(
