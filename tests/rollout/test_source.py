@@ -107,7 +107,7 @@ def test_a_batch_older_than_max_staleness_is_dropped_and_sampled_again():
             engine.loaded += 1
     _, completions = source.next(1)
     assert {c.weight_version for c in completions} == {2}
-    assert {c.text for c in completions} <= {"p%d@2" % i for i in range(10)}
+    assert {c.text for c in completions} <= {f"p{i}@2" for i in range(10)}
     metrics = source.metrics()
     assert metrics["async/dropped"] == 8  # 4 prompts x 2 samples
     assert metrics["async/staleness_0"] == 8 and metrics["async/staleness_1"] == 0
