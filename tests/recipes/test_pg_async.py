@@ -133,3 +133,25 @@ def test_async_run_on_in_process_vllm(tiny_llama, tmp_path, reward_file):
     assert [r["step"] for r in rows] == [1, 2, 3]
     check_async_rows(rows)
     assert results["after"]["num_completions"] == 4
+
+
+@pytest.mark.slow  # a rollout server and two trainer processes: minutes on a 2-core AVX2 CPU
+@pytest.mark.multiprocess
+def test_two_ranks_async_on_a_rollout_server(
+    tiny_tied, rollout_server, tmp_path, reward_file, free_port
+):
+    """Two trainer ranks, each with its own producer, sampling from `rlx serve`: every step
+    trains on the whole batch (histogram summed over ranks), within max_staleness."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(ROOT / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port)]
+    extra = {"rollout.backend": "server", "rollout.servers": f"[{rollout_server[0]}]"}
+    extra |= {"rollout.timeout_s": 120, "steps": 3}
+    proc = _launch([*cmd, str(RECIPE), *overrides(tiny_tied, out, reward_file, **extra)], out)
+    code = proc.wait(timeout=900)
+    log = (tmp_path / "two.log").read_text()
+    assert code == 0, log[-3000:]
+    assert "pg: 2 process(es)" in log
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    check_async_rows(rows)
