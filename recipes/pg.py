@@ -8,6 +8,8 @@ rollout engine (vLLM by default) -> score them -> group advantages over the kept
 `algo.ppo_epochs` passes over `algo.mini_batches` mini-batches, one clipped policy-gradient update
 (micro-batched) each -> push the new weights into the engine. The math lives in rlx/algos/pg.py;
 the learner is chosen by `algo.*` (recipes/grpo.yaml, rloo.yaml, reinforce.yaml).
+With rollout.async=true a producer thread samples the next steps' prompts while the learner
+trains, at most rollout.max_staleness weight versions behind (rlx/rollout/source.py).
 
 By default one optimizer step per rollout batch (ppo_epochs = mini_batches = 1): the trainer's
 logprobs at update time are the "old" ones, so the clipped ratio is 1 and only importance sampling
