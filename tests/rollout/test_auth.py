@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from types import SimpleNamespace
 
@@ -170,3 +171,34 @@ def test_a_real_server_wants_the_token(rollout_server):
     assert requests.get(base + "/health", timeout=30).status_code == 200
     token = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
     assert requests.get(base + "/v1/models", headers=token, timeout=30).status_code == 200
+
+
+def test_adapters_reach_a_server_that_cannot_read_the_trainers_folder(
+    rollout_server, tiny_tied, tmp_path
+):
+    """The trainer's adapter folder is gone before the server first uses the adapter (vLLM
+    reads it lazily): the server generates from its own copy, which the unload deletes."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlx.rollout import Adapter, Sampling
+    from rlx.rollout.server import ServerEngine
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "adapter")
+    engine = ServerEngine(tiny_tied, [rollout_server[0]], timeout_s=60, enable_lora=True)
+    try:
+        engine._load_adapters([Adapter("moved", str(tmp_path / "adapter"))], 1)
+        shutil.rmtree(tmp_path / "adapter")
+        served = engine.servers[0].call("listing", "GET", "/v1/models")["data"]
+        root = next(m["root"] for m in served if m["id"] == "moved")
+        assert not root.startswith(str(tmp_path)) and os.path.isdir(root)
+        out = engine.generate_ids(
+            [[1, 57, 210]], Sampling(n=1, max_new_tokens=4), [Adapter("moved", "")]
+        )
+        assert len(out[0].token_ids) >= 1
+        engine.remove_adapters()
+        assert not os.path.exists(root)
+    finally:
+        engine.close()
