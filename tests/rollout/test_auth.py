@@ -23,7 +23,8 @@ from rlx.errors import UserError
 from rlx.rollout.adapter_upload import AdapterUploadMiddleware, adapter_payload
 from rlx.rollout.auth import TOKEN_ENV, TokenMiddleware, membership_proof
 from rlx.rollout.gloo_worker import GlooInitInfo, GlooWeightTransferEngine
-from rlx.rollout.weight_transfer import GlooSender, SyncAuthError, broadcast
+from rlx.rollout.server import ServerEngine
+from rlx.rollout.weight_transfer import GlooSender, RolloutWorkerError, SyncAuthError, broadcast
 
 GUARDED = [
     ("POST", "/collective_rpc"),
@@ -161,7 +162,7 @@ def test_membership_proofs_are_bound_to_token_challenge_and_rank():
     }
 
 
-def test_a_real_server_wants_the_token(rollout_server):
+def test_a_real_server_wants_the_token(rollout_server, tiny_tied):
     """`rlx serve` with a token (the shared fixture runs with one): 401 without it on the RL,
     adapter and generate endpoints, /health open; with it, the same server answers."""
     base = f"http://{rollout_server[0]}"
@@ -171,6 +172,10 @@ def test_a_real_server_wants_the_token(rollout_server):
     assert requests.get(base + "/health", timeout=30).status_code == 200
     token = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
     assert requests.get(base + "/v1/models", headers=token, timeout=30).status_code == 200
+    with pytest.raises(
+        RolloutWorkerError, match=r"refused the call .* \(HTTP 401\): set rollout.token"
+    ):
+        ServerEngine(tiny_tied, [rollout_server[0]], timeout_s=30, token="not-the-token")
 
 
 def test_adapters_reach_a_server_that_cannot_read_the_trainers_folder(
