@@ -7,8 +7,8 @@ trainer and server share a filesystem. This ASGI middleware, given to vLLM's ser
 request carries the adapter's files (base64 in JSON: a PEFT adapter is a flat folder of a config
 and a safetensors file), the middleware writes them to a folder of the server's own, then hands
 vLLM's `/v1/load_lora_adapter` that folder, and vLLM's answer goes back as the route's answer.
-When vLLM unloads an adapter (`/v1/unload_lora_adapter`), its folder is deleted: vLLM may read
-it again until then (it evicts and reloads adapters from disk).
+When vLLM unloads an adapter (`/v1/unload_lora_adapter`), its folder is deleted: vLLM reads it
+at the load call, but may evict the adapter from its CPU cache and read it again until then.
 
 The route sits inside `TokenMiddleware` (rlx/rollout/auth.py): `rlx serve` lists it first, and
 vLLM makes the last middleware listed the outermost.

@@ -181,8 +181,9 @@ def test_a_real_server_wants_the_token(rollout_server, tiny_tied):
 def test_adapters_reach_a_server_that_cannot_read_the_trainers_folder(
     rollout_server, tiny_tied, tmp_path
 ):
-    """The trainer's adapter folder is gone before the server first uses the adapter (vLLM
-    reads it lazily): the server generates from its own copy, which the unload deletes."""
+    """The trainer's adapter folder is deleted right after the load request: the server lists a
+    copy of its own as the adapter's root (on the old code: the trainer's folder), generates
+    with it, and the unload deletes that copy."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
