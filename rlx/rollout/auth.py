@@ -13,9 +13,9 @@ empty) is known to the trainer and to every `rlx serve`. It is used twice:
   Once the group has formed, and before any weight travels, every member proves it holds the
   token (`membership_proof`/`check_members`): rank 0 broadcasts a fresh random challenge, every
   rank all-gathers HMAC-SHA256(token, challenge | rank), and every rank checks every proof. The
-  proof travels over the group's own connections, so it binds the peers that will receive the
-  weights, whatever happened in the (unauthenticated) rendezvous store; a fresh challenge per
-  group makes an old proof useless.
+  proof travels over the group's own connections, so a peer that took a member's place in the
+  (unauthenticated) rendezvous store fails it; a fresh challenge per group makes an old proof
+  useless. A relay that keeps the real member behind it is not stopped (docs/scale.md).
 
 What the token does not give (docs/scale.md, "Security"): secrecy. HTTP and gloo are clear
 text, so anyone who can read the network sees the token and the weights; run servers on a
