@@ -6,7 +6,10 @@ with two of vLLM's optional route sets:
   ids in; completion token ids, text, sampler logprobs and the weight version of every token out;
 - the RL endpoints (`VLLM_SERVER_DEV_MODE=1`): /pause, /resume, /init_weight_transfer_engine,
   /start_weight_update, /update_weights, /finish_weight_update. These also expose
-  /collective_rpc, so `rlx serve` binds 127.0.0.1 unless told otherwise, and warns loudly then.
+  /collective_rpc, so `rlx serve` binds 127.0.0.1 unless given a token (rollout.token or
+  RLX_SERVE_TOKEN), which it then requires on every path but /health (rlx/rollout/auth.py).
+  The trainer sends it on every call (`_Server._headers`), and the weight-sync group checks that
+  every member holds it before weights travel.
 
 `ServerEngine` implements the RolloutEngine protocol over HTTP: each call splits its prompts
 across the servers (contiguous slices, one request per prompt, all in flight at once) and returns
@@ -31,6 +34,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from rlx.errors import UserError
+from rlx.rollout.adapter_upload import ROUTE as UPLOAD_ROUTE
+from rlx.rollout.adapter_upload import adapter_payload
+from rlx.rollout.auth import auth_headers, resolve_token
 from rlx.rollout.base import (
     Adapter,
     Completion,
@@ -45,6 +51,7 @@ from rlx.rollout.base import (
 from rlx.rollout.weight_transfer import (
     GlooSender,
     RolloutWorkerError,
+    SyncAuthError,
     aligned_order,
     raise_first_error,
     resolve_sync_backend,
@@ -63,12 +70,17 @@ def server_url(address: str) -> str:
 class _Server:
     """One rollout server: its URL, and HTTP calls that fail with one clear error."""
 
-    def __init__(self, address: str, timeout_s: float):
+    def __init__(self, address: str, timeout_s: float, token: str = ""):
         import requests
 
         self.url = server_url(address)
         self.timeout_s = timeout_s
+        self.token = token
         self.http = requests.Session()
+
+    def _headers(self) -> dict[str, str]:
+        """The headers of every call: the server's token (rlx/rollout/auth.py), if any."""
+        return auth_headers(self.token)
 
     def call(self, what: str, method: str, path: str, **kwargs):
         """One HTTP call; any failure -> RolloutWorkerError naming this server and `what`."""
@@ -76,7 +88,11 @@ class _Server:
 
         try:
             response = self.http.request(
-                method, f"{self.url}{path}", timeout=self.timeout_s, **kwargs
+                method,
+                f"{self.url}{path}",
+                timeout=self.timeout_s,
+                headers=self._headers(),
+                **kwargs,
             )
         except requests.Timeout:
             raise RolloutWorkerError(
@@ -88,6 +104,11 @@ class _Server:
                 f"rollout server {self.url} is unreachable while {what} ({_reason(err)}): "
                 "is `rlx serve` running there?"
             ) from None
+        if response.status_code == 401:
+            raise RolloutWorkerError(
+                f"rollout server {self.url} refused the call while {what} (HTTP 401): set "
+                "rollout.token (or RLX_SERVE_TOKEN) to the token its `rlx serve` runs with"
+            )
         if response.status_code != 200:
             raise RolloutWorkerError(
                 f"rollout server {self.url} answered HTTP {response.status_code} while {what}: "
@@ -139,6 +160,7 @@ class ServerEngine:
         max_model_len: int = 0,
         dtype: str | None = None,
         sync_backend: str = "auto",
+        token: str | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -147,7 +169,8 @@ class ServerEngine:
         if not servers:
             raise UserError("rollout.backend=server needs rollout.servers=[host:port, ...]")
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-        self.servers = [_Server(address, timeout_s) for address in servers]
+        self.token = resolve_token(token)  # None or "": RLX_SERVE_TOKEN
+        self.servers = [_Server(address, timeout_s, self.token) for address in servers]
         self.timeout_s = timeout_s
         self.sync_address, self.sync_port = sync_address, sync_port
         self.sync_backend = resolve_sync_backend(sync_backend)  # nccl asked without CUDA: here
@@ -187,6 +210,7 @@ class ServerEngine:
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
             max_model_len=cfg.max_model_len,
+            token=cfg.token,
         )
 
     # ---------------------------------------------------------------- generation
@@ -270,11 +294,10 @@ class ServerEngine:
             raise ValueError("generate_ids: give every prompt an adapter, or none of them")
         for adapter in dict.fromkeys(adapters):
             if adapter.name not in self._adapters:
-                body = {"lora_name": adapter.name, "lora_path": adapter.path}
+                # the files travel with the request: a remote server cannot read our folder
+                body = adapter_payload(adapter.name, adapter.path)
                 try:
-                    self._call_all(
-                        f"loading adapter {adapter.name}", "/v1/load_lora_adapter", json=body
-                    )
+                    self._call_all(f"loading adapter {adapter.name}", UPLOAD_ROUTE, json=body)
                 except RolloutWorkerError as err:
                     if "answered HTTP" not in str(err):
                         raise
@@ -367,7 +390,7 @@ class ServerEngine:
             for server in self.servers
         ]
         offsets, world = rank_offsets(sizes)
-        sender = make_sender(self.sync_backend, self.sync_address, self.sync_port)
+        sender = make_sender(self.sync_backend, self.sync_address, self.sync_port, self.token)
         joining = [
             self._pool.submit(
                 server.call,
@@ -393,6 +416,8 @@ class ServerEngine:
             f"start every server from this trainer's config (rlx serve --config <its file>), "
             f"so it runs the same rollout.sync_backend ({self.sync_backend})"
         )
+        if isinstance(err, SyncAuthError):
+            raise err  # a member without the token: the sync_backend hint would mislead
         try:
             raise_first_error(joining)
         except RolloutWorkerError as refused:
@@ -423,13 +448,14 @@ def rank_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, 1 + sum(sizes)
 
 
-def make_sender(sync_backend: str, host: str, port: int):
-    """The trainer's side of a resolved rollout.sync_backend, listening on host:port."""
+def make_sender(sync_backend: str, host: str, port: int, token: str = ""):
+    """The trainer's side of a resolved rollout.sync_backend, listening on host:port; `token`:
+    what gloo members must prove (vLLM's nccl engine runs no such check: docs/scale.md)."""
     if sync_backend == "nccl":
         from rlx.rollout.nccl_sender import NcclSender
 
         return NcclSender(host, port)
-    return GlooSender(host, port)
+    return GlooSender(host, port, token)
 
 
 def _sampling_params(sampling: Sampling) -> dict:
