@@ -50,7 +50,7 @@ def principal_moment_share(model, cfg: AdapterConfig, steps: int = 3) -> float:
     return max(shares)
 
 
-@pytest.mark.parametrize("method", ["none", "lora"])
+@pytest.mark.parametrize("method", [pytest.param("none", marks=pytest.mark.slow), "lora"])
 def test_projected_gradients_leave_adams_first_moment_off_the_principals(method, policy):
     on = AdapterConfig(method=method, rank=4, alpha=8.0, principal_guard=K, guard_gradient=True)
     off = AdapterConfig(method=method, rank=4, alpha=8.0, principal_guard=K)
