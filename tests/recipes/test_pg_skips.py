@@ -56,6 +56,18 @@ def test_optimizer_step_with_a_non_finite_gradient_takes_no_step():
     assert weight.detach()[0] < 1
 
 
+def test_deepspeed_step_with_a_non_finite_norm_is_reported():
+    """Under DeepSpeed the engine has stepped (or, ZeRO-1/2, skipped by its overflow check) in the
+    last backward: a non-finite norm comes back as None, so the loop treats it as not finite."""
+    plugin = SimpleNamespace(zero_stage=2)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    for norm, expected in ((math.inf, None), (math.nan, None), (0.5, 0.5)):
+        engine = SimpleNamespace(get_global_grad_norm=lambda n=norm: n)
+        assert sharding.optimizer_step(accelerator, engine, None, [], 1.0) == expected
+    engine = SimpleNamespace(get_global_grad_norm=lambda: None)  # DeepSpeed's norm turned off
+    assert math.isnan(sharding.optimizer_step(accelerator, engine, None, [], 1.0))
+
+
 def test_skipped_two_update_step_leaves_the_weights_as_they_were(
     tiny_llama, tmp_path, flaky_reward, monkeypatch
 ):
