@@ -165,7 +165,7 @@ def final_diagnostics(model: str, out: Path) -> dict:
 def score_untrained(models: list[str], args, tmp: Path) -> dict[str, dict[str, float]]:
     """{model: {task: held-out reward}} on each UNTRAINED task, greedy, with the runs' reward
     (correctness; the tiny model: its length reward). One subprocess per model (one vLLM engine
-    for all the tasks), kept in tmp/untrained/<n>.json."""
+    for all the tasks; the tiny model: the HF engine), kept in tmp/untrained/<n>.json."""
     scores = {}
     (tmp / "untrained").mkdir(exist_ok=True)
     for i, name in enumerate(models):
@@ -192,9 +192,9 @@ def score_main(args) -> None:
     tiny = args.model == "tiny"
     func = f"{Path(args.out) / 'tiny_reward.py'}:longer" if tiny else TRAINED_REWARD
     reward_fns = resolve_rewards("arithmetic", [RewardConfig(func=func, weight=1.0)])
-    engine = make_engine(
-        "vllm", args.score, RolloutConfig(dtype="float32") if tiny else RolloutConfig()
-    )
+    # the tiny smoke test scores on the HF engine: no vLLM engine to start per model
+    backend, rollout = ("hf", RolloutConfig(dtype="float32")) if tiny else ("vllm", RolloutConfig())
+    engine = make_engine(backend, args.score, rollout)
     scores = {}
     for task, options in UNTRAINED.items():
         t = TaskConfig(
