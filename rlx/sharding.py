@@ -8,6 +8,7 @@ here does what plain DDP needs, so the loops call them unconditionally.
 - `micro_batch` / `optimizer_step`: accelerate steps a DeepSpeed engine inside `backward` when
   gradients are synchronised, so a micro-batched update marks only its last micro-batch as the
   accumulation boundary, and the step itself (clipping included) has already happened after it.
+  Without DeepSpeed no step is taken on a gradient that is not finite on some rank.
 - `forward_passes`: under ZeRO-3 every forward gathers the parameters (a collective), so every
   rank must run as many forward/backward passes as the busiest one; the loop pads with passes at
   loss weight 0 (after dynamic sampling the ranks keep different numbers of groups).
