@@ -253,7 +253,8 @@ def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features
     trainer.hooks.resume(run.step * trainer.updates_per_step, run.resumed_tensors)
     every = cfg.adapter.diagnostics_every
     adapter = adapters.AdapterFeature(trainer.hooks, trainer.probe, trainer.policy, every, run.main)
-    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, trainer.policy)
+    policy, optimizer = trainer.policy, trainer.optimizer  # the meta-reward scales its lr
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy, optimizer)
     return Features([adapter, weighting])
 
 
