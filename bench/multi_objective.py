@@ -237,7 +237,8 @@ def report(runs: dict, base: list[float], ref: list[float], args) -> None:
     """The tables, the plot and the two ratio lines (the last lines of the output)."""
     for arm, arm_runs in runs.items():
         for seed, r in enumerate(arm_runs):
-            if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(r["before"], base)):
+            pairs = zip(r["before"], base, strict=True)
+            if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in pairs):
                 print(f"warning: {arm} seed {seed}: its base point {r['before']} is not {base}")
     print(f"\nmodel={args.model} steps={args.steps} seeds={args.seeds}")
     print(f"base model (held-out): {fmt(base)}")
@@ -292,9 +293,7 @@ def main() -> None:
     base = base_point(model, out, tiny)  # before any run: the reference depends on no arm
     ref = reference_point(base)
     runs = {
-        arm: [
-            run(arm, s, model, args.steps, out / f"{arm}_{s}", tiny) for s in range(args.seeds)
-        ]
+        arm: [run(arm, s, model, args.steps, out / f"{arm}_{s}", tiny) for s in range(args.seeds)]
         for arm in args.arms
     }
     report(runs, base, ref, args)
