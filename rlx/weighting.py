@@ -76,8 +76,9 @@ def start_weighting(
                 "steps inside the backward pass); use launch/cpu_2proc.yaml or one process"
             )
         params = layer_parameters(policy, knobs.grad_layers)
-        method = GradientWeighting(weights, knobs.grad_lambda, knobs.grad_accumulation_steps)
-        weighting = DynamicWeighting(cfg, names, method)
+        steps = knobs.grad_accumulation_steps
+        grad = GradientWeighting(weights, knobs.grad_lambda, steps)
+        weighting = DynamicWeighting(cfg, names, grad)
         weighting.params, weighting.trainable = params, trainable_parameters(policy)
     else:
         if eval_data is None:
