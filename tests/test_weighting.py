@@ -110,14 +110,12 @@ def _toy_update(factor: float) -> torch.Tensor:
     the parameter change."""
     from types import SimpleNamespace
 
-    from transformers import get_scheduler
-
     from rlx.objectives import HypervolumeWeighting
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # as recipes/pg.py's
-    scheduler = get_scheduler("constant_with_warmup", optimizer, 0, 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # HF's "constant"
     cfg = load_config(PGConfig, None, ["weighting.method=hypervolume", "weighting.hv_every=99"])
     method = HypervolumeWeighting([False, False], [0.5, 0.5])
     method.factor = factor
