@@ -307,7 +307,8 @@ def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features
     trainer.hooks.resume(trainer.updates, run.resumed_tensors)  # AdaLoRA's budget schedule
     every = cfg.adapter.diagnostics_every
     adapter = adapters.AdapterFeature(trainer.hooks, trainer.probe, trainer.policy, every, run.main)
-    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, trainer.policy)
+    policy, optimizer = trainer.policy, trainer.optimizer  # the meta-reward scales its lr
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy, optimizer)
     return Features([UpdateCount(trainer), adapter, weighting])
 
 
