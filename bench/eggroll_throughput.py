@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from rlx.config.choices import ES_BACKENDS as BACKENDS
+from rlx.config.choices import ES_EVALUATORS as EVALUATORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,9 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--vllm-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--members-per-batch", type=int, default=64, help="vllm_lora adapters per call")
-    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--backends", default=",".join(EVALUATORS))
     p.add_argument("--kv-cache-gib", type=int, default=2)
-    p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=EVALUATORS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -144,7 +144,7 @@ def run_worker(args) -> dict:
     import torch
 
     from rlx.algos.eggroll import NoiseSpec, evolved_parameters
-    from rlx.es import generate_rows, make_backend
+    from rlx.es import generate_rows, make_evaluator
     from rlx.hardware import auto_dtype
     from rlx.models import load_model_and_tokenizer
     from rlx.rollout import Sampling
@@ -163,7 +163,7 @@ def run_worker(args) -> dict:
     everything = list(range(len(rows)))
     if name == "hf_batched":
         model = model.to(device)
-        backend = make_backend(
+        backend = make_evaluator(
             "hf_batched",
             model_name=args.model,
             noise=noise,
@@ -176,7 +176,7 @@ def run_worker(args) -> dict:
         engine = None
     elif name == "inplace":
         engine = vllm_engine(args, lora=False)
-        backend = make_backend("inplace", engine=engine, noise=noise, centre=params)
+        backend = make_evaluator("inplace", engine=engine, noise=noise, centre=params)
 
         def plain():
             engine.llm.reset_prefix_cache()
@@ -219,7 +219,7 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
     one vLLM engine lives in a process at a time, so the two alternate, one engine per run."""
     import torch
 
-    from rlx.es import generate_rows, make_backend
+    from rlx.es import generate_rows, make_evaluator
 
     per_batch = min(args.members_per_batch, args.population)
     everything = list(range(len(rows)))
@@ -231,7 +231,7 @@ def vllm_lora_worker(args, noise, shapes, rows, plan, sampling) -> dict:
         runs["plain"].append(timed(lambda e=engine: generate_rows(e, rows, everything, sampling)))
         engine.close()
         engine = vllm_engine(args, lora=True)
-        backend = make_backend(
+        backend = make_evaluator(
             "vllm_lora",
             engine=engine,
             noise=noise,

@@ -34,7 +34,7 @@ TASKS = {
     "sums20": 'task.options={one_shot: true, max_operand: 20, ops: ["+", "-"]}',
 }
 # recipes/es.yaml before the population moved to vLLM: batched HF generate, sigma 5e-3, lr 5e-3
-HF = ["es.backend=hf_batched", "es.sigma=0.005", "es.lr=0.005"]
+HF = ["es.evaluator=hf_batched", "es.sigma=0.005", "es.lr=0.005"]
 MLP = "[gate_proj,up_proj,down_proj]"
 ARMS: dict[str, list[str]] = {  # each: the overrides of recipes/es.yaml (the task is added)
     "base": [],

@@ -9,8 +9,8 @@ member i using weights W + E_i, E_i = A_i B_i^T regenerated from (seed, paramete
 (rlx/algos/eggroll.py) -> each member's fitness is the mean task reward (the weighted total of the
 task's rewards, rlx.rewards.score_rollout) over its completions -> fitness shaping -> the update
 (1/N) sum_i f~_i E_i / sigma goes to a torch optimizer (SGD by default) -> the new weights are synced
-into the population backend (and, for hf_batched, into the rollout engine before the held-out
-evaluation, its only user). Population evaluation: `es.backend` =
+into the population evaluator (and, for hf_batched, into the rollout engine before the held-out
+evaluation, its only user). Population evaluation: `es.evaluator` =
 hf_batched (one batched HF forward for all members, rlx/kernels), vllm_lora (one LoRA adapter per
 member) or inplace (perturb the engine's weights member by member, then restore).
 
@@ -46,7 +46,7 @@ from rlx.algos.eggroll import (
 )
 from rlx.config import ConfigError, ESConfig
 from rlx.data import step_prompt_indices
-from rlx.es import make_backend, plan_population, score_matrix, split_members
+from rlx.es import make_evaluator, plan_population, score_matrix, split_members
 from rlx.es.vllm_lora import engine_lora_rank
 from rlx.hardware import auto_dtype, describe_choice
 from rlx.models import load_model_and_tokenizer
@@ -77,8 +77,8 @@ def train(cfg: ESConfig) -> dict:
             "push its weights to the servers): launch one process, or use rollout.backend=vllm"
         )
     if run.main:
-        print(f"es: {world} process(es), population {es.population_size} on {es.backend}")
-        population = auto_dtype(es.population_dtype) if es.backend == "hf_batched" else None
+        print(f"es: {world} process(es), population {es.population_size} on {es.evaluator}")
+        population = auto_dtype(es.population_dtype) if es.evaluator == "hf_batched" else None
         print(describe_choice(engine=engine_dtype(cfg.rollout), population=population or "engine"))
 
     # ---- master weights, data, rewards, engines
@@ -91,11 +91,11 @@ def train(cfg: ESConfig) -> dict:
     optimizer = make_optimizer(es.optimizer, params.values(), es.lr, es.momentum, es.weight_decay)
     warmup = max(es.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    engine, backend = build_population(
+    engine, evaluator = build_population(
         cfg, master, tokenizer, params, noise, len(members), run.main
     )
     if run.resume(master, optimizer, scheduler):
-        sync(cfg, backend, engine, params)
+        sync(cfg, evaluator, engine, params)
     run.start(engine, eval_data, reward_fns)
 
     # ---- training
@@ -111,7 +111,7 @@ def train(cfg: ESConfig) -> dict:
         # resumed run samples what an uninterrupted one would have.
         torch.manual_seed(cfg.seed * 1_000_003 + run.step * 1_009 + rank)
         prompts = encode_prompts(tokenizer, rows["prompt"])
-        completions = backend.evaluate(prompts, plan, run.step, sampling)
+        completions = evaluator.evaluate(prompts, plan, run.step, sampling)
         t_population = time.perf_counter() - t0
         scores = run.score(rows, completions, reward_fns)  # None: skipped on every rank
         if scores is None:
@@ -130,7 +130,7 @@ def train(cfg: ESConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         t_update = time.perf_counter() - t1
         t2 = time.perf_counter()
-        sync(cfg, backend, engine, params)
+        sync(cfg, evaluator, engine, params)
         t_sync = time.perf_counter() - t2
         run.step += 1
 
@@ -149,10 +149,10 @@ def train(cfg: ESConfig) -> dict:
         if run.end_step(time.perf_counter() - t0, master, optimizer, scheduler):
             break
 
-    sync(cfg, backend, engine, params, to_engine=True)  # the held-out evaluation's weights
+    sync(cfg, evaluator, engine, params, to_engine=True)  # the held-out evaluation's weights
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy) after ES"
     results = run.finish(master, tokenizer, engine, eval_data, reward_fns, title)
-    backend.close()  # backends never close the engine they were given: its owner does
+    evaluator.close()  # evaluators never close the engine they were given: its owner does
     if engine is not None:
         engine.close()
     run.close()
@@ -165,28 +165,28 @@ def train(cfg: ESConfig) -> dict:
 def build_population(
     cfg: ESConfig, master, tokenizer, params, noise, local_members: int, main_proc: bool = True
 ):
-    """(rollout engine, population backend). vllm_lora and inplace evaluate on the engine itself;
+    """(rollout engine, population evaluator). vllm_lora and inplace evaluate on the engine itself;
     hf_batched keeps a model copy in es.population_dtype (or uses the master), and then only the
     main process, which runs the held-out evaluation, builds an engine."""
     es, rollout = cfg.es, cfg.rollout
     shapes = {name: tuple(p.shape) for name, p in params.items()}
-    if es.backend == "vllm_lora":
+    if es.evaluator == "vllm_lora":
         per_batch = es.members_per_batch or min(local_members, VLLM_MEMBERS_PER_BATCH)
         lora = {"max_loras": per_batch + 1, "max_lora_rank": engine_lora_rank(es.rank)}
         rollout = dataclasses.replace(rollout, enable_lora=True, **lora)
         engine = make_engine(rollout.backend, cfg.model.name, rollout)
-        backend = make_backend(
+        evaluator = make_evaluator(
             "vllm_lora", engine=engine, noise=noise, shapes=shapes, members_per_batch=per_batch
         )
-        return engine, backend
+        return engine, evaluator
     engine = None
-    if es.backend == "inplace" or (cfg.eval.enabled and main_proc):
+    if es.evaluator == "inplace" or (cfg.eval.enabled and main_proc):
         engine = make_engine(rollout.backend, cfg.model.name, rollout)
-    if es.backend == "inplace":
-        return engine, make_backend("inplace", engine=engine, noise=noise, centre=params)
+    if es.evaluator == "inplace":
+        return engine, make_evaluator("inplace", engine=engine, noise=noise, centre=params)
     population_dtype = auto_dtype(es.population_dtype)
     shared = population_dtype == cfg.model.dtype  # no copy needed: evaluate on the master
-    backend = make_backend(
+    evaluator = make_evaluator(
         "hf_batched",
         model_name=cfg.model.name,
         noise=noise,
@@ -196,16 +196,16 @@ def build_population(
         model=master if shared else None,
         tokenizer=tokenizer if shared else None,
     )
-    return engine, backend
+    return engine, evaluator
 
 
-def sync(cfg: ESConfig, backend, engine, params, to_engine: bool = False) -> None:
-    """Push the evolved weights into the backend and, with `to_engine`, into the rollout engine
+def sync(cfg: ESConfig, evaluator, engine, params, to_engine: bool = False) -> None:
+    """Push the evolved weights into the evaluator and, with `to_engine`, into the rollout engine
     when it is separate (hf_batched: the engine only runs the held-out evaluation, so the loop
     skips that copy on every step and makes it before the evaluation)."""
     named = [(name, p.detach()) for name, p in params.items()]
-    backend.sync(named)
-    if to_engine and engine is not None and cfg.es.backend == "hf_batched":
+    evaluator.sync(named)
+    if to_engine and engine is not None and cfg.es.evaluator == "hf_batched":
         push_weights(engine, lambda: [named])
 
 

@@ -62,9 +62,9 @@ SYNC_BACKENDS: tuple[str, ...] = get_args(SyncBackend)
 
 # ----------------------------------------------------------------------------- ES (es.py)
 
-ESBackend = Literal["hf_batched", "vllm_lora", "inplace"]
-ES_BACKENDS: tuple[str, ...] = get_args(ESBackend)
-"""rlx/es/population.py make_backend."""
+ESEvaluator = Literal["hf_batched", "vllm_lora", "inplace"]
+ES_EVALUATORS: tuple[str, ...] = get_args(ESEvaluator)
+"""rlx/es/population.py make_evaluator."""
 
 NoiseKind = Literal["low_rank", "full_rank"]
 NOISE_KINDS: tuple[str, ...] = get_args(NoiseKind)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from rlx.config.choices import (
     AutoDtype,
-    ESBackend,
+    ESEvaluator,
     ESOptimizer,
     FitnessShaping,
     NoiseKind,
@@ -20,7 +21,9 @@ LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 @dataclasses.dataclass
 class EggrollConfig:
-    """The ES learner: population, noise, fitness shaping, optimizer, population backend."""
+    """The ES learner: population, noise, fitness shaping, optimizer, population evaluator."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"backend": "es.evaluator"}
 
     population_size: int = knob(32, help="members N per step; even (antithetic pairs)")
     rank: int = knob(1, help="rank r of each member's perturbation A B^T")
@@ -36,14 +39,14 @@ class EggrollConfig:
         "all",
         help="all: every member answers every step prompt; grouped: N/P members per prompt",
     )
-    backend: ESBackend = knob(
+    evaluator: ESEvaluator = knob(
         "hf_batched",
         help="population evaluation: batched HF forward, vLLM multi-LoRA (the fastest on CPU, "
         "recipes/es.yaml), or in-place perturbation",
     )
     population_dtype: AutoDtype = knob(
         "auto",
-        help=f"dtype of the hf_batched backend's model copy; {AUTO_DTYPE}",
+        help=f"dtype of the hf_batched evaluator's model copy; {AUTO_DTYPE}",
     )
     members_per_batch: int = knob(
         0, help="members per generate call; 0 = all of a process's members (vllm_lora: up to 64)"
@@ -72,10 +75,10 @@ class EggrollConfig:
         require(0 <= self.momentum < 1, "momentum", "in [0, 1)", self.momentum)
         require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
-        if self.noise == "full_rank" and self.backend != "inplace":
+        if self.noise == "full_rank" and self.evaluator != "inplace":
             raise ConfigError(
-                f"backend {self.backend!r} evaluates low-rank noise only: "
-                "use es.backend=inplace for es.noise=full_rank"
+                f"es.evaluator={self.evaluator!r} evaluates low-rank noise only: "
+                "use es.evaluator=inplace for es.noise=full_rank"
             )
 
 
@@ -106,8 +109,8 @@ class ESConfig(RunConfig):
         if r.temperature == 0 and r.num_samples > 1:
             rule = "1 with greedy decoding (temperature 0)"
             require(False, "rollout.num_samples", rule, r.num_samples)
-        if self.es.backend == "vllm_lora" and r.backend not in ("vllm", "server"):
-            raise ConfigError("es.backend=vllm_lora needs rollout.backend=vllm or server")
+        if self.es.evaluator == "vllm_lora" and r.backend not in ("vllm", "server"):
+            raise ConfigError("es.evaluator=vllm_lora needs rollout.backend=vllm or server")
         if self.es.prompt_assignment == "grouped":
             group, rest = divmod(self.es.population_size, self.prompts_per_step)
             if rest or group % 2:

@@ -1,17 +1,17 @@
-"""Evolution strategies: population evaluation backends behind one interface (rlx/es/population.py).
+"""Evolution strategies: population evaluators behind one interface (rlx/es/population.py).
 
 The math (noise, fitness shaping, update) lives in rlx/algos/eggroll.py, the population forward in
-rlx/kernels/population_linear.py, the loop in recipes/es.py. `make_backend` builds a backend by
-name (BACKENDS, the config's list; POPULATIONS, the registry); the backends import the plan and
+rlx/kernels/population_linear.py, the loop in recipes/es.py. `make_evaluator` builds a evaluator by
+name (EVALUATORS, the config's list; POPULATIONS, the registry); the evaluators import the plan and
 row helpers of population.py, which knows none of them.
 """
 
-from rlx.config.choices import ES_BACKENDS as BACKENDS
+from rlx.config.choices import ES_EVALUATORS as EVALUATORS
 from rlx.es.hf_batched import HFBatchedPopulation
 from rlx.es.inplace import InPlacePopulation
 from rlx.es.population import (
     ASSIGNMENTS,
-    PopulationBackend,
+    PopulationEvaluator,
     PopulationPlan,
     chunk_plan,
     generate_rows,
@@ -29,22 +29,22 @@ POPULATIONS = {
 }
 
 
-def make_backend(name: str, **kwargs) -> PopulationBackend:
-    """Build backend `name` (one of BACKENDS) with its constructor's keyword arguments."""
+def make_evaluator(name: str, **kwargs) -> PopulationEvaluator:
+    """Build evaluator `name` (one of EVALUATORS) with its constructor's keyword arguments."""
     if name not in POPULATIONS:
-        raise ValueError(f"unknown population backend {name!r}: choose one of {BACKENDS}")
+        raise ValueError(f"unknown population evaluator {name!r}: choose one of {EVALUATORS}")
     return POPULATIONS[name](**kwargs)
 
 
 __all__ = [
     "ASSIGNMENTS",
-    "BACKENDS",
+    "EVALUATORS",
     "POPULATIONS",
-    "PopulationBackend",
+    "PopulationEvaluator",
     "PopulationPlan",
     "chunk_plan",
     "generate_rows",
-    "make_backend",
+    "make_evaluator",
     "plan_population",
     "plan_rows",
     "score_matrix",

@@ -1,13 +1,13 @@
-"""Backend (a): the whole population in batched HF generate with the EGGROLL population forward.
+"""Evaluator (a): the whole population in batched HF generate with the EGGROLL population forward.
 
-Rows of several members go through one `generate` call of an HF engine wrapping the backend's model
+Rows of several members go through one `generate` call of an HF engine wrapping the evaluator's model
 (`HFEngine.from_model`, all rows in one call); every evolved nn.Linear computes
 x W^T + (x B_m) A_m^T per row (rlx.kernels.perturbed_linears, fed the members' noise as stacked
 rlx.lowrank.LowRank updates; no PEFT module): one dense GEMM shared by all members
-plus batched rank-r terms, with the KV cache as usual. The backend keeps its own copy of the model
+plus batched rank-r terms, with the KV cache as usual. The evaluator keeps its own copy of the model
 in `dtype` (bfloat16 is several times faster than float32 on CPUs with AVX-512 bf16) and takes
 the centre weights with `sync`. Only low-rank noise is supported here; full-rank noise needs
-the inplace backend. The model's parameters keep requires_grad (see __init__: freezing them makes
+the inplace evaluator. The model's parameters keep requires_grad (see __init__: freezing them makes
 torch's CPU matmul expand lm_head's weight per row in HF's prefill).
 """
 
@@ -43,7 +43,7 @@ class HFBatchedPopulation:
         members share one generate call (0 = all of a plan). Pass `model`/`tokenizer` to use an
         already loaded model instead of loading `model_name`."""
         if noise.kind != "low_rank":
-            raise ValueError("hf_batched evaluates low-rank noise only; use the inplace backend")
+            raise ValueError("hf_batched evaluates low-rank noise only; use the inplace evaluator")
         if model is None:
             model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype)
         # Keep requires_grad as loaded: generation runs under no_grad anyway, and on torch 2.13 CPU
@@ -80,7 +80,7 @@ class HFBatchedPopulation:
 
     @torch.no_grad()
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy new centre weights into the backend's model (cast to its dtype)."""
+        """Copy new centre weights into the evaluator's model (cast to its dtype)."""
         own = dict(self.model.named_parameters())
         for name, tensor in named_tensors:
             if name in own:

@@ -1,4 +1,4 @@
-"""Backend (c): the simple baseline. Perturb the rollout engine's weights in place, evaluate, restore.
+"""Evaluator (c): the simple baseline. Perturb the rollout engine's weights in place, evaluate, restore.
 
 For each member in turn, the engine receives W + E_m for every evolved matrix (E_m regenerated
 from its seed: full-rank Gaussian noise as in Qiu et al. 2025, or EGGROLL's A B^T merged by
@@ -7,7 +7,7 @@ generates that member's rows, and after the last member gets the centre weights 
 centre is a float32 copy held here and restored by copying it, never by subtracting E_m, so the
 restore is exact. Works with any rlx engine that perturbs its weights in place (`perturb_weights`,
 `restore_weights`: vLLM and HF; a server engine refuses); one weight push per member makes it the
-slow path the other two backends are measured against.
+slow path the other two evaluators are measured against.
 Note: on a bf16 engine a perturbation below bf16 resolution (about |W| / 256) is lost; prefer
 rollout.dtype=float32 with small sigma.
 """

@@ -1,4 +1,4 @@
-"""Population evaluation: which member answers which prompt, the backend interface, and scoring.
+"""Population evaluation: which member answers which prompt, the evaluator interface, and scoring.
 
 A step evaluates N members on the step's P prompts. `plan_population` says who answers what:
   "all"      every member answers every prompt (rows = N * P * samples)
@@ -9,13 +9,13 @@ A step evaluates N members on the step's P prompts. `plan_population` says who a
 With several processes each rank evaluates a contiguous slice of members (`split_members`); its
 noise is regenerated from seeds there and only the [members, prompts] score matrix is gathered.
 
-Every backend lays rows out member by member (`plan_rows`) and returns one completion per row:
+Every evaluator lays rows out member by member (`plan_rows`) and returns one completion per row:
 
-    backend.evaluate(prompt_ids, plan, epoch, sampling) -> list[Completion]
-    backend.sync(named_tensors)   # new centre weights (HF names) after an update
-    backend.close()
+    evaluator.evaluate(prompt_ids, plan, epoch, sampling) -> list[Completion]
+    evaluator.sync(named_tensors)   # new centre weights (HF names) after an update
+    evaluator.close()
 
-Backends (rlx.es.BACKENDS, built by rlx.es.make_backend): hf_batched (rlx/es/hf_batched.py), vllm_lora
+Evaluators (rlx.es.EVALUATORS, built by rlx.es.make_evaluator): hf_batched (rlx/es/hf_batched.py), vllm_lora
 (rlx/es/vllm_lora.py), inplace (rlx/es/inplace.py). All of them generate through the rollout engine
 protocol (rlx.rollout.RolloutEngine): `generate_rows` below.
 """
@@ -50,7 +50,7 @@ class PopulationPlan:
             raise ValueError("PopulationPlan: one prompt list per member")
 
 
-class PopulationBackend(Protocol):
+class PopulationEvaluator(Protocol):
     """What the ES loop needs from a population evaluator."""
 
     def evaluate(

@@ -1,4 +1,4 @@
-"""Backend (b): multi-LoRA, each population member one LoRA adapter.
+"""Evaluator (b): multi-LoRA, each population member one LoRA adapter.
 
 Member m's perturbation A_m B_m^T is exactly a LoRA adapter with lora_A = B_m^T [r, in],
 lora_B = A_m [out, r] and scale lora_alpha / r = 1 (written from the member's
@@ -60,7 +60,7 @@ class VLLMLoRAPopulation:
         """`engine`: a rollout engine serving LoRA adapters; `shapes`: evolved parameter name
         -> [out, in]; `members_per_batch`: adapters per generate call (0 = engine slots - 1)."""
         if noise.kind != "low_rank":
-            raise ValueError("vllm_lora evaluates low-rank noise only; use the inplace backend")
+            raise ValueError("vllm_lora evaluates low-rank noise only; use the inplace evaluator")
         limits = engine.lora_limits()  # EngineUnsupported if the engine serves no adapters
         if limits.max_rank < noise.rank:
             raise ValueError(f"engine max_lora_rank {limits.max_rank} < noise rank {noise.rank}")

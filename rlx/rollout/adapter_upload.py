@@ -1,7 +1,7 @@
 """Adapters that travel with the load request: `POST /rlx/load_lora_adapter` on `rlx serve`.
 
 vLLM's `/v1/load_lora_adapter` takes a path that the *server* reads, so an adapter the trainer
-wrote to its own temp folder (ES with es.backend=vllm_lora, adapter.sync=adapter) only loads when
+wrote to its own temp folder (ES with es.evaluator=vllm_lora, adapter.sync=adapter) only loads when
 trainer and server share a filesystem. This ASGI middleware, given to vLLM's server through its
 `--middleware` option when `rlx serve` runs with rollout.enable_lora=true, adds one route: the
 request carries the adapter's files (base64 in JSON: a PEFT adapter is a flat folder of a config

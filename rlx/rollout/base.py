@@ -93,8 +93,8 @@ class EngineUnsupported(UserError, NotImplementedError):
 
 # capability -> (what the engine cannot do, the learner that needs it)
 CAPABILITIES = {
-    "adapters": ("serve a LoRA adapter per prompt", "es.backend=vllm_lora"),
-    "perturb": ("perturb its weights in place", "es.backend=inplace"),
+    "adapters": ("serve a LoRA adapter per prompt", "es.evaluator=vllm_lora"),
+    "perturb": ("perturb its weights in place", "es.evaluator=inplace"),
 }
 
 
@@ -144,7 +144,7 @@ class RolloutEngine(Protocol):
 
 
 class AdapterEngine(RolloutEngine, Protocol):
-    """The LoRA capability (es.backend=vllm_lora, adapter.sync=adapter): `generate_ids` takes an
+    """The LoRA capability (es.evaluator=vllm_lora, adapter.sync=adapter): `generate_ids` takes an
     adapter per prompt. An engine without it raises EngineUnsupported from `lora_limits`."""
 
     def lora_limits(self) -> LoRALimits:
@@ -157,7 +157,7 @@ class AdapterEngine(RolloutEngine, Protocol):
 
 
 class PerturbEngine(RolloutEngine, Protocol):
-    """In-place perturbation (es.backend=inplace): a population member's weights W + E loaded
+    """In-place perturbation (es.evaluator=inplace): a population member's weights W + E loaded
     for its evaluation, the centre W restored after. Engines without it raise EngineUnsupported."""
 
     def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -26,7 +26,7 @@ from rlx.rollout.base import (
     unsupported,
 )
 
-NO_ADAPTERS = "use rollout.backend=vllm (with rollout.enable_lora=true), or es.backend=hf_batched"
+NO_ADAPTERS = "use rollout.backend=vllm (with rollout.enable_lora=true), or es.evaluator=hf_batched"
 
 
 class HFEngine:

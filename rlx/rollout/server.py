@@ -317,10 +317,10 @@ class ServerEngine:
         self._adapters.clear()
 
     def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        raise unsupported("server", "perturb", "use es.backend=vllm_lora with rollout servers")
+        raise unsupported("server", "perturb", "use es.evaluator=vllm_lora with rollout servers")
 
     def restore_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        raise unsupported("server", "perturb", "use es.backend=vllm_lora with rollout servers")
+        raise unsupported("server", "perturb", "use es.evaluator=vllm_lora with rollout servers")
 
     # ---------------------------------------------------------------- weight sync
 

@@ -333,9 +333,7 @@ def test_pg_config_refuses_one_sample_groups_and_truncated_sampling():
         with pytest.raises(ConfigError, match="training samples from the full distribution"):
             load_config(PGConfig, overrides=[knob])
     for name in GROUP_ESTIMATORS:
-        with pytest.raises(
-            ConfigError, match="rollout.num_samples must be >= 2 for algo.learner"
-        ):
+        with pytest.raises(ConfigError, match="rollout.num_samples must be >= 2 for algo.learner"):
             load_config(PGConfig, overrides=[f"algo.learner={name}", "rollout.num_samples=1"])
 
 

@@ -79,7 +79,7 @@ def test_a_pg_choice_is_checked_against_its_one_list(key, names):
 @pytest.mark.parametrize(
     "key, names",
     [
-        ("es.backend", choices.ES_BACKENDS),
+        ("es.evaluator", choices.ES_EVALUATORS),
         ("es.noise", choices.NOISE_KINDS),
         ("es.fitness_shaping", choices.FITNESS_SHAPINGS),
         ("es.prompt_assignment", choices.PROMPT_ASSIGNMENTS),
@@ -95,7 +95,7 @@ def test_the_es_and_algos_modules_use_the_config_lists():
     from rlx.algos import eggroll, pg
     from rlx.es import population
 
-    assert rlx.es.BACKENDS is choices.ES_BACKENDS
+    assert rlx.es.EVALUATORS is choices.ES_EVALUATORS
     assert population.ASSIGNMENTS is choices.PROMPT_ASSIGNMENTS
     assert eggroll.NOISE_KINDS is choices.NOISE_KINDS
     assert pg.TIS_MODES is choices.TIS_MODES and pg.REWARD_SCALES is choices.REWARD_SCALES

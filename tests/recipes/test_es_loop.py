@@ -130,7 +130,7 @@ def test_resume_matches_uninterrupted_run(tiny_llama, tmp_path, vowel_reward):
 @pytest.mark.parametrize("backend", ["vllm_lora", "inplace"])
 def test_other_backends_run(tiny_llama, tmp_path, vowel_reward, backend):
     extra = {
-        "es.backend": backend,
+        "es.evaluator": backend,
         "rollout.backend": "vllm",
         "rollout.dtype": "float32",
         "steps": 2,
@@ -146,7 +146,7 @@ def test_other_backends_run(tiny_llama, tmp_path, vowel_reward, backend):
 
 @pytest.mark.slow
 def test_vllm_lora_on_a_rollout_server(rollout_server, tiny_tied, tmp_path):
-    """es.backend=vllm_lora with rollout.backend=server against a real `rlx serve` (token on):
+    """es.evaluator=vllm_lora with rollout.backend=server against a real `rlx serve` (token on):
     the members' adapters travel to the server with each load request, the centre weights go
     over the gloo sync, and the run writes every step and its held-out evaluation."""
     # tiny_tied's completions decode to no vowels: a reward of the token ids moves instead
@@ -157,7 +157,7 @@ def test_vllm_lora_on_a_rollout_server(rollout_server, tiny_tied, tmp_path):
     )
     extra = {
         "rewards": f"[{{func: '{reward}:ids'}}]",
-        "es.backend": "vllm_lora",
+        "es.evaluator": "vllm_lora",
         "es.members_per_batch": 1,  # the shared server holds max_loras=2 adapters
         "es.sigma": 0.1,  # tied embeddings: tiny_tied repeats its last token at sigma 0.01
         "rollout.backend": "server",
@@ -219,8 +219,8 @@ def test_two_processes_give_exactly_the_single_process_update(tiny_llama, tmp_pa
     "extra,message",
     [
         ({"es.population_size": 7}, "es.population_size must be even"),
-        ({"es.noise": "full_rank"}, "use es.backend=inplace"),
-        ({"es.backend": "vllm_lora", "rollout.backend": "hf"}, "needs rollout.backend=vllm"),
+        ({"es.noise": "full_rank"}, "use es.evaluator=inplace"),
+        ({"es.evaluator": "vllm_lora", "rollout.backend": "hf"}, "needs rollout.backend=vllm"),
         ({"es.prompt_assignment": "grouped", "prompts_per_step": 3}, "even group size"),
         ({"rollout.num_samples": 4}, "1 with greedy decoding"),
         ({"es.sigma": 0}, "es.sigma must be > 0"),

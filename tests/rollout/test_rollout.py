@@ -156,7 +156,7 @@ def test_hf_engine_generate_ids_options(tiny_llama):
     out = engine.generate_ids(ids, fixed)
     assert all(len(c.token_ids) == 12 and c.logprobs == [] for c in out)
     assert all(c.finish_reason == "length" for c in out)
-    with pytest.raises(EngineUnsupported, match="hf rollout engine.*es.backend=vllm_lora"):
+    with pytest.raises(EngineUnsupported, match="hf rollout engine.*es.evaluator=vllm_lora"):
         engine.lora_limits()
 
 

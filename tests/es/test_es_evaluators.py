@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlx.algos.eggroll import NoiseSpec, evolved_parameters, perturbation
-from rlx.es import generate_rows, make_backend, plan_population
+from rlx.es import generate_rows, make_evaluator, plan_population
 from rlx.es.vllm_lora import engine_lora_rank
 from rlx.rollout import Adapter, EngineUnsupported, Sampling, encode_prompts
 from rlx.rollout.base import unsupported
@@ -73,7 +73,7 @@ def shapes(setup):
 
 
 def test_hf_batched_equals_merged_weights(setup):
-    backend = make_backend(
+    backend = make_evaluator(
         "hf_batched",
         model_name=setup["path"],
         noise=SPEC,
@@ -101,7 +101,7 @@ def test_vllm_lora_equals_merged_weights_and_frees_slots(setup):
     )
     try:
         plain_before = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
-        backend = make_backend(
+        backend = make_evaluator(
             "vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup), members_per_batch=2
         )
         plan = plan_population(6, 2, "all", list(range(6)))  # 6 adapters through 3 slots
@@ -114,7 +114,7 @@ def test_vllm_lora_equals_merged_weights_and_frees_slots(setup):
         with pytest.raises(ValueError, match="every prompt an adapter"):
             engine.generate_ids(setup["ids"], GREEDY, [backend.adapter(0, 0), None])
         with pytest.raises(ValueError, match="max_loras"):
-            make_backend(
+            make_evaluator(
                 "vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup), members_per_batch=3
             )
         backend.close()
@@ -126,7 +126,7 @@ def test_inplace_hf_restores_weights_exactly(setup):
     engine = HFEngine(setup["path"])
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     full = NoiseSpec(seed=1, sigma=0.05, rank=1, kind="full_rank")
-    backend = make_backend("inplace", engine=engine, noise=full, centre=setup["params"])
+    backend = make_evaluator("inplace", engine=engine, noise=full, centre=setup["params"])
     plan = plan_population(2, 2, "all", [0, 1])
     got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
     assert got[1] == merged_greedy(setup, 1, full)
@@ -139,14 +139,14 @@ def test_inplace_vllm_low_rank_equals_merged_and_restores(setup):
     try:
         ids = [1, 57, 210, 33, 99, 140, 260, 301]
         before = engine.prompt_logprobs([ids])[0]
-        backend = make_backend("inplace", engine=engine, noise=SPEC, centre=setup["params"])
+        backend = make_evaluator("inplace", engine=engine, noise=SPEC, centre=setup["params"])
         plan = plan_population(2, 2, "all", [0, 1])
         got = by_member(backend.evaluate(setup["ids"], plan, 0, GREEDY), plan)
         assert got[0] == merged_greedy(setup, 0)
         assert engine.prompt_logprobs([ids])[0] == before  # the restore is a copy: bit-exact
         # an engine without LoRA cannot serve the vllm_lora backend
-        with pytest.raises(EngineUnsupported, match="vllm.*es.backend=vllm_lora.*enable_lora"):
-            make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup))
+        with pytest.raises(EngineUnsupported, match="vllm.*es.evaluator=vllm_lora.*enable_lora"):
+            make_evaluator("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup))
     finally:
         engine.close()
 
@@ -173,7 +173,7 @@ class NoPerturbEngine(HFEngine):
     """An engine that cannot perturb its weights in place (as a server engine)."""
 
     def perturb_weights(self, named_tensors):
-        raise unsupported("server", "perturb", "use es.backend=vllm_lora")
+        raise unsupported("server", "perturb", "use es.evaluator=vllm_lora")
 
     restore_weights = perturb_weights
 
@@ -181,20 +181,20 @@ class NoPerturbEngine(HFEngine):
 def test_an_engine_lacking_a_capability_is_a_clear_error(setup):
     """The error names the engine and the ES backend that needs what it lacks."""
     engine = HFEngine(setup["path"])
-    with pytest.raises(EngineUnsupported, match="hf rollout engine .*es.backend=vllm_lora"):
-        make_backend("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup))
+    with pytest.raises(EngineUnsupported, match="hf rollout engine .*es.evaluator=vllm_lora"):
+        make_evaluator("vllm_lora", engine=engine, noise=SPEC, shapes=shapes(setup))
     with pytest.raises(EngineUnsupported, match="LoRA adapter per prompt"):
         engine.generate_ids(setup["ids"], GREEDY, [Adapter("a", "/nowhere")] * 2)
     server = NoPerturbEngine.from_model(engine.model, engine.tokenizer)
-    backend = make_backend("inplace", engine=server, noise=SPEC, centre=setup["params"])
+    backend = make_evaluator("inplace", engine=server, noise=SPEC, centre=setup["params"])
     plan = plan_population(2, 2, "all", [0, 1])
-    with pytest.raises(EngineUnsupported, match="server rollout engine .*es.backend=inplace"):
+    with pytest.raises(EngineUnsupported, match="server rollout engine .*es.evaluator=inplace"):
         backend.evaluate(setup["ids"], plan, 0, GREEDY)
 
 
 def test_low_rank_backends_reject_full_rank_noise(setup):
     full = NoiseSpec(seed=1, sigma=0.05, kind="full_rank")
     with pytest.raises(ValueError, match="inplace"):
-        make_backend("hf_batched", model_name=setup["path"], noise=full, shapes=shapes(setup))
-    with pytest.raises(ValueError, match="unknown population backend"):
-        make_backend("jax", noise=SPEC)
+        make_evaluator("hf_batched", model_name=setup["path"], noise=full, shapes=shapes(setup))
+    with pytest.raises(ValueError, match="unknown population evaluator"):
+        make_evaluator("jax", noise=SPEC)
