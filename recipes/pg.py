@@ -46,6 +46,7 @@ from transformers import get_scheduler
 from rlx import adapters, distributed, sharding
 from rlx.algos import pg
 from rlx.config import AdapterConfig, ConfigError, PGConfig
+from rlx.config.choices import SAMPLER_LOGPROB_BACKENDS
 from rlx.data import step_prompt_indices
 from rlx.features import Features
 from rlx.hardware import autocast_enabled, describe_choice
@@ -61,6 +62,7 @@ from rlx.policy import (
 )
 from rlx.recipe import Run, StepClock, load_data, run_recipe
 from rlx.rollout import Sampling, engine_dtype, make_engine
+from rlx.rollout.sync import generate_synced, push_weights
 from rlx.weighting import start_weighting
 
 # One update's statistics: sums over micro-batches and ranks, except these (rlx.metrics.Stats)
@@ -81,11 +83,12 @@ def train(cfg: PGConfig) -> dict:
     announce(cfg, run)
     trainer = Trainer(cfg, run)
     train_data, eval_data, reward_fns = load_data(cfg, trainer.tokenizer)
-    engine = make_rollout_engine(cfg, run.rank)
+    engine = make_rollout_engine(cfg, run.rank, run.run_id)
     if run.resume(*trainer.checkpointed()) or cfg.rollout.backend == "server":
-        trainer.sync(engine)  # a server may hold another run's weights
+        trainer.sync(engine, run.step)  # a server may hold another run's weights
     features = start_features(cfg, run, trainer, engine, eval_data, reward_fns)
     rollouts = SyncRollouts(cfg, engine, train_data, run.rank, run.world)
+    rollouts.resync = lambda: trainer.sync(engine, run.step)  # after a server restarted
     run.start(engine, eval_data, reward_fns)
 
     while run.step < cfg.steps:
@@ -108,7 +111,7 @@ def train(cfg: PGConfig) -> dict:
             continue
         clock.lap("train")
         if stats is not None and (run.step + 1) % cfg.sync_every == 0:
-            trainer.sync(engine)
+            trainer.sync(engine, run.step + 1)
         clock.lap("sync")
         run.step += 1
         extra = features.after_step(run.step)  # on every rank: some features evaluate
@@ -177,8 +180,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return stats
 
-    def sync(self, engine) -> None:
-        sync_weights(engine, self.policy, self.accelerator)
+    def sync(self, engine, version: int | None = None) -> None:
+        """Push the weights; `version`: the trainer step they are the weights of."""
+        sync_weights(engine, self.policy, self.accelerator, version)
 
     def objective_backward(self, step: ScoredStep):
         """The gradient-weighting method's backward pass on `step`'s completions (see
@@ -195,6 +199,7 @@ class SyncRollouts:
     def __init__(self, cfg: PGConfig, engine, data, rank: int, world: int):
         self.cfg, self.engine, self.data, self.rank, self.world = cfg, engine, data, rank, world
         self.sampling = Sampling.from_config(cfg.rollout)
+        self.resync: Callable[[], None] = lambda: None  # re-push the weights, on every rank
 
     def next(self, step: int):
         """(this rank's prompt rows, their completions, prompt-major) for step `step` (0-based)."""
@@ -204,7 +209,8 @@ class SyncRollouts:
         # In-process vLLM samples with torch's global generator: seeding it per step makes a
         # resumed run sample exactly what an uninterrupted run would have.
         torch.manual_seed(cfg.seed * 1_000_003 + step)
-        return rows, self.engine.generate(rows["prompt"], self.sampling)
+        sample = partial(self.engine.generate, rows["prompt"], self.sampling)
+        return rows, generate_synced(sample, self.resync)
 
 
 class ScoredStep:
@@ -282,10 +288,11 @@ def load_reference(cfg: PGConfig, accelerator):
     return sharding.prepare_frozen(accelerator, ref_model.eval().requires_grad_(False))
 
 
-def make_rollout_engine(cfg: PGConfig, rank: int):
+def make_rollout_engine(cfg: PGConfig, rank: int, run_id: str | None = None):
     """The rollout engine; with adapter.sync=adapter it serves the adapter through LoRA requests
-    (rlx.adapters.sync_engine; versions saved under output_dir/adapter_sync)."""
-    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank)
+    (rlx.adapters.sync_engine; versions saved under output_dir/adapter_sync). Rollout servers
+    label the weights with `run_id` (rlx.recipe.Run.run_id)."""
+    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank, run_id)
     folder = f"{cfg.output_dir}/adapter_sync"
     push_base = cfg.rollout.backend == "server"  # a server may hold another run's base weights
     return adapters.sync_engine(engine, cfg.adapter, folder, rank, push_base)
@@ -302,17 +309,16 @@ def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
     return optimizer, get_scheduler(schedule, optimizer, optim.warmup_steps, cfg.steps)
 
 
-def sync_weights(engine, policy, accelerator) -> None:
+def sync_weights(engine, policy, accelerator, version: int | None = None) -> None:
     """Push the policy's weights into the rollout engine as one update (under ZeRO-3 gathered a
     chunk at a time; every rank takes part). Rollout servers are shared by all ranks, and rank 0
     alone syncs them: the others wait for it before they sample again. adapter.sync=adapter: each
-    rank saves the adapter as a new version its engine serves from now on."""
+    rank saves the adapter as a new version its engine serves from now on. A failed sync to
+    rollout servers is rolled back and retried once (rlx.rollout.sync.push_weights)."""
     if isinstance(engine, adapters.AdapterSyncEngine):
         engine.sync(policy)
     else:
-        with engine.weight_update():
-            for chunk in sharding.weight_chunks(policy, export_weights):
-                engine.update_weights(chunk)
+        push_weights(engine, partial(sharding.weight_chunks, policy, export_weights), version)
     accelerator.wait_for_everyone()
 
 
@@ -465,7 +471,7 @@ def train_on_batch(
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
-    tis = algo.tis_cap > 0 and cfg.rollout.backend == "vllm"
+    tis = algo.tis_cap > 0 and cfg.rollout.backend in SAMPLER_LOGPROB_BACKENDS
     per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
     starts = range(0, batch.num_groups, per_micro)
     passes = sharding.forward_passes(accelerator, len(starts))

@@ -148,9 +148,10 @@ class RolloutEngine(Protocol):
         """Load new weights (HF checkpoint names) into the engine; later calls use them."""
         ...
 
-    def weight_update(self) -> AbstractContextManager[None]:
+    def weight_update(self, version: int | None = None) -> AbstractContextManager[None]:
         """A context in which several `update_weights` calls (chunks) form one update: rollout
-        servers pause, and their completions carry the new version only once it is whole."""
+        servers pause, and their completions carry the new version only once it is whole
+        (`version`: the trainer step of the weights; None: the last + 1)."""
         ...
 
     def close(self) -> None: ...

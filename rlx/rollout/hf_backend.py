@@ -164,7 +164,7 @@ class HFEngine:
             result.append(lp.tolist())
         return result
 
-    def weight_update(self) -> contextlib.AbstractContextManager[None]:
+    def weight_update(self, version: int | None = None) -> contextlib.AbstractContextManager[None]:
         """Chunked updates need no bracketing in process: each chunk loads as it comes."""
         return contextlib.nullcontext()
 

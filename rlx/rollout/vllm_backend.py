@@ -271,7 +271,7 @@ class VLLMEngine:
             self._awake = False
             self.llm.sleep(level=1)
 
-    def weight_update(self) -> contextlib.AbstractContextManager[None]:
+    def weight_update(self, version: int | None = None) -> contextlib.AbstractContextManager[None]:
         """A chunked update: each chunk loads as it comes (awake for all of them with sleep)."""
         return self.awake()
 
