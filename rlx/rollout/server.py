@@ -193,19 +193,22 @@ class _Server:
                 "is `rlx serve` running there?"
             ) from None
 
-    def wait_ready(self, deadline: float) -> None:
-        """Poll /health until the server answers or `deadline` (time.monotonic()) passes."""
+    async def wait_ready(self, deadline: float) -> dict:
+        """Poll /health until the server answers or `deadline` (time.monotonic()) passes; then
+        the model it serves (/v1/models)."""
         while True:
-            with contextlib.suppress(RolloutWorkerError):
-                self.call("checking its health", "GET", "/health", timeout_s=5)
-                return
-            if time.monotonic() > deadline:
-                raise RolloutWorkerError(
-                    f"rollout server {self.url} was not ready within rollout.timeout_s="
-                    f"{self.timeout_s:g} s: start it with `rlx serve` (same model and rollout "
-                    "settings) and check its log"
-                )
-            time.sleep(1.0)
+            try:
+                await self.acall("checking its health", "GET", "/health", timeout_s=5)
+                break
+            except RolloutWorkerError:
+                if time.monotonic() > deadline:
+                    raise RolloutWorkerError(
+                        f"rollout server {self.url} was not ready within rollout.timeout_s="
+                        f"{self.timeout_s:g} s: start it with `rlx serve` (same model and "
+                        "rollout settings) and check its log"
+                    ) from None
+            await asyncio.sleep(1.0)
+        return (await self.acall("listing its model", "GET", "/v1/models"))["data"][0]
 
 
 def _reason(err: Exception) -> str:
@@ -312,9 +315,8 @@ class ServerEngine:
         self._update: _Update | None = None
         self._adapters: set[str] = set()
         deadline = time.monotonic() + timeout_s
-        for server in self.servers:
-            server.wait_ready(deadline)
-            served = server.call("listing its model", "GET", "/v1/models")["data"][0]
+        models = _results([self._loop.submit(s.wait_ready(deadline)) for s in self.servers])
+        for server, served in zip(self.servers, models, strict=True):
             if served.get("max_model_len", max_model_len) < max_model_len:
                 raise RolloutWorkerError(
                     f"rollout server {server.url} serves max_model_len={served['max_model_len']}, "

@@ -67,17 +67,17 @@ def test_completions_keep_prompt_order_and_the_models_logprobs(engine, tiny_tied
 
 
 def test_prompts_split_across_servers_come_back_in_order(rollout_server, tiny_tied):
-    """Two entries in rollout.servers (here the same server twice): contiguous slices of the
-    prompts go to each, and the completions still come back in prompt order, each sampled from
+    """Two entries in rollout.servers (here the same server twice): the prompts go to the less
+    loaded of the two, and the completions still come back in prompt order, each sampled from
     its own prompt (its logprobs are the server's scores of prompt + completion)."""
     address, _ = rollout_server
     engine = ServerEngine(tiny_tied, [address, address], timeout_s=60)
     try:
-        assert [engine.servers.index(s) for s in engine._assign(5)] == [0, 0, 0, 1, 1]
         prompts = [[1, 57, 210], [1, 99], [1, 140, 260, 301], [1, 12, 88], [1, 402]]
         out = engine.generate_ids(prompts, Sampling(n=2, max_new_tokens=5))
         assert [c.prompt_index for c in out] == [i for i in range(5) for _ in range(2)]
         assert [c.prompt_token_ids for c in out] == [p for p in prompts for _ in range(2)]
+        assert all(s.peak_in_flight > 0 for s in engine.servers)  # both entries served
         scored = engine.prompt_logprobs([c.prompt_token_ids + c.token_ids for c in out])
         for c, lp in zip(out, scored, strict=True):
             assert torch.allclose(
