@@ -119,6 +119,9 @@ class _Loop:
         return self._session
 
     def submit(self, coro) -> Future:
+        if not self.loop.is_running():  # closed: the call would wait for ever
+            coro.close()
+            raise RolloutWorkerError("the rollout engine was closed; make a new one")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro):
@@ -505,7 +508,11 @@ class ServerEngine:
             return
         version = self.weight_version + 1 if version is None else version
         if not self.sender:  # rank 0 sends; the others wait for it, then expect its version
-            yield
+            self._update = _Update(version)
+            try:
+                yield
+            finally:
+                self._update = None
             self.weight_version, self.synced = version, True
             return
         before = self.weight_version, self.synced
@@ -578,6 +585,8 @@ class ServerEngine:
         """Push one chunk of weights (HF names) to every server; outside `weight_update()` the
         chunk is a whole update of its own, retried once. Ranks other than 0 send nothing."""
         if not self.sender:
+            if self._update is None:  # rank 0 made it a whole update: expect its version
+                self.weight_version, self.synced = self.weight_version + 1, True
             return
         if self._update is None:
             tensors = list(named_tensors)

@@ -442,3 +442,19 @@ def test_importance_correction_uses_every_backends_sampler_logprobs(
         recipe.train_on_batch(cfg, Accelerator(cpu=True), model, None, mini, 1)
     assert seen[0] is not None
     assert torch.equal(seen[0][0], torch.tensor([-1.5, -2.0, -0.5]))
+
+
+def test_other_ranks_expect_rank_0s_versions(tiny_tied, fleet3):
+    """Trainer ranks other than 0 send nothing, and check completions against the version rank
+    0 pushed (chunked or whole)."""
+    engine = make_engine(tiny_tied, fleet3, sender=False)
+    try:
+        with engine.weight_update(4):
+            engine.update_weights(WEIGHTS)
+            engine.update_weights(WEIGHTS)
+        assert engine.weight_version == 4 and engine.synced
+        engine.update_weights(WEIGHTS)
+        assert engine.weight_version == 5
+        assert fleet3.stubs[0].calls == ["/health", "/v1/models"]  # no sync call
+    finally:
+        engine.close()

@@ -103,6 +103,8 @@ def test_chunked_weight_sync_is_exact_and_versioned(engine, tiny_tied):
         engine.update_weights(first)
         engine.update_weights(rest)
     assert engine.weight_version == version + 1
+    served = engine.servers[0].call("reading its version", "GET", "/weight_info")
+    assert served["weight_version"] == f"{engine.run_id}:{version + 1}"  # the run's, the step
     after = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
     assert (after - ref).abs().max() <= 1e-4
     c = engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=8))[0]
@@ -222,3 +224,27 @@ def test_adapter_sync_to_a_server_serves_each_new_version(rollout_server, tiny_t
         assert [p.name for p in (tmp_path / "sync").iterdir()] == ["rlx-rank0-v2"]
     finally:
         served.close()
+
+
+def test_a_failed_sync_on_a_real_server_is_rolled_back(rollout_server, tiny_tied):
+    """A chunk the server cannot load (a weight of the wrong shape) fails its /update_weights:
+    the update is rolled back and retried once, then one error names the server and the phase;
+    the server is resumed, serves again, and the next sync is exact."""
+    address, _ = rollout_server
+    engine = ServerEngine(tiny_tied, [address], timeout_s=60)
+    try:
+        engine.update_weights([("model.norm.weight", torch.ones(3))])  # not the norm's shape
+        raise AssertionError("the bad chunk should fail")
+    except RolloutWorkerError as err:
+        assert "again on its retry" in str(err) and address in str(err)
+        assert "receiving weights" in str(err)
+    try:
+        assert engine.servers[0].call("asking", "GET", "/is_paused")["is_paused"] is False
+        model = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+        engine.update_weights(model.state_dict().items())
+        got = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+        assert (got - hf_logprobs(model, FIXED_TOKENS)).abs().max() <= 1e-4
+        c = engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=4))[0]
+        assert c.weight_version == engine.weight_version == 1
+    finally:
+        engine.close()
