@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -166,7 +167,15 @@ class _Server:
         return self.loop.run(self.acall(what, method, path, **kwargs))
 
     async def acall(self, what: str, method: str, path: str, timeout_s: float | None = None, **kw):
-        """`call` on the event loop."""
+        """`call` on the event loop. A kept-alive connection that the server closed meanwhile
+        (uvicorn does after an error answer) fails when reused, before the request reached the
+        server: the call is sent once more on a new connection."""
+        try:
+            return await self._acall(what, method, path, timeout_s, **kw)
+        except _Reset:
+            return await self._acall(what, method, path, timeout_s, **kw)
+
+    async def _acall(self, what: str, method: str, path: str, timeout_s: float | None, **kw):
         import aiohttp
 
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
@@ -191,7 +200,10 @@ class _Server:
                 f"{timeout_s:g} s while {what}: it is hung or overloaded"
             ) from None
         except aiohttp.ClientError as err:
-            raise RolloutWorkerError(
+            reset = isinstance(err, aiohttp.ServerDisconnectedError | ConnectionResetError) or (
+                getattr(err, "errno", None) == errno.ECONNRESET
+            )
+            raise (_Reset if reset else RolloutWorkerError)(
                 f"rollout server {self.url} is unreachable while {what} ({_reason(err)}): "
                 "is `rlx serve` running there?"
             ) from None
@@ -212,6 +224,10 @@ class _Server:
                     ) from None
             await asyncio.sleep(1.0)
         return (await self.acall("listing its model", "GET", "/v1/models"))["data"][0]
+
+
+class _Reset(RolloutWorkerError):
+    """The server closed the connection under the request (sent once more, then this error)."""
 
 
 def _reason(err: Exception) -> str:
@@ -558,27 +574,22 @@ class ServerEngine:
             update.failure = err
 
     def _roll_back(self, update: _Update, version: int, synced: bool) -> None:
-        """After a failed update: finish it on every server (on the old version when no chunk
-        had left, else marked incomplete, which `generate` reports as a server to re-sync),
-        resume every server, and drop the weight-sync group. Best effort: every server gets
-        both calls whatever the others answer. The engine keeps its old `version`."""
+        """After a failed update: end it on every server (vLLM ends it itself when a chunk
+        failed to load), label the servers' weights with the old version when no chunk had
+        left, else as incomplete (which `generate` reports as a server to re-sync), resume
+        every server, and drop the weight-sync group. Best effort: every server gets every call
+        whatever the others answer. The engine keeps its old `version`."""
         self.weight_version, self.synced = version, synced
-        old = self.version_name(self.weight_version)
+        old = self.version_name(version)
         marked = f"{self.version_name(update.version)}-incomplete" if update.sent else old
         # a server still receiving answers once its transport gives up (rollout.timeout_s)
         patience = 2 * self.timeout_s
-        body = {"weight_version": marked}
-        wait(
-            self._submit_all(
-                "finishing an aborted weight update",
-                "/finish_weight_update",
-                json=body,
-                timeout_s=patience,
-            )
-        )
-        wait(
-            self._submit_all("resuming after an aborted weight sync", "/resume", timeout_s=patience)
-        )
+        for what, path, body in (
+            ("finishing an aborted weight update", "/finish_weight_update", {}),
+            ("labelling aborted weights", "/update_weight_version", {"new_version": marked}),
+            ("resuming after an aborted weight sync", "/resume", None),
+        ):
+            wait(self._submit_all(what, path, json=body, timeout_s=patience))
         self._drop_sender()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -81,6 +81,7 @@ class Fleet:
             stub.calls.append(path)
             if stub.fail.get(path, 0) > 0:
                 stub.fail[path] -= 1
+                stub.updating &= path != "/update_weights"  # vLLM ends a failed update
                 return web.Response(status=500, text=f"stub failure on {path}")
             body = await request.json() if request.can_read_body else {}
             return web.json_response(await self._route(stub, path, body))
@@ -110,8 +111,12 @@ class Fleet:
         elif path == "/start_weight_update":
             stub.updating = True
         elif path == "/finish_weight_update":
+            if not stub.updating:  # as vLLM's worker
+                raise web.HTTPInternalServerError(text="finish without a matching start")
             stub.updating = False
             stub.version = body.get("weight_version") or stub.version
+        elif path == "/update_weight_version":
+            stub.version = body["new_version"]
         elif path == "/shutdown_weight_transfer_engine":
             stub.joined = False
         return {"ok": True}
