@@ -210,7 +210,7 @@ class SyncRollouts:
         # resumed run sample exactly what an uninterrupted run would have.
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         sample = partial(self.engine.generate, rows["prompt"], self.sampling)
-        return rows, generate_synced(sample, self.resync)
+        return rows, generate_synced(self.engine, sample, self.resync)
 
 
 class ScoredStep:

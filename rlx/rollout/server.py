@@ -288,6 +288,8 @@ class _Update:
 class ServerEngine:
     """The RolloutEngine protocol over vLLM servers (see the module docstring)."""
 
+    transactional = True  # rolls failed updates back, checks versions (rlx.rollout.sync)
+
     def __init__(
         self,
         model: str,
@@ -333,7 +335,15 @@ class ServerEngine:
         self._sender = None  # GlooSender or NcclSender, once the servers joined
         self._update: _Update | None = None
         self._adapters: set[str] = set()
-        deadline = time.monotonic() + timeout_s
+        try:
+            self._check_servers(max_model_len)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def _check_servers(self, max_model_len: int) -> None:
+        """Wait until every server is ready, and refuse one with a shorter context."""
+        deadline = time.monotonic() + self.timeout_s
         models = _results([self._loop.submit(s.wait_ready(deadline)) for s in self.servers])
         for server, served in zip(self.servers, models, strict=True):
             if served.get("max_model_len", max_model_len) < max_model_len:
@@ -438,26 +448,19 @@ class ServerEngine:
         self, token_ids: Sequence[Sequence[int]], adapter: Adapter | None = None
     ) -> list[list[float]]:
         """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution; with `adapter`,
-        the adapted model's). One sequence per server at a time: several prompt-logprob requests
-        batched together crash a LoRA-enabled vLLM-CPU engine (docs/vllm_cpu.md)."""
+        the adapted model's). One sequence at a time, the servers in turn: several
+        prompt-logprob requests batched together crash a LoRA-enabled vLLM-CPU engine
+        (docs/vllm_cpu.md), and two entries of rollout.servers may be one server."""
         params = {"n": 1, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
         name = self._load_adapters([adapter], 1)[0] if adapter is not None else None
-        calls = [
-            (
-                "scoring prompt logprobs",
-                {
-                    "token_ids": list(ids),
-                    "sampling_params": params,
-                    "output_mode": "tokens",
-                    "model": name,
-                },
-            )
-            for ids in token_ids
-        ]
-        answers = self._loop.run(dispatch(self.servers, calls, 1))
         out = []
-        for ids, answer in zip(token_ids, answers, strict=True):
-            steps = answer["prompt_logprobs"][1:]
+        for i, ids in enumerate(token_ids):
+            server = self.servers[i % len(self.servers)]
+            body = {"token_ids": list(ids), "sampling_params": params, "output_mode": "tokens"}
+            body["model"] = name
+            steps = server.call(
+                "scoring prompt logprobs", "POST", "/inference/v1/generate", json=body
+            )["prompt_logprobs"][1:]
             out.append([step[str(t)]["logprob"] for step, t in zip(steps, ids[1:], strict=True)])
         return out
 

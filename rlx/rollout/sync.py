@@ -28,7 +28,7 @@ def push_weights(engine, chunks_fn: Callable[[], Iterable], version: int | None 
     once more on every rank; a second failure is one RolloutWorkerError naming the server and
     the phase."""
     failure = _attempt(engine, chunks_fn, version)
-    if not distributed.agree(failure is not None):
+    if not _agree(engine, failure is not None):
         return
     failure = _attempt(engine, chunks_fn, version)
     if failure is not None:
@@ -45,16 +45,26 @@ def _attempt(engine, chunks_fn, version) -> SyncFailed | None:
     return None
 
 
-def generate_synced(generate: Callable[[], list], resync: Callable[[], None]) -> list:
-    """generate(); when a rank met a restarted rollout server, every rank resyncs (`resync`
-    pushes the current weights, e.g. with push_weights) and generates again, once."""
+def generate_synced(engine, generate: Callable[[], list], resync: Callable[[], None]) -> list:
+    """generate() on `engine`; when a rank met a restarted rollout server, every rank resyncs
+    (`resync` pushes the current weights, e.g. with push_weights) and generates again, once."""
     try:
         completions, restarted = generate(), None
     except ServerRestarted as err:
         completions, restarted = None, err
-    if not distributed.agree(restarted is not None):
+    if not _agree(engine, restarted is not None):
         return completions
     if restarted is not None:
         print(f"rollout: {restarted}")
     resync()
     return generate()
+
+
+def _agree(engine, flag: bool) -> bool:
+    """`flag` on any rank, for engines that roll updates back and check versions (rollout
+    servers: `transactional`); for the others `flag` as it is, with no collective, since
+    their updates and generations cannot fail this way and their learners (ES) need not call
+    at the same points on every rank."""
+    if getattr(engine, "transactional", False):
+        return distributed.agree(flag)
+    return flag

@@ -351,7 +351,7 @@ def test_a_restarted_server_is_resynced(tiny_tied, fake_sync, fleet3):
             push_weights(engine, lambda: [WEIGHTS], engine.weight_version)
 
         fleet3.stubs[0].restart()
-        out = generate_synced(lambda: engine.generate_ids([[1]] * 6, SAMPLING), resync)
+        out = generate_synced(engine, lambda: engine.generate_ids([[1]] * 6, SAMPLING), resync)
         assert {c.weight_version for c in out} == {1}
         assert all(s.joined and s.version == "runA:1" for s in fleet3.stubs)
         assert fleet3.stubs[1].calls.count("/init_weight_transfer_engine") == 2
