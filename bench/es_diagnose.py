@@ -72,8 +72,8 @@ def reseed_noise(cfg, reseeds: int, temperature: float) -> dict:
     from rlx.algos.eggroll import NoiseSpec, evolved_parameters
     from rlx.data import load_prompts, step_prompt_indices
     from rlx.es import plan_population, score_matrix
-    from rlx.evaluation import resolve_rewards, score_rollout
     from rlx.models import load_model_and_tokenizer
+    from rlx.rewards import resolve_rewards, score_rollout
     from rlx.rollout import Sampling, encode_prompts
 
     es, task = cfg.es, cfg.task
@@ -133,8 +133,9 @@ def scaled_updates(cfg, run: Path) -> dict:
 
     from rlx.algos.eggroll import evolved_parameters
     from rlx.data import load_held_out
-    from rlx.evaluation import evaluate, resolve_rewards
+    from rlx.evaluation import evaluate
     from rlx.models import load_model_and_tokenizer
+    from rlx.rewards import resolve_rewards
     from rlx.rollout import make_engine
 
     base, tokenizer = load_model_and_tokenizer(cfg.model.name, dtype="float32")

@@ -173,12 +173,12 @@ def main() -> None:
     from rich.table import Table
 
     from rlx.config import load_config
-    from rlx.evaluation import resolve_rewards
     from rlx.hardware import auto_dtype, int4_serving_available
     from rlx.models import resolve_model
     from rlx.models.smollm2 import cache_root
     from rlx.quant import QuantizeConfig, quantize_model
     from rlx.quant.pseudo_finetune import sft_arithmetic
+    from rlx.rewards import resolve_rewards
     from rlx.tasks import load_task_dataset
 
     console = Console(width=140)  # wide enough for the tables when output is piped

@@ -7,7 +7,7 @@
 Each step: the `prompts_per_step` training prompts are answered by `es.population_size` members,
 member i using weights W + E_i, E_i = A_i B_i^T regenerated from (seed, parameter, step, i // 2)
 (rlx/algos/eggroll.py) -> each member's fitness is the mean task reward (the weighted total of the
-task's rewards, rlx.evaluation.score_rollout) over its completions -> fitness shaping -> the update
+task's rewards, rlx.rewards.score_rollout) over its completions -> fitness shaping -> the update
 (1/N) sum_i f~_i E_i / sigma goes to a torch optimizer (SGD by default) -> the new weights are synced
 into the population backend (and, for hf_batched, into the rollout engine before the held-out
 evaluation, its only user). Population evaluation: `es.backend` =
@@ -52,6 +52,7 @@ from rlx.hardware import auto_dtype, describe_choice
 from rlx.models import load_model_and_tokenizer
 from rlx.recipe import Run, load_data, run_recipe
 from rlx.rollout import Sampling, encode_prompts, engine_dtype, make_engine
+from rlx.rollout.sync import push_weights
 
 # Default adapters per vLLM call: each holds an adapter slot (memory grows with members x rank);
 # 32 adapters a call ran 14% faster than 16 (bench/eggroll_throughput.py, SmolLM2, AVX-512 bf16).
@@ -200,7 +201,7 @@ def sync(cfg: ESConfig, backend, engine, params, to_engine: bool = False) -> Non
     named = [(name, p.detach()) for name, p in params.items()]
     backend.sync(named)
     if to_engine and engine is not None and cfg.es.backend == "hf_batched":
-        engine.update_weights(named)
+        push_weights(engine, lambda: [named])
 
 
 def optimizer_step(optimizer, params) -> float:

@@ -45,24 +45,18 @@ from transformers import get_scheduler
 
 from rlx import adapters, distributed, sharding
 from rlx.algos import pg
+from rlx.batch import MiniBatch, RolloutBatch, build_batch
 from rlx.config import AdapterConfig, ConfigError, PGConfig
 from rlx.config.choices import SAMPLER_LOGPROB_BACKENDS
 from rlx.data import step_prompt_indices
 from rlx.features import Features
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
-from rlx.policy import (
-    MiniBatch,
-    RolloutBatch,
-    build_batch,
-    completion_logits,
-    export_weights,
-    load_policy,
-    matmul_params,
-)
+from rlx.policy import completion_logits, load_policy, matmul_params
 from rlx.recipe import Run, StepClock, load_data, run_recipe
 from rlx.rollout import Sampling, engine_dtype, make_engine
-from rlx.rollout.sync import generate_synced, push_weights
+from rlx.rollout.sync import generate_synced
+from rlx.weight_sync import weight_sync
 from rlx.weighting import start_weighting
 
 # One update's statistics: sums over micro-batches and ranks, except these (rlx.metrics.Stats)
@@ -83,12 +77,13 @@ def train(cfg: PGConfig) -> dict:
     announce(cfg, run)
     trainer = Trainer(cfg, run)
     train_data, eval_data, reward_fns = load_data(cfg, trainer.tokenizer)
-    engine = make_rollout_engine(cfg, run.rank, run.run_id)
+    weights = make_weight_sync(cfg, run.rank, run.run_id)
+    engine = weights.engine
     if run.resume(*trainer.checkpointed()) or cfg.rollout.backend == "server":
-        trainer.sync(engine, run.step)  # a server may hold another run's weights
+        trainer.sync(weights, run.step)  # a server may hold another run's weights
     features = start_features(cfg, run, trainer, engine, eval_data, reward_fns)
     rollouts = SyncRollouts(cfg, engine, train_data, run.rank, run.world)
-    rollouts.resync = lambda: trainer.sync(engine, run.step)  # after a server restarted
+    rollouts.resync = lambda: trainer.sync(weights, run.step)  # after a server restarted
     run.start(engine, eval_data, reward_fns)
 
     while run.step < cfg.steps:
@@ -111,7 +106,7 @@ def train(cfg: PGConfig) -> dict:
             continue
         clock.lap("train")
         if stats is not None and (run.step + 1) % cfg.sync_every == 0:
-            trainer.sync(engine, run.step + 1)
+            trainer.sync(weights, run.step + 1)
         clock.lap("sync")
         run.step += 1
         extra = features.after_step(run.step)  # on every rank: some features evaluate
@@ -180,9 +175,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return stats
 
-    def sync(self, engine, version: int | None = None) -> None:
-        """Push the weights; `version`: the trainer step they are the weights of."""
-        sync_weights(engine, self.policy, self.accelerator, version)
+    def sync(self, weights, version: int) -> None:
+        """Push the policy into the rollout engine (`weights`: the rlx.weight_sync strategy) as
+        weight version `version` (the steps trained). Every rank takes part (ZeRO-3 gathers
+        collectively); rollout servers are shared by all ranks and rank 0 alone sends to them,
+        so the others wait for it before they sample again."""
+        weights.push(self.policy, version)
+        self.accelerator.wait_for_everyone()
 
     def objective_backward(self, step: ScoredStep):
         """The gradient-weighting method's backward pass on `step`'s completions (see
@@ -240,7 +239,7 @@ def score_step(cfg, trainer, run, scores, completions, reward_fns, features) -> 
     features.after_rewards(step)
     algo = cfg.algo
     step.advantages, step.keep = pg.kept_advantages(
-        algo.advantage,
+        algo.learner,
         step.full["total"],
         step.full["per_fn"],
         step.full["length"],
@@ -274,7 +273,7 @@ def announce(cfg: PGConfig, run: Run) -> None:
             "processes"
         )
     if run.main:
-        device, learner = run.accelerator.device, cfg.algo.advantage
+        device, learner = run.accelerator.device, cfg.algo.learner
         links = f", collectives over {distributed.backend()}" if distributed.active() else ""
         print(f"pg: {run.world} process(es) on {device}{links}, learner {learner}")
         trainer = "bfloat16 autocast" if autocast_enabled(cfg.bf16_autocast) else "float32"
@@ -288,14 +287,14 @@ def load_reference(cfg: PGConfig, accelerator):
     return sharding.prepare_frozen(accelerator, ref_model.eval().requires_grad_(False))
 
 
-def make_rollout_engine(cfg: PGConfig, rank: int, run_id: str | None = None):
-    """The rollout engine; with adapter.sync=adapter it serves the adapter through LoRA requests
-    (rlx.adapters.sync_engine; versions saved under output_dir/adapter_sync). Rollout servers
-    label the weights with `run_id` (rlx.recipe.Run.run_id)."""
+def make_weight_sync(cfg: PGConfig, rank: int, run_id: str | None = None):
+    """The rollout engine inside its weight-sync strategy (rlx.weight_sync: merged weights, or
+    with adapter.sync=adapter the adapter alone, versions saved under output_dir/adapter_sync).
+    Rollout servers label the weights with `run_id` (rlx.recipe.Run.run_id)."""
     engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank, run_id)
     folder = f"{cfg.output_dir}/adapter_sync"
     push_base = cfg.rollout.backend == "server"  # a server may hold another run's base weights
-    return adapters.sync_engine(engine, cfg.adapter, folder, rank, push_base)
+    return weight_sync(engine, cfg.adapter, folder, rank, push_base)
 
 
 def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
@@ -307,19 +306,6 @@ def make_optimizer(cfg: PGConfig, trainable: list[torch.nn.Parameter]):
     )
     schedule = {"constant": "constant_with_warmup"}.get(optim.schedule, optim.schedule)
     return optimizer, get_scheduler(schedule, optimizer, optim.warmup_steps, cfg.steps)
-
-
-def sync_weights(engine, policy, accelerator, version: int | None = None) -> None:
-    """Push the policy's weights into the rollout engine as one update (under ZeRO-3 gathered a
-    chunk at a time; every rank takes part). Rollout servers are shared by all ranks, and rank 0
-    alone syncs them: the others wait for it before they sample again. adapter.sync=adapter: each
-    rank saves the adapter as a new version its engine serves from now on. A failed sync to
-    rollout servers is rolled back and retried once (rlx.rollout.sync.push_weights)."""
-    if isinstance(engine, adapters.AdapterSyncEngine):
-        engine.sync(policy)
-    else:
-        push_weights(engine, partial(sharding.weight_chunks, policy, export_weights), version)
-    accelerator.wait_for_everyone()
 
 
 def gather_rewards(scores, completions, g: int) -> dict:

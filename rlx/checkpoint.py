@@ -153,12 +153,12 @@ def find_checkpoint(output_dir, resume_from: str) -> Path:
     return steps[-1]
 
 
-def _load_sharded(path: Path, engine, scheduler, state: dict, rank: int) -> dict:
+def _load_sharded(path: Path, ds_engine, scheduler, state: dict, rank: int) -> dict:
     """Resume a DeepSpeed run (every rank): DeepSpeed's own loader for weights and optimizer
     state; it unpickles its files, so resume only from checkpoints you wrote. DeepSpeed goes on
     with a fresh optimizer when a shard is missing, so every rank first checks every shard
     against the checkpoint's list: all ranks reach the same verdict without a collective."""
-    if not hasattr(engine, "load_checkpoint") or not (path / "deepspeed").is_dir():
+    if not hasattr(ds_engine, "load_checkpoint") or not (path / "deepspeed").is_dir():
         raise CheckpointError(
             f"{path}: a DeepSpeed checkpoint resumes under the same DeepSpeed launch config, and "
             "a plain one without DeepSpeed; relaunch with the config the run was started with"
@@ -166,7 +166,7 @@ def _load_sharded(path: Path, engine, scheduler, state: dict, rank: int) -> dict
     check_shards(path)
     rng = rank_rng_file(path, rank, state)
     try:
-        loaded, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        loaded, _ = ds_engine.load_checkpoint(str(path / "deepspeed"), tag="state")
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{path / 'deepspeed'}: unreadable ({str(err)[:200]})") from err
     if loaded is None:

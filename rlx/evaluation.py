@@ -1,4 +1,4 @@
-"""Scoring rollouts and held-out evaluation, shared by `rlx generate`, the learners and `rlx eval`.
+"""Held-out evaluation and rollout summaries, shared by `rlx generate`, the learners and `rlx eval`.
 
 `evaluate` is the held-out measurement every learner reports before and after training: greedy
 decoding (one completion per prompt) on the task's test split, scored with the task's rewards.
@@ -11,52 +11,11 @@ import time
 
 import numpy as np
 
-from rlx.rewards import (
-    RewardError,
-    RewardFunction,
-    RewardScores,
-    load_reward_functions,
-    score_completions,
-)
+from rlx.rewards import RewardFunction, RewardScores, score_rollout
 from rlx.rollout import Completion, RolloutEngine, Sampling
-from rlx.tasks import TASKS, TaskError
 
 ACCURACY_REWARD = "correctness"
 """The reward whose mean is reported as accuracy, when a task has one."""
-
-
-def resolve_rewards(task_name: str, reward_cfgs) -> list[RewardFunction]:
-    """The configured rewards (rlx.config.RewardConfig list), else the task's default rewards."""
-    if reward_cfgs:
-        weights = [r.weight for r in reward_cfgs]
-        if not sum(weights) > 0:
-            raise RewardError(
-                f"reward weights {weights} sum to {sum(weights)}: they must sum to a positive "
-                "number (give the rewards you want to raise positive weights)"
-            )
-        return load_reward_functions([(r.func, r.weight) for r in reward_cfgs])
-    if task_name in TASKS:
-        return load_reward_functions(TASKS[task_name].default_rewards)
-    raise TaskError(
-        f"{task_name} is user data with no default rewards: name them, e.g. "
-        "rewards='[{func: rewards/arithmetic.py:correctness, weight: 1.0}]'"
-    )
-
-
-def score_rollout(dataset, completions: list[Completion], reward_fns) -> RewardScores:
-    """Score completions, passing each completion its prompt and its row's dataset columns."""
-    rows = [c.prompt_index for c in completions]
-    columns = {
-        name: [dataset[name][i] for i in rows] for name in dataset.column_names if name != "prompt"
-    }
-    prompts = [dataset["prompt"][i] for i in rows]
-    return score_completions(
-        reward_fns,
-        prompts=prompts,
-        completions=[c.text for c in completions],
-        columns=columns,
-        completion_ids=[c.token_ids for c in completions],
-    )
 
 
 def summarize(completions: list[Completion], scores: RewardScores, seconds: float) -> dict:

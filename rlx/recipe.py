@@ -19,10 +19,12 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -38,11 +40,11 @@ from rlx.checkpoint import (
 from rlx.config import ConfigError, describe, load_config, save_config, to_dict
 from rlx.data import load_held_out, load_prompts
 from rlx.errors import report_user_errors
-from rlx.evaluation import evaluate, resolve_rewards, score_rollout
+from rlx.evaluation import evaluate
 from rlx.metrics import MetricsLog, plot_reward_curves, plot_weighting, truncate_metrics
 from rlx.policy import export_weights
 from rlx.reporting import print_eval_table, read_eval, write_eval
-from rlx.rewards import RewardError
+from rlx.rewards import RewardError, resolve_rewards, score_rollout
 
 CRASH_AFTER_CHECKPOINT = "RLX_TEST_CRASH_AFTER_CHECKPOINT"
 """Tests only: a step number; every process SIGKILLs itself right after that step's checkpoint."""
@@ -79,7 +81,7 @@ class Run:
     def __init__(self, cfg, nan_on_skip: tuple[str, ...] = ()):
         """`nan_on_skip`: the loop's metrics a skipped step logs as NaN, beside reward_mean and
         step_time_s."""
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # deferred: a second to import; --help answers first
 
         self.cfg = cfg
         self.clock = RunClock(cfg.max_minutes, cfg.max_run_minutes)
@@ -139,7 +141,7 @@ class Run:
         self.bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not self.main)
 
     def score(self, rows, completions, reward_fns):
-        """This rank's rewards of the step (rlx.evaluation.score_rollout), or None when the step is
+        """This rank's rewards of the step (rlx.rewards.score_rollout), or None when the step is
         skipped because a reward function failed on any rank (bad_steps=skip; every rank agrees
         before any acts); bad_steps=error raises on every rank."""
         failure = scores = None
@@ -267,8 +269,6 @@ class RunClock:
     MARGIN_S = 15.0  # saving the final model and plotting, after the last evaluation
 
     def __init__(self, max_minutes: float, max_run_minutes: float):
-        import psutil
-
         self.max_minutes, self.max_run_minutes = max_minutes, max_run_minutes
         # the run began when this process did: imports and set-up count too
         process_age = max(time.time() - psutil.Process().create_time(), 0.0)
@@ -339,8 +339,6 @@ def prepare_output_dir(cfg, accelerator) -> Path:
 def read_run_id(out: Path, resuming: bool, accelerator) -> str:
     """The run's id: a resumed run's is read back from `out`/run_id; a new run writes a fresh one
     there (the main process, atomically; the others read it after a barrier)."""
-    import uuid
-
     path = out / "run_id"
     if accelerator.is_main_process and not (resuming and path.exists()):
         atomic_write_text(path, uuid.uuid4().hex[:12] + "\n")

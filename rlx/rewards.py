@@ -1,5 +1,8 @@
 """Load reward functions from "file.py:function" specs and score completions with them.
 
+`resolve_rewards` picks a run's reward functions (configured, or the task's defaults) and
+`score_rollout` scores a rollout's completions with their dataset rows' columns.
+
 Reward functions follow TRL's contract: ``fn(prompts, completions, **dataset_columns)`` returns one
 ``float | None`` per completion, where None means "this reward does not apply to this sample".
 ``score_completions`` calls every function once per batch, checks what it returned, and turns the
@@ -19,11 +22,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rlx.errors import UserError
+from rlx.tasks import TASKS, TaskError
+
+if TYPE_CHECKING:  # annotations only: the reward layer does not load the rollout engines
+    from rlx.rollout import Completion
 
 # "rewards/arithmetic.py:correctness" must work from any cwd, so relative files also resolve here.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -283,3 +290,37 @@ def load_reward_functions(specs: Sequence[tuple[str, float]]) -> list[RewardFunc
         fn = load_reward(spec)
         loaded.append(RewardFunction(name=getattr(fn, "__name__", spec), fn=fn, weight=weight))
     return loaded
+
+
+def resolve_rewards(task_name: str, reward_cfgs) -> list[RewardFunction]:
+    """The configured rewards (rlx.config.RewardConfig list), else the task's default rewards."""
+    if reward_cfgs:
+        weights = [r.weight for r in reward_cfgs]
+        if not sum(weights) > 0:
+            raise RewardError(
+                f"reward weights {weights} sum to {sum(weights)}: they must sum to a positive "
+                "number (give the rewards you want to raise positive weights)"
+            )
+        return load_reward_functions([(r.func, r.weight) for r in reward_cfgs])
+    if task_name in TASKS:
+        return load_reward_functions(TASKS[task_name].default_rewards)
+    raise TaskError(
+        f"{task_name} is user data with no default rewards: name them, e.g. "
+        "rewards='[{func: rewards/arithmetic.py:correctness, weight: 1.0}]'"
+    )
+
+
+def score_rollout(dataset, completions: list[Completion], reward_fns) -> RewardScores:
+    """Score completions, passing each completion its prompt and its row's dataset columns."""
+    rows = [c.prompt_index for c in completions]
+    columns = {
+        name: [dataset[name][i] for i in rows] for name in dataset.column_names if name != "prompt"
+    }
+    prompts = [dataset["prompt"][i] for i in rows]
+    return score_completions(
+        reward_fns,
+        prompts=prompts,
+        completions=[c.text for c in completions],
+        columns=columns,
+        completion_ids=[c.token_ids for c in completions],
+    )

@@ -94,9 +94,9 @@ def prepare_frozen(accelerator, model):
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
     for key in ("optimizer", "scheduler"):
         config.pop(key, None)
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
-    return engine
+    ds_engine, *_ = deepspeed.initialize(model=model, config=config)
+    ds_engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return ds_engine
 
 
 def describe(accelerator, model) -> str:

@@ -194,7 +194,7 @@ class DynamicWeighting(Feature):
                 continue
             rewards = full["per_fn"][..., k]  # [P, G]
             advantages, keep = pg.kept_advantages(
-                algo.advantage,
+                algo.learner,
                 rewards,
                 rewards[..., None],
                 full["length"],

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlx.batch import build_batch
 from rlx.config import AdapterConfig, ModelConfig
-from rlx.policy import build_batch, completion_logits, completion_logits_reference, load_policy
+from rlx.policy import completion_logits, completion_logits_reference, load_policy
 from rlx.rollout import Completion
 
 

@@ -5,11 +5,11 @@ has), the off-principal guard, and the spectral diagnostics (docs/adapters.md).
     hooks = install_step_hooks(policy, optimizer, cfg.adapter)  # guard + AdaLoRA, after each step
     loss = loss + extra_loss(policy)                            # AdaLoRA's orthogonality penalty
     merged_weights(model)                                       # HF-named weights, adapter merged
-    engine = sync_engine(engine, cfg.adapter, folder, rank)     # adapter.sync=adapter: LoRA requests
 
 Modules: methods.py (one builder per method), merge.py (exact merge/restore), guard.py
 (adapter.principal_guard), diff.py (dW per matrix), diagnostics.py (the metrics), probe.py (the
-cheap per-step ones), sync.py (adapter-only sync to the engine), cli.py (`rlx diagnose`).
+cheap per-step ones), sync.py (which methods an engine can serve as LoRA requests; the sync
+itself is rlx/weight_sync.py).
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from rlx.adapters.guard import PrincipalGuard
 from rlx.adapters.merge import base_weights, effective_weights, is_adapted, merged_weights
 from rlx.adapters.methods import METHODS
 from rlx.adapters.probe import SpectralProbe, check_probe_sharding
-from rlx.adapters.sync import AdapterSyncEngine, adapter_sync_fallback
+from rlx.adapters.sync import adapter_sync_fallback
 from rlx.config import AdapterConfig, ConfigError
 from rlx.features import Feature
 
 __all__ = [
     "METHODS",
     "AdapterFeature",
-    "AdapterSyncEngine",
     "PrincipalGuard",
     "SpectralProbe",
     "adapter_sync_fallback",
@@ -45,7 +44,6 @@ __all__ = [
     "is_adapted",
     "make_probe",
     "merged_weights",
-    "sync_engine",
     "weight_delta",
     "weight_deltas",
 ]
@@ -208,16 +206,3 @@ class AdapterFeature(Feature):
 
     def tensors(self) -> dict:
         return self.hooks.state_dict()
-
-
-def sync_engine(engine, cfg: AdapterConfig, folder, rank: int = 0, push_base: bool = False):
-    """`engine` as the loop syncs it: wrapped to serve the adapter through LoRA requests when
-    adapter.sync=adapter and vLLM can serve the method (saved under `folder`), else as it is (the
-    merged sync; rank 0 says once why an adapter.sync=adapter run merges). `push_base`: the engine
-    may hold other weights (rollout servers): the first sync loads the base model into it."""
-    fallback = adapter_sync_fallback(cfg)
-    if fallback and rank == 0:
-        print(fallback)
-    if cfg.sync != "adapter" or fallback:
-        return engine
-    return AdapterSyncEngine(engine, folder, rank, push_base)

@@ -5,7 +5,7 @@ Noise. For an evolved matrix W [out, in] named `name` and population member i, o
 block Z [(in + out), r] is drawn from a generator seeded by hash(run seed, name, epoch // noise_reuse,
 i // 2) (noise_reuse 0 = the same noise every epoch); B = Z[:in], A = Z[in:] * s_i sigma / sqrt(r)
 with s_i = +1 for even i and -1 for odd i (antithetic pairs share a draw). The perturbation is
-E_i = A_i B_i^T, held as rlx.adapters.lowrank.LowRank(A_i, B_i): the one low-rank update type the
+E_i = A_i B_i^T, held as rlx.lowrank.LowRank(A_i, B_i): the one low-rank update type the
 adapter layer, the population kernel and every ES backend share; nothing is ever stored. The name
 enters the key, so two parameters of one shape never share noise (a bug other ES ports shipped).
 `kind="full_rank"` draws E_i = s_i sigma Z with Z of W's shape instead: the plain ES baseline
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlx.adapters.lowrank import LowRank, merged, stack
 from rlx.config.choices import NOISE_KINDS
+from rlx.lowrank import LowRank, merged, stack
 
 FITNESS_EPS = 1e-5  # added to the variance in the z-scores, as in the reference
 
@@ -108,7 +108,7 @@ def noise_adapter(
     spec: NoiseSpec, shapes: Mapping[str, Sequence[int]], epoch: int, member: int
 ) -> dict[str, LowRank]:
     """HF module name -> one member's noise, for every evolved matrix of `shapes`
-    ("...q_proj.weight" -> [out, in]): the member as an adapter (rlx/adapters/lowrank.py)."""
+    ("...q_proj.weight" -> [out, in]): the member as an adapter (rlx/lowrank.py)."""
     return {
         name.removesuffix(".weight"): low_rank_noise(spec, name, shape, epoch, member)
         for name, shape in shapes.items()
@@ -137,7 +137,7 @@ def perturbation(
 def perturbed_weight(
     spec: NoiseSpec, name: str, weight: torch.Tensor, epoch: int, member: int
 ) -> torch.Tensor:
-    """W + E_member [out, in] (a new tensor): low-rank noise merged by rlx.adapters.lowrank."""
+    """W + E_member [out, in] (a new tensor): low-rank noise merged by rlx.lowrank."""
     if spec.kind == "full_rank":
         return weight + perturbation(spec, name, weight.shape, epoch, member)
     return merged(weight, low_rank_noise(spec, name, weight.shape, epoch, member))

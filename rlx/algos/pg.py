@@ -135,9 +135,7 @@ def _check_estimator(name: str, scale_rewards: str) -> None:
     if scale_rewards not in REWARD_SCALES:
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}: choose one of {REWARD_SCALES}")
     if scale_rewards != "group" and name != "grpo":
-        raise ValueError(
-            f"scale_rewards={scale_rewards!r} is defined for advantage=grpo, not {name}"
-        )
+        raise ValueError(f"scale_rewards={scale_rewards!r} is defined for learner=grpo, not {name}")
 
 
 def compute_advantages(
@@ -276,7 +274,7 @@ def _check_options(name: str, normalization: str, scale_rewards: str) -> None:
             f"unknown reward normalization {normalization!r}: choose one of {NORMALIZATIONS}"
         )
     if normalization == "normalize_then_sum" and name != "grpo":
-        raise ValueError(f"normalize_then_sum is defined for advantage=grpo, not {name}")
+        raise ValueError(f"normalize_then_sum is defined for learner=grpo, not {name}")
 
 
 def _normalize_then_sum(

@@ -90,8 +90,9 @@ def weights_megabytes(model: str) -> float:
 def evaluate_models(cfg, console=None) -> list[dict]:
     """Evaluate every model of an EvalCommandConfig; one result row per model, printed as a table."""
     # deferred: torch, datasets and vLLM load only when the command runs
-    from rlx.evaluation import evaluate, resolve_rewards
+    from rlx.evaluation import evaluate
     from rlx.quant.serve import serving_engine, serving_plan
+    from rlx.rewards import resolve_rewards
     from rlx.tasks import load_task_dataset
 
     console = console or Console(width=max(Console().width, 120))  # piped output is 80 wide

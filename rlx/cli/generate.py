@@ -62,7 +62,8 @@ def summary_table(summary: dict, title: str) -> Table:
 def run_generate(cfg: GenerateConfig, console: Console | None = None) -> dict:
     """Generate, score, print the summary table and write the outputs; return the summary."""
     # deferred: torch, datasets and the rollout engines load only when the command runs
-    from rlx.evaluation import resolve_rewards, score_rollout, summarize
+    from rlx.evaluation import summarize
+    from rlx.rewards import resolve_rewards, score_rollout
     from rlx.rollout import Sampling, make_engine
     from rlx.tasks import load_task_dataset
 

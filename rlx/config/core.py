@@ -270,7 +270,11 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> str:
     lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip()}", ""] if not prefix else []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key, tp, help_ = _join(prefix, config_key(f.name)), hints[f.name], f.metadata.get("help", "")
+        key, tp, help_ = (
+            _join(prefix, config_key(f.name)),
+            hints[f.name],
+            f.metadata.get("help", ""),
+        )
         value = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
             lines += [f"{key}: {help_}", describe(tp, key, None if value is _REQUIRED else value)]

@@ -28,6 +28,7 @@ class AlgoConfig:
     # the dynamic weighting's knobs have their own section (WeightingConfig)
     RENAMED: ClassVar[dict[str, str]] = {
         "reward_weighting": "weighting.method",
+        "advantage": "algo.learner",
         **{
             name: f"weighting.{name}"
             for name in ("hv_every", "hv_prompts", "hv_minimise", "hv_validation")
@@ -35,7 +36,11 @@ class AlgoConfig:
         },
     }
 
-    advantage: AdvantageEstimator = knob("grpo", help="advantage estimator (see rlx/algos/pg.py)")
+    learner: AdvantageEstimator = knob(
+        "grpo",
+        help="the policy-gradient learner, named by its advantage estimator: grpo, dr_grpo, rloo, "
+        "reinforce, reinforce_baseline (rlx/algos/pg.py)",
+    )
     loss_aggregation: LossAggregation = knob(
         "token_mean",
         help="sequence_mean (GRPO), token_mean (DAPO), constant_length (Dr. GRPO)",
@@ -72,12 +77,12 @@ class AlgoConfig:
     dynamic_sampling: bool = knob(True, help="drop groups whose rewards are all equal")
     reward_normalization: RewardNormalization = knob(
         "sum_then_normalize",
-        help="weighted sum of rewards then advantages, or (advantage=grpo) advantages per reward, "
+        help="weighted sum of rewards then advantages, or (learner=grpo) advantages per reward, "
         "weighted sum, re-normalised over the batch (GDPO; a None reward adds 0)",
     )
     scale_rewards: RewardScale = knob(
         "group",
-        help="advantage=grpo divides by the group's reward std, or by the whole batch's",
+        help="learner=grpo divides by the group's reward std, or by the whole batch's",
     )
     mask_truncated_completions: bool = knob(
         False, help="completions cut at rollout.max_new_tokens get no loss (DAPO's overlong filter)"
@@ -91,10 +96,10 @@ class AlgoConfig:
         require(0 <= self.tis_min < 1, "tis_min", "in [0, 1)", self.tis_min)
         require(self.ppo_epochs >= 1, "ppo_epochs", ">= 1", self.ppo_epochs)
         require(self.mini_batches >= 1, "mini_batches", ">= 1", self.mini_batches)
-        if self.scale_rewards == "batch" and self.advantage != "grpo":
-            require(False, "scale_rewards", "'group' unless advantage=grpo", self.scale_rewards)
-        if self.reward_normalization == "normalize_then_sum" and self.advantage != "grpo":
-            rule = "sum_then_normalize unless advantage=grpo"
+        if self.scale_rewards == "batch" and self.learner != "grpo":
+            require(False, "scale_rewards", "'group' unless learner=grpo", self.scale_rewards)
+        if self.reward_normalization == "normalize_then_sum" and self.learner != "grpo":
+            rule = "sum_then_normalize unless learner=grpo"
             require(False, "reward_normalization", rule, self.reward_normalization)
 
 
@@ -192,6 +197,6 @@ class PGConfig(RunConfig):
                 "full distribution (the trainer's logprobs are not truncated like the sampler's); "
                 "set rollout.top_p=1.0 and rollout.top_k=-1, and use rollout.temperature"
             )
-        if self.algo.advantage in GROUP_ESTIMATORS and self.rollout.num_samples < 2:
-            rule = f">= 2 for algo.advantage={self.algo.advantage} (or use reinforce)"
+        if self.algo.learner in GROUP_ESTIMATORS and self.rollout.num_samples < 2:
+            rule = f">= 2 for algo.learner={self.algo.learner} (or use reinforce)"
             require(False, "rollout.num_samples", rule, self.rollout.num_samples)

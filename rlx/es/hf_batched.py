@@ -3,7 +3,7 @@
 Rows of several members go through one `generate` call of an HF engine wrapping the backend's model
 (`HFEngine.from_model`, all rows in one call); every evolved nn.Linear computes
 x W^T + (x B_m) A_m^T per row (rlx.kernels.perturbed_linears, fed the members' noise as stacked
-rlx.adapters.lowrank.LowRank updates; no PEFT module): one dense GEMM shared by all members
+rlx.lowrank.LowRank updates; no PEFT module): one dense GEMM shared by all members
 plus batched rank-r terms, with the KV cache as usual. The backend keeps its own copy of the model
 in `dtype` (bfloat16 is several times faster than float32 on CPUs with AVX-512 bf16) and takes
 the centre weights with `sync`. Only low-rank noise is supported here; full-rank noise needs
@@ -17,10 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from rlx.adapters.lowrank import LowRank
 from rlx.algos.eggroll import NoiseSpec, population_adapter
 from rlx.es.population import PopulationPlan, TokenIds, chunk_plan, generate_rows, plan_rows
 from rlx.kernels import perturbed_linears
+from rlx.lowrank import LowRank
 from rlx.models import load_model_and_tokenizer
 from rlx.rollout import Completion, Sampling
 from rlx.rollout.hf_backend import HFEngine

@@ -2,7 +2,7 @@
 
 For each member in turn, the engine receives W + E_m for every evolved matrix (E_m regenerated
 from its seed: full-rank Gaussian noise as in Qiu et al. 2025, or EGGROLL's A B^T merged by
-rlx.adapters.lowrank.merged),
+rlx.lowrank.merged),
 generates that member's rows, and after the last member gets the centre weights W back. The
 centre is a float32 copy held here and restored by copying it, never by subtracting E_m, so the
 restore is exact. Works with any rlx engine that perturbs its weights in place (`perturb_weights`,
@@ -20,13 +20,14 @@ import torch
 
 from rlx.algos.eggroll import NoiseSpec, perturbed_weight
 from rlx.es.population import PopulationPlan, TokenIds, generate_rows, plan_rows
-from rlx.rollout import Completion, RolloutEngine, Sampling
+from rlx.rollout import Completion, PerturbEngine, Sampling
+from rlx.rollout.sync import push_weights
 
 
 class InPlacePopulation:
     """Population evaluation one member at a time on a rollout engine (see the module docstring)."""
 
-    def __init__(self, engine: RolloutEngine, noise: NoiseSpec, centre: Mapping[str, torch.Tensor]):
+    def __init__(self, engine: PerturbEngine, noise: NoiseSpec, centre: Mapping[str, torch.Tensor]):
         """`centre`: evolved parameter name -> current weights [out, in] (copied)."""
         self.engine, self.noise = engine, noise
         self.centre = {n: t.detach().to(torch.float32).clone() for n, t in centre.items()}
@@ -63,7 +64,7 @@ class InPlacePopulation:
         for name, tensor in named:
             if name in self.centre:
                 self.centre[name] = tensor.to(torch.float32).clone()
-        self.engine.update_weights(named)
+        push_weights(self.engine, lambda: [named])
 
     def close(self) -> None:
         self.centre.clear()

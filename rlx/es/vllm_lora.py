@@ -2,7 +2,7 @@
 
 Member m's perturbation A_m B_m^T is exactly a LoRA adapter with lora_A = B_m^T [r, in],
 lora_B = A_m [out, r] and scale lora_alpha / r = 1 (written from the member's
-rlx.adapters.lowrank.LowRank noise by `save_peft_adapter`: tensors and JSON, no PEFT module), so
+rlx.lowrank.LowRank noise by `save_peft_adapter`: tensors and JSON, no PEFT module), so
 one engine generate call with an adapter per row evaluates many members at once (vLLM batches
 different adapters together). Adapters are written in PEFT format under `workdir` once per
 (noise epoch, member) and reused while the noise is reused;
@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from rlx.adapters.lowrank import save_peft_adapter
 from rlx.algos.eggroll import NoiseSpec, noise_adapter, noise_epoch
 from rlx.es.population import PopulationPlan, TokenIds, chunk_plan, generate_rows, plan_rows
-from rlx.rollout import Adapter, Completion, RolloutEngine, Sampling
+from rlx.lowrank import save_peft_adapter
+from rlx.rollout import Adapter, AdapterEngine, Completion, Sampling
+from rlx.rollout.sync import push_weights
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -50,7 +51,7 @@ class VLLMLoRAPopulation:
 
     def __init__(
         self,
-        engine: RolloutEngine,
+        engine: AdapterEngine,
         noise: NoiseSpec,
         shapes: Mapping[str, Sequence[int]],
         members_per_batch: int = 0,
@@ -108,7 +109,8 @@ class VLLMLoRAPopulation:
 
     def sync(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push new centre weights into the engine (adapters are deltas: they stay valid)."""
-        self.engine.update_weights(named_tensors)
+        named = list(named_tensors)
+        push_weights(self.engine, lambda: [named])
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -21,7 +21,7 @@ per-op costs of ~10-20 us dominate these small GEMMs); the bmm path was slower i
 `reference_population_linear` materialises W + A B^T per row: what both are tested against.
 `perturbed_linears` swaps the rank-r forward into a model's nn.Linear modules for the duration of a
 `with` block (HF generate with the KV cache works unchanged: decode steps only change T); it takes
-each module's members as one stacked rlx.adapters.lowrank.LowRank (the update type ES shares with
+each module's members as one stacked rlx.lowrank.LowRank (the update type ES shares with
 the adapter layer).
 """
 
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rlx.adapters.lowrank import LowRank, merged
+from rlx.lowrank import LowRank, merged
 
 FUSED_MAX_COLUMNS = 64  # "auto" uses the fused path while members * rank <= this
 METHODS = ("auto", "fused", "bmm")
@@ -140,7 +140,7 @@ def reference_population_linear(
     row_member: torch.Tensor,
 ) -> torch.Tensor:
     """Plain-torch reference: each row through its member's explicit W + A B^T (the merge of
-    rlx.adapters.lowrank)."""
+    rlx.lowrank)."""
     out = []
     for j in range(x.shape[0]):
         m = int(row_member[j])

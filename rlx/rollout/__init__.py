@@ -7,11 +7,14 @@ at its top (they defer it to the engine's start), so importing this package does
 from rlx.config.choices import ROLLOUT_BACKENDS as BACKENDS
 from rlx.rollout.base import (
     Adapter,
+    AdapterEngine,
     Completion,
     EngineUnsupported,
     LoRALimits,
+    PerturbEngine,
     RolloutEngine,
     Sampling,
+    ScoringEngine,
     encode_prompts,
     engine_dtype,
 )
@@ -38,11 +41,14 @@ def make_engine(
 __all__ = [
     "BACKENDS",
     "Adapter",
+    "AdapterEngine",
     "Completion",
     "EngineUnsupported",
     "LoRALimits",
+    "PerturbEngine",
     "RolloutEngine",
     "Sampling",
+    "ScoringEngine",
     "encode_prompts",
     "engine_dtype",
     "make_engine",

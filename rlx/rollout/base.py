@@ -1,14 +1,16 @@
-"""The rollout engine interface shared by the vLLM backend and the HF `generate` fallback.
+"""The rollout engine interface shared by in-process vLLM, the HF `generate` fallback and servers.
 
 An engine turns prompts (text, or chat messages rendered with the tokenizer's chat template) into
 `n` completions each, with token ids and the sampler's per-token logprobs, and takes new weights
 from the trainer with `update_weights`. Both backends tokenize prompts with `encode_prompts`, so
 they see exactly the same token ids.
 
-Evolution strategies (rlx/es) use the same engines through three more capabilities: token-id prompts
-(`generate_ids`), one LoRA adapter per prompt (`Adapter`, `lora_limits`, `remove_adapters`) and
-in-place weight perturbation (`perturb_weights`, `restore_weights`). An engine that lacks one raises
-`EngineUnsupported`, whose message names the engine and the learner that needs it.
+The interface is a small core every learner uses (`RolloutEngine`: generate, update weights in
+versioned updates, close) and capabilities only some learners need: one LoRA adapter per prompt
+(`AdapterEngine`: ES's vllm_lora population, adapter-only sync), in-place weight perturbation
+(`PerturbEngine`: ES's inplace population) and prompt scoring (`ScoringEngine`, for tests). An engine
+that lacks a capability raises `EngineUnsupported`, whose message names the engine and the learner
+that needs it.
 """
 
 from __future__ import annotations
@@ -105,9 +107,10 @@ def unsupported(engine: str, capability: str, hint: str) -> EngineUnsupported:
 
 
 class RolloutEngine(Protocol):
-    """What a learner needs from a generator."""
+    """What every learner needs from a generator: sample, take new weights, close."""
 
     tokenizer: object
+    weight_version: int  # the version of the last whole weight update (0: as loaded)
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Completion]:
         """`sampling.n` completions per prompt, prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
@@ -119,10 +122,30 @@ class RolloutEngine(Protocol):
         sampling: Sampling,
         adapters: Sequence[Adapter] | None = None,
     ) -> list[Completion]:
-        """`generate` for prompts already tokenized ([P] lists of ids). `adapters`: None, or one
-        per prompt, each loaded on first use (engines refuse batches mixing rows with and without
-        an adapter: vLLM-CPU serves those with a wrong adapter, docs/vllm_cpu.md)."""
+        """`generate` for prompts already tokenized ([P] lists of ids). `adapters` (engines with
+        the adapter capability, else None): one per prompt, each loaded on first use (engines
+        refuse batches mixing rows with and without an adapter: vLLM-CPU serves those with a
+        wrong adapter, docs/vllm_cpu.md)."""
         ...
+
+    def weight_update(self, version: int | None = None) -> AbstractContextManager[None]:
+        """A context in which several `update_weights` calls (chunks) form one update, which
+        takes `version` (default: the previous one + 1): rollout servers pause, and their
+        completions carry the new version only once it is whole. Learners go through
+        rlx.rollout.sync.push_weights."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load one chunk of new weights (HF checkpoint names); outside `weight_update` the chunk
+        is a whole update of its own."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class AdapterEngine(RolloutEngine, Protocol):
+    """The LoRA capability (es.backend=vllm_lora, adapter.sync=adapter): `generate_ids` takes an
+    adapter per prompt. An engine without it raises EngineUnsupported from `lora_limits`."""
 
     def lora_limits(self) -> LoRALimits:
         """Adapter slots and largest rank; EngineUnsupported if the engine serves no adapters."""
@@ -132,29 +155,27 @@ class RolloutEngine(Protocol):
         """Unload every adapter `generate_ids` loaded (frees the slots)."""
         ...
 
+
+class PerturbEngine(RolloutEngine, Protocol):
+    """In-place perturbation (es.backend=inplace): a population member's weights W + E loaded
+    for its evaluation, the centre W restored after. Engines without it raise EngineUnsupported."""
+
     def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load temporary weights W + E (HF names) for population evaluation in place."""
+        """Load temporary weights W + E (HF names) in place."""
         ...
 
     def restore_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the centre weights W back after `perturb_weights` (HF names, an exact copy)."""
         ...
 
+
+class ScoringEngine(RolloutEngine, Protocol):
+    """Prompt scoring: what the tests use to compare an engine's distribution with the trainer's
+    after a sync (every engine here has it; no learner needs it)."""
+
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence, under the engine's weights."""
         ...
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (HF checkpoint names) into the engine; later calls use them."""
-        ...
-
-    def weight_update(self, version: int | None = None) -> AbstractContextManager[None]:
-        """A context in which several `update_weights` calls (chunks) form one update: rollout
-        servers pause, and their completions carry the new version only once it is whole
-        (`version`: the trainer step of the weights; None: the last + 1)."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:

@@ -10,7 +10,7 @@ In-place perturbation is a weight copy; per-prompt LoRA adapters are not support
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -42,6 +42,7 @@ class HFEngine:
         device: str | None = None,
     ):
         self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+        self.weight_version = 0  # the version of the last whole weight update (0: as loaded)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.batch_size = batch_size  # sequences per generate() call (0: all in one call)
@@ -55,7 +56,7 @@ class HFEngine:
         """Wrap a loaded model where it is; neither it, its tokenizer nor the RNG is touched."""
         engine = cls.__new__(cls)
         engine.model, engine.tokenizer, engine.batch_size = model, tokenizer, batch_size
-        engine.device = model.device
+        engine.device, engine.weight_version = model.device, 0
         pad = tokenizer.pad_token_id
         engine.pad_id = pad if pad is not None else tokenizer.eos_token_id
         return engine
@@ -164,9 +165,12 @@ class HFEngine:
             result.append(lp.tolist())
         return result
 
-    def weight_update(self, version: int | None = None) -> contextlib.AbstractContextManager[None]:
-        """Chunked updates need no bracketing in process: each chunk loads as it comes."""
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def weight_update(self, version: int | None = None) -> Iterator[None]:
+        """Chunks load as they come in process; `version` (default: the previous one + 1) is the
+        engine's `weight_version` once the update is whole."""
+        yield
+        self.weight_version = self.weight_version + 1 if version is None else version
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new weights into the generation model (missing names keep their values)."""

@@ -1,11 +1,19 @@
-"""Weight pushes and generation that survive a failed sync or a restarted rollout server.
+"""The one path by which weights reach a rollout engine, and generation that survives a restarted
+rollout server.
 
-A weight update comes from an iterator of chunks (under ZeRO-3 each chunk is a gather that
-every trainer rank runs), so retrying one needs the chunks again: `push_weights` takes a
-function that makes them, and runs the whole update once more when the engine rolled it back
-(`SyncFailed`, rlx/rollout/server.py: every server resumed). Every rank calls it at the same
-point, and every rank learns whether rank 0's update failed (`distributed.agree`), so all of them
-iterate the chunks again together.
+Every learner pushes weights the same way: `push_weights` opens one versioned update on the engine
+(`engine.weight_update(version)`: rollout servers pause, take every chunk, then resume with the new
+version; in-process engines load each chunk as it comes) and loads the chunks into it in order.
+What the chunks hold is the caller's strategy: the PG trainer's merged weights, a decoder layer at
+a time under ZeRO-3, or the adapter's base (rlx/weight_sync.py); the ES learners' evolved tensors.
+
+`chunks` is a function that makes the chunks, not the chunks themselves, so that an update can be
+made again from the start (under ZeRO-3 making them is a collective every rank joins). That is
+what a failed sync to rollout servers needs: the engine rolls the update back (every server
+resumed, `SyncFailed`, rlx/rollout/server.py), and `push_weights` runs the whole update once
+more. Every rank calls it at the same point and learns whether rank 0's update failed
+(`distributed.agree`), so all of them make the chunks again together; a second failure is the
+run's error.
 
 `generate_synced` is the other half: a rollout server that reports weights of no version of this
 run (restarted by a supervisor) makes `generate` raise `ServerRestarted` on the rank that saw
@@ -17,28 +25,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
+
 from rlx import distributed
 from rlx.rollout.server import ServerRestarted, SyncFailed
 from rlx.rollout.weight_transfer import RolloutWorkerError
 
+Chunk = list[tuple[str, torch.Tensor]]  # HF-named tensors loaded together
 
-def push_weights(engine, chunks_fn: Callable[[], Iterable], version: int | None = None) -> None:
-    """One weight update of `engine` from the chunks `chunks_fn()` yields, to `version` (the
-    trainer step of the weights; None: the engine's last + 1). A rolled-back update is run
-    once more on every rank; a second failure is one RolloutWorkerError naming the server and
-    the phase."""
-    failure = _attempt(engine, chunks_fn, version)
+
+def push_weights(engine, chunks: Callable[[], Iterable[Chunk]], version: int | None = None) -> None:
+    """Load the weights `chunks()` yields into `engine` as one update, which takes `version`
+    (default: the engine's previous version + 1). A rolled-back update is run once more on every
+    rank; a second failure is one RolloutWorkerError naming the server and the phase."""
+    failure = _attempt(engine, chunks, version)
     if not _agree(engine, failure is not None):
         return
-    failure = _attempt(engine, chunks_fn, version)
+    failure = _attempt(engine, chunks, version)
     if failure is not None:
         raise RolloutWorkerError(f"weight sync failed, and again on its retry: {failure}")
 
 
-def _attempt(engine, chunks_fn, version) -> SyncFailed | None:
+def _attempt(engine, chunks, version) -> SyncFailed | None:
     try:
         with engine.weight_update(version):
-            for chunk in chunks_fn():
+            for chunk in chunks():
                 engine.update_weights(chunk)
     except SyncFailed as err:
         return err

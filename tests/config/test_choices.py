@@ -55,7 +55,7 @@ def test_the_registries_hold_exactly_the_config_names():
 @pytest.mark.parametrize(
     "key, names",
     [
-        ("algo.advantage", choices.ADVANTAGE_ESTIMATORS),
+        ("algo.learner", choices.ADVANTAGE_ESTIMATORS),
         ("algo.loss_aggregation", choices.LOSS_AGGREGATIONS),
         ("algo.importance_level", choices.IMPORTANCE_LEVELS),
         ("algo.tis_mode", choices.TIS_MODES),

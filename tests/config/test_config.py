@@ -254,10 +254,10 @@ def test_every_field_has_help_and_describe_mentions_it():
 def test_a_keyword_key_reads_writes_and_reads_back(tmp_path):
     cfg = from_dict(RolloutConfig, {"async": True, "max_staleness": 2})
     assert cfg.async_ and cfg.max_staleness == 2
-    path = str(tmp_path / "saved.yaml")
-    save_config(cfg, path)
-    assert "async: true" in open(path).read()
-    assert load_config(RolloutConfig, path) == cfg
+    path = tmp_path / "saved.yaml"
+    save_config(cfg, str(path))
+    assert "async: true" in path.read_text()
+    assert load_config(RolloutConfig, str(path)) == cfg
     with pytest.raises(ConfigError, match="unknown key 'async_'"):
         from_dict(RolloutConfig, {"async_": True})
 

@@ -164,7 +164,7 @@ def test_recipe_models_are_known(path):
 
 def test_pg_recipes_pick_their_learner():
     advantage = {
-        name: load_config(PGConfig, str(RECIPES / f"{name}.yaml")).algo.advantage
+        name: load_config(PGConfig, str(RECIPES / f"{name}.yaml")).algo.learner
         for name in ("grpo", "rloo", "reinforce")
     }
     assert advantage == {"grpo": "grpo", "rloo": "rloo", "reinforce": "reinforce_baseline"}

@@ -90,7 +90,7 @@ def test_row_count_mismatch_is_a_clear_error():
 
 def test_perturbed_linears_take_scaled_low_rank_updates():
     """A stacked LowRank with scale != 1: row j sees W + scale * U_m V_m^T (the type's merge)."""
-    from rlx.adapters.lowrank import LowRank, merged
+    from rlx.lowrank import LowRank, merged
 
     gen = torch.Generator().manual_seed(5)
     model = nn.Sequential(nn.Linear(8, 6))

@@ -92,7 +92,7 @@ def main(model_path: str, out: str) -> None:
             cfg = load_config(PGConfig, None, [*base, f"algo.loss_aggregation={agg}"])
             per_fn = total[..., None]
             adv, keep = pg.kept_advantages(
-                cfg.algo.advantage, total, per_fn, lengths, [1.0], "sum_then_normalize", True
+                cfg.algo.learner, total, per_fn, lengths, [1.0], "sum_then_normalize", True
             )
             parts = recipe.mini_batch_parts(keep, 1)
             pad = tokenizer.pad_token_id

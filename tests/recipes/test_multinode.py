@@ -107,7 +107,7 @@ def test_two_machines_and_a_rollout_server_train_like_one_process(
         "    return [len(str(p)) % 5 / 5 + len(set(c)) / max(len(c), 1)\n"
         "            for p, c in zip(prompts, completions)]\n"
     )
-    greedy = ["rollout.temperature=0", "rollout.num_samples=1", "algo.advantage=reinforce"]
+    greedy = ["rollout.temperature=0", "rollout.num_samples=1", "algo.learner=reinforce"]
     greedy += ["algo.dynamic_sampling=false", "algo.kl_beta=0", "optim.weight_decay=0.5"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     one = recipe_args(tiny_tied, reward, tmp_path / "one") + greedy

@@ -66,7 +66,7 @@ def reward(tmp_path_factory) -> Path:
 def recipe_args(model: str, reward: Path, out: Path, *extra: str) -> list[str]:
     args = [str(RECIPE), "--config", str(ROOT / "recipes" / "reinforce.yaml")]
     args += [f"model.name={model}", "rollout.dtype=float32", "rollout.num_samples=1"]
-    args += ["rollout.max_new_tokens=12", "algo.advantage=reinforce"]
+    args += ["rollout.max_new_tokens=12", "algo.learner=reinforce"]
     args += ["algo.tis_cap=0", "prompts_per_step=4", "micro_batch_size=1", "steps=3"]
     args += ["eval.enabled=false", "log_with=[]", "optim.lr=1e-2", "bf16_autocast=false"]
     args += ["max_minutes=0", f"output_dir={out}"]

@@ -196,7 +196,7 @@ def test_adapter_sync_to_a_server_serves_each_new_version(rollout_server, tiny_t
     the previous version is unloaded and deleted."""
     from peft import LoraConfig, get_peft_model
 
-    from rlx.adapters import AdapterSyncEngine
+    from rlx.weight_sync import AdapterSync
 
     base = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
     policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
@@ -205,7 +205,8 @@ def test_adapter_sync_to_a_server_serves_each_new_version(rollout_server, tiny_t
     )
     other = perturbed_state_dict(tiny_tied, seed=7).state_dict()
     engine.update_weights(other.items())  # another run's weights
-    served = AdapterSyncEngine(engine, tmp_path / "sync", push_base=True)
+    weights = AdapterSync(engine, tmp_path / "sync", push_base=True)
+    served = weights.engine
     try:
         for version in (1, 2):
             gen = torch.Generator().manual_seed(version)
@@ -213,7 +214,7 @@ def test_adapter_sync_to_a_server_serves_each_new_version(rollout_server, tiny_t
                 for name, p in policy.named_parameters():
                     if "lora_B" in name:
                         p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            served.sync(policy)
+            weights.push(policy)
             ref = hf_logprobs(policy, FIXED_TOKENS)
             got = torch.tensor(served.prompt_logprobs([FIXED_TOKENS])[0])
             assert (got - ref).abs().max() <= 1e-4

@@ -1,4 +1,4 @@
-"""The one low-rank update type (rlx/adapters/lowrank.py): its merge is scale * U V^T, its PEFT
+"""The one low-rank update type (rlx/lowrank.py): its merge is scale * U V^T, its PEFT
 adapter folders load in PEFT itself with the same delta, a PEFT LoRA model reads back into it, and
 EGGROLL's noise expressed in it is bit for bit the noise of before the type existed."""
 
@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlx.adapters.lowrank import (
+from rlx.algos import eggroll as eg
+from rlx.lowrank import (
     LowRank,
     from_peft_model,
     load_peft_adapter,
@@ -21,7 +22,6 @@ from rlx.adapters.lowrank import (
     save_peft_adapter,
     stack,
 )
-from rlx.algos import eggroll as eg
 
 GEN = torch.Generator().manual_seed(0)
 
