@@ -71,6 +71,11 @@ def train(cfg: ESConfig) -> dict:
         members = split_members(es.population_size, world, rank)
     except ValueError as err:
         raise ConfigError(f"es.population_size: {err}") from None
+    if cfg.rollout.backend == "server" and world > 1:
+        raise ConfigError(
+            "recipes/es.py with rollout.backend=server runs in one process (each process would "
+            "push its weights to the servers): launch one process, or use rollout.backend=vllm"
+        )
     if run.main:
         print(f"es: {world} process(es), population {es.population_size} on {es.backend}")
         population = auto_dtype(es.population_dtype) if es.backend == "hf_batched" else None

@@ -8,6 +8,8 @@ rollout engine (vLLM by default) -> score them -> group advantages over the kept
 `algo.ppo_epochs` passes over `algo.mini_batches` mini-batches, one clipped policy-gradient update
 (micro-batched) each -> push the new weights into the engine. The math lives in rlx/algos/pg.py;
 the learner is chosen by `algo.*` (recipes/grpo.yaml, rloo.yaml, reinforce.yaml).
+With rollout.async=true a producer thread samples the next steps' prompts while the learner
+trains, at most rollout.max_staleness weight versions behind (rlx/rollout/source.py).
 
 By default one optimizer step per rollout batch (ppo_epochs = mini_batches = 1): the trainer's
 logprobs at update time are the "old" ones, so the clipped ratio is 1 and only importance sampling
@@ -48,14 +50,13 @@ from rlx.algos import pg
 from rlx.batch import MiniBatch, RolloutBatch, build_batch
 from rlx.config import AdapterConfig, ConfigError, PGConfig
 from rlx.config.choices import SAMPLER_LOGPROB_BACKENDS
-from rlx.data import step_prompt_indices
 from rlx.features import Features
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
 from rlx.policy import completion_logits, load_policy, matmul_params
 from rlx.recipe import Run, StepClock, load_data, run_recipe
-from rlx.rollout import Sampling, engine_dtype, make_engine
-from rlx.rollout.sync import generate_synced
+from rlx.rollout import engine_dtype, make_engine
+from rlx.rollout.source import AsyncRollouts, SyncRollouts
 from rlx.weight_sync import weight_sync
 from rlx.weighting import start_weighting
 
@@ -81,9 +82,10 @@ def train(cfg: PGConfig) -> dict:
     engine = weights.engine
     if run.resume(*trainer.checkpointed()) or cfg.rollout.backend == "server":
         trainer.sync(weights, run.step)  # a server may hold another run's weights
-    features = start_features(cfg, run, trainer, engine, eval_data, reward_fns)
-    rollouts = SyncRollouts(cfg, engine, train_data, run.rank, run.world)
-    rollouts.resync = lambda: trainer.sync(weights, run.step)  # after a server restarted
+    source = AsyncRollouts if cfg.rollout.async_ else SyncRollouts  # rlx/rollout/source.py
+    rollouts = source(cfg, engine, train_data, run.rank, run.world)
+    features = start_features(cfg, run, trainer, rollouts.engine, eval_data, reward_fns)
+    rollouts.resync = lambda: trainer.sync(weights, run.step)  # a restarted server
     run.start(engine, eval_data, reward_fns)
 
     while run.step < cfg.steps:
@@ -106,10 +108,12 @@ def train(cfg: PGConfig) -> dict:
             continue
         clock.lap("train")
         if stats is not None and (run.step + 1) % cfg.sync_every == 0:
-            trainer.sync(weights, run.step + 1)
+            with rollouts.syncing():  # async: no generation meanwhile; counts the version
+                trainer.sync(weights, run.step + 1)
         clock.lap("sync")
         run.step += 1
         extra = features.after_step(run.step)  # on every rank: some features evaluate
+        extra = extra | rollouts.metrics()  # on every rank: async/* (sums over ranks)
         if run.main:
             lr = trainer.scheduler.get_last_lr()[0]
             row = step_metrics(run.step, step, reward_fns, stats, clock, lr) | extra
@@ -118,6 +122,7 @@ def train(cfg: PGConfig) -> dict:
         if run.end_step(clock.total(), *state):
             break
 
+    rollouts.close()  # the producer's queued batches are not checkpointed (rollout/source.py)
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
     results = run.finish(trainer.policy, trainer.tokenizer, engine, eval_data, reward_fns, title)
     engine.close()
@@ -189,27 +194,6 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         args = (self.accelerator, self.model, self.ref_model, step.completions, step.mine, pad)
         return partial(objective_backward, self.cfg, *args)
-
-
-class SyncRollouts:
-    """The synchronous rollout source: each step, this rank's share of the step's prompts sampled
-    on the engine with the weights of the last sync."""
-
-    def __init__(self, cfg: PGConfig, engine, data, rank: int, world: int):
-        self.cfg, self.engine, self.data, self.rank, self.world = cfg, engine, data, rank, world
-        self.sampling = Sampling.from_config(cfg.rollout)
-        self.resync: Callable[[], None] = lambda: None  # re-push the weights, on every rank
-
-    def next(self, step: int):
-        """(this rank's prompt rows, their completions, prompt-major) for step `step` (0-based)."""
-        cfg = self.cfg
-        idx = step_prompt_indices(step, cfg.prompts_per_step, len(self.data), cfg.seed)
-        rows = self.data.select(idx[self.rank :: self.world])
-        # In-process vLLM samples with torch's global generator: seeding it per step makes a
-        # resumed run sample exactly what an uninterrupted run would have.
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
-        sample = partial(self.engine.generate, rows["prompt"], self.sampling)
-        return rows, generate_synced(self.engine, sample, self.resync)
 
 
 class ScoredStep:
@@ -457,7 +441,9 @@ def train_on_batch(
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
-    tis = algo.tis_cap > 0 and cfg.rollout.backend in SAMPLER_LOGPROB_BACKENDS
+    # every engine that returns the sampler's logprobs (with rollout.async: the behaviour policy's)
+    sampled = cfg.rollout.backend in SAMPLER_LOGPROB_BACKENDS or cfg.rollout.async_
+    tis = algo.tis_cap > 0 and sampled
     per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
     starts = range(0, batch.num_groups, per_micro)
     passes = sharding.forward_passes(accelerator, len(starts))

@@ -41,7 +41,10 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rollout_server(tiny_tied, tmp_path_factory):
     """`rlx serve` on tiny_tied in fp32, in its own process group: yields (address, process).
-    Shared by every test that needs one; each test pushes the weights it expects first."""
+    Shared by every test that needs one; each test pushes the weights it expects first. It runs
+    with a token (RLX_SERVE_TOKEN, set for this test session too), so every test that talks to
+    it shows the trainer authenticating each call and the weight-sync group's check passing."""
+    import secrets
     import signal
     import subprocess
     import sys
@@ -50,6 +53,8 @@ def rollout_server(tiny_tied, tmp_path_factory):
     import requests
     from torch.distributed.elastic.utils.distributed import get_free_port
 
+    previous_token = os.environ.get("RLX_SERVE_TOKEN")
+    os.environ["RLX_SERVE_TOKEN"] = previous_token or secrets.token_hex(16)
     port = get_free_port()
     log = tmp_path_factory.mktemp("rollout_server") / "server.log"
     cmd = [sys.executable, "-m", "rlx.cli", "serve", f"model.name={tiny_tied}", f"port={port}"]
@@ -73,6 +78,8 @@ def rollout_server(tiny_tied, tmp_path_factory):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    if previous_token is None:
+        os.environ.pop("RLX_SERVE_TOKEN", None)
 
 
 @pytest.fixture

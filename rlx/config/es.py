@@ -106,8 +106,8 @@ class ESConfig(RunConfig):
         if r.temperature == 0 and r.num_samples > 1:
             rule = "1 with greedy decoding (temperature 0)"
             require(False, "rollout.num_samples", rule, r.num_samples)
-        if self.es.backend == "vllm_lora" and r.backend != "vllm":
-            raise ConfigError("es.backend=vllm_lora needs rollout.backend=vllm")
+        if self.es.backend == "vllm_lora" and r.backend not in ("vllm", "server"):
+            raise ConfigError("es.backend=vllm_lora needs rollout.backend=vllm or server")
         if self.es.prompt_assignment == "grouped":
             group, rest = divmod(self.es.population_size, self.prompts_per_step)
             if rest or group % 2:

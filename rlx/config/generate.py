@@ -32,7 +32,10 @@ class ServeConfig:
     rollout: RolloutConfig = knob(
         RolloutConfig(), help="engine settings (dtype, context, KV cache, block size, seed, LoRA)"
     )
-    host: str = knob("127.0.0.1", help="address to bind; anything but loopback is warned about")
+    host: str = knob(
+        "127.0.0.1",
+        help="address to bind; anything but loopback needs rollout.token (or RLX_SERVE_TOKEN)",
+    )
     port: int = knob(8000, help="HTTP port")
     tensor_parallel_size: int = knob(
         1, help="GPUs one model replica is split over (vLLM --tensor-parallel-size)"

@@ -2,10 +2,16 @@
 
 vLLM imports this module inside a rollout server's worker when the server runs with
 `--weight-transfer-config '{"backend": "rlx_gloo"}'`.
+
+Joining a group is only half of it: before the first update every member proves it holds the
+server's token (RLX_SERVE_TOKEN in this process's environment, set by `rlx serve`) and checks
+the others' proofs (rlx/rollout/auth.py), so a worker never receives weights in a group where
+someone lacks the token.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +25,15 @@ from vllm.model_executor.model_loader.reload import (
     initialize_layerwise_reload,
 )
 
+from rlx.rollout.auth import TOKEN_ENV
 from rlx.rollout.weight_transfer import (
     broadcast,
+    check_members,
     close_group,
     dtype_of,
     flat_groups,
     open_group,
+    refuse_members,
     repack_tied_lm_head,
 )
 
@@ -70,13 +79,19 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         self.shutdown()  # a new trainer replaces one that left without saying so
+        rank = worker_rank(self.parallel_config, init_info.rank_offset)
         self.group = open_group(
             init_info.master_address,
             init_info.master_port,
-            worker_rank(self.parallel_config, init_info.rank_offset),
+            rank,
             init_info.world_size,
             init_info.timeout_s,
         )
+        token = os.environ.get(TOKEN_ENV, "")
+        bad = check_members(self.group, rank, init_info.world_size, token)
+        if bad:
+            self.shutdown()
+            refuse_members(bad, "server")
 
     def start_weight_update(self) -> None:
         initialize_layerwise_reload(self.model)

@@ -6,7 +6,10 @@ with two of vLLM's optional route sets:
   ids in; completion token ids, text, sampler logprobs and the weight version of every token out;
 - the RL endpoints (`VLLM_SERVER_DEV_MODE=1`): /pause, /resume, /init_weight_transfer_engine,
   /start_weight_update, /update_weights, /finish_weight_update, /weight_info. These also expose
-  /collective_rpc, so `rlx serve` binds 127.0.0.1 unless told otherwise, and warns loudly then.
+  /collective_rpc, so `rlx serve` binds 127.0.0.1 unless given a token (rollout.token or
+  RLX_SERVE_TOKEN), which it then requires on every path but /health (rlx/rollout/auth.py).
+  The trainer sends it on every call (`_Server._headers`), and the weight-sync group checks that
+  every member holds it before weights travel.
 
 `ServerEngine` implements the RolloutEngine protocol over HTTP. Weight sync goes through vLLM's
 weight-transfer API, over vLLM's nccl engine on GPUs (rlx/rollout/nccl_sender.py) or rlx's gloo
@@ -61,6 +64,9 @@ from concurrent.futures import FIRST_EXCEPTION, Future, wait
 import torch
 
 from rlx.errors import UserError
+from rlx.rollout.adapter_upload import ROUTE as UPLOAD_ROUTE
+from rlx.rollout.adapter_upload import adapter_payload
+from rlx.rollout.auth import auth_headers, resolve_token
 from rlx.rollout.base import (
     Adapter,
     Completion,
@@ -75,6 +81,7 @@ from rlx.rollout.base import (
 from rlx.rollout.weight_transfer import (
     GlooSender,
     RolloutWorkerError,
+    SyncAuthError,
     aligned_order,
     raise_first_error,
     resolve_sync_backend,
@@ -150,16 +157,17 @@ class _Server:
     """One rollout server: its URL, its generation requests in flight, and HTTP calls that
     fail with one clear error."""
 
-    def __init__(self, address: str, timeout_s: float, loop: _Loop):
+    def __init__(self, address: str, timeout_s: float, loop: _Loop, token: str = ""):
         self.url = server_url(address)
         self.timeout_s = timeout_s
         self.loop = loop
+        self.token = token
         self.in_flight = 0  # generation requests sent and not answered (the dispatcher's count)
         self.peak_in_flight = 0
 
     def _headers(self) -> dict[str, str]:
-        """Headers of every call to this server (the one place they are built)."""
-        return {}
+        """The headers of every call: the server's token (rlx/rollout/auth.py), if any."""
+        return auth_headers(self.token)
 
     def call(self, what: str, method: str, path: str, **kwargs):
         """One HTTP call, waited for; any failure -> RolloutWorkerError naming this server and
@@ -185,6 +193,12 @@ class _Server:
             async with session.request(
                 method, f"{self.url}{path}", timeout=limits, headers=self._headers(), **kw
             ) as response:
+                if response.status == 401:
+                    raise RolloutWorkerError(
+                        f"rollout server {self.url} refused the call while {what} (HTTP 401): "
+                        "set rollout.token (or RLX_SERVE_TOKEN) to the token its `rlx serve` "
+                        "runs with"
+                    )
                 if response.status != 200:
                     text = await response.text()
                     raise RolloutWorkerError(
@@ -308,6 +322,7 @@ class ServerEngine:
         run_id: str | None = None,
         max_staleness: int = 0,
         max_in_flight: int = MAX_IN_FLIGHT,
+        token: str | None = None,
     ):
         import uuid
 
@@ -319,7 +334,8 @@ class ServerEngine:
             raise UserError("rollout.backend=server needs rollout.servers=[host:port, ...]")
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
         self._loop = _Loop()
-        self.servers = [_Server(address, timeout_s, self._loop) for address in servers]
+        self.token = resolve_token(token)  # None or "": RLX_SERVE_TOKEN
+        self.servers = [_Server(a, timeout_s, self._loop, self.token) for a in servers]
         self.timeout_s = timeout_s
         self.sync_address, self.sync_port = sync_address, sync_port
         self.sync_backend = resolve_sync_backend(sync_backend)  # nccl asked without CUDA: here
@@ -373,6 +389,7 @@ class ServerEngine:
             max_model_len=cfg.max_model_len,
             run_id=run_id,
             max_staleness=cfg.max_staleness if getattr(cfg, "async_", False) else 0,
+            token=cfg.token,
         )
 
     # ---------------------------------------------------------------- generation
@@ -481,11 +498,10 @@ class ServerEngine:
             raise ValueError("generate_ids: give every prompt an adapter, or none of them")
         for adapter in dict.fromkeys(adapters):
             if adapter.name not in self._adapters:
-                body = {"lora_name": adapter.name, "lora_path": adapter.path}
+                # the files travel with the request: a remote server cannot read our folder
+                body = adapter_payload(adapter.name, adapter.path)
                 try:
-                    self._call_all(
-                        f"loading adapter {adapter.name}", "/v1/load_lora_adapter", json=body
-                    )
+                    self._call_all(f"loading adapter {adapter.name}", UPLOAD_ROUTE, json=body)
                 except RolloutWorkerError as err:
                     if "answered HTTP" not in str(err):
                         raise
@@ -659,7 +675,7 @@ class ServerEngine:
             )
         ]
         offsets, world = rank_offsets(sizes)
-        sender = make_sender(self.sync_backend, self.sync_address, self.sync_port)
+        sender = make_sender(self.sync_backend, self.sync_address, self.sync_port, self.token)
         joining = [
             self._loop.submit(
                 server.acall(
@@ -697,6 +713,8 @@ class ServerEngine:
             f"start every server from this trainer's config (rlx serve --config <its file>), "
             f"so it runs the same rollout.sync_backend ({self.sync_backend})"
         )
+        if isinstance(err, SyncAuthError):
+            raise err  # a member without the token: the sync_backend hint would mislead
         try:
             raise_first_error(joining)
         except RolloutWorkerError as refused:
@@ -748,13 +766,14 @@ def rank_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, 1 + sum(sizes)
 
 
-def make_sender(sync_backend: str, host: str, port: int):
-    """The trainer's side of a resolved rollout.sync_backend, listening on host:port."""
+def make_sender(sync_backend: str, host: str, port: int, token: str = ""):
+    """The trainer's side of a resolved rollout.sync_backend, listening on host:port; `token`:
+    what gloo members must prove (vLLM's nccl engine runs no such check: docs/scale.md)."""
     if sync_backend == "nccl":
         from rlx.rollout.nccl_sender import NcclSender
 
         return NcclSender(host, port)
-    return GlooSender(host, port)
+    return GlooSender(host, port, token)
 
 
 def _sampling_params(sampling: Sampling) -> dict:

@@ -160,6 +160,37 @@ def broadcast(group, tensor: torch.Tensor) -> None:
     group.broadcast([tensor], opts).wait()
 
 
+def check_members(group, rank: int, world_size: int, token: str) -> list[int]:
+    """The membership proof of an open group (rlx/rollout/auth.py): rank 0 broadcasts a fresh
+    challenge, every rank all-gathers its HMAC of it, and each side returns the ranks whose
+    proof does not match its own token (empty: every member holds the token)."""
+    from rlx.rollout.auth import CHALLENGE_BYTES, bad_members, membership_proof, new_challenge
+
+    challenge = torch.zeros(CHALLENGE_BYTES, dtype=torch.uint8)
+    if rank == 0:
+        challenge = torch.frombuffer(bytearray(new_challenge()), dtype=torch.uint8)
+    broadcast(group, challenge)
+    nonce = challenge.numpy().tobytes()
+    mine = torch.frombuffer(bytearray(membership_proof(token, nonce, rank)), dtype=torch.uint8)
+    proofs = [torch.empty_like(mine) for _ in range(world_size)]
+    group.allgather([proofs], [mine]).wait()
+    return bad_members(token, nonce, [p.numpy().tobytes() for p in proofs])
+
+
+class SyncAuthError(RolloutWorkerError):
+    """A weight-sync peer did not prove the trainer's token (the message names its rank)."""
+
+
+def refuse_members(bad: Sequence[int], side: str) -> None:
+    """One error line for members whose proof failed, as `side` (trainer or server) sees it."""
+    if bad:
+        raise SyncAuthError(
+            f"weight-sync group member(s) at rank {', '.join(map(str, bad))} did not prove the "
+            f"{side}'s token: start every `rlx serve` and the trainer with the same "
+            "rollout.token (or RLX_SERVE_TOKEN); the group was closed before any weight was sent"
+        )
+
+
 def close_group(group) -> None:
     from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 
@@ -197,8 +228,9 @@ class GlooSender:
 
     backend = "gloo"
 
-    def __init__(self, host: str, port: int = 0):
+    def __init__(self, host: str, port: int = 0, token: str = ""):
         self.host = host
+        self.token = token  # every member proves it before weights travel (check_members)
         self.listen = socket.create_server((host, port))
         self.port = self.listen.getsockname()[1]
         self.group = None
@@ -222,6 +254,14 @@ class GlooSender:
             return open_group(self.host, self.port, 0, world_size, timeout_s, self.listen)
 
         self.group = within_deadline(join, timeout_s, "opening the gloo group", peers)
+
+        def prove():
+            return check_members(self.group, 0, world_size, self.token)
+
+        bad = within_deadline(prove, timeout_s, "checking the gloo group's members", peers)
+        if bad:
+            self.close()
+            refuse_members(bad, "trainer")
 
     def send(
         self,

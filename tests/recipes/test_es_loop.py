@@ -144,6 +144,36 @@ def test_other_backends_run(tiny_llama, tmp_path, vowel_reward, backend):
     assert results["after"]["num_completions"] == 4
 
 
+@pytest.mark.slow
+def test_vllm_lora_on_a_rollout_server(rollout_server, tiny_tied, tmp_path):
+    """es.backend=vllm_lora with rollout.backend=server against a real `rlx serve` (token on):
+    the members' adapters travel to the server with each load request, the centre weights go
+    over the gloo sync, and the run writes every step and its held-out evaluation."""
+    # tiny_tied's completions decode to no vowels: a reward of the token ids moves instead
+    reward = tmp_path / "ids.py"
+    reward.write_text(
+        "def ids(prompts, completions, completion_ids, **kw):\n"
+        "    return [sum(t) % 101 / 100 for t in completion_ids]\n"
+    )
+    extra = {
+        "rewards": f"[{{func: '{reward}:ids'}}]",
+        "es.backend": "vllm_lora",
+        "es.members_per_batch": 1,  # the shared server holds max_loras=2 adapters
+        "es.sigma": 0.1,  # tied embeddings: tiny_tied repeats its last token at sigma 0.01
+        "rollout.backend": "server",
+        "rollout.servers": f"[{rollout_server[0]}]",
+        "rollout.dtype": "float32",
+        "rollout.timeout_s": 120,
+        "steps": 2,
+        "eval.num_prompts": 4,
+    }
+    results = run(tiny_tied, tmp_path / "run", reward, **extra)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["fitness_std"] > 0
+    assert results["after"]["num_completions"] == 4
+    assert all(r["update_norm"] > 0 for r in rows)
+
+
 def test_reward_failure_errors_or_skips(tiny_llama, tmp_path, vowel_reward):
     bad = {"rewards": f"[{{func: '{vowel_reward}:broken'}}]", "eval.enabled": "false", "steps": 2}
     with pytest.raises(Exception, match="boom"):

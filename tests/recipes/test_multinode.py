@@ -150,24 +150,35 @@ def test_slurm_script_puts_servers_and_trainers_on_their_own_nodes(tmp_path):
     serves (the recipe's config and rollout overrides only), the other two train against it."""
     for name, body in {
         "scontrol": "printf 'n1\\nn2\\nn3\\n'",
-        "srun": 'echo "$*" >> "$SRUN_LOG"',
+        # the servers' srun runs in the background and the script's exit kills it: the
+        # trainers' srun (the last) waits up to 10 s for its line, so the log has both
+        "srun": 'echo "$* token=${RLX_SERVE_TOKEN:-none}" >> "$SRUN_LOG"\n'
+        '[[ $* == *"rlx.cli serve"* ]] || for _ in {1..100}; do\n'
+        '  (($(wc -l < "$SRUN_LOG") >= ROLLOUT_NODES + 1)) && break; sleep 0.1; done',
     }.items():
         (tmp_path / name).write_text(f"#!/bin/bash\n{body}\n")
         (tmp_path / name).chmod(0o755)
     log = tmp_path / "srun.log"
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SRUN_LOG": str(log)}
     env |= {"SLURM_JOB_NODELIST": "n[1-3]", "ROLLOUT_NODES": "1"}
+    env.pop("RLX_SERVE_TOKEN", None)  # the script makes one for the job
     args = ["--config", "recipes/grpo.yaml", "output_dir=/shared/x", "rollout.dtype=float32"]
     run = subprocess.run(
         ["bash", str(ROOT / "launch" / "slurm_pg.sbatch"), *args], env=env, cwd=ROOT, text=True
     )
     assert run.returncode == 0
-    serve, train = log.read_text().splitlines()
+    serve, train = sorted(
+        log.read_text().splitlines(), key=lambda line: "rlx.cli serve" not in line
+    )
     assert "--nodelist=n1 " in serve and "rlx.cli serve --config recipes/grpo.yaml" in serve
     assert "rollout.dtype=float32" in serve and "output_dir" not in serve
     assert "--nodelist=n2,n3" in train and "--num_machines 2" in train
     assert "--main_process_ip n2" in train and "rollout.backend=server" in train
     assert "rollout.servers=\\[n1:8000\\]" in train and "rollout.sync_address=n2" in train
+    # servers bind 0.0.0.0: both sides get one random token, through the environment only
+    tokens = {line.rsplit(" token=", 1)[1] for line in (serve, train)}
+    assert len(tokens) == 1 and len(token := tokens.pop()) == 64
+    assert all(line.count(token) == 1 for line in (serve, train))
     env["ROLLOUT_NODES"] = "3"
     none_left = subprocess.run(
         ["bash", str(ROOT / "launch" / "slurm_pg.sbatch")], env=env, capture_output=True, text=True

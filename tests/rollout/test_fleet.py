@@ -177,7 +177,9 @@ class FakeSender:
 
 @pytest.fixture
 def fake_sync(monkeypatch):
-    monkeypatch.setattr(server, "make_sender", lambda backend, host, port: FakeSender(host, port))
+    monkeypatch.setattr(
+        server, "make_sender", lambda backend, host, port, *a: FakeSender(host, port)
+    )
 
 
 @pytest.fixture

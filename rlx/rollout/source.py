@@ -1,0 +1,285 @@
+"""Rollout sources: where the policy-gradient loop takes each step's prompts and completions.
+
+    source.next(step) -> (this rank's prompt rows, their completions, prompt-major)
+
+`SyncRollouts` samples the step's prompts when the learner asks, on the weights of the last sync:
+generation and training take turns. `AsyncRollouts` (rollout.async=true) overlaps them: a producer
+thread samples the next steps' prompts on the newest synced weights while the learner trains, as
+TRL's async GRPO, verl's fully-async trainer, AReaL and PipelineRL do.
+
+Versions and staleness. The source counts the weight syncs the loop tells it about (`syncing()`):
+that count is the trainer's weight version, and a batch's behaviour version is the count when its
+generation began. A batch used when the count is v + s has staleness s. The producer may start
+step j only once the learner has asked for step j - k (k = rollout.max_staleness), so with one
+sync per step nothing older than k versions reaches the learner; the learner still checks every
+batch, and one older than k is dropped, counted, and sampled again at once on the current weights
+(staleness 0), so every rank's batch keeps its shape without a cross-rank decision. Completions of
+in-process engines carry the behaviour version in `Completion.weight_version`; rollout servers put
+their own count there, and staleness is still measured from the submission (an upper bound: a
+server may finish a request on newer weights after a sync).
+
+The loss corrects the lag: the clipped ratio is taken against the trainer's logprobs at the start
+of the step (the proximal policy, recomputed by the trainer) and truncated importance sampling
+(algo.tis_*) weighs each token by proximal / behaviour, the behaviour logprobs being the sampler's
+(decoupled PPO, as AReaL). rollout.async=true therefore needs algo.tis_cap > 0.
+
+Engine use. One lock orders the engine's users in this process: the producer holds it while it
+generates, the loop while it syncs weights (`syncing()`), and features that evaluate on the engine
+through `engine` (a view that takes the lock per call). In-process engines must not generate while
+their weights load; rollout servers would pause themselves, but their client's request pool is
+shared with the sync's calls, so the same rule holds for every backend. A sync waits for the
+generation under way (which the learner needs next anyway with k = 1).
+
+Resume. In-flight and queued completions are not checkpointed: a resumed run starts the producer
+at the checkpoint's step, on the checkpoint's weights, with the same prompts (step_prompt_indices)
+and sampling seeds as that step would have had. Its first k steps are therefore sampled fresher
+(staleness 0) than the uninterrupted run's were; from there on the two agree in kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from rlx import distributed
+from rlx.config import ConfigError
+from rlx.data import step_prompt_indices
+from rlx.rollout.base import Sampling
+from rlx.rollout.sync import generate_synced
+
+
+def step_rows(cfg, data, step: int, rank: int, world: int):
+    """This rank's prompt rows of step `step`: every world-th of the step's prompts."""
+    idx = step_prompt_indices(step, cfg.prompts_per_step, len(data), cfg.seed)
+    return data.select(idx[rank::world])
+
+
+def sample(cfg, engine, rows, sampling: Sampling, step: int) -> list:
+    """The step's completions. In-process vLLM samples with torch's global generator: seeding it
+    per step makes a resumed run sample exactly what an uninterrupted run would have."""
+    torch.manual_seed(cfg.seed * 1_000_003 + step)
+    return engine.generate(rows["prompt"], sampling)
+
+
+class SyncRollouts:
+    """The synchronous rollout source: each step, this rank's share of the step's prompts sampled
+    on the engine with the weights of the last sync."""
+
+    def __init__(self, cfg, engine, data, rank: int, world: int):
+        self.cfg, self.engine, self.data, self.rank, self.world = cfg, engine, data, rank, world
+        self.sampling = Sampling.from_config(cfg.rollout)
+        self.resync: Callable[[], None] = lambda: None  # re-push the weights, on every rank
+
+    def next(self, step: int):
+        """(this rank's prompt rows, their completions, prompt-major) for step `step` (0-based);
+        a restarted rollout server is re-synced first (rlx.rollout.sync.generate_synced)."""
+        rows = step_rows(self.cfg, self.data, step, self.rank, self.world)
+        draw = partial(sample, self.cfg, self.engine, rows, self.sampling, step)
+        return rows, generate_synced(self.engine, draw, self.resync)
+
+    def syncing(self) -> contextlib.AbstractContextManager[None]:
+        """The loop syncs the engine's weights inside this (nothing to order here)."""
+        return contextlib.nullcontext()
+
+    def metrics(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Batch:
+    """One step's rollouts as the producer made them."""
+
+    rows: object
+    completions: list
+    version: int  # the source's sync count when generation began
+
+
+class LockedEngine:
+    """The engine as the loop's other users see it while the producer runs: each call holds the
+    source's engine lock (in-process engines serve one caller at a time)."""
+
+    def __init__(self, engine, lock: threading.Lock):
+        self._engine, self._lock = engine, lock
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._engine, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
+class AsyncRollouts:
+    """The asynchronous rollout source (see the module docstring): a producer thread runs up to
+    rollout.max_staleness steps ahead of the learner on the newest synced weights."""
+
+    def __init__(self, cfg, engine, data, rank: int, world: int):
+        if cfg.algo.tis_cap <= 0 and cfg.rollout.max_staleness > 0:
+            raise ConfigError(
+                "rollout.async=true trains on completions of older weights, which the loss "
+                "corrects by importance sampling: set algo.tis_cap > 0 (e.g. 2.0)"
+            )
+        self.cfg, self.data, self.rank, self.world = cfg, data, rank, world
+        self.k = cfg.rollout.max_staleness
+        self.sampling = Sampling.from_config(cfg.rollout)
+        self._raw = engine
+        self._lock = threading.Lock()  # engine use: generation, weight syncs, evaluations
+        self.engine = LockedEngine(engine, self._lock)
+        self._cond = threading.Condition()  # guards everything below
+        self.version = 0  # weight syncs seen
+        self._ready: dict[int, Batch] = {}
+        self._asked = -1  # the step the learner asked for last
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._error: BaseException | None = None
+        self._producer_wait = self._trainer_wait = 0.0
+        self._waiting_since: float | None = None  # when the producer began waiting its turn
+        self._since = time.perf_counter()
+        self._step_stats: dict = {}
+
+    # ------------------------------------------------------------------ the learner's side
+
+    def next(self, step: int):
+        """Step `step`'s rows and completions (see SyncRollouts.next): the producer's batch, or,
+        when it is more than max_staleness versions old, a fresh one sampled now (counted)."""
+        began = time.perf_counter()
+        with self._cond:
+            if self._thread is None:
+                self._start(step)
+            self._asked = step
+            self._cond.notify_all()
+            while step not in self._ready and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise RuntimeError(f"the rollout producer failed: {self._error}") from self._error
+            batch = self._ready.pop(step)
+            queued = len(self._ready)
+            self._trainer_wait += time.perf_counter() - began
+            version = self.version
+        dropped = 0
+        if version - batch.version > self.k:
+            dropped = len(batch.completions)
+            batch = self._generate(step, batch.rows)
+        self._step_stats = {
+            "staleness": version - batch.version,
+            "completions": len(batch.completions),
+            "dropped": dropped,
+            "queue": queued,
+        }
+        return batch.rows, batch.completions
+
+    @contextlib.contextmanager
+    def syncing(self):
+        """The loop pushes new weights inside this: no generation meanwhile; the version counts
+        up when the sync went through."""
+        began = time.perf_counter()
+        with self._lock:
+            waited = time.perf_counter() - began
+            yield
+            with self._cond:
+                self.version += 1
+                self._trainer_wait += waited
+                self._cond.notify_all()
+
+    def metrics(self) -> dict:
+        """The step's async/* metrics (every rank calls it at the same point: the histogram and
+        the drops are summed over ranks): completions per staleness 0..k in the step's batch, the
+        completions dropped as too stale, the batches queued after the step's was taken, and
+        the shares of wall time since the last call the learner waited for rollouts (or for a
+        sync to get the engine) and the producer waited for the learner (this rank's)."""
+        s = self._step_stats
+        counts = torch.zeros(self.k + 2)
+        if s:
+            counts[s["staleness"]] += s["completions"]  # <= k: next() dropped older ones
+            counts[-1] = s["dropped"]
+        counts = distributed.reduce(counts, "sum")
+        with self._cond:
+            now = time.perf_counter()
+            wall = max(now - self._since, 1e-9)
+            producer_wait = self._producer_wait
+            if self._thread is not None and self._waiting_since is not None:
+                producer_wait += now - self._waiting_since
+                self._waiting_since = now
+            row = {f"async/staleness_{i}": int(counts[i]) for i in range(self.k + 1)}
+            row |= {
+                "async/dropped": int(counts[-1]),
+                "async/queue": s.get("queue", 0),
+                "async/trainer_idle": min(self._trainer_wait / wall, 1.0),
+                "async/generator_idle": min(producer_wait / wall, 1.0),
+            }
+            self._since, self._trainer_wait, self._producer_wait = now, 0.0, 0.0
+        return row
+
+    def close(self) -> None:
+        """Stop the producer (after the generation under way) and drop what it queued."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._ready.clear()
+
+    # ------------------------------------------------------------------ the producer
+
+    def _start(self, step: int) -> None:
+        """Start producing at the learner's first step (a resumed run: the checkpoint's)."""
+        self._thread = threading.Thread(
+            target=self._produce, args=(step,), name=f"rollouts-rank{self.rank}", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, step: int) -> None:
+        try:
+            while step < self.cfg.steps:
+                if not self._wait_turn(step):
+                    return
+                batch = self._generate(
+                    step, step_rows(self.cfg, self.data, step, self.rank, self.world)
+                )
+                with self._cond:
+                    self._ready[step] = batch
+                    self._cond.notify_all()
+                step += 1
+        except BaseException as err:  # handed to the learner, which raises it
+            with self._cond:
+                self._error = err
+                self._cond.notify_all()
+
+    def _wait_turn(self, step: int) -> bool:
+        """Block until the learner asked for step - k (False: stop). The wait counts as idle."""
+        with self._cond:
+            self._waiting_since = time.perf_counter()
+            while not self._stop and self._asked < step - self.k:
+                self._cond.wait()
+            self._producer_wait += time.perf_counter() - self._waiting_since
+            self._waiting_since = None
+            return not self._stop
+
+    def _generate(self, step: int, rows) -> Batch:
+        """Sample `rows` on the engine's current weights, holding the engine lock; the completions
+        of in-process engines carry the version they were sampled on."""
+        began = time.perf_counter()
+        with self._lock:
+            waited = time.perf_counter() - began
+            version = self.version
+            completions = sample(self.cfg, self._raw, rows, self.sampling, step)
+        if threading.current_thread() is self._thread:
+            with self._cond:
+                self._producer_wait += waited
+        for c in completions:
+            if c.weight_version is None:
+                c.weight_version = version
+        return Batch(rows, completions, version)
