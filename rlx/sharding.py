@@ -8,6 +8,7 @@ here does what plain DDP needs, so the loops call them unconditionally.
 - `micro_batch` / `optimizer_step`: accelerate steps a DeepSpeed engine inside `backward` when
   gradients are synchronised, so a micro-batched update marks only its last micro-batch as the
   accumulation boundary, and the step itself (clipping included) has already happened after it.
+  Without DeepSpeed no step is taken on a gradient that is not finite on some rank.
 - `forward_passes`: under ZeRO-3 every forward gathers the parameters (a collective), so every
   rank must run as many forward/backward passes as the busiest one; the loop pads with passes at
   loss weight 0 (after dynamic sampling the ranks keep different numbers of groups).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from collections.abc import Iterator
 
@@ -138,15 +140,31 @@ def micro_batch(accelerator, model, last: bool):
         state._set_sync_gradients(True)
 
 
-def optimizer_step(accelerator, model, optimizer, trainable, max_grad_norm: float) -> float:
-    """Clip and step after an update's backward passes; returns the gradient norm (NaN when not
-    clipped). Under DeepSpeed the engine has already clipped and stepped in the last backward."""
+def optimizer_step(accelerator, model, optimizer, trainable, max_grad_norm: float) -> float | None:
+    """Clip and step after an update's backward passes, unless a gradient is not finite on some
+    rank: then no step is taken, the gradients are dropped and None is returned (decided by all
+    ranks together, so that a skip never leaves the ranks' weights apart). Returns the gradient
+    norm otherwise (NaN when not clipped).
+
+    Under DeepSpeed the engine has already clipped and stepped in the last backward: ZeRO-1/2 in
+    fp32 skip a step whose gradient norm is not finite themselves (their overflow check, which
+    also drops the gradients); ZeRO-3 in fp32 has no such check and applies it. Both return None
+    here for a non-finite norm; the caller knows the stage (recipes/pg.py refuses to go on after
+    a ZeRO-3 step it cannot undo)."""
     if zero_stage(accelerator):
         norm = model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:  # DeepSpeed's norm computation is off: nothing to check
+            return float("nan")
+        return None if distributed.agree(not math.isfinite(float(norm))) else float(norm)
     norm = float("nan")
-    if max_grad_norm > 0:
+    if max_grad_norm > 0:  # the norm of a gradient with an inf or NaN is not finite
         norm = float(accelerator.clip_grad_norm_(trainable, max_grad_norm))
+        finite = math.isfinite(norm)
+    else:
+        finite = all(bool(p.grad.isfinite().all()) for p in trainable if p.grad is not None)
+    if distributed.agree(not finite):
+        optimizer.zero_grad(set_to_none=True)
+        return None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm

@@ -1,21 +1,31 @@
 """The training loop's side of dynamic reward weighting (recipes/pg.py); the math is rlx/objectives.py.
 
-    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy)  # None: static
+    weighting = start_weighting(cfg, run, engine, eval_data, reward_fns, policy, optimizer)
 
 It is a feature of the loop (rlx.features), plugged in at three points of each step:
     after_rewards       full, weights = reweigh(full, backward, lr): this step's total, weights
-    after_advantages    advantages * factor: the hypervolume meta-reward
-    after_step          validation (hypervolume), the metrics
+    after_advantages    the hypervolume meta-reward scales the learning rate of this step's
+                        optimizer updates
+    after_step          the learning rate back; validation (hypervolume); the metrics
 and state() for the checkpoint.
 
 Hypervolume-guided: a validation point every `weighting.hv_every` steps feeds HypervolumeWeighting
-(meta-reward, and with `weighting.hv_adapt_weights` the preference weights).
-Gradient-based: before the real update, one backward pass of the loop's own loss per objective,
-with advantages from that objective alone (`backward`, supplied by the loop); the gradients,
-restricted to `weighting.grad_layers` after clipping the whole gradient to `optim.max_grad_norm` (as
-the reference does), give the influences and GradientWeighting's mirror-descent step. Under DDP
-each pass ends in the gradient all-reduce, so every rank holds the whole batch's gradient and
-computes the same influences.
+(meta-reward, and with `weighting.hv_adapt_weights` the preference weights). The meta-reward m
+multiplies the optimizer's learning rate from after_advantages until after_step, so it scales the
+parameter change of the step's updates. On the rewards (the reference) GRPO's std division and
+REINFORCE's whitening cancel it; on the advantages gradient clipping and Adam's normalisation
+absorb it.
+
+Gradient-based: before the real update, one backward pass of the loop's own loss per objective
+(`backward`, supplied by the loop) on every group the step trains on (any objective varies), so
+each objective's loss has the whole batch's divisors, with that objective's own advantages
+(rlx.algos.pg.objective_advantages: its group z-score under normalize_then_sum, 0 in groups
+where it is constant). The gradients, restricted to `weighting.grad_layers` after clipping the
+whole gradient to `optim.max_grad_norm` (as the reference does), give the influences (with or
+without each objective's self-term) and GradientWeighting's mirror-descent step (every
+`weighting.grad_accumulation_steps` steps, with the mean influence). Under DDP each pass ends in
+the gradient all-reduce, so every rank holds the whole batch's gradient and computes the same
+influences.
 """
 
 from __future__ import annotations
@@ -39,10 +49,12 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 """The decoder-layer index in a parameter's name (HF's model.layers.N., also under PEFT)."""
 
 
-def start_weighting(cfg, run, engine, eval_data, reward_fns, policy) -> DynamicWeighting | None:
+def start_weighting(
+    cfg, run, engine, eval_data, reward_fns, policy, optimizer=None
+) -> DynamicWeighting | None:
     """The run's dynamic weighting, from the checkpoint resumed from or new (the hypervolume
-    method evaluates its reference point now); None for static weights. Bad settings raise
-    ConfigError before anything is written."""
+    method evaluates its reference point now, and scales `optimizer`'s learning rate); None for
+    static weights. Bad settings raise ConfigError before anything is written."""
     knobs, names = cfg.weighting, [fn.name for fn in reward_fns]
     method = knobs.method
     if method == "static":
@@ -64,7 +76,9 @@ def start_weighting(cfg, run, engine, eval_data, reward_fns, policy) -> DynamicW
                 "steps inside the backward pass); use launch/cpu_2proc.yaml or one process"
             )
         params = layer_parameters(policy, knobs.grad_layers)
-        weighting = DynamicWeighting(cfg, names, GradientWeighting(weights, knobs.grad_lambda))
+        steps = knobs.grad_accumulation_steps
+        grad = GradientWeighting(weights, knobs.grad_lambda, steps)
+        weighting = DynamicWeighting(cfg, names, grad)
         weighting.params, weighting.trainable = params, trainable_parameters(policy)
     else:
         if eval_data is None:
@@ -83,8 +97,14 @@ def start_weighting(cfg, run, engine, eval_data, reward_fns, policy) -> DynamicW
         adapt_lr = knobs.hv_adapt_lr if knobs.hv_adapt_weights else 0.0
         hv = HypervolumeWeighting(minimise, weights if adapt_lr else fixed, adapt_lr)
         weighting = DynamicWeighting(cfg, names, hv)
-        weighting.validation = validation
+        weighting.validation, weighting.optimizer = validation, optimizer
     weighting.main, weighting.engine, weighting.eval_data = run.main, engine, eval_data
+    if cfg.algo.reward_normalization == "sum_then_normalize" and run.main:
+        print(
+            "weighting: algo.reward_normalization=sum_then_normalize: in a group where one "
+            "objective varies the weights do not act; normalize_then_sum lets them act in every "
+            "group (docs/multi_objective.md)"
+        )
     if "weighting" in run.resumed_state:
         weighting.method.load_state_dict(run.resumed_state["weighting"])
     elif method == "hypervolume":
@@ -152,6 +172,8 @@ class DynamicWeighting(Feature):
         self.params: list[torch.nn.Parameter] = []  # gradient: the layers of the influences
         self.trainable: list[torch.nn.Parameter] = []  # gradient: all of them, for the clip
         self.validation: list[RewardFunction] = []  # hypervolume: the validation objectives
+        self.optimizer = None  # hypervolume: whose learning rate the meta-reward scales
+        self.scaled: list[tuple[dict, float, float]] = []  # (param group, lr, scaled lr)
         self.metrics: dict[str, float] = {}  # of the current step
 
     @property
@@ -160,8 +182,29 @@ class DynamicWeighting(Feature):
 
     @property
     def factor(self) -> float:
-        """The advantages' multiplier: the meta-reward (hypervolume), else 1."""
+        """The learning rate's multiplier: the meta-reward (hypervolume), else 1."""
         return getattr(self.method, "factor", 1.0)
+
+    def scale_learning_rate(self) -> None:
+        """Multiply the optimizer's learning rate by the meta-reward until restore_learning_rate
+        (the optimizer steps of this step's update)."""
+        self.restore_learning_rate()
+        factor = self.factor
+        if factor == 1.0:
+            return
+        if self.optimizer is None:
+            raise RuntimeError("DynamicWeighting.optimizer is not set: the meta-reward cannot act")
+        self.scaled = [(g, g["lr"], g["lr"] * factor) for g in self.optimizer.param_groups]
+        for group, _, scaled in self.scaled:
+            group["lr"] = scaled
+
+    def restore_learning_rate(self) -> None:
+        """Undo scale_learning_rate, except in a param group whose learning rate the scheduler has
+        set since (scheduler.step after the update: its new value is unscaled already)."""
+        for group, lr, scaled in self.scaled:
+            if group["lr"] == scaled:
+                group["lr"] = lr
+        self.scaled = []
 
     def reweigh(self, full: dict, backward: Callable, lr: float) -> tuple[dict, list[float]]:
         """`full` with its total recomputed under this step's weights, and the weights (gradient:
@@ -184,35 +227,38 @@ class DynamicWeighting(Feature):
         return full | {"total": weighted_total(per_fn, self.weights)}, self.weights
 
     def influences(self, full: dict, backward: Callable, missing: list[int]) -> list:
-        """I_k = <g_k, sum_j g_j> over the objectives with a reward (None for the missing).
-        g_k: `backward(advantages [P, G], keep [P])` with the loop's estimator on r_k alone,
-        then the gradient of the chosen layers, after clipping the whole one. nan for every
-        objective when a gradient is not finite (reweigh then applies bad_steps)."""
-        algo, grads = self.cfg.algo, []
+        """I_k = <g_k, sum_j g_j> (without <g_k, g_k> when weighting.grad_self_term is false)
+        over the objectives with a reward (None for the missing). g_k: `backward(advantages
+        [P, G], keep [P])` on every group the step trains on (any objective varies: the whole
+        batch's divisors) with objective k's own advantages (pg.objective_advantages), then the
+        gradient of the chosen layers, after clipping the whole one. nan for every objective when
+        a gradient is not finite (reweigh then applies bad_steps)."""
+        algo, per_fn = self.cfg.algo, full["per_fn"]  # [P, G, K]
+        total = weighted_total(per_fn, np.ones(per_fn.shape[-1]))  # NaN: no reward at all
+        keep = pg.groups_to_keep(total, algo.dynamic_sampling, per_fn)  # [P], on every rank
+        advantages = pg.objective_advantages(
+            algo.learner,
+            per_fn,
+            full["length"],
+            keep,
+            algo.reward_normalization,
+            scale_rewards=algo.scale_rewards,
+        )  # [P, G, K], from the gathered rewards: the same on every rank
+        grads = []
         for k in range(len(self.names)):
             if k in missing:
                 continue
-            rewards = full["per_fn"][..., k]  # [P, G]
-            advantages, keep = pg.kept_advantages(
-                algo.learner,
-                rewards,
-                rewards[..., None],
-                full["length"],
-                [1.0],
-                algo.reward_normalization,
-                algo.dynamic_sampling,
-                scale_rewards=algo.scale_rewards,
-            )
-            if keep.any():  # the same on every rank: keep comes from the gathered rewards
-                backward(advantages, keep)
+            if bool(advantages[..., k].any()):
+                backward(advantages[..., k], keep)
                 grads.append(self.clipped_gradient())
-            else:  # no group with signal: no gradient from this objective
+            else:  # constant in every group: no gradient from this objective
                 grads.append(torch.zeros(sum(p.numel() for p in self.params)))
         for p in self.trainable:
             p.grad = None
         if not all(bool(torch.isfinite(g).all()) for g in grads):  # influences() would raise
             return [None if k in missing else math.nan for k in range(len(self.names))]
-        values = iter(influences(grads).tolist() if grads else [])
+        self_term = self.cfg.weighting.grad_self_term
+        values = iter(influences(grads, self_term).tolist() if grads else [])
         return [None if k in missing else next(values) for k in range(len(self.names))]
 
     def non_finite(self, infl: list) -> list:
@@ -247,11 +293,15 @@ class DynamicWeighting(Feature):
     def after_rewards(self, step) -> None:
         """The step's weights and the rewards' total under them (step: full, weights, backward,
         lr of recipes/pg.py's ScoredStep)."""
+        self.restore_learning_rate()  # a skipped step (no after_step) may have left it scaled
         step.full, step.weights = self.reweigh(step.full, step.backward, step.lr)
 
     def after_advantages(self, step) -> None:
-        """The hypervolume meta-reward scales the step's advantages (1 for the gradient method)."""
-        step.advantages = step.advantages * self.factor
+        """The hypervolume meta-reward scales the learning rate of this step's updates (the
+        gradient method: factor 1, nothing changes)."""
+        self.scale_learning_rate()
+        if isinstance(self.method, HypervolumeWeighting):
+            self.metrics["lr_factor"] = self.factor
 
     def state(self) -> dict:
         return {"weighting": self.state_dict()}
@@ -259,7 +309,9 @@ class DynamicWeighting(Feature):
     def after_step(self, step: int) -> dict:
         """The step's metrics. Hypervolume, every weighting.hv_every steps: a validation point, its
         hypervolume contribution, the next meta-reward (and weights). Every rank evaluates
-        (greedy on identical weights: the same point) so no rank waits for another's number."""
+        (greedy on identical weights: the same point) so no rank waits for another's number.
+        The learning rate is restored first: the checkpoint after this holds the unscaled one."""
+        self.restore_learning_rate()
         if not isinstance(self.method, HypervolumeWeighting) or step % self.cfg.weighting.hv_every:
             return self.metrics
         point = self.validation_point(self.engine, self.eval_data)

@@ -101,9 +101,17 @@ class StepHooks:
     `step` counts optimizer steps; set it when resuming (AdaLoRA's budget schedule reads it).
     `seconds` adds up the time spent here (the loop logs it per step as time_adapter_hooks_s)."""
 
-    def __init__(self, model, guard: PrincipalGuard | None):
+    def __init__(self, model, guard: PrincipalGuard | None, guard_gradient: bool = False):
         self.model, self.guard, self.step, self.handles = model, guard, 0, []
+        self.guard_gradient = guard_gradient and guard is not None
         self.seconds = 0.0
+
+    def before_step(self, optimizer, args, kwargs) -> None:
+        """adapter.guard_gradient: the gradients leave the principal subspaces before the step
+        (torch.optim.Optimizer.register_step_pre_hook signature)."""
+        t0 = time.perf_counter()
+        self.guard.project_gradients()
+        self.seconds += time.perf_counter() - t0
 
     def __call__(self, optimizer, args, kwargs) -> None:
         t0 = time.perf_counter()
@@ -142,6 +150,19 @@ class StepHooks:
             else:
                 getattr(allocator, kind)[name] = tensor
 
+    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """A copy of the hooks' state (the step count, AdaLoRA's allocator) to `restore` when a
+        loop undoes optimizer steps (a skipped step)."""
+        return self.step, {k: v.clone() for k, v in self.state_dict().items()}
+
+    def restore(self, snapshot: tuple[int, dict[str, torch.Tensor]]) -> None:
+        step, tensors = snapshot
+        if _is_adalora(self.model):  # what the undone steps added goes too
+            peft = _peft_model(self.model)
+            peft.base_model.rankallocator.reset_ipt()
+            peft.peft_config[peft.active_adapter].rank_pattern = None
+        self.resume(step, tensors)
+
     def pop_seconds(self) -> dict:
         """{"adapter_hooks": seconds since the last call} when hooks are installed, else {}."""
         seconds, self.seconds = self.seconds, 0.0
@@ -155,7 +176,8 @@ class StepHooks:
 def install_step_hooks(model, optimizer, cfg: AdapterConfig) -> StepHooks:
     """Register the adapter's after-step work on `optimizer` (an accelerate wrapper is unwrapped):
     the principal guard (adapter.principal_guard > 0; U_k, V_k from the weights now, so call it
-    before a resume loads trained weights) and AdaLoRA's update_and_allocate."""
+    before a resume loads trained weights) and AdaLoRA's update_and_allocate; with
+    adapter.guard_gradient also the guard's gradient projection before each step."""
     inner = getattr(optimizer, "optimizer", optimizer)
     guard = None
     if cfg.principal_guard:
@@ -167,7 +189,9 @@ def install_step_hooks(model, optimizer, cfg: AdapterConfig) -> StepHooks:
         guard = PrincipalGuard(
             getattr(model, "module", model), cfg.principal_guard, cfg.target_modules
         )
-    hooks = StepHooks(model, guard)
+    hooks = StepHooks(model, guard, cfg.guard_gradient)
+    if hooks.guard_gradient:
+        hooks.handles.append(inner.register_step_pre_hook(hooks.before_step))
     if guard is not None or _is_adalora(model):
         hooks.handles.append(inner.register_step_post_hook(hooks))
     return hooks

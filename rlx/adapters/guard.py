@@ -5,7 +5,9 @@ After every optimizer step, per matrix, dW <- (I - U_k U_k^T) dW (I - V_k V_k^T)
 V_k [I, k] the top-k singular vectors of W0, taken once when the guard is built. Projecting the
 gradient instead is not enough: AdamW's moments and decoupled weight decay move the weight along
 directions the projected gradient never had. It runs as an optimizer step post-hook, so a loop
-needs only `install_step_hooks` (rlx.adapters).
+needs only `install_step_hooks` (rlx.adapters). With `adapter.guard_gradient` the gradients are
+projected the same way before the step as well (a pre-hook): the post-step projection alone leaves
+AdamW's moments full of principal directions that it throws away every step.
 
 What "the update" is:
 - full fine-tuning: dW = W - W0. The guard keeps no copy of W0, only its projections
@@ -61,13 +63,27 @@ class _FullMatrix:
         self.w0_v = (w0 @ v).float()  # [O, k]
         self.ut_w0_v = (u.T @ w0 @ v).float()  # [k, k]
 
-    def project(self) -> None:
+    def follow_device(self) -> None:
         if self.u.device != self.weight.device:  # the model moved (accelerate): follow it once
             dev = self.weight.device
             self.u, self.v = self.u.to(dev), self.v.to(dev)
             self.ut_w0, self.w0_v, self.ut_w0_v = (
                 t.to(dev) for t in (self.ut_w0, self.w0_v, self.ut_w0_v)
             )
+
+    def project_gradient(self) -> None:
+        """G <- G - R(G): the gradient of W without its principal part."""
+        grad = self.weight.grad
+        if grad is None:
+            return
+        self.follow_device()
+        u, v = self.u, self.v
+        ut_g = u.T @ grad  # [k, I]
+        g_v = grad @ v  # [O, k]
+        grad.sub_(u @ ut_g + (g_v - u @ (ut_g @ v)) @ v.T)
+
+    def project(self) -> None:
+        self.follow_device()
         w, u, v = self.weight.float(), self.u, self.v  # [O, I] [O, k] [I, k]
         w_v = w @ v  # [O, k]
         d_left = u.T @ w - self.ut_w0  # U^T dW [k, I]
@@ -84,9 +100,21 @@ class _Factors:
         u, v = top_singular_vectors(w0, k)
         self.b, self.a, self.u, self.v = lora_b, lora_a, u.float(), v.float()
 
-    def project(self) -> None:
+    def follow_device(self) -> None:
         if self.u.device != self.b.device:  # the model moved (accelerate): follow it once
             self.u, self.v = self.u.to(self.b.device), self.v.to(self.a.device)
+
+    def project_gradient(self) -> None:
+        """The factors' gradients projected as the factors are (dB's columns off U_k, dA's rows
+        off V_k): AdamW's moments, built from them, then hold no principal direction."""
+        self.follow_device()
+        if self.b.grad is not None:
+            self.b.grad.sub_(self.u @ (self.u.T @ self.b.grad))
+        if self.a.grad is not None:
+            self.a.grad.sub_((self.a.grad @ self.v) @ self.v.T)
+
+    def project(self) -> None:
+        self.follow_device()
         u, v = self.u, self.v  # [O, k] [I, k]
         self.b.sub_(u @ (u.T @ self.b))
         self.a.sub_((self.a @ v) @ v.T)
@@ -126,6 +154,16 @@ class PrincipalGuard:
     def apply(self) -> None:
         for entry in self.entries:
             entry.project()
+
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        """Before the optimizer step (adapter.guard_gradient): the same projection on the
+        gradients, so that AdamW's first moment proposes no principal direction and its second
+        moment holds no principal gradient energy (which would shrink the off-principal steps).
+        The step's own projection still follows: Adam's element-wise normalisation and weight
+        decay move a weight along directions its gradient did not have."""
+        for entry in self.entries:
+            entry.project_gradient()
 
     def step_hook(self, optimizer, args, kwargs) -> None:
         """torch.optim.Optimizer.register_step_post_hook signature."""

@@ -4,7 +4,8 @@ Every learner of the family is one choice from each table below; the training lo
 recipes/pg.py calls these and nothing else does the math. Shapes: P prompts, G completions per
 prompt, B = P*G sequences, T completion tokens (right-padded), V vocabulary.
 
-    advantages  ADVANTAGES[name](rewards [P, G]) -> [P, G]; several rewards: kept_advantages(...)
+    advantages  ADVANTAGES[name](rewards [P, G]) -> [P, G]; several rewards: kept_advantages(...),
+                each reward's own part: objective_advantages(...) -> [P, G, K]
     logprobs    token_logprobs(logits [B, T, V], tokens [B, T]) -> [B, T]
     loss        policy_loss(logprobs, old, sampler, ref, advantages, mask, algo, divisors)
                 -> (scalar, metrics): the whole objective, built from
@@ -277,16 +278,22 @@ def _check_options(name: str, normalization: str, scale_rewards: str) -> None:
         raise ValueError(f"normalize_then_sum is defined for learner=grpo, not {name}")
 
 
+def _group_zscores(per_fn: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Each reward normalised in its group, (r - mean) / (std + eps), NaN rewards skipped (and
+    kept NaN); 0 in a group where the reward is constant. [P, G, K] -> [P, G, K]."""
+    g = per_fn.shape[1]
+    centred = _centred(per_fn).masked_fill(per_fn.isnan(), float("nan"))  # [P, G, K]
+    std = _nanstd(per_fn, dim=1, keepdim=True) if g > 1 else torch.zeros_like(centred[:, :1])
+    return centred / (std + eps)
+
+
 def _normalize_then_sum(
     per_fn: torch.Tensor, weights: list[float], eps: float = EPS
 ) -> torch.Tensor:
     """GDPO (TRL's normalize_then_sum): each reward normalised in its group, weighted sum, then
     normalised over the batch. NaN rewards are skipped; a sample with no reward gets 0. -> [P, G]."""
-    g = per_fn.shape[1]
-    centred = _centred(per_fn).masked_fill(per_fn.isnan(), float("nan"))  # [P, G, K]
-    std = _nanstd(per_fn, dim=1, keepdim=True) if g > 1 else torch.zeros_like(centred[:, :1])
     w = torch.tensor(weights, dtype=per_fn.dtype, device=per_fn.device)  # [K]
-    summed = (centred / (std + eps) * w).nansum(-1)  # [P, G]
+    summed = (_group_zscores(per_fn, eps) * w).nansum(-1)  # [P, G]
     summed[per_fn.isnan().all(-1)] = float("nan")  # unscorable: out of the batch statistics
     std = _nanstd(summed) if summed.numel() > 1 else torch.zeros_like(summed)
     advantages = torch.nan_to_num(_centred(summed.reshape(-1), 0).view_as(summed) / (std + eps))
@@ -367,6 +374,36 @@ def kept_advantages(
             scale_rewards=scale_rewards,
         )
     return advantages, keep
+
+
+def objective_advantages(
+    name: str,
+    per_fn: torch.Tensor,
+    lengths: torch.Tensor,
+    keep: torch.Tensor,
+    normalization: str,
+    eps: float | None = None,
+    *,
+    scale_rewards: str = "group",
+) -> torch.Tensor:
+    """[P, G, K] each reward's own advantages on the groups `keep` [P] (0 elsewhere, and where the
+    reward is None): the part of the step's advantages that reward contributes before the weights.
+    "normalize_then_sum": its group z-score (GDPO's term before the weighted sum and the batch
+    re-normalisation, which scale every reward alike); "sum_then_normalize": the estimator on that
+    reward alone (None counts 0). The gradient-based weighting's per-objective gradients."""
+    _check_options(name, normalization, scale_rewards)
+    out = torch.zeros_like(per_fn)  # [P, G, K]
+    if not keep.any():
+        return out
+    kept = per_fn[keep]  # [p, G, K]
+    if normalization == "normalize_then_sum":
+        out[keep] = _group_zscores(kept, EPS if eps is None else eps).nan_to_num(0.0)
+        return out
+    for k in range(per_fn.shape[-1]):
+        out[keep, :, k] = compute_advantages(
+            name, kept[..., k].nan_to_num(0.0), lengths[keep], scale_rewards=scale_rewards, eps=eps
+        )
+    return out
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,11 @@ class AdapterConfig:
         help="k > 0: after every optimizer step remove the top-k principal part of each target "
         "matrix's update, dW <- (I - U_k U_k^T) dW (I - V_k V_k^T), U_k, V_k from W0's SVD; 0 = off",
     )
+    guard_gradient: bool = knob(
+        False,
+        help="with principal_guard: also project each gradient the same way before the optimizer "
+        "step, so AdamW's moments hold no principal direction (the after-step projection stays)",
+    )
     sync: AdapterSync = knob(
         "merged",
         help="how the rollout engine gets the policy: merged = the merged weights; adapter = the "
@@ -104,6 +109,11 @@ class AdapterConfig:
                 f"principal_guard={self.principal_guard} works with method none (full "
                 f"fine-tuning) and {', '.join(GUARDED_ADAPTERS)} (updates B @ A), not "
                 f"method={self.method}"
+            )
+        if self.guard_gradient and not self.principal_guard:
+            raise ConfigError(
+                "adapter.guard_gradient=true projects the gradient off the principal guard's "
+                "subspaces: set adapter.principal_guard=k (k > 0) too"
             )
         if self.method == "adalora":
             r = self.adalora.target_rank

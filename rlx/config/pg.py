@@ -110,9 +110,9 @@ class WeightingConfig:
 
     method: WeightingMethod = knob(
         "static",
-        help="static: the rewards' weights; hypervolume: also scale each step's advantages by a "
-        "meta-reward from the hypervolume gain of a validation point (2 or 3 rewards); gradient: "
-        "weights moved each step by the influence of each reward's policy gradient "
+        help="static: the rewards' weights; hypervolume: also scale each step's learning rate "
+        "by a meta-reward from the hypervolume gain of a validation point (2 or 3 rewards); "
+        "gradient: weights moved by the influence of each reward's policy gradient "
         "(docs/multi_objective.md)",
     )
     hv_every: int = knob(1, help="hypervolume: evaluate the validation slice every k steps")
@@ -134,7 +134,18 @@ class WeightingConfig:
     grad_lambda: float = knob(
         1e-5,
         help="gradient: the regulariser lambda of the mirror-descent step "
-        "w <- softmax(log w + lr * I / lambda), lr = the policy's current learning rate",
+        "w <- softmax(log w + lr * I / lambda), lr = the policy's current learning rate; the "
+        "reference's lr / lambda is 1e-6 / 1e-5 = 0.1",
+    )
+    grad_accumulation_steps: int = knob(
+        1,
+        help="gradient: the weights move every k steps, by the mean influence over those steps "
+        "(the reference's weight_accumulation_steps; 1 = every step)",
+    )
+    grad_self_term: bool = knob(
+        True,
+        help="gradient: I_k = <g_k, sum_j g_j> includes j = k (the reference); false drops "
+        "<g_k, g_k>, which with few samples is mostly noise and favours the noisiest objective",
     )
     grad_layers: list[int] = knob(
         [],
@@ -149,6 +160,8 @@ class WeightingConfig:
         require(ok, "hv_adapt_lr", "a finite number > 0", self.hv_adapt_lr)
         ok = math.isfinite(self.grad_lambda) and self.grad_lambda > 0
         require(ok, "grad_lambda", "a finite number > 0", self.grad_lambda)
+        steps = self.grad_accumulation_steps
+        require(steps >= 1, "grad_accumulation_steps", ">= 1", steps)
         layers = self.grad_layers
         ok = all(i >= 0 for i in layers) and len(set(layers)) == len(layers)
         require(ok, "grad_layers", "distinct layer indices >= 0", layers)

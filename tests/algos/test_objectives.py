@@ -285,9 +285,10 @@ def test_check_weights_errors(weights, message):
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce"])
-def test_meta_reward_acts_on_the_advantages_for_every_estimator(estimator):
-    """A factor on the rewards cancels in GRPO's std division and REINFORCE's whitening; the loop
-    multiplies the normalised advantages instead, which scales every estimator's update."""
+def test_a_factor_on_the_rewards_cancels_in_the_normalised_estimators(estimator):
+    """A factor on the rewards (the reference's meta-reward) cancels in GRPO's std division and
+    REINFORCE's whitening; rlx's meta-reward scales the learning rate instead
+    (tests/test_weighting.py: the parameter change scales with it)."""
     from rlx.algos import pg
 
     rewards = torch.tensor([[0.0, 1.0, 0.5, 0.2], [1.0, 0.0, 0.3, 0.9]])

@@ -1,7 +1,9 @@
-"""bench/multi_objective.py end to end on a tiny model (slow: three short training runs)."""
+"""bench/multi_objective.py end to end on a tiny model (slow: a base evaluation and three short
+training runs)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +14,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_bench_prints_every_arm_and_the_ratio(tmp_path):
+def test_bench_prints_every_run_every_arm_and_both_ratios(tmp_path):
     arms = ["static_uniform", "hypervolume", "gradient"]
     cmd = [sys.executable, str(ROOT / "bench" / "multi_objective.py"), "--model", "tiny"]
     cmd += ["--steps", "2", "--seeds", "1", "--out", str(tmp_path), "--arms", *arms]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1].startswith("hv_ratio=")
+    assert lines[-2].startswith("hv_ratio_vs_uniform=")
+    assert lines[-1].startswith("hv_ratio_vs_best_static=")
+    assert any(line.startswith("hypervolume reference (base less") for line in lines)
     for arm in arms:
-        assert any(line.split()[:1] == [arm] for line in lines), proc.stdout
-        assert (tmp_path / f"{arm}_0" / "eval.json").exists()
+        assert any(line.split()[:1] == [arm] for line in lines), proc.stdout  # its mean and std
+        assert any(line.strip().startswith(f"{arm} seed 0: correctness=") for line in lines)
+        before = json.loads((tmp_path / f"{arm}_0" / "eval.json").read_text())["before"]
+        base = json.loads((tmp_path / "base.json").read_text())  # measured before any run
+        assert before["rewards"] == base["rewards"]
+    assert "warning" not in proc.stdout
     assert (tmp_path / "gradient_0" / "weighting.png").exists()
+    assert (tmp_path / "pareto.png").stat().st_size > 0

@@ -1,8 +1,9 @@
 """bench/peft_rl.py and bench/rl_vs_sft_spectra.py end to end on a tiny model (slow: short
-training runs and full diagnostics)."""
+training runs, the untrained-task scores and full diagnostics)."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +15,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def bench(name: str, *args: str) -> list[str]:
     cmd = [sys.executable, str(ROOT / "bench" / name), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()
 
 
 @pytest.mark.slow
 def test_peft_bench_then_the_spectra_of_its_full_fine_tune(tmp_path):
-    variants = ["lora", "lora_guard", "full"]
+    variants = ["lora", "lora_guard", "lora_guard_grad", "full"]
     tiny = ["--model", "tiny", "--steps", "2", "--seeds", "1", "--out", str(tmp_path)]
     lines = bench("peft_rl.py", *tiny, "--variants", *variants)
     assert lines[-1].startswith("off_principal_vs_lora=")
+    assert lines[-2].startswith("forgetting_ratio=")
+    assert lines[-2].split("=")[1] == "nan" or float(lines[-2].split("=")[1]) >= 0
     rows = {
         line.split()[0]: line.split()
         for line in lines
@@ -32,7 +35,9 @@ def test_peft_bench_then_the_spectra_of_its_full_fine_tune(tmp_path):
     }
     assert set(rows) == set(variants)
     share = {v: float(rows[v][-4]) for v in variants}  # the principal share column
-    assert share["lora_guard"] < 1e-3 < share["lora"]  # the guard removed it
+    assert max(share["lora_guard"], share["lora_guard_grad"]) < 1e-3 < share["lora"]
+    for v in variants:  # each untrained task's change and the forgetting loss are numbers
+        assert all(math.isfinite(float(x)) for x in rows[v][3:6]), rows[v]
     grpo, out = str(tmp_path / "full_0" / "final"), str(tmp_path / "spectra")
     args = ["--base", str(tmp_path / "tiny"), "--grpo", grpo, "--sft-steps", "2", "--out", out]
     spectra = bench("rl_vs_sft_spectra.py", *args)

@@ -1,5 +1,7 @@
 """Tests for rewards/multi_objective.py: batch-relative conciseness and the length objective."""
 
+import math
+
 import pytest
 
 from rlx.rewards import RewardFunction, load_reward, score_completions
@@ -78,3 +80,31 @@ step_format = load_reward("rewards/multi_objective.py:step_format")
 )
 def test_step_format(text, expected):
     assert step_format(["p"], [text]) == [expected]
+
+
+concise_correct = load_reward("rewards/multi_objective.py:concise_correct")
+
+
+def test_concise_correct_pays_only_correct_answers_shorter_than_their_groups_correct_mean():
+    """Group "a": correct lengths 2, 4, 6 (mean 4) -> only the 2-token one; the short wrong one
+    scores 0. Group "b": one correct answer (its own mean) and a wrong one: 0 each. Group "c":
+    all wrong, however short: 0 (no push toward short answers where none is right)."""
+    prompts = ["a"] * 4 + ["b"] * 2 + ["c"] * 2
+    texts = ["<answer>5</answer>"] * 3 + ["<answer>6</answer>"]
+    texts += ["<answer>7</answer>", "<answer>1</answer>", "<answer>0</answer>", "x"]
+    ids = [[1] * n for n in (2, 4, 6, 1, 9, 1, 1, 1)]
+    answers = ["5"] * 4 + ["7"] * 2 + ["3"] * 2
+    rewards = concise_correct(prompts, texts, answer=answers, completion_ids=ids)
+    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_concise_correct_is_none_without_a_ground_truth_and_accepts_columns():
+    scores = score_completions(
+        [RewardFunction("concise_correct", concise_correct)],
+        prompts=["p", "p", "q"],
+        completions=["<answer>2</answer>", "so 2", "3"],
+        columns={"answer": ["2", "2", None], "other": [1, 2, 3]},
+        completion_ids=[[1, 2, 3], [1], [1]],
+    )
+    assert scores.per_function[:2, 0].tolist() == [0.0, 1.0]
+    assert math.isnan(scores.per_function[2, 0])
