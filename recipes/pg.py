@@ -50,6 +50,7 @@ from rlx import adapters, distributed, sharding
 from rlx.algos import pg
 from rlx.batch import MiniBatch, RolloutBatch, build_batch
 from rlx.config import AdapterConfig, ConfigError, PGConfig
+from rlx.config.choices import SAMPLER_LOGPROB_BACKENDS
 from rlx.features import Feature, Features
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
@@ -78,13 +79,14 @@ def train(cfg: PGConfig) -> dict:
     announce(cfg, run)
     trainer = Trainer(cfg, run)
     train_data, eval_data, reward_fns = load_data(cfg, trainer.tokenizer)
-    weights = make_weight_sync(cfg, run.rank)
+    weights = make_weight_sync(cfg, run.rank, run.run_id)
     engine = weights.engine
     if run.resume(*trainer.checkpointed()) or cfg.rollout.backend == "server":
         trainer.sync(weights, run.step)  # a server may hold another run's weights
     source = AsyncRollouts if cfg.rollout.async_ else SyncRollouts  # rlx/rollout/source.py
     rollouts = source(cfg, engine, train_data, run.rank, run.world)
     features = start_features(cfg, run, trainer, rollouts.engine, eval_data, reward_fns)
+    rollouts.resync = lambda: trainer.sync(weights, run.step)  # a restarted server
     run.start(engine, eval_data, reward_fns)
 
     while run.step < cfg.steps:
@@ -351,10 +353,11 @@ def load_reference(cfg: PGConfig, accelerator):
     return sharding.prepare_frozen(accelerator, ref_model.eval().requires_grad_(False))
 
 
-def make_weight_sync(cfg: PGConfig, rank: int):
+def make_weight_sync(cfg: PGConfig, rank: int, run_id: str | None = None):
     """The rollout engine inside its weight-sync strategy (rlx.weight_sync: merged weights, or
-    with adapter.sync=adapter the adapter alone, versions saved under output_dir/adapter_sync)."""
-    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank)
+    with adapter.sync=adapter the adapter alone, versions saved under output_dir/adapter_sync).
+    Rollout servers label the weights with `run_id` (rlx.recipe.Run.run_id)."""
+    engine = make_engine(cfg.rollout.backend, cfg.model.name, cfg.rollout, rank, run_id)
     folder = f"{cfg.output_dir}/adapter_sync"
     push_base = cfg.rollout.backend == "server"  # a server may hold another run's base weights
     return weight_sync(engine, cfg.adapter, folder, rank, push_base)
@@ -522,8 +525,9 @@ def train_on_batch(
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
-    tis = algo.tis_cap > 0 and cfg.rollout.backend == "vllm"
-    tis = tis or (algo.tis_cap > 0 and cfg.rollout.async_)  # behaviour policy: the sampler's
+    # every engine that returns the sampler's logprobs (with rollout.async: the behaviour policy's)
+    sampled = cfg.rollout.backend in SAMPLER_LOGPROB_BACKENDS or cfg.rollout.async_
+    tis = algo.tis_cap > 0 and sampled
     per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
     starts = range(0, batch.num_groups, per_micro)
     passes = sharding.forward_passes(accelerator, len(starts))

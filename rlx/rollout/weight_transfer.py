@@ -274,7 +274,15 @@ class GlooSender:
                 flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
                 broadcast(self.group, flat)
 
-        within_deadline(broadcast_all, self.timeout_s, "sending weights over gloo", peers)
+        within_deadline(
+            broadcast_all, self.timeout_s, "sending weights over gloo", peers, self._abandon
+        )
+
+    def _abandon(self) -> None:
+        """After a timeout or a server's failure mid-send: forget the group. The abandoned
+        broadcast thread still holds it until gloo's own timeout ends it, so it is not
+        destroyed under that thread; the trainer's next update makes a new group."""
+        self.group = None
 
     def close(self) -> None:
         if self.group is not None:

@@ -67,17 +67,17 @@ def test_completions_keep_prompt_order_and_the_models_logprobs(engine, tiny_tied
 
 
 def test_prompts_split_across_servers_come_back_in_order(rollout_server, tiny_tied):
-    """Two entries in rollout.servers (here the same server twice): contiguous slices of the
-    prompts go to each, and the completions still come back in prompt order, each sampled from
+    """Two entries in rollout.servers (here the same server twice): the prompts go to the less
+    loaded of the two, and the completions still come back in prompt order, each sampled from
     its own prompt (its logprobs are the server's scores of prompt + completion)."""
     address, _ = rollout_server
     engine = ServerEngine(tiny_tied, [address, address], timeout_s=60)
     try:
-        assert [engine.servers.index(s) for s in engine._assign(5)] == [0, 0, 0, 1, 1]
         prompts = [[1, 57, 210], [1, 99], [1, 140, 260, 301], [1, 12, 88], [1, 402]]
         out = engine.generate_ids(prompts, Sampling(n=2, max_new_tokens=5))
         assert [c.prompt_index for c in out] == [i for i in range(5) for _ in range(2)]
         assert [c.prompt_token_ids for c in out] == [p for p in prompts for _ in range(2)]
+        assert all(s.peak_in_flight > 0 for s in engine.servers)  # both entries served
         scored = engine.prompt_logprobs([c.prompt_token_ids + c.token_ids for c in out])
         for c, lp in zip(out, scored, strict=True):
             assert torch.allclose(
@@ -103,6 +103,8 @@ def test_chunked_weight_sync_is_exact_and_versioned(engine, tiny_tied):
         engine.update_weights(first)
         engine.update_weights(rest)
     assert engine.weight_version == version + 1
+    served = engine.servers[0].call("reading its version", "GET", "/weight_info")
+    assert served["weight_version"] == f"{engine.run_id}:{version + 1}"  # the run's, the step
     after = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
     assert (after - ref).abs().max() <= 1e-4
     c = engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=8))[0]
@@ -223,3 +225,27 @@ def test_adapter_sync_to_a_server_serves_each_new_version(rollout_server, tiny_t
         assert [p.name for p in (tmp_path / "sync").iterdir()] == ["rlx-rank0-v2"]
     finally:
         served.close()
+
+
+def test_a_failed_sync_on_a_real_server_is_rolled_back(rollout_server, tiny_tied):
+    """A chunk the server cannot load (a weight of the wrong shape) fails its /update_weights:
+    the update is rolled back and retried once, then one error names the server and the phase;
+    the server is resumed, serves again, and the next sync is exact."""
+    address, _ = rollout_server
+    engine = ServerEngine(tiny_tied, [address], timeout_s=60)
+    try:
+        engine.update_weights([("model.norm.weight", torch.ones(3))])  # not the norm's shape
+        raise AssertionError("the bad chunk should fail")
+    except RolloutWorkerError as err:
+        assert "again on its retry" in str(err) and address in str(err)
+        assert "receiving weights" in str(err)
+    try:
+        assert engine.servers[0].call("asking", "GET", "/is_paused")["is_paused"] is False
+        model = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+        engine.update_weights(model.state_dict().items())
+        got = torch.tensor(engine.prompt_logprobs([FIXED_TOKENS])[0])
+        assert (got - hf_logprobs(model, FIXED_TOKENS)).abs().max() <= 1e-4
+        c = engine.generate(["Sam has"], Sampling(n=1, max_new_tokens=4))[0]
+        assert c.weight_version == engine.weight_version == 1
+    finally:
+        engine.close()

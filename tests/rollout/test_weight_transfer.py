@@ -262,7 +262,7 @@ def test_a_server_that_fails_meanwhile_is_raised_at_once():
 
 
 class FakeServer:
-    """`_Server.call` for a server of `size` workers: answers what the engine asks and records
+    """`_Server.acall` for a server of `size` workers: answers what the engine asks and records
     the weight-sync calls; `refuse`: a path it answers with an HTTP error."""
 
     def __init__(self, size, refuse=None):
@@ -284,10 +284,15 @@ def fake_gpu_engine(tiny_tied, fakes, open_group, monkeypatch) -> ServerEngine:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(nccl_sender, "trainer_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(nccl_sender, "open_nccl_group", open_group)
-    monkeypatch.setattr(server._Server, "wait_ready", lambda self, deadline: None)
-    monkeypatch.setattr(
-        server._Server, "call", lambda self, *a, **k: fakes[self.url[7:]].call(*a, **k)
-    )
+
+    async def acall(self, what, method, path, timeout_s=None, **kwargs):
+        return fakes[self.url[7:]].call(what, method, path, **kwargs)
+
+    async def wait_ready(self, deadline):
+        return (await acall(self, "listing its model", "GET", "/v1/models"))["data"][0]
+
+    monkeypatch.setattr(server._Server, "wait_ready", wait_ready)
+    monkeypatch.setattr(server._Server, "acall", acall)
     return ServerEngine(tiny_tied, list(fakes), timeout_s=30, sync_backend="auto")
 
 
