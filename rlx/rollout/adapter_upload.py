@@ -71,6 +71,7 @@ class AdapterUploadMiddleware:
         await self.app(_as_post(scope, LOAD, body), _replay(body, receive), spy)
         if spy.code != 200:
             shutil.rmtree(folder, ignore_errors=True)
+        await spy.release()
 
     def _write(self, name: str, files: dict[str, str]) -> Path:
         """The adapter's files in a fresh folder named after it (names checked: no paths)."""
@@ -92,6 +93,7 @@ class AdapterUploadMiddleware:
         with_name = _json_or_empty(body).get("lora_name")
         if spy.code == 200 and isinstance(with_name, str) and SAFE_NAME.fullmatch(with_name):
             shutil.rmtree(self.root / with_name, ignore_errors=True)
+        await spy.release()
 
 
 def _json_or_empty(body: bytes) -> dict:
@@ -134,15 +136,22 @@ def _as_post(scope, path: str, body: bytes) -> dict:
 
 
 class _spy:
-    """An ASGI `send` that passes every message on and remembers the response status."""
+    """An ASGI `send` that remembers the response status and holds the response back until
+    `release()`: the route's clean-up happens before the client hears the answer (a client could
+    otherwise look for the folder between the answer and its deletion)."""
 
     def __init__(self, send):
-        self.send, self.code = send, None
+        self.send, self.code, self.held = send, None, []
 
     async def __call__(self, message):
         if message["type"] == "http.response.start":
             self.code = message["status"]
-        await self.send(message)
+        self.held.append(message)
+
+    async def release(self) -> None:
+        for message in self.held:
+            await self.send(message)
+        self.held.clear()
 
 
 async def _answer(send, status: int, text: str) -> None:

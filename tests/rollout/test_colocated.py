@@ -43,7 +43,7 @@ class SleepyLLM:
 
 def sleepy_engine(llm: SleepyLLM) -> VLLMEngine:
     engine = VLLMEngine.__new__(VLLMEngine)  # no real engine: vLLM cannot sleep on CPU
-    engine.llm, engine.sleeps, engine._lora_ids = llm, True, {}
+    engine.llm, engine.sleeps, engine._lora_ids, engine.weight_version = llm, True, {}, 0
     return engine
 
 
@@ -54,6 +54,7 @@ def test_a_sleeping_engine_wakes_for_each_call_and_sleeps_after():
     with engine.weight_update():  # one wake for all chunks of a sync
         engine.update_weights([])
         engine.update_weights([])
+    assert engine.weight_version == 1
     assert llm.calls == [
         *("wake", "generate", "sleep1"),
         *("wake", "load", "reset", "load", "reset", "sleep1"),
