@@ -9,7 +9,7 @@ rollout engine (vLLM by default) -> score them -> group advantages over the kept
 (micro-batched) each -> push the new weights into the engine. The math lives in rlx/algos/pg.py;
 the learner is chosen by `algo.*` (recipes/grpo.yaml, rloo.yaml, reinforce.yaml).
 With rollout.async=true a producer thread samples the next steps' prompts while the learner
-trains, at most rollout.max_staleness weight versions behind (rlx/rollout/source.py).
+trains, at most rollout.max_staleness weight versions behind (rlx/rollout_source.py).
 
 By default one optimizer step per rollout batch (ppo_epochs = mini_batches = 1): the trainer's
 logprobs at update time are the "old" ones, so the clipped ratio is 1 and only importance sampling
@@ -57,7 +57,7 @@ from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
 from rlx.policy import completion_logits, load_policy, matmul_params
 from rlx.recipe import Run, StepClock, load_data, run_recipe
 from rlx.rollout import engine_dtype, make_engine
-from rlx.rollout.source import AsyncRollouts, SyncRollouts
+from rlx.rollout_source import AsyncRollouts, SyncRollouts
 from rlx.weight_sync import weight_sync
 from rlx.weighting import start_weighting
 
@@ -83,7 +83,7 @@ def train(cfg: PGConfig) -> dict:
     engine = weights.engine
     if run.resume(*trainer.checkpointed()) or cfg.rollout.backend == "server":
         trainer.sync(weights, run.step)  # a server may hold another run's weights
-    source = AsyncRollouts if cfg.rollout.async_ else SyncRollouts  # rlx/rollout/source.py
+    source = AsyncRollouts if cfg.rollout.async_ else SyncRollouts  # rlx/rollout_source.py
     rollouts = source(cfg, engine, train_data, run.rank, run.world)
     features = start_features(cfg, run, trainer, rollouts.engine, eval_data, reward_fns)
     rollouts.resync = lambda: trainer.sync(weights, run.step)  # a restarted server
@@ -123,7 +123,7 @@ def train(cfg: PGConfig) -> dict:
         if run.end_step(clock.total(), *state):
             break
 
-    rollouts.close()  # the producer's queued batches are not checkpointed (rollout/source.py)
+    rollouts.close()  # the producer's queued batches are not checkpointed (rlx/rollout_source.py)
     title = f"{cfg.model.name} on {cfg.task.name} ({cfg.eval.split}, greedy)"
     results = run.finish(trainer.policy, trainer.tokenizer, engine, eval_data, reward_fns, title)
     engine.close()

@@ -1,4 +1,4 @@
-"""recipes/pg.py with rollout.async=true on a tiny model (rlx/rollout/source.py): a short run
+"""recipes/pg.py with rollout.async=true on a tiny model (rlx/rollout_source.py): a short run
 completes, logs its async/* metrics, corrects with the sampler's logprobs and never trains on a
 batch more than rollout.max_staleness versions old; a run killed after a checkpoint resumes from
 it with the producer restarted at the checkpoint's step."""

@@ -1,4 +1,4 @@
-"""Rollout sources (rlx/rollout/source.py) on a fake engine: the asynchronous source's prompts,
+"""Rollout sources (rlx/rollout_source.py) on a fake engine: the asynchronous source's prompts,
 staleness bound, drop of stale batches, resume point and failure path. No model, a second each."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datasets import Dataset
 
 from rlx.config import ConfigError
 from rlx.rollout.base import Completion
-from rlx.rollout.source import AsyncRollouts, SyncRollouts
+from rlx.rollout_source import AsyncRollouts, SyncRollouts
 
 
 def make_cfg(k: int = 1, steps: int = 8, tis_cap: float = 2.0):
