@@ -50,7 +50,6 @@ from rlx import adapters, distributed, sharding
 from rlx.algos import pg
 from rlx.batch import MiniBatch, RolloutBatch, build_batch
 from rlx.config import AdapterConfig, ConfigError, PGConfig
-from rlx.config.choices import SAMPLER_LOGPROB_BACKENDS
 from rlx.features import Feature, Features
 from rlx.hardware import autocast_enabled, describe_choice
 from rlx.metrics import Stats, peak_gpu_gib, peak_rss_gib
@@ -525,9 +524,8 @@ def train_on_batch(
     temperature = max(cfg.rollout.temperature, 1e-6)
     bf16 = autocast_enabled(cfg.bf16_autocast)
     autocast = torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16)
-    # every engine that returns the sampler's logprobs (with rollout.async: the behaviour policy's)
-    sampled = cfg.rollout.backend in SAMPLER_LOGPROB_BACKENDS or cfg.rollout.async_
-    tis = algo.tis_cap > 0 and sampled
+    # every engine returns the sampler's logprobs (with rollout.async: the behaviour policy's)
+    tis = algo.tis_cap > 0
     per_micro = max(1, cfg.micro_batch_size // g)  # whole groups: each prompt is run once
     starts = range(0, batch.num_groups, per_micro)
     passes = sharding.forward_passes(accelerator, len(starts))

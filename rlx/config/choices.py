@@ -56,11 +56,6 @@ RolloutBackend = Literal["vllm", "hf", "server"]
 ROLLOUT_BACKENDS: tuple[str, ...] = get_args(RolloutBackend)
 """rlx/rollout make_engine."""
 
-SAMPLER_LOGPROB_BACKENDS: tuple[str, ...] = ("vllm", "hf", "server")
-"""The rollout backends whose completions carry the sampler's processed logprobs, which the pg
-learner's importance correction (algo.tis_*) divides by: in-process vLLM, HF generate (its
-processed scores, in rollout.dtype) and rollout servers (--logprobs-mode processed_logprobs)."""
-
 SyncBackend = Literal["auto", "nccl", "gloo"]
 SYNC_BACKENDS: tuple[str, ...] = get_args(SyncBackend)
 """The weight-sync transport to rollout servers (rlx/rollout/weight_transfer.py)."""

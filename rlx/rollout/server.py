@@ -388,7 +388,7 @@ class ServerEngine:
             max_lora_rank=cfg.max_lora_rank,
             max_model_len=cfg.max_model_len,
             run_id=run_id,
-            max_staleness=cfg.max_staleness if getattr(cfg, "async_", False) else 0,
+            max_staleness=cfg.max_staleness if cfg.async_ else 0,
             token=cfg.token,
         )
 
