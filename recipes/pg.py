@@ -85,7 +85,7 @@ def train(cfg: PGConfig) -> dict:
     source = AsyncRollouts if cfg.rollout.async_ else SyncRollouts  # rlx/rollout_source.py
     rollouts = source(cfg, engine, train_data, run.rank, run.world)
     features = start_features(cfg, run, trainer, rollouts.engine, eval_data, reward_fns)
-    rollouts.resync = lambda: trainer.sync(weights, run.step)  # a restarted server
+    rollouts.resync = lambda: trainer.sync(weights, run.step, full=True)  # a restarted server
     run.start(engine, eval_data, reward_fns)
 
     while run.step < cfg.steps:
@@ -242,12 +242,13 @@ class Trainer:
                 self.scheduler.step()
         return self.scheduler.get_last_lr()[0]
 
-    def sync(self, weights, version: int) -> None:
+    def sync(self, weights, version: int, full: bool = False) -> None:
         """Push the policy into the rollout engine (`weights`: the rlx.weight_sync strategy) as
-        weight version `version` (the steps trained). Every rank takes part (ZeRO-3 gathers
+        weight version `version` (the steps trained); `full`: everything again, for a restarted
+        rollout server (the adapter's base too). Every rank takes part (ZeRO-3 gathers
         collectively); rollout servers are shared by all ranks and rank 0 alone sends to them,
         so the others wait for it before they sample again."""
-        weights.push(self.policy, version)
+        weights.push(self.policy, version, full)
         self.accelerator.wait_for_everyone()
 
     def objective_backward(self, step: ScoredStep):

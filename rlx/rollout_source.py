@@ -30,6 +30,19 @@ their weights load; rollout servers would pause themselves, but their client's r
 shared with the sync's calls, so the same rule holds for every backend. A sync waits for the
 generation under way (which the learner needs next anyway with k = 1).
 
+A restarted rollout server. The producer must not push weights: under ZeRO-3 a push is a
+collective of every trainer rank, and pushing is the learner's job. So when a generation meets a
+restarted server (`ServerRestarted`, rlx/rollout/server.py) its completions are dropped, the
+producer hands the learner an empty batch marked with that error for the step, and waits until
+the learner has re-pushed before it samples the next step. The learner, at its next `next()`
+(every rank calls it at the same point), agrees with the other ranks whether any of them met a
+restarted server (rlx.rollout.sync.agree, as the synchronous loop's generate_synced); if so every
+rank re-pushes the current weights (`resync`, under the engine lock, without counting a new
+version: the weights are the same), and a rank whose batch was lost samples it again itself, at
+once, on the learner's thread (staleness 0). A second restart met by that sampling is the run's
+error, as in the synchronous loop. The same holds for the sampling again of a batch that was
+too stale.
+
 Resume. In-flight and queued completions are not checkpointed: a resumed run starts the producer
 at the checkpoint's step, on the checkpoint's weights, with the same prompts (step_prompt_indices)
 and sampling seeds as that step would have had. Its first k steps are therefore sampled fresher
@@ -51,7 +64,8 @@ from rlx import distributed
 from rlx.config import ConfigError
 from rlx.data import step_prompt_indices
 from rlx.rollout.base import Sampling
-from rlx.rollout.sync import generate_synced
+from rlx.rollout.server import ServerRestarted
+from rlx.rollout.sync import agree, generate_synced
 
 
 def step_rows(cfg, data, step: int, rank: int, world: int):
@@ -101,6 +115,8 @@ class Batch:
     rows: object
     completions: list
     version: int  # the source's sync count when generation began
+    restarted: ServerRestarted | None = None  # met a restarted server: no completions
+    resyncs: int = 0  # the source's re-pushes when generation began
 
 
 class LockedEngine:
@@ -138,8 +154,10 @@ class AsyncRollouts:
         self._raw = engine
         self._lock = threading.Lock()  # engine use: generation, weight syncs, evaluations
         self.engine = LockedEngine(engine, self._lock)
+        self.resync: Callable[[], None] = lambda: None  # re-push the weights, on every rank
         self._cond = threading.Condition()  # guards everything below
         self.version = 0  # weight syncs seen
+        self._resyncs = 0  # re-pushes after a restarted rollout server
         self._ready: dict[int, Batch] = {}
         self._asked = -1  # the step the learner asked for last
         self._thread: threading.Thread | None = None
@@ -154,7 +172,8 @@ class AsyncRollouts:
 
     def next(self, step: int):
         """Step `step`'s rows and completions (see SyncRollouts.next): the producer's batch, or,
-        when it is more than max_staleness versions old, a fresh one sampled now (counted)."""
+        when it is more than max_staleness versions old, a fresh one sampled now (counted). When
+        a rank met a restarted rollout server, every rank re-pushes the weights here first."""
         began = time.perf_counter()
         with self._cond:
             if self._thread is None:
@@ -170,9 +189,11 @@ class AsyncRollouts:
             self._trainer_wait += time.perf_counter() - began
             version = self.version
         dropped = 0
-        if version - batch.version > self.k:
+        if batch.restarted is None and version - batch.version > self.k:
             dropped = len(batch.completions)
             batch = self._generate(step, batch.rows)
+        if agree(self._raw, batch.restarted is not None):  # every rank, every step
+            batch = self._recover(step, batch)
         self._step_stats = {
             "staleness": version - batch.version,
             "completions": len(batch.completions),
@@ -180,6 +201,23 @@ class AsyncRollouts:
             "queue": queued,
         }
         return batch.rows, batch.completions
+
+    def _recover(self, step: int, batch: Batch) -> Batch:
+        """A rank met a restarted rollout server: re-push the current weights (every rank, here,
+        on the learner's thread) and sample this rank's batch again if it was lost."""
+        if batch.restarted is not None:
+            print(f"rollout: {batch.restarted}")
+        with self._lock:
+            self.resync()
+            with self._cond:
+                self._resyncs += 1
+                self._cond.notify_all()
+        if batch.restarted is None:
+            return batch
+        batch = self._generate(step, batch.rows)
+        if batch.restarted is not None:  # again, right after the re-push: the run's error
+            raise batch.restarted
+        return batch
 
     @contextlib.contextmanager
     def syncing(self):
@@ -252,6 +290,8 @@ class AsyncRollouts:
                 with self._cond:
                     self._ready[step] = batch
                     self._cond.notify_all()
+                if batch.restarted is not None and not self._wait_resync(batch.resyncs):
+                    return
                 step += 1
         except BaseException as err:  # handed to the learner, which raises it
             with self._cond:
@@ -260,9 +300,18 @@ class AsyncRollouts:
 
     def _wait_turn(self, step: int) -> bool:
         """Block until the learner asked for step - k (False: stop). The wait counts as idle."""
+        return self._wait(lambda: self._asked >= step - self.k)
+
+    def _wait_resync(self, seen: int) -> bool:
+        """Block until the learner re-pushed the weights after `seen` re-pushes (False: stop):
+        the producer met a restarted server, and sampling on before the re-push would meet it
+        again. The wait counts as idle."""
+        return self._wait(lambda: self._resyncs > seen)
+
+    def _wait(self, ready: Callable[[], bool]) -> bool:
         with self._cond:
             self._waiting_since = time.perf_counter()
-            while not self._stop and self._asked < step - self.k:
+            while not self._stop and not ready():
                 self._cond.wait()
             self._producer_wait += time.perf_counter() - self._waiting_since
             self._waiting_since = None
@@ -270,12 +319,16 @@ class AsyncRollouts:
 
     def _generate(self, step: int, rows) -> Batch:
         """Sample `rows` on the engine's current weights, holding the engine lock; the completions
-        of in-process engines carry the version they were sampled on."""
+        of in-process engines carry the version they were sampled on. A restarted rollout server
+        gives an empty batch marked with it (the learner re-pushes, see the module docstring)."""
         began = time.perf_counter()
         with self._lock:
             waited = time.perf_counter() - began
             version = self.version
-            completions = sample(self.cfg, self._raw, rows, self.sampling, step)
+            try:
+                completions = sample(self.cfg, self._raw, rows, self.sampling, step)
+            except ServerRestarted as err:  # (re-pushes count up under this lock too)
+                return Batch(rows, [], version, err, self._resyncs)
         if threading.current_thread() is self._thread:
             with self._cond:
                 self._producer_wait += waited

@@ -12,6 +12,7 @@ from datasets import Dataset
 
 from rlx.config import ConfigError
 from rlx.rollout.base import Completion
+from rlx.rollout.server import ServerRestarted
 from rlx.rollout_source import AsyncRollouts, SyncRollouts
 
 
@@ -145,6 +146,56 @@ def test_generation_and_sync_never_interleave():
             assert busy.acquire(blocking=False), "a sync began during generate"
             time.sleep(0.02)
             busy.release()
+    source.close()
+
+
+class RestartingEngine(FakeEngine):
+    """A rollout-server-like engine (`transactional`): its generate calls number `restarts` meet
+    a restarted server (ServerRestarted) until the loop re-pushes (`resync`)."""
+
+    transactional = True
+
+    def __init__(self, restarts: set[int]):
+        super().__init__()
+        self.restarts, self.down, self.resyncs, self.generates = restarts, False, [], 0
+
+    def generate(self, prompts, sampling):
+        self.generates += 1
+        self.down |= self.generates in self.restarts
+        if self.down:
+            raise ServerRestarted("rollout server http://stub serves weights 'default'")
+        return super().generate(prompts, sampling)
+
+    def resync(self):
+        self.resyncs.append(threading.current_thread().name)
+        self.down = False
+
+
+@pytest.mark.parametrize("restart_at", [1, 3])
+def test_async_source_recovers_from_a_restarted_server(restart_at):
+    """The producer meets a restarted server (the first step's generation, or one while the
+    learner trains): it does not push; the learner re-pushes at its next step, on its own
+    thread, without counting a version, and every step still gets its whole batch. Before, the
+    producer's ServerRestarted ended the run."""
+    cfg, engine = make_cfg(k=1, steps=5), RestartingEngine({restart_at})
+    source = AsyncRollouts(cfg, engine, DATA, 0, 1)
+    source.resync = engine.resync
+    got = learn(source, engine, cfg.steps)
+    assert engine.resyncs == [threading.current_thread().name]
+    assert [len(completions) for _, completions, _ in got] == [8] * cfg.steps
+    assert source.version == cfg.steps  # the learner's syncs; the re-push is not one
+    assert all(m["async/dropped"] == 0 for _, _, m in got)
+
+
+def test_async_source_stops_when_the_server_restarts_again():
+    """A restart met again right after the re-push is the run's error, as in the synchronous
+    loop (rlx.rollout.sync.generate_synced)."""
+    cfg, engine = make_cfg(k=1, steps=4), RestartingEngine({1, 2})
+    source = AsyncRollouts(cfg, engine, DATA, 0, 1)
+    source.resync = lambda: engine.resyncs.append("again")  # leaves the server down
+    with pytest.raises(ServerRestarted):
+        source.next(0)
+    assert engine.resyncs == ["again"]
     source.close()
 
 

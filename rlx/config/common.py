@@ -63,6 +63,14 @@ class RolloutConfig:
         help="rollout.async=true: drop (and count) completions sampled more than this many weight "
         "versions before the trainer's current weights; the synchronous loop accepts none",
     )
+    max_in_flight: int = knob(
+        64,
+        help="rollout.backend=server: most generation requests (one prompt's num_samples "
+        "completions each) one server holds at once; the rest wait in the trainer and go to "
+        "the first server with a free slot. Raise it when max_in_flight x num_samples is below "
+        "the sequences a server's engine batches (rollout.max_num_seqs), so its batches stay "
+        "full; lower it to let faster servers take more of the prompts",
+    )
     num_samples: int = knob(8, help="completions sampled per prompt (the group size)")
     max_new_tokens: int = knob(64, help="most tokens generated per completion")
     temperature: float = knob(1.0, help="sampling temperature; 0 = greedy")
@@ -102,6 +110,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         require(self.num_samples >= 1, "num_samples", ">= 1", self.num_samples)
         require(self.max_staleness >= 0, "max_staleness", ">= 0", self.max_staleness)
+        require(self.max_in_flight >= 1, "max_in_flight", ">= 1", self.max_in_flight)
         require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
         room = f"< max_model_len ({self.max_model_len}), leaving room for the prompt"
         require(

@@ -18,9 +18,10 @@ weights. The design, in four parts (docs/scale.md has the operator's view):
 
 Dispatch by load. All HTTP goes through one asyncio event loop in a background thread (aiohttp),
 so a call in flight costs a coroutine, not a thread: 80 servers join a weight-sync group at once
-without a thread pool to wait behind. Each server takes at most `max_in_flight` generation
-requests at a time; every new request goes to the server with the fewest in flight (ties: the
-first), and waits when all are full. vLLM batches what each server holds.
+without a thread pool to wait behind. Each server takes at most `max_in_flight`
+(rollout.max_in_flight) generation requests at a time; every new request goes to the server
+with the fewest in flight (ties: the first), and waits when all are full. vLLM batches what
+each server holds.
 
 Sync as a transaction. `weight_update(version)` pauses every server, starts an update, lets the
 caller's `update_weights(chunk)` calls send the chunks, then finishes with the version and
@@ -44,7 +45,12 @@ that it did not finish) was restarted or lost an update: `generate` raises `Serv
 drops the weight-sync group, and the loop re-pushes its current weights
 (rlx.rollout.sync.generate_synced), which re-makes the group with every server. An exception
 rather than a stored callable, because re-pushing is a collective of every trainer rank under
-ZeRO-3: only the loop can make all ranks do it together.
+ZeRO-3: only the loop can make all ranks do it together. With adapter.sync=adapter a restarted
+server does not sample on its base weights: it refuses the request, since it lost the adapter
+the request names (HTTP 404). So a generation that a server refused after a sync reads every
+server's version (/weight_info, only then) and raises `ServerRestarted` for one with none of
+this run; and unloading an adapter that a server no longer holds (404) is not an error. The
+re-push then loads the base model again before the adapter (rlx.weight_sync.AdapterSync).
 
 Deadlines. Every HTTP call and every open and send of the weight-sync group have one
 (rollout.timeout_s); a dead or hung server gives one `RolloutWorkerError` naming the server or
@@ -63,6 +69,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, wait
 
 import torch
 
+from rlx.config.common import RolloutConfig
 from rlx.errors import UserError
 from rlx.rollout.adapter_upload import ROUTE as UPLOAD_ROUTE
 from rlx.rollout.adapter_upload import adapter_payload
@@ -87,8 +94,6 @@ from rlx.rollout.weight_transfer import (
     resolve_sync_backend,
     update_info,
 )
-
-MAX_IN_FLIGHT = 64  # generation requests one server holds at once (vLLM batches them)
 
 
 class SyncFailed(RolloutWorkerError):
@@ -201,9 +206,10 @@ class _Server:
                     )
                 if response.status != 200:
                     text = await response.text()
-                    raise RolloutWorkerError(
+                    raise _Refused(
                         f"rollout server {self.url} answered HTTP {response.status} while "
-                        f"{what}: {text[:300]}"
+                        f"{what}: {text[:300]}",
+                        response.status,
                     )
                 if "json" not in response.headers.get("content-type", ""):
                     return await response.text()  # e.g. vLLM's adapter endpoints: plain text
@@ -242,6 +248,14 @@ class _Server:
 
 class _Reset(RolloutWorkerError):
     """The server closed the connection under the request (sent once more, then this error)."""
+
+
+class _Refused(RolloutWorkerError):
+    """The server answered the call with an HTTP error `status` (so it is up)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def _reason(err: Exception) -> str:
@@ -321,7 +335,7 @@ class ServerEngine:
         sync_backend: str = "auto",
         run_id: str | None = None,
         max_staleness: int = 0,
-        max_in_flight: int = MAX_IN_FLIGHT,
+        max_in_flight: int = RolloutConfig.max_in_flight,
         token: str | None = None,
     ):
         import uuid
@@ -389,6 +403,7 @@ class ServerEngine:
             max_model_len=cfg.max_model_len,
             run_id=run_id,
             max_staleness=cfg.max_staleness if cfg.async_ else 0,
+            max_in_flight=cfg.max_in_flight,
             token=cfg.token,
         )
 
@@ -422,7 +437,12 @@ class ServerEngine:
             )
             for i, ids in enumerate(prompt_ids)
         ]
-        answers = self._loop.run(dispatch(self.servers, calls, self.max_in_flight))
+        try:
+            answers = self._loop.run(dispatch(self.servers, calls, self.max_in_flight))
+        except _Refused:
+            if self.synced:  # e.g. a restarted server that lost our adapter (module docstring)
+                self._find_restarted()
+            raise
         completions = []
         for index, (ids, answer) in enumerate(zip(prompt_ids, answers, strict=True)):
             for choice in sorted(answer["choices"], key=lambda c: c["index"]):
@@ -445,12 +465,7 @@ class ServerEngine:
                 f"is {self.run_id!r}): give each trainer its own rollout.servers"
             )
         if run != self.run_id or not step.isdigit():
-            self._drop_sender()
-            raise ServerRestarted(
-                f"rollout server {server} serves weights {version!r}, not this run's "
-                f"({self.run_id}:{self.weight_version}): it was restarted or missed an update; "
-                "the trainer pushes its weights again"
-            )
+            raise self._restarted(server, version)
         lag = self.weight_version - int(step)
         if lag > self.max_staleness or lag < 0:
             raise RolloutWorkerError(
@@ -460,6 +475,36 @@ class ServerEngine:
                 "miss a weight sync?"
             )
         return int(step)
+
+    def _restarted(self, server: str, version: str) -> ServerRestarted:
+        """The error for a server that holds weights of no version of this run; the weight-sync
+        group is dropped, so the loop's re-push makes a new one with every server."""
+        self._drop_sender()
+        return ServerRestarted(
+            f"rollout server {server} serves weights {version!r}, not this run's "
+            f"({self.run_id}:{self.weight_version}): it was restarted or missed an update; "
+            "the trainer pushes its weights again"
+        )
+
+    def _find_restarted(self) -> None:
+        """After a server refused a generation: raise `ServerRestarted` for the first server
+        whose version (/weight_info) names no run and step, as `_check_version` would. Servers
+        that do not answer, or hold another run's weights, are left to the generation's own
+        error."""
+        patience = min(self.timeout_s, 10.0)
+        probes = [
+            self._loop.submit(
+                s.acall("reading its weight version", "GET", "/weight_info", timeout_s=patience)
+            )
+            for s in self.servers
+        ]
+        wait(probes)
+        for server, probe in zip(self.servers, probes, strict=True):
+            if probe.exception() is None:
+                version = str(probe.result().get("weight_version"))
+                run, _, step = version.rpartition(":")
+                if not (run and step.isdigit()):
+                    raise self._restarted(server.url, version)
 
     def prompt_logprobs(
         self, token_ids: Sequence[Sequence[int]], adapter: Adapter | None = None
@@ -515,9 +560,18 @@ class ServerEngine:
         return [a.name for a in adapters]
 
     def remove_adapters(self) -> None:
+        """Unload every adapter this engine loaded from every server. A server that no longer
+        holds one (restarted: HTTP 404) is already where this leaves it."""
         for name in sorted(self._adapters):
             body = {"lora_name": name}
-            self._call_all(f"unloading adapter {name}", "/v1/unload_lora_adapter", json=body)
+            jobs = self._submit_all(
+                f"unloading adapter {name}", "/v1/unload_lora_adapter", json=body
+            )
+            wait(jobs)
+            for job in jobs:
+                err = job.exception()
+                if err is not None and getattr(err, "status", None) != 404:
+                    raise err
         self._adapters.clear()
 
     def perturb_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -635,6 +689,10 @@ class ServerEngine:
             try:
                 self._sender.send([t for _, t in tensors], info["dtype_names"], peers=receiving)
             except RuntimeError as err:
+                if not isinstance(err, RolloutWorkerError):  # the transport's own error
+                    # often first (a dead peer's socket reset): give the servers a moment to
+                    # say which of them failed, for the error line
+                    wait(receiving, timeout=min(self.timeout_s, 5.0), return_when=FIRST_EXCEPTION)
                 raise_first_error(receiving)
                 raise RolloutWorkerError(
                     f"weight sync ({self.sync_backend}) to the rollout servers failed while "

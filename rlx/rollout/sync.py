@@ -17,8 +17,10 @@ run's error.
 
 `generate_synced` is the other half: a rollout server that reports weights of no version of this
 run (restarted by a supervisor) makes `generate` raise `ServerRestarted` on the rank that saw
-it; every rank then re-pushes the current weights (the engine re-makes the weight-sync group)
-and generates again.
+it; every rank then re-pushes the current weights (the engine re-makes the weight-sync group;
+with adapter.sync=adapter the base model goes again before the adapter, rlx/weight_sync.py)
+and generates again. The asynchronous source does the same at its own agreed point
+(rlx.rollout_source.AsyncRollouts.next), since its producer thread must not push.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def push_weights(engine, chunks: Callable[[], Iterable[Chunk]], version: int | N
     (default: the engine's previous version + 1). A rolled-back update is run once more on every
     rank; a second failure is one RolloutWorkerError naming the server and the phase."""
     failure = _attempt(engine, chunks, version)
-    if not _agree(engine, failure is not None):
+    if not agree(engine, failure is not None):
         return
     failure = _attempt(engine, chunks, version)
     if failure is not None:
@@ -63,7 +65,7 @@ def generate_synced(engine, generate: Callable[[], list], resync: Callable[[], N
         completions, restarted = generate(), None
     except ServerRestarted as err:
         completions, restarted = None, err
-    if not _agree(engine, restarted is not None):
+    if not agree(engine, restarted is not None):
         return completions
     if restarted is not None:
         print(f"rollout: {restarted}")
@@ -71,11 +73,11 @@ def generate_synced(engine, generate: Callable[[], list], resync: Callable[[], N
     return generate()
 
 
-def _agree(engine, flag: bool) -> bool:
-    """`flag` on any rank, for engines that roll updates back and check versions (rollout
-    servers: `transactional`); for the others `flag` as it is, with no collective, since
-    their updates and generations cannot fail this way and their learners (ES) need not call
-    at the same points on every rank."""
+def agree(engine, flag: bool) -> bool:
+    """`flag` on any rank (every rank calls it at the same point), for engines that roll
+    updates back and check versions (rollout servers: `transactional`); for the others `flag`
+    as it is, with no collective, since their updates and generations cannot fail this way and
+    their learners (ES) need not call at the same points on every rank."""
     if getattr(engine, "transactional", False):
         return distributed.agree(flag)
     return flag

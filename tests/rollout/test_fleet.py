@@ -1,17 +1,24 @@
 """The rollout fleet's failure paths and load on stub servers: in-process aiohttp apps that speak
 the routes `ServerEngine` uses, with a fake weight-sync transport (the real one is
-tests/rollout/test_server.py's and test_weight_transfer.py's). Fast: no vLLM, no subprocess.
+tests/rollout/test_server.py's and test_weight_transfer.py's). Fast: no vLLM, no subprocess, except
+the last test (slow), whose stubs' workers take part in the real gloo group.
 
-Each stub counts its generation requests in flight, holds a weight version, a paused flag and a
-"joined" flag, and can be told to fail a route. Its /init_weight_transfer_engine and
+Each stub counts its generation requests in flight, holds a weight version, a paused flag, a
+"joined" flag and its LoRA adapters (a request naming another model gets 404, as from vLLM), and
+can be told to fail a route. Its /init_weight_transfer_engine and
 /update_weights wait until every stub of the fleet was called, as a collective would."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import wait
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,10 +41,14 @@ class Stub:
         self.fail: dict[str, int] = {}  # route -> failures left (HTTP 500 at once)
         self.calls: list[str] = []
         self.delay = 0.02  # seconds per generation request
+        self.adapters: set[str] = set()
+        self.requests = 0  # generation requests received
+        self.restart_at = 0  # > 0: restart on receiving that generation request
 
     def restart(self) -> None:
-        """As a supervisor restarts it: base weights, no transfer group."""
+        """As a supervisor restarts it: base weights, no transfer group, no adapters."""
         self.version, self.paused, self.joined, self.updating = "default", False, False, False
+        self.adapters = set()
 
 
 class Fleet:
@@ -84,6 +95,12 @@ class Fleet:
                 stub.updating &= path != "/update_weights"  # vLLM ends a failed update
                 return web.Response(status=500, text=f"stub failure on {path}")
             body = await request.json() if request.can_read_body else {}
+            if path == "/inference/v1/generate":
+                stub.requests += 1
+                if stub.requests == stub.restart_at:
+                    stub.restart()
+            if body.get("model") and body["model"] not in stub.adapters:
+                return web.Response(status=404, text=f"The model `{body['model']}` does not exist.")
             return web.json_response(await self._route(stub, path, body))
 
         return handle
@@ -117,6 +134,16 @@ class Fleet:
             stub.version = body.get("weight_version") or stub.version
         elif path == "/update_weight_version":
             stub.version = body["new_version"]
+        elif path == "/weight_info":
+            return {"weight_version": stub.version}
+        elif path == "/rlx/load_lora_adapter":
+            stub.adapters.add(body["lora_name"])
+        elif path == "/v1/unload_lora_adapter":
+            if body["lora_name"] not in stub.adapters:
+                raise web.HTTPNotFound(
+                    text=f"The lora adapter '{body['lora_name']}' cannot be found."
+                )
+            stub.adapters.remove(body["lora_name"])
         elif path == "/shutdown_weight_transfer_engine":
             stub.joined = False
         return {"ok": True}
@@ -138,7 +165,8 @@ class Fleet:
             "logprobs": {"content": [{"logprob": -1.0}] * t},
             "weight_versions": [{"version": stub.version, "start": 0, "end": t}],
         }
-        return {"choices": [{"index": i, **choice} for i in range(n)]}
+        # samples of different lengths: rewards that vary within a group
+        return {"choices": [{"index": i, **choice, "text": "x" * (i + 1)} for i in range(n)]}
 
     def close(self) -> None:
         async def stop():
@@ -215,6 +243,26 @@ def test_four_servers_are_all_busy_with_512_prompts(tiny_tied):
         assert fleet.busy == 4
         assert all(8 <= s.peak <= 16 for s in fleet.stubs), [s.peak for s in fleet.stubs]
         assert all(s.served >= 64 for s in fleet.stubs), [s.served for s in fleet.stubs]
+    finally:
+        engine.close()
+        fleet.close()
+
+
+def test_rollout_max_in_flight_bounds_each_server(tiny_tied):
+    """The knob reaches dispatch through from_config: no server ever holds more than it."""
+    from rlx.config import ConfigError, RolloutConfig
+
+    with pytest.raises(ConfigError, match="max_in_flight must be >= 1"):
+        RolloutConfig(max_in_flight=0)
+    fleet = Fleet(2)
+    for stub in fleet.stubs:
+        stub.delay = 0.05
+    cfg = RolloutConfig(backend="server", servers=fleet.addresses, max_in_flight=3)
+    engine = ServerEngine.from_config(tiny_tied, cfg)
+    try:
+        assert len(engine.generate_ids([[1, i] for i in range(24)], SAMPLING)) == 24
+        assert [s.peak for s in fleet.stubs] == [3, 3]
+        assert [s.peak_in_flight for s in engine.servers] == [3, 3]
     finally:
         engine.close()
         fleet.close()
@@ -361,6 +409,110 @@ def test_a_restarted_server_is_resynced(tiny_tied, fake_sync, fleet3):
         engine.close()
 
 
+def test_a_restarted_server_gets_the_base_again_under_adapter_sync(
+    tiny_tied, fake_sync, fleet3, tmp_path
+):
+    """adapter.sync=adapter pushes the base model once, then adapters only. A restarted server
+    has lost the adapter (it refuses the request, 404) and the run's version: the engine finds
+    it by its version, and the full re-push gives it the base under the run's version through a
+    new group, then the adapter; the old adapter is unloaded where it still is."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlx.weight_sync import AdapterSync
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_tied, dtype=torch.float32)
+    policy = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    engine = make_engine(tiny_tied, fleet3, enable_lora=True)
+    engine.run_id = "runA"
+    weights = AdapterSync(engine, tmp_path / "sync", push_base=True)
+    served = weights.engine
+
+    def draw():
+        return served.generate_ids([[1, 2]] * 6, SAMPLING)
+
+    try:
+        weights.push(policy, 3)  # the base as version 3, then adapter v1
+        weights.push(policy, 4)  # adapter v2 alone: the servers keep the base's version
+        assert {c.weight_version for c in draw()} == {3}
+        restarted = fleet3.stubs[1]
+        restarted.restart()
+        with pytest.raises(ServerRestarted, match=f"{restarted.address}.*'default'"):
+            draw()
+        out = generate_synced(served, draw, lambda: weights.push(policy, 4, full=True))
+        assert {c.weight_version for c in out} == {4}
+        assert restarted.calls.count("/update_weights") == 2  # the base, twice
+        assert restarted.calls.count("/init_weight_transfer_engine") == 2  # a new group
+        assert all(s.version == "runA:4" and s.joined for s in fleet3.stubs)
+        assert all(s.adapters == {"rlx-rank0-v3"} for s in fleet3.stubs)
+        assert not any(s.paused for s in fleet3.stubs)
+    finally:
+        served.close()
+
+
+@pytest.mark.slow  # two short pg runs of the tiny model (stub servers): ~45 s each on 2 AVX2 cores
+@pytest.mark.parametrize("async_", [False, True])
+def test_pg_with_adapter_sync_recovers_from_a_restarted_server(
+    async_, tiny_tied, fake_sync, tmp_path, capsys
+):
+    """recipes/pg.py with adapter.sync=adapter on two stub servers, one of which restarts in the
+    middle of the run: the synchronous loop and the asynchronous source both re-push the base
+    and the adapter (the restarted stub takes the base a second time) and the run ends."""
+    import importlib.util
+
+    from rlx.config import PGConfig, load_config
+    from rlx.metrics import read_metrics
+
+    spec = importlib.util.spec_from_file_location(
+        "pg_recipe_restart", Path(__file__).resolve().parents[2] / "recipes" / "pg.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    reward = tmp_path / "length.py"
+    reward.write_text(
+        "def longer(prompts, completions, **kw):\n    return [len(c) for c in completions]\n"
+    )
+    fleet = Fleet(2)
+    fleet.stubs[1].restart_at = 2  # its second generation request: the run's second step
+    args = {
+        "model.name": tiny_tied,
+        "rollout.backend": "server",
+        "rollout.servers": f"[{','.join(fleet.addresses)}]",
+        "rollout.sync_backend": "gloo",
+        "rollout.timeout_s": 20,
+        "rollout.enable_lora": "true",
+        "adapter.method": "lora",
+        "adapter.rank": 4,
+        "adapter.sync": "adapter",
+        "rollout.async": str(async_).lower(),
+        "rollout.num_samples": 2,
+        "rollout.max_new_tokens": 4,
+        "prompts_per_step": 2,
+        "steps": 3,
+        "micro_batch_size": 4,
+        "eval.enabled": "false",
+        "output_dir": str(tmp_path / "out"),
+        "log_with": "[]",
+        "rewards": f"[{{func: '{reward}:longer', weight: 1.0}}]",
+    }
+    try:
+        recipe.train(load_config(PGConfig, overrides=[f"{k}={v}" for k, v in args.items()]))
+        rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        line = f"rollout: rollout server http://{fleet.stubs[1].address} serves weights 'default'"
+        assert line in capsys.readouterr().out
+        restarted = fleet.stubs[1]
+        assert restarted.calls.count("/update_weights") == 2  # the base at the start, and again
+        assert fleet.stubs[0].version == restarted.version != "default"
+        calls = restarted.calls
+        base_again = len(calls) - calls[::-1].index("/update_weights")
+        assert "/rlx/load_lora_adapter" in calls[base_again:]  # then an adapter
+        assert "/inference/v1/generate" in calls[base_again:]
+        assert not restarted.paused
+    finally:
+        fleet.close()
+
+
 def test_the_run_id_survives_a_resume(tmp_path):
     from rlx.recipe import read_run_id
 
@@ -465,3 +617,136 @@ def test_other_ranks_expect_rank_0s_versions(tiny_tied, fleet3):
         assert fleet3.stubs[0].calls == ["/health", "/v1/models"]  # no sync call
     finally:
         engine.close()
+
+
+# ----------------------------------------------------------------- a sync abandoned mid-broadcast
+
+TOKEN = "fleet-token"
+SEND_THREAD = "rlx weight sync: sending weights over gloo"  # within_deadline's thread name
+
+# A server's worker in a process of its own, on the real gloo transport: it joins the group and
+# proves the token, then never takes the update (it is killed inside it).
+DYING_WORKER = f"""
+import json, sys
+import vllm.distributed.utils  # the import takes seconds: before "ready", not inside the sync
+from rlx.rollout.weight_transfer import check_members, open_group, refuse_members
+print("ready", flush=True)
+info = json.loads(sys.stdin.readline())
+rank, world = info["rank_offset"], info["world_size"]
+group = open_group(info["master_address"], info["master_port"], rank, world, info["timeout_s"])
+refuse_members(check_members(group, rank, world, {TOKEN!r}), "server")
+print("joined", flush=True)
+sys.stdin.readline()
+"""
+
+
+class GlooFleet(Fleet):
+    """Two stubs whose workers take part in the real gloo weight-sync group: stub 0's worker is a
+    thread here (it survives), stub 1's a process that is killed with SIGKILL once the trainer
+    is inside the broadcast of an update."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", DYING_WORKER],
+            cwd=Path(__file__).resolve().parents[2],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.group = None  # the surviving worker's
+        self.received = None  # what the surviving worker's broadcast ended with
+        self.killed_mid_send = None
+        super().__init__(2)
+
+    async def _route(self, stub: Stub, path: str, body: dict) -> dict:
+        dying = stub is self.stubs[1]
+        loop = asyncio.get_running_loop()
+        if path == "/init_weight_transfer_engine":
+            join = self._join_process if dying else self._join_thread
+            await loop.run_in_executor(None, join, body["init_info"])
+            stub.joined = True
+            return {"ok": True}
+        if path == "/update_weights":
+            if dying:
+                await self._die_inside_the_broadcast()
+                raise web.HTTPInternalServerError(text="the worker died (SIGKILL)")
+            self.received = await loop.run_in_executor(None, self._receive, body["update_info"])
+            return {"ok": True}
+        return await super()._route(stub, path, body)
+
+    def _join_process(self, info: dict) -> None:
+        self.proc.stdin.write(json.dumps(info) + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "joined"
+
+    def _join_thread(self, info: dict) -> None:
+        from rlx.rollout.weight_transfer import check_members, open_group, refuse_members
+
+        rank, world = info["rank_offset"], info["world_size"]
+        host, port = info["master_address"], info["master_port"]
+        self.group = open_group(host, port, rank, world, info["timeout_s"])
+        refuse_members(check_members(self.group, rank, world, TOKEN), "server")
+
+    def _receive(self, update: dict):
+        """The chunk's broadcasts, as rlx_gloo's worker receives them; the error if one fails
+        (the trainer abandoned the group: gloo's own timeout ends the wait)."""
+        from rlx.rollout.weight_transfer import broadcast, dtype_of, flat_groups
+
+        try:
+            for dtype, indices in flat_groups(update["dtype_names"]):
+                size = sum(math.prod(update["shapes"][i]) for i in indices)
+                broadcast(self.group, torch.empty(size, dtype=dtype_of(dtype)))
+        except RuntimeError as err:
+            return err
+        return "all"
+
+    async def _die_inside_the_broadcast(self) -> None:
+        """SIGKILL the worker once the trainer's broadcast thread has run for a moment."""
+        deadline = time.monotonic() + 10
+        while not _sending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        self.killed_mid_send = _sending()
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        super().close()
+
+
+def _sending() -> bool:
+    return any(t.name == SEND_THREAD and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.slow  # a worker process that imports vLLM: about half a minute on a 2-core AVX2 CPU
+def test_a_receiver_that_dies_inside_the_broadcast_ends_the_sync(tiny_tied):
+    """Real gloo peers: a server's worker is killed (SIGKILL) while the trainer broadcasts a
+    chunk too large to pass without it. The trainer's update ends with SyncFailed naming the
+    server long before rollout.timeout_s, every server is finished and resumed on its old
+    version, and the surviving worker's receive ends too (gloo's timeout at the latest)."""
+    fleet = GlooFleet()
+    timeout_s = 20
+    engine = make_engine(tiny_tied, fleet, timeout_s=timeout_s, token=TOKEN)
+    engine.run_id = "runA"
+    chunk = [("w", torch.ones(16 * 2**20))]  # 64 MiB: the send waits for every receiver
+    try:
+        start = time.monotonic()
+        failing = pytest.raises(SyncFailed, match=f"{fleet.stubs[1].address}.*died")
+        with failing, engine.weight_update(1):
+            engine.update_weights(chunk)
+        assert time.monotonic() - start < timeout_s / 2
+        assert fleet.killed_mid_send
+        assert not any(s.paused or s.updating for s in fleet.stubs)
+        assert all(s.version == "runA:1-incomplete" for s in fleet.stubs)  # a chunk had left
+        assert engine.weight_version == 0 and engine._sender is None
+        deadline = time.monotonic() + timeout_s + 10
+        while fleet.received is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert fleet.received is not None, "the surviving worker is still inside the broadcast"
+    finally:
+        engine.close()
+        fleet.close()

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from rlx.cli.serve import exposure_warning, serve_command
 from rlx.config import ConfigError, RolloutConfig
 from rlx.rollout import EngineUnsupported, Sampling
+from rlx.rollout.base import Adapter
 from rlx.rollout.server import RolloutWorkerError, ServerEngine
 
 
@@ -223,6 +224,19 @@ def test_adapter_sync_to_a_server_serves_each_new_version(rollout_server, tiny_t
             assert torch.allclose(torch.tensor(c.logprobs), sampled, atol=1e-4)
         assert engine._adapters == {"rlx-rank0-v2"}
         assert [p.name for p in (tmp_path / "sync").iterdir()] == ["rlx-rank0-v2"]
+        # what the trainer sees of a restarted server (tests/rollout/test_fleet.py's stubs act
+        # it out): a request for an adapter the server lacks is refused with 404, and its
+        # /weight_info (read only then; this server's is of this run, so no restart) tells its
+        # version; unloading an adapter it lacks (404) is no error
+        info = engine.servers[0].call("reading its version", "GET", "/weight_info")
+        assert info["weight_version"] == engine.version_name(engine.weight_version)
+        engine._adapters.add("rlx-lost")
+        with pytest.raises(RolloutWorkerError, match="HTTP 404.*rlx-lost"):
+            engine.generate_ids(
+                [[1, 57, 210]], Sampling(n=1, max_new_tokens=2), [Adapter("rlx-lost", "")]
+            )
+        engine.remove_adapters()
+        assert not engine._adapters
     finally:
         served.close()
 
