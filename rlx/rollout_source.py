@@ -30,6 +30,14 @@ their weights load; rollout servers would pause themselves, but their client's r
 shared with the sync's calls, so the same rule holds for every backend. A sync waits for the
 generation under way (which the learner needs next anyway with k = 1).
 
+A fixed schedule. A sync also waits until the producer has begun every step it may begin (up to
+the step the learner asked for last, plus k), so step j is always sampled on version
+max(0, j - k) once the run is under way, however the threads are scheduled: the versions, and
+with in-process engines the whole run, do not depend on timing. Without it a busy machine could
+let the learner sync before the producer took the lock, and step j would be sampled one version
+fresher. The wait costs nothing when generation keeps up with training (the producer began long
+before), and when it does not the sync waits for a generation the learner needs next anyway.
+
 A restarted rollout server. The producer must not push weights: under ZeRO-3 a push is a
 collective of every trainer rank, and pushing is the learner's job. So when a generation meets a
 restarted server (`ServerRestarted`, rlx/rollout/server.py) its completions are dropped, the
@@ -160,6 +168,8 @@ class AsyncRollouts:
         self._resyncs = 0  # re-pushes after a restarted rollout server
         self._ready: dict[int, Batch] = {}
         self._asked = -1  # the step the learner asked for last
+        self._begun = -1  # the last step the producer began sampling (under the engine lock)
+        self._awaiting_resync = False  # the producer waits for a re-push (begins nothing)
         self._thread: threading.Thread | None = None
         self._stop = False
         self._error: BaseException | None = None
@@ -224,6 +234,9 @@ class AsyncRollouts:
         """The loop pushes new weights inside this: no generation meanwhile; the version counts
         up when the sync went through."""
         began = time.perf_counter()
+        with self._cond:  # the producer takes its turns first (see "A fixed schedule")
+            while not self._producer_caught_up():
+                self._cond.wait()
         with self._lock:
             waited = time.perf_counter() - began
             yield
@@ -231,6 +244,14 @@ class AsyncRollouts:
                 self.version += 1
                 self._trainer_wait += waited
                 self._cond.notify_all()
+
+    def _producer_caught_up(self) -> bool:
+        """(Under _cond.) The producer has begun every step it may begin now, or will begin none
+        (not started, stopped, failed, or waiting for a re-push)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._stop or self._error is not None:
+            return True
+        return self._awaiting_resync or self._begun >= min(self._asked + self.k, self.cfg.steps - 1)
 
     def metrics(self) -> dict:
         """The step's async/* metrics (every rank calls it at the same point: the histogram and
@@ -306,7 +327,14 @@ class AsyncRollouts:
         """Block until the learner re-pushed the weights after `seen` re-pushes (False: stop):
         the producer met a restarted server, and sampling on before the re-push would meet it
         again. The wait counts as idle."""
-        return self._wait(lambda: self._resyncs > seen)
+        with self._cond:
+            self._awaiting_resync = True
+            self._cond.notify_all()  # a sync waiting for the producer's turn goes ahead
+        try:
+            return self._wait(lambda: self._resyncs > seen)
+        finally:
+            with self._cond:
+                self._awaiting_resync = False
 
     def _wait(self, ready: Callable[[], bool]) -> bool:
         with self._cond:
@@ -324,7 +352,10 @@ class AsyncRollouts:
         began = time.perf_counter()
         with self._lock:
             waited = time.perf_counter() - began
-            version = self.version
+            with self._cond:
+                version = self.version
+                self._begun = max(self._begun, step)
+                self._cond.notify_all()
             try:
                 completions = sample(self.cfg, self._raw, rows, self.sampling, step)
             except ServerRestarted as err:  # (re-pushes count up under this lock too)
