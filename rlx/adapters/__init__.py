@@ -14,6 +14,7 @@ itself is rlx/weight_sync.py).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "is_adapted",
     "make_probe",
     "merged_weights",
+    "saving_every_rank",
     "weight_delta",
     "weight_deltas",
 ]
@@ -91,6 +93,26 @@ def after_optimizer_step(model, step: int) -> None:
     of steps done); it reads the gradients, so it runs before zero_grad. No-op otherwise."""
     if _is_adalora(model):
         _peft_model(model).base_model.update_and_allocate(step)
+
+
+@contextlib.contextmanager
+def saving_every_rank(model):
+    """Within it, save_pretrained writes every rank of an AdaLoRA adapter. Once AdaLoRA has
+    pruned (its config holds a rank pattern), PEFT's save drops the pruned ranks and renames the
+    pattern's keys: such a checkpoint no longer loads into a fresh, full-rank model, and resizing
+    that model to load it would replace the parameters the optimizer holds. With the pattern set
+    aside while saving, the pruned ranks are saved as the zeros of E they are, and the pattern
+    travels in StepHooks.state_dict (restored after the weights). Other methods: no change."""
+    if not _is_adalora(model):
+        yield
+        return
+    peft = _peft_model(model)
+    config = peft.peft_config[peft.active_adapter]
+    pattern, config.rank_pattern = config.rank_pattern, None
+    try:
+        yield
+    finally:
+        config.rank_pattern = pattern
 
 
 ADALORA_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's RankAllocator, per parameter

@@ -92,25 +92,28 @@ def test_adalora_hooks_allocate_and_penalise(policy, train):
     assert pattern and sum(int(sum(m)) for m in pattern.values()) < 4 * len(pattern)
 
 
-def test_adalora_allocator_state_makes_a_resume_exact(policy, tmp_path):
-    """StepHooks.state_dict / resume: saved after step k with the weights and optimizer, AdaLoRA's
-    importance averages and rank pattern make steps k+1.. of a fresh model equal to an
-    uninterrupted run's; without them the allocation (and so the adapter) differs."""
+def test_adalora_checkpoint_resume_is_exact_past_the_fixed_budget(policy, tmp_path):
+    """A checkpoint (rlx.checkpoint, as the PG loop writes and reads it) after step k of 6, AdaLoRA
+    pruning at every step and its final pattern fixed at step 4 (total_step 6 - tfinal 2): a fresh
+    model resumed from it trains steps k+1.. to exactly the uninterrupted run's weights and rank
+    pattern, with k in the shrinking budget (2), at the fixing step (4) and after it (5). Before
+    the fix PEFT's save dropped the pruned ranks and the checkpoint did not load. Without the
+    allocator's state (StepHooks.state_dict) the allocation, and so the adapter, differs."""
     from rlx.adapters import extra_loss, install_step_hooks
+    from rlx.checkpoint import load_checkpoint, load_loop_tensors, save_checkpoint
 
-    budget = AdaLoraConfig(target_rank=2, tfinal=1, total_step=5)
+    budget = AdaLoraConfig(target_rank=2, tfinal=2, total_step=6)
     cfg = AdapterConfig(method="adalora", rank=4, adalora=budget)
 
     def run(stop, start=None, tensors=True):
-        model = policy(cfg, total_steps=5)
+        model = policy(cfg, total_steps=6)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         hooks = install_step_hooks(model, optimizer, cfg)
         first = 0
         if start is not None:
-            first = start["step"]
-            model.load_state_dict(start["model"])
-            optimizer.load_state_dict(start["optimizer"])
-            hooks.resume(first, torch.load(start["tensors"]) if tensors else {})
+            first = load_checkpoint(start, model, optimizer, scheduler)["step"]
+            hooks.resume(first, load_loop_tensors(start) if tensors else {})
         for step in range(first, stop):
             gen = torch.Generator().manual_seed(step)
             ids = torch.randint(3, 200, (2, 12), generator=gen)
@@ -119,16 +122,16 @@ def test_adalora_allocator_state_makes_a_resume_exact(policy, tmp_path):
             (loss + extra_loss(model)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        torch.save(hooks.state_dict(), tmp_path / f"tensors-{stop}.pt")  # the checkpoint's file
-        state = {
-            "model": copy.deepcopy(model.state_dict()),
-            "tensors": tmp_path / f"tensors-{stop}.pt",
-        }
-        return state | {"optimizer": copy.deepcopy(optimizer.state_dict()), "step": stop}
+        out = tmp_path / f"run-{first}-{stop}-{tensors}"
+        path = save_checkpoint(out, stop, model, optimizer, scheduler, {}, hooks.state_dict())
+        return path, model.state_dict(), model.peft_config["default"].rank_pattern
 
-    full = run(5)["model"]
-    for k in (2, 4):  # 2: the averages drive steps 3-4; 4: the fixed rank pattern drives step 5
-        resumed = run(5, run(k))["model"]
+    _, full, full_pattern = run(6)
+    kept = sum(sum(m) for m in full_pattern.values())
+    assert kept == 2 * len(full_pattern)  # the final budget: target_rank per matrix
+    for k in (2, 4, 5):
+        _, resumed, pattern = run(6, run(k)[0])
         assert all(torch.equal(resumed[n], full[n]) for n in full), k
-    lost = run(5, run(2), tensors=False)["model"]
+        assert pattern == full_pattern, k
+    _, lost, _ = run(6, run(2)[0], tensors=False)
     assert any(not torch.equal(lost[n], full[n]) for n in full)
