@@ -135,3 +135,53 @@ def test_adalora_checkpoint_resume_is_exact_past_the_fixed_budget(policy, tmp_pa
         assert pattern == full_pattern, k
     _, lost, _ = run(6, run(2)[0], tensors=False)
     assert any(not torch.equal(lost[n], full[n]) for n in full)
+
+
+def test_adalora_budget_follows_the_rollout_steps(policy, monkeypatch):
+    """StepHooks.start: rollout step s's updates take allocation steps s x 2 + 1, s x 2 + 2
+    (2 updates a step at most, 4 steps: total_step 8, tfinal 2). Steps 1 and 2 make no update
+    (skipped), so the steps jump over the fixing step 6: the pattern is fixed there first, at the
+    target rank, and steps 7 and 8 mask with it. Counting the 4 updates made instead (before the
+    fix) the budget ended at step 4, short of the target and never fixed. A first update past the
+    fixing step has no scores to fix a pattern from: every rank stays."""
+    from peft.tuners.adalora import AdaLoraModel
+
+    from rlx.adapters import extra_loss, install_step_hooks
+
+    calls, allocate = [], AdaLoraModel.update_and_allocate
+
+    def spy(self, global_step):
+        calls.append(global_step)
+        return allocate(self, global_step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+    cfg = AdapterConfig(
+        method="adalora", rank=4, adalora=AdaLoraConfig(target_rank=2, tfinal=2, total_step=8)
+    )
+
+    def train(model, updates_per_step: list[int]):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        hooks = install_step_hooks(model, optimizer, cfg)
+        for index, updates in enumerate(updates_per_step):
+            hooks.start(index * 2)
+            for _ in range(updates):
+                ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(index))
+                logits = model(input_ids=ids).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1), ids[:, 1:].flatten()
+                )
+                (loss + extra_loss(model)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return hooks
+
+    model = policy(cfg)
+    assert train(model, [2, 0, 0, 2]).step == 8
+    assert calls == [1, 2, 6, 7, 8]
+    pattern = model.peft_config["default"].rank_pattern
+    assert sum(sum(keep) for keep in pattern.values()) == 2 * len(pattern)
+
+    calls.clear()
+    model = policy(cfg)
+    train(model, [0, 0, 0, 1])  # allocation step 7, nothing scored before
+    assert calls == [] and model.peft_config["default"].rank_pattern is None
