@@ -3,6 +3,7 @@ has), the off-principal guard, and the spectral diagnostics (docs/adapters.md).
 
     model = build_adapter(model, cfg.adapter, total_steps)      # PEFT-wrapped (method none: as is)
     hooks = install_step_hooks(policy, optimizer, cfg.adapter)  # guard + AdaLoRA, after each step
+    hooks.start(s * updates_per_step)                           # AdaLoRA: rollout step s's budget
     loss = loss + extra_loss(policy)                            # AdaLoRA's orthogonality penalty
     merged_weights(model)                                       # HF-named weights, adapter merged
 
@@ -88,7 +89,7 @@ def extra_loss(model) -> torch.Tensor | float:
     return weight * torch.stack(terms).mean() if terms else 0.0
 
 
-def after_optimizer_step(model, step: int, previous: int = 0) -> None:
+def after_optimizer_step(model, step: int, previous: int) -> None:
     """AdaLoRA's importance update and rank allocation at allocation step `step` (1-based, see
     StepHooks); it reads the gradients, so it runs before zero_grad. No-op for other methods.
 
