@@ -321,7 +321,9 @@ def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features
 class UpdateCount(Feature):
     """The optimizer updates applied so far (Trainer.updates) in every checkpoint's state.json: a
     step makes fewer than ppo_epochs x mini_batches when mini-batches are dropped or fewer groups
-    are kept, and none when skipped, so a resume cannot compute it."""
+    are kept, and none when skipped, so a resume cannot compute it. (AdaLoRA's allocation step,
+    which follows the rollout steps, is checkpointed with its allocator; this count stands in for
+    it with checkpoints written before it was.)"""
 
     KEY = "optimizer_updates"
 
