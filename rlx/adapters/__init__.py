@@ -116,8 +116,9 @@ def saving_every_rank(model):
     pruned (its config holds a rank pattern), PEFT's save drops the pruned ranks and renames the
     pattern's keys: such a checkpoint no longer loads into a fresh, full-rank model, and resizing
     that model to load it would replace the parameters the optimizer holds. With the pattern set
-    aside while saving, the pruned ranks are saved as the zeros of E they are, and the pattern
-    travels in StepHooks.state_dict (restored after the weights). Other methods: no change."""
+    aside while saving, every rank is saved as the model holds it (E masked where the last
+    allocation masked it), and the pattern travels in StepHooks.state_dict, restored after the
+    weights. Other methods: no change."""
     if not _is_adalora(model):
         yield
         return
