@@ -93,28 +93,28 @@ def test_adalora_hooks_allocate_and_penalise(policy, train):
 
 
 def test_adalora_checkpoint_resume_is_exact_past_the_fixed_budget(policy, tmp_path):
-    """A checkpoint (rlx.checkpoint, as the PG loop writes and reads it) after step k of 6, AdaLoRA
-    pruning at every step and its final pattern fixed at step 4 (total_step 6 - tfinal 2): a fresh
-    model resumed from it trains steps k+1.. to exactly the uninterrupted run's weights and rank
-    pattern, with k in the shrinking budget (2), at the fixing step (4) and after it (5). Before
-    the fix PEFT's save dropped the pruned ranks and the checkpoint did not load. Without the
-    allocator's state (StepHooks.state_dict) the allocation, and so the adapter, differs."""
+    """Checkpoints (rlx.checkpoint, as the PG loop writes and reads them) after steps 2 and 4 of
+    5, AdaLoRA pruning at every step and fixing its final pattern at step 4 (total_step 5 - tfinal
+    1): a fresh model resumed from either trains to exactly the uninterrupted run's weights and
+    rank pattern (from 4: step 5 masks with the restored pattern). Before the fix PEFT's save
+    dropped the pruned ranks and no such checkpoint loaded. Without the allocator's state
+    (StepHooks.state_dict) the allocation, and so the adapter, differs."""
     from rlx.adapters import extra_loss, install_step_hooks
     from rlx.checkpoint import load_checkpoint, load_loop_tensors, save_checkpoint
 
-    budget = AdaLoraConfig(target_rank=2, tfinal=2, total_step=6)
+    budget = AdaLoraConfig(target_rank=2, tfinal=1, total_step=5)
     cfg = AdapterConfig(method="adalora", rank=4, adalora=budget)
 
-    def run(stop, start=None, tensors=True):
-        model = policy(cfg, total_steps=6)
+    def run(start=None, tensors=True, save=()):
+        model = policy(cfg)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         hooks = install_step_hooks(model, optimizer, cfg)
-        first = 0
+        first, saved = 0, {}
         if start is not None:
             first = load_checkpoint(start, model, optimizer, scheduler)["step"]
             hooks.resume(first, load_loop_tensors(start) if tensors else {})
-        for step in range(first, stop):
+        for step in range(first, 5):
             gen = torch.Generator().manual_seed(step)
             ids = torch.randint(3, 200, (2, 12), generator=gen)
             logits = model(input_ids=ids).logits[:, :-1]
@@ -122,18 +122,19 @@ def test_adalora_checkpoint_resume_is_exact_past_the_fixed_budget(policy, tmp_pa
             (loss + extra_loss(model)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        out = tmp_path / f"run-{first}-{stop}-{tensors}"
-        path = save_checkpoint(out, stop, model, optimizer, scheduler, {}, hooks.state_dict())
-        return path, model.state_dict(), model.peft_config["default"].rank_pattern
+            if step + 1 in save:
+                state = (scheduler, {}, hooks.state_dict())
+                saved[step + 1] = save_checkpoint(tmp_path, step + 1, model, optimizer, *state)
+        return saved, model.state_dict(), model.peft_config["default"].rank_pattern
 
-    _, full, full_pattern = run(6)
+    saved, full, full_pattern = run(save=(2, 4))
     kept = sum(sum(m) for m in full_pattern.values())
     assert kept == 2 * len(full_pattern)  # the final budget: target_rank per matrix
-    for k in (2, 4, 5):
-        _, resumed, pattern = run(6, run(k)[0])
+    for k in (2, 4):
+        _, resumed, pattern = run(saved[k])
         assert all(torch.equal(resumed[n], full[n]) for n in full), k
         assert pattern == full_pattern, k
-    _, lost, _ = run(6, run(2)[0], tensors=False)
+    _, lost, _ = run(saved[2], tensors=False)
     assert any(not torch.equal(lost[n], full[n]) for n in full)
 
 
@@ -167,9 +168,7 @@ def test_adalora_budget_follows_the_rollout_steps(policy, monkeypatch):
             for _ in range(updates):
                 ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(index))
                 logits = model(input_ids=ids).logits[:, :-1]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.flatten(0, 1), ids[:, 1:].flatten()
-                )
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
                 (loss + extra_loss(model)).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
