@@ -186,7 +186,8 @@ def score_untrained(models: list[str], args, tmp: Path) -> dict[str, dict[str, f
 def score_main(args) -> None:
     """--score MODEL --score-json PATH: the model's reward on every UNTRAINED task, as JSON."""
     from rlx.config import RewardConfig, RolloutConfig, TaskConfig
-    from rlx.evaluation import evaluate, resolve_rewards
+    from rlx.evaluation import evaluate
+    from rlx.rewards import resolve_rewards
     from rlx.rollout import make_engine
     from rlx.tasks import load_task_dataset
 
