@@ -22,9 +22,9 @@ fine-tuning, --adapter-lr for the adapters, which start at or near zero and need
 
 Forgetting (what the seed paper predicts the guard buys): the base model and every run's final
 model are scored (greedy, correctness, `rlx eval`) on tasks the runs never train on, UNTRAINED:
-sums and differences to 20, and differences of two-digit numbers (the runs train on two-digit
-sums only). A variant's forgetting loss is the drop of its mean untrained score, max(0, before -
-after), over seeds.
+sums and differences to 20, differences of two-digit numbers, and products of numbers to 12 (the
+runs train on two-digit sums only). A variant's forgetting loss is the drop of its mean untrained
+score, max(0, before - after), over seeds.
 
 Per variant, mean over seeds: held-out gain (eval.json after - before, reward_mean = correctness),
 the change on each untrained task, steps run, the median step, weight-sync and after-step hook
@@ -85,6 +85,7 @@ OFF_PRINCIPAL = ("minor", "lora_guard", "lora_guard_grad")
 UNTRAINED = {
     "small": {"one_shot": True, "max_operand": 20, "ops": ["+", "-"]},  # sums, differences to 20
     "minus": {"one_shot": True, "max_operand": 99, "ops": ["-"]},  # two-digit differences
+    "times": {"one_shot": True, "max_operand": 12, "ops": ["*"]},  # the times tables to 12
 }
 TRAINED_REWARD = "rewards/arithmetic.py:correctness"  # recipes/grpo.yaml's
 UNTRAINED_PROMPTS = 200
@@ -185,7 +186,8 @@ def score_untrained(models: list[str], args, tmp: Path) -> dict[str, dict[str, f
 def score_main(args) -> None:
     """--score MODEL --score-json PATH: the model's reward on every UNTRAINED task, as JSON."""
     from rlx.config import RewardConfig, RolloutConfig, TaskConfig
-    from rlx.evaluation import evaluate, resolve_rewards
+    from rlx.evaluation import evaluate
+    from rlx.rewards import resolve_rewards
     from rlx.rollout import make_engine
     from rlx.tasks import load_task_dataset
 

@@ -97,7 +97,7 @@ def train(cfg: PGConfig) -> dict:
             continue
         clock.lap("reward")
         step = score_step(cfg, trainer, run, scores, completions, reward_fns, features)
-        stats = trainer.update(step) if step.keep.any() else None
+        stats = trainer.update(step, run.step) if step.keep.any() else None
         if stats is not None and not math.isfinite(stats["loss"]):  # the same on every rank
             if cfg.bad_steps == "error":
                 raise FloatingPointError(
@@ -162,9 +162,11 @@ class Trainer:
         saved = self.model if sharding.zero_stage(self.accelerator) else self.policy
         return saved, self.optimizer, self.scheduler
 
-    def update(self, step: ScoredStep) -> Stats | None:
+    def update(self, step: ScoredStep, index: int) -> Stats | None:
         """`algo.ppo_epochs` passes over the step's mini-batches of kept groups, one optimizer step
         each; the step's statistics over all ranks (None when every loss token was masked).
+        `index`: the rollout step's (0-based); its updates take AdaLoRA's allocation steps from
+        index x updates_per_step + 1 on, so its budget follows the rollout steps (StepHooks).
 
         A step whose loss or gradient is not finite leaves nothing behind for bad_steps=skip: the
         check comes before each optimizer step, and the updates the step had already applied
@@ -175,6 +177,7 @@ class Trainer:
         adv = step.advantages[mine]
         batches = local_mini_batches(cfg, step.completions, parts[mine], adv, pad, num_parts)
         args = (self.accelerator, self.model, self.ref_model, self.optimizer, self.trainable)
+        self.hooks.start(index * self.updates_per_step)
         before = self.snapshot()
         updates = update_policy(cfg, *args, batches, self.forward_params)
         if not updates:
@@ -303,7 +306,9 @@ def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features
     """The research features of this run, after the resume: the adapter's (hook time, AdaLoRA's
     allocator state, spectral diagnostics) and dynamic reward weighting (None: static). The
     optimizer updates counted so far come from the checkpoint (a checkpoint without the count,
-    from before it was kept, assumes every step made ppo_epochs x mini_batches of them)."""
+    from before it was kept, assumes every step made ppo_epochs x mini_batches of them); AdaLoRA's
+    allocation step comes with its allocator state (older checkpoints: the updates counted, the
+    step they were allocated at)."""
     assumed = run.step * trainer.updates_per_step
     trainer.updates = int(run.resumed_state.get(UpdateCount.KEY, assumed))
     trainer.hooks.resume(trainer.updates, run.resumed_tensors)  # AdaLoRA's budget schedule
@@ -317,7 +322,9 @@ def start_features(cfg, run, trainer, engine, eval_data, reward_fns) -> Features
 class UpdateCount(Feature):
     """The optimizer updates applied so far (Trainer.updates) in every checkpoint's state.json: a
     step makes fewer than ppo_epochs x mini_batches when mini-batches are dropped or fewer groups
-    are kept, and none when skipped, so a resume cannot compute it."""
+    are kept, and none when skipped, so a resume cannot compute it. (AdaLoRA's allocation step,
+    which follows the rollout steps, is checkpointed with its allocator; this count stands in for
+    it with checkpoints written before it was.)"""
 
     KEY = "optimizer_updates"
 

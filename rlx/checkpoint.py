@@ -1,15 +1,15 @@
 """Atomic, resumable training checkpoints.
 
 A checkpoint is a folder `<output_dir>/checkpoints/step-<N>/` holding the trainable weights
-(`model/` as safetensors: the full model, or only the LoRA adapter), `optimizer.pt`,
-`scheduler.pt`, `rng.pt` (python / numpy / torch generator states; `rng-rank<r>.pt` for each
-further rank, which restores its own), `state.json` (step, data position, the number of processes
-and anything else the loop needs) and, when the loop has some, `loop_tensors.pt` (its tensor state,
-e.g. AdaLoRA's importance averages). Under DeepSpeed, `deepspeed/` holds every rank's shard and
-`deepspeed_files.json` lists them with their sizes, so a resume with a shard missing or cut short
-stops with one line naming it instead of going on with a fresh optimizer. It is written to a hidden
-temporary folder and renamed into place, so a crash never leaves a half-written checkpoint under a
-real name.
+(`model/` as safetensors: the full model, or only the adapter, AdaLoRA's with every rank, the
+pruned ones included), `optimizer.pt`, `scheduler.pt`, `rng.pt` (python / numpy / torch generator
+states; `rng-rank<r>.pt` for each further rank, which restores its own), `state.json` (step, data
+position, the number of processes and anything else the loop needs) and, when the loop has some,
+`loop_tensors.pt` (its tensor state, e.g. AdaLoRA's importance averages and rank pattern). Under
+DeepSpeed, `deepspeed/` holds every rank's shard and `deepspeed_files.json` lists them with their
+sizes, so a resume with a shard missing or cut short stops with one line naming it instead of
+going on with a fresh optimizer. It is written to a hidden temporary folder and renamed into
+place, so a crash never leaves a half-written checkpoint under a real name.
 
 Loading never runs code from the folder: weights are safetensors, and the `.pt` files are read with
 `torch.load(weights_only=True)`, which accepts tensors and plain Python containers only (plus the
@@ -31,6 +31,7 @@ from numpy._core.multiarray import _reconstruct
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from rlx.adapters import saving_every_rank
 from rlx.errors import UserError
 from rlx.policy import export_weights
 
@@ -106,7 +107,8 @@ def save_checkpoint(
     tmp = staged or Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{PREFIX}{step:06d}-"))
     try:
         if model is not None:
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            with saving_every_rank(model):  # AdaLoRA: the pruned ranks too (a fresh model loads it)
+                model.save_pretrained(tmp / "model", safe_serialization=True)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / rng_file(0))

@@ -1,8 +1,9 @@
 """Tasks: named, seeded prompt datasets with default rewards, plus loading of user data from disk.
 
-The built-in "arithmetic" task generates one-step addition/subtraction word problems sized for
-SmolLM2-135M-Instruct. Its train and test splits never share an equation: each (a, op, b) is hashed
-into one split, independent of the seed, so test accuracy measures sums the policy never trained on.
+The built-in "arithmetic" task generates one-step addition/subtraction (on request also
+multiplication) word problems sized for SmolLM2-135M-Instruct. Its train and test splits never
+share an equation: each (a, op, b) is hashed into one split, independent of the seed, so test
+accuracy measures sums the policy never trained on.
 
     load_task_dataset("arithmetic", split="test", seed=0)
     load_task_dataset("data/my_prompts.jsonl")           # needs a `prompt` column
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import operator
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +68,22 @@ TEMPLATES = {
         "{name} had {a} {obj_a} and lost {b} of them. How many {objs} does {name} have now?",
         "{name} bought {a} {obj_a} and sold {b}. How many {objs} does {name} still have?",
     ),
+    "*": (
+        "{name} has {a} {bags} with {b} {obj_b} in each. How many {objs} does {name} have in total?",
+        "For {a} {days}, {name} collects {b} {obj_b} each day. How many {objs} does {name} collect?",
+        "There are {a} {rows} with {b} {obj_b} in each row. How many {objs} are there in all?",
+        "{name} fills {a} {boxes} with {b} {obj_b} each. How many {objs} does {name} need?",
+    ),
 }
+# What a product's templates count a of ("{a} {bags}"): singular for a == 1, plural otherwise.
+GROUPS = {
+    "bags": ("bag", "bags"),
+    "days": ("day", "days"),
+    "rows": ("row", "rows"),
+    "boxes": ("box", "boxes"),
+}
+APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+"""Each op's result: the `answer` column of (a, op, b)."""
 
 
 class TaskError(UserError, ValueError):
@@ -98,10 +115,10 @@ def build_arithmetic(
 ) -> datasets.Dataset:
     """Generate arithmetic word problems: columns `prompt` (chat messages), `answer`, `question`.
 
-    Knobs: operands come from 1..max_operand; `ops` picks from "+" and "-" (subtraction results
-    are never negative); one_shot prepends a worked example that shows the tag format;
-    format_hint repeats the tag instruction at the end of the question (small models follow the
-    user turn more than the system prompt). The same
+    Knobs: operands come from 1..max_operand; `ops` picks from "+", "-" and "*" (subtraction
+    results are never negative; products reach max_operand squared); one_shot prepends a worked
+    example that shows the tag format; format_hint repeats the tag instruction at the end of the
+    question (small models follow the user turn more than the system prompt). The same
     (split, seed, options) always gives the same rows; no question appears in more than one row.
     """
     if split not in DEFAULT_SIZES:
@@ -128,7 +145,7 @@ def build_arithmetic(
         a, op, b = _sample_equation(rng, max_operand, ops)
         if equation_split(a, op, b) == split:
             question = _render_question(rng, a, op, b)
-            questions.setdefault(question, a + b if op == "+" else a - b)
+            questions.setdefault(question, APPLY[op](a, b))
 
     rows = [
         {
@@ -178,6 +195,7 @@ def _sample_equation(
 def _render_question(rng: random.Random, a: int, op: str, b: int) -> str:
     """Fill a random template for this operation with a random name and object."""
     singular, plural = rng.choice(OBJECTS)
+    groups = {key: one if a == 1 else many for key, (one, many) in GROUPS.items()}
     return rng.choice(TEMPLATES[op]).format(
         name=rng.choice(NAMES),
         a=a,
@@ -185,6 +203,7 @@ def _render_question(rng: random.Random, a: int, op: str, b: int) -> str:
         obj_a=singular if a == 1 else plural,
         obj_b=singular if b == 1 else plural,
         objs=plural,
+        **groups,
     )
 
 
@@ -198,7 +217,8 @@ TASKS: dict[str, TaskSpec] = {
             ("rewards/arithmetic.py:correctness", 0.8),
             ("rewards/arithmetic.py:answer_format", 0.2),
         ],
-        description="One-step addition/subtraction word problems, answer in <answer> tags.",
+        description="One-step addition/subtraction (or multiplication) word problems, answer in "
+        "<answer> tags.",
     ),
 }
 

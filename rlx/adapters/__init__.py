@@ -3,6 +3,7 @@ has), the off-principal guard, and the spectral diagnostics (docs/adapters.md).
 
     model = build_adapter(model, cfg.adapter, total_steps)      # PEFT-wrapped (method none: as is)
     hooks = install_step_hooks(policy, optimizer, cfg.adapter)  # guard + AdaLoRA, after each step
+    hooks.start(s * updates_per_step)                           # AdaLoRA: rollout step s's budget
     loss = loss + extra_loss(policy)                            # AdaLoRA's orthogonality penalty
     merged_weights(model)                                       # HF-named weights, adapter merged
 
@@ -14,6 +15,7 @@ itself is rlx/weight_sync.py).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -44,6 +46,7 @@ __all__ = [
     "is_adapted",
     "make_probe",
     "merged_weights",
+    "saving_every_rank",
     "weight_delta",
     "weight_deltas",
 ]
@@ -86,25 +89,73 @@ def extra_loss(model) -> torch.Tensor | float:
     return weight * torch.stack(terms).mean() if terms else 0.0
 
 
-def after_optimizer_step(model, step: int) -> None:
-    """AdaLoRA's importance update and rank allocation for optimizer step `step` (1-based count
-    of steps done); it reads the gradients, so it runs before zero_grad. No-op otherwise."""
-    if _is_adalora(model):
-        _peft_model(model).base_model.update_and_allocate(step)
+def after_optimizer_step(model, step: int, previous: int) -> None:
+    """AdaLoRA's importance update and rank allocation at allocation step `step` (1-based, see
+    StepHooks); it reads the gradients, so it runs before zero_grad. No-op for other methods.
+
+    PEFT fixes the final rank pattern only at step total_step - tfinal exactly. Steps may jump
+    over it (a skipped rollout step or dropped mini-batches leave theirs unused): when the last
+    update's step `previous` lies before it and `step` after, the pattern is fixed first, as the
+    uninterrupted schedule would have. Before any update was scored there is nothing to fix a
+    pattern from, and every rank stays."""
+    if not _is_adalora(model):
+        return
+    peft = _peft_model(model)
+    adalora, config = peft.base_model, peft.peft_config[peft.active_adapter]
+    fix = config.total_step - config.tfinal
+    if step >= fix and config.rank_pattern is None and not adalora.rankallocator.ipt:
+        return
+    if previous < fix < step:
+        adalora.update_and_allocate(fix)
+    adalora.update_and_allocate(step)
+
+
+@contextlib.contextmanager
+def saving_every_rank(model):
+    """Within it, save_pretrained writes every rank of an AdaLoRA adapter. Once AdaLoRA has
+    pruned (its config holds a rank pattern), PEFT's save drops the pruned ranks and renames the
+    pattern's keys: such a checkpoint no longer loads into a fresh, full-rank model, and resizing
+    that model to load it would replace the parameters the optimizer holds. With the pattern set
+    aside while saving, every rank is saved as the model holds it (E masked where the last
+    allocation masked it), and the pattern travels in StepHooks.state_dict, restored after the
+    weights. Other methods: no change."""
+    if not _is_adalora(model):
+        yield
+        return
+    peft = _peft_model(model)
+    config = peft.peft_config[peft.active_adapter]
+    pattern, config.rank_pattern = config.rank_pattern, None
+    try:
+        yield
+    finally:
+        config.rank_pattern = pattern
 
 
 ADALORA_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's RankAllocator, per parameter
+STEP_KEY = "adalora.step"  # StepHooks.step in the checkpoint's loop tensors
 
 
 class StepHooks:
     """What runs after every optimizer step: AdaLoRA's allocation, then the principal guard.
-    `step` counts optimizer steps; set it when resuming (AdaLoRA's budget schedule reads it).
-    `seconds` adds up the time spent here (the loop logs it per step as time_adapter_hooks_s)."""
+
+    `step` is the allocation step of the last optimizer update, which AdaLoRA's budget schedule
+    (tinit, tfinal, delta_t, total_step) reads. By default each update takes the next one. A loop
+    whose updates per rollout step vary calls `start(first)` before each rollout step's updates:
+    the PG loop gives rollout step s the steps s x U + 1, s x U + 2, ... (U = ppo_epochs x
+    mini_batches, the updates a step makes at most), so the budget follows the rollout steps, as
+    the learning-rate schedule does, and reaches its end with the run however many updates were
+    dropped or skipped. `seconds` adds up the time spent here (the loop logs it per step as
+    time_adapter_hooks_s)."""
 
     def __init__(self, model, guard: PrincipalGuard | None, guard_gradient: bool = False):
-        self.model, self.guard, self.step, self.handles = model, guard, 0, []
+        self.model, self.guard, self.handles = model, guard, []
+        self.step, self.next = 0, 1
         self.guard_gradient = guard_gradient and guard is not None
         self.seconds = 0.0
+
+    def start(self, first: int) -> None:
+        """The next optimizer updates take allocation steps first + 1, first + 2, ..."""
+        self.next = first + 1
 
     def before_step(self, optimizer, args, kwargs) -> None:
         """adapter.guard_gradient: the gradients leave the principal subspaces before the step
@@ -115,21 +166,22 @@ class StepHooks:
 
     def __call__(self, optimizer, args, kwargs) -> None:
         t0 = time.perf_counter()
-        self.step += 1
-        after_optimizer_step(self.model, self.step)
+        after_optimizer_step(self.model, self.next, self.step)
+        self.step, self.next = self.next, self.next + 1
         if self.guard is not None:
             self.guard.apply()
         self.seconds += time.perf_counter() - t0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """AdaLoRA's allocator state for the checkpoint ({} for other methods): the importance
-        scores and their averages per parameter, and the rank pattern once the budget is fixed
-        (a resumed run allocates exactly as an uninterrupted one would)."""
+        """AdaLoRA's allocator state for the checkpoint ({} for other methods): the allocation
+        step of the last update, the importance scores and their averages per parameter, and the
+        rank pattern once there is one (a resumed run allocates exactly as an uninterrupted one
+        would)."""
         if not _is_adalora(self.model):
             return {}
         peft = _peft_model(self.model)
         allocator, config = peft.base_model.rankallocator, peft.peft_config[peft.active_adapter]
-        out = {}
+        out = {STEP_KEY: torch.tensor(self.step)}
         for kind in ADALORA_SCORES:
             out |= {f"adalora.{kind}/{n}": t for n, t in getattr(allocator, kind).items()}
         for name, keep in (config.rank_pattern or {}).items():
@@ -137,8 +189,12 @@ class StepHooks:
         return out
 
     def resume(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Continue from optimizer step `step` with a checkpoint's `state_dict()`."""
-        self.step = step
+        """Continue with a checkpoint's `state_dict()`, after its weights are loaded. `step`: the
+        allocation step of the last update where `tensors` do not hold it (checkpoints from
+        before it was saved: one step per optimizer update)."""
+        tensors = dict(tensors)
+        self.step = int(tensors.pop(STEP_KEY, step))
+        self.next = self.step + 1
         if not tensors or not _is_adalora(self.model):
             return
         peft = _peft_model(self.model)

@@ -86,14 +86,16 @@ def miss(model, cfg: AdapterConfig, total_steps: int | None = None):
 
 def adalora(model, cfg: AdapterConfig, total_steps: int | None = None):
     """AdaLoRA (PEFT): B diag(E) A with ranks pruned from `rank` to `adalora.target_rank` on a
-    budget over the run's optimizer steps. The loop must add `extra_loss` to its loss and call
-    `update_and_allocate` after each optimizer step (rlx.adapters.install_step_hooks does)."""
+    budget over the run's allocation steps (`total_steps`: the PG loop's steps x ppo_epochs x
+    mini_batches; a rollout step that applies fewer updates leaves its other steps unused, so the
+    budget ends with the run, rlx.adapters.StepHooks). The loop must add `extra_loss` to its loss
+    and call `update_and_allocate` after each optimizer step (install_step_hooks does)."""
     from peft import AdaLoraConfig  # deferred: peft
 
     a = cfg.adalora
     total = a.total_step or total_steps
     if total is None:
-        raise ConfigError("adapter.adalora.total_step: set it (the run's optimizer steps)")
+        raise ConfigError("adapter.adalora.total_step: set it (the run's allocation steps)")
     if a.tinit >= total - a.tfinal:
         raise ConfigError(
             f"adapter.adalora: tinit ({a.tinit}) must be < total_step ({total}) - tfinal "

@@ -18,17 +18,21 @@ ENGINE_ADAPTERS = ("lora", "mica")
 
 @dataclasses.dataclass
 class AdaLoraConfig:
-    """AdaLoRA's rank budget (PEFT's AdaLoraConfig; `adapter.rank` is its init_r)."""
+    """AdaLoRA's rank budget (PEFT's AdaLoraConfig; `adapter.rank` is its init_r). Its steps
+    are allocation steps: ppo_epochs x mini_batches per rollout step, whether or not a step
+    applies them all (rlx.adapters.StepHooks)."""
 
     target_rank: int = knob(8, help="average rank per matrix left at the end of the budget")
-    tinit: int = knob(0, help="optimizer steps before the rank budget starts shrinking")
-    tfinal: int = knob(0, help="optimizer steps at the end with the final budget fixed")
-    delta_t: int = knob(1, help="re-allocate the ranks every k optimizer steps")
+    tinit: int = knob(0, help="allocation steps before the rank budget starts shrinking")
+    tfinal: int = knob(0, help="allocation steps at the end with the final budget fixed")
+    delta_t: int = knob(1, help="re-allocate the ranks every k allocation steps")
     beta1: float = knob(0.85, help="EMA of the sensitivity")
     beta2: float = knob(0.85, help="EMA of the sensitivity's uncertainty")
     orth_reg_weight: float = knob(0.5, help="weight of the orthogonality penalty added to the loss")
     total_step: int | None = knob(
-        None, help="optimizer steps of the whole run; null = the loop's (steps x updates per step)"
+        None,
+        help="allocation steps of the whole run (ppo_epochs x mini_batches per rollout step, "
+        "applied or not); null = steps x ppo_epochs x mini_batches",
     )
 
     def __post_init__(self) -> None:

@@ -92,26 +92,29 @@ def test_adalora_hooks_allocate_and_penalise(policy, train):
     assert pattern and sum(int(sum(m)) for m in pattern.values()) < 4 * len(pattern)
 
 
-def test_adalora_allocator_state_makes_a_resume_exact(policy, tmp_path):
-    """StepHooks.state_dict / resume: saved after step k with the weights and optimizer, AdaLoRA's
-    importance averages and rank pattern make steps k+1.. of a fresh model equal to an
-    uninterrupted run's; without them the allocation (and so the adapter) differs."""
+def test_adalora_checkpoint_resume_is_exact_past_the_fixed_budget(policy, tmp_path):
+    """Checkpoints (rlx.checkpoint, as the PG loop writes and reads them) after steps 2 and 4 of
+    5, AdaLoRA pruning at every step and fixing its final pattern at step 4 (total_step 5 - tfinal
+    1): a fresh model resumed from either trains to exactly the uninterrupted run's weights and
+    rank pattern (from 4: step 5 masks with the restored pattern). Before the fix PEFT's save
+    dropped the pruned ranks and no such checkpoint loaded. Without the allocator's state
+    (StepHooks.state_dict) the allocation, and so the adapter, differs."""
     from rlx.adapters import extra_loss, install_step_hooks
+    from rlx.checkpoint import load_checkpoint, load_loop_tensors, save_checkpoint
 
     budget = AdaLoraConfig(target_rank=2, tfinal=1, total_step=5)
     cfg = AdapterConfig(method="adalora", rank=4, adalora=budget)
 
-    def run(stop, start=None, tensors=True):
-        model = policy(cfg, total_steps=5)
+    def run(start=None, tensors=True, save=()):
+        model = policy(cfg)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         hooks = install_step_hooks(model, optimizer, cfg)
-        first = 0
+        first, saved = 0, {}
         if start is not None:
-            first = start["step"]
-            model.load_state_dict(start["model"])
-            optimizer.load_state_dict(start["optimizer"])
-            hooks.resume(first, torch.load(start["tensors"]) if tensors else {})
-        for step in range(first, stop):
+            first = load_checkpoint(start, model, optimizer, scheduler)["step"]
+            hooks.resume(first, load_loop_tensors(start) if tensors else {})
+        for step in range(first, 5):
             gen = torch.Generator().manual_seed(step)
             ids = torch.randint(3, 200, (2, 12), generator=gen)
             logits = model(input_ids=ids).logits[:, :-1]
@@ -119,16 +122,65 @@ def test_adalora_allocator_state_makes_a_resume_exact(policy, tmp_path):
             (loss + extra_loss(model)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        torch.save(hooks.state_dict(), tmp_path / f"tensors-{stop}.pt")  # the checkpoint's file
-        state = {
-            "model": copy.deepcopy(model.state_dict()),
-            "tensors": tmp_path / f"tensors-{stop}.pt",
-        }
-        return state | {"optimizer": copy.deepcopy(optimizer.state_dict()), "step": stop}
+            if step + 1 in save:
+                state = (scheduler, {}, hooks.state_dict())
+                saved[step + 1] = save_checkpoint(tmp_path, step + 1, model, optimizer, *state)
+        return saved, model.state_dict(), model.peft_config["default"].rank_pattern
 
-    full = run(5)["model"]
-    for k in (2, 4):  # 2: the averages drive steps 3-4; 4: the fixed rank pattern drives step 5
-        resumed = run(5, run(k))["model"]
+    saved, full, full_pattern = run(save=(2, 4))
+    kept = sum(sum(m) for m in full_pattern.values())
+    assert kept == 2 * len(full_pattern)  # the final budget: target_rank per matrix
+    for k in (2, 4):
+        _, resumed, pattern = run(saved[k])
         assert all(torch.equal(resumed[n], full[n]) for n in full), k
-    lost = run(5, run(2), tensors=False)["model"]
+        assert pattern == full_pattern, k
+    _, lost, _ = run(saved[2], tensors=False)
     assert any(not torch.equal(lost[n], full[n]) for n in full)
+
+
+def test_adalora_budget_follows_the_rollout_steps(policy, monkeypatch):
+    """StepHooks.start: rollout step s's updates take allocation steps s x 2 + 1, s x 2 + 2
+    (2 updates a step at most, 4 steps: total_step 8, tfinal 2). Steps 1 and 2 make no update
+    (skipped), so the steps jump over the fixing step 6: the pattern is fixed there first, at the
+    target rank, and steps 7 and 8 mask with it. Counting the 4 updates made instead (before the
+    fix) the budget ended at step 4, short of the target and never fixed. A first update past the
+    fixing step has no scores to fix a pattern from: every rank stays."""
+    from peft.tuners.adalora import AdaLoraModel
+
+    from rlx.adapters import extra_loss, install_step_hooks
+
+    calls, allocate = [], AdaLoraModel.update_and_allocate
+
+    def spy(self, global_step):
+        calls.append(global_step)
+        return allocate(self, global_step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+    cfg = AdapterConfig(
+        method="adalora", rank=4, adalora=AdaLoraConfig(target_rank=2, tfinal=2, total_step=8)
+    )
+
+    def train(model, updates_per_step: list[int]):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        hooks = install_step_hooks(model, optimizer, cfg)
+        for index, updates in enumerate(updates_per_step):
+            hooks.start(index * 2)
+            for _ in range(updates):
+                ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(index))
+                logits = model(input_ids=ids).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+                (loss + extra_loss(model)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return hooks
+
+    model = policy(cfg)
+    assert train(model, [2, 0, 0, 2]).step == 8
+    assert calls == [1, 2, 6, 7, 8]
+    pattern = model.peft_config["default"].rank_pattern
+    assert sum(sum(keep) for keep in pattern.values()) == 2 * len(pattern)
+
+    calls.clear()
+    model = policy(cfg)
+    train(model, [0, 0, 0, 1])  # allocation step 7, nothing scored before
+    assert calls == [] and model.peft_config["default"].rank_pattern is None

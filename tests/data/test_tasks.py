@@ -44,7 +44,7 @@ def test_same_seed_same_data_and_different_seed_different_data():
     assert first["question"] != other["question"]
 
 
-@pytest.mark.parametrize("ops", [("+",), ("-",), ("+", "-")])
+@pytest.mark.parametrize("ops", [("+",), ("-",), ("*",), ("+", "-")])
 def test_train_and_test_never_share_an_equation(ops):
     # Across seeds too: the split of an equation does not depend on the seed.
     train = build_arithmetic("train", 800, seed=0, ops=ops, max_operand=12)
@@ -56,7 +56,10 @@ def test_train_and_test_never_share_an_equation(ops):
         }
 
 
-@pytest.mark.parametrize(("op", "apply"), [("+", lambda a, b: a + b), ("-", lambda a, b: a - b)])
+@pytest.mark.parametrize(
+    ("op", "apply"),
+    [("+", lambda a, b: a + b), ("-", lambda a, b: a - b), ("*", lambda a, b: a * b)],
+)
 def test_answers_match_the_arithmetic(op, apply):
     dataset = build_arithmetic("train", 300, seed=7, ops=(op,), max_operand=9)
     for row in dataset:
@@ -65,6 +68,26 @@ def test_answers_match_the_arithmetic(op, apply):
         assert row["answer"] == str(apply(a, b))
         assert int(row["answer"]) >= 0
         assert equation_split(a, op, b) == "train"
+        # one of a kind is singular: "1 bag", "1 apple" (the groups a product counts too)
+        assert not re.search(r"\b1 (bags|days|rows|boxes|apples|books)\b", row["question"])
+
+
+def test_products_score_with_the_default_rewards():
+    """Multiplication answers reach max_operand squared; correctness reads them in the tags,
+    with thousands separators, and as the last number of an untagged product."""
+    correctness = load_reward("rewards/arithmetic.py:correctness")
+    dataset = build_arithmetic("test", 100, seed=0, ops=("*",), max_operand=60)
+    answers = dataset["answer"]
+    assert max(map(int, answers)) > 1000
+    tagged = [f"<answer>{int(a):,}</answer>" for a in answers]
+    untagged = [
+        "So {} x {} = {}.".format(*operands(q), a)
+        for q, a in zip(dataset["question"], answers, strict=True)
+    ]
+    wrong = [f"<answer>{int(a) + 1}</answer>" for a in answers]
+    for completions, expected in ((tagged, 1.0), (untagged, 1.0), (wrong, 0.0)):
+        scores = correctness(prompts=dataset["prompt"], completions=completions, answer=answers)
+        assert scores == [expected] * len(answers)
 
 
 def test_gold_answers_score_full_marks_with_default_rewards():
@@ -97,7 +120,7 @@ def test_one_shot_equation_is_never_held_out():
     [
         ({"split": "validation"}, "splits"),
         ({"max_operand": 0}, "max_operand"),
-        ({"ops": ("*",)}, "ops"),
+        ({"ops": ("/",)}, "ops"),
         ({"ops": ()}, "ops"),
         ({"colour": "red"}, "does not accept"),
         ({"num_examples": 0}, "num_examples"),

@@ -1,7 +1,7 @@
 """A skipped step is not a rollback, and schedules must not drift (issue 31, items 7 and 8):
 finiteness is checked before each optimizer step, a skipped step with several updates leaves the
-weights exactly as they were, the learning-rate schedule counts skipped steps, and the optimizer
-updates are counted into the checkpoint so that AdaLoRA resumes from the true count."""
+weights exactly as they were, the learning-rate schedule and AdaLoRA's rank budget count skipped
+steps, and the optimizer updates are counted into the checkpoint."""
 
 from __future__ import annotations
 
@@ -99,13 +99,16 @@ def test_skipped_two_update_step_leaves_the_weights_as_they_were(
 
 
 @pytest.mark.slow  # two short runs with a vLLM engine each
-def test_schedule_counts_skipped_steps_and_adalora_resumes_from_counted_updates(
+def test_schedule_counts_skipped_steps_and_adalora_follows_the_rollout_steps(
     tiny_llama, tmp_path, flaky_reward, monkeypatch
 ):
     """Step 1 skipped (its reward fails), linear decay over steps=3: steps 2 and 3 train with
     the LRs of steps 2 and 3 (before the fix: of steps 1 and 2, the schedule one step behind).
-    AdaLoRA allocates at optimizer updates 1, 2; the checkpoint of step 2 holds 1 update, and a
-    resume from it allocates at update 2 (before the fix: 2 steps x 1 = 2 assumed, then 3)."""
+    AdaLoRA's budget (total_step 3) follows the rollout steps too: the updates of steps 2 and 3
+    allocate at 2 and 3, and step 3 fixes the final pattern at the target rank (before: at 1 and
+    2, the budget never fixed). The checkpoint of step 2, saved after a pruning, loads into a
+    fresh model (before: PEFT's save had dropped the pruned ranks), and the resumed run allocates
+    at 3 and fixes the same pattern, which only the checkpointed allocator state decides."""
     from peft.tuners.adalora import AdaLoraModel
 
     recipe = load_recipe()
@@ -130,21 +133,28 @@ def test_schedule_counts_skipped_steps_and_adalora_resumes_from_counted_updates(
         "adapter.method": "adalora",
         "adapter.rank": 4,
         "adapter.adalora.target_rank": 2,
-        # no rank pruned yet: a checkpoint saved after pruning does not load into a fresh model
-        # (its rank pattern is restored after the weights; a separate issue)
-        "adapter.adalora.tinit": 10,
-        "adapter.adalora.total_step": 20,
     }
     args = overrides(tiny_llama, tmp_path, flaky_reward, **extra)
     recipe.train(load_config(PGConfig, overrides=args))
     assert lrs == pytest.approx([1e-3 * 2 / 3, 1e-3 / 3])
-    assert allocations == [1, 2]
+    assert allocations == [2, 3]
     ckpt = tmp_path / "checkpoints"
     states = {d.name: json.loads((d / "state.json").read_text()) for d in ckpt.iterdir()}
     assert states["step-000002"]["optimizer_updates"] == 1
     assert states["step-000003"]["optimizer_updates"] == 2
 
+    def final_pattern() -> dict:
+        tensors = torch.load(ckpt / "step-000003" / "loop_tensors.pt")
+        assert int(tensors["adalora.step"]) == 3
+        return {k: v for k, v in tensors.items() if k.startswith("adalora.rank_pattern/")}
+
+    pattern = final_pattern()
+    assert sum(int(keep.sum()) for keep in pattern.values()) == 2 * len(pattern)
+
     lrs.clear(), allocations.clear()
     resume = [*args, f"resume_from={ckpt / 'step-000002'}"]
     recipe.train(load_config(PGConfig, overrides=resume))
-    assert allocations == [2] and lrs == pytest.approx([1e-3 / 3])
+    assert allocations == [3] and lrs == pytest.approx([1e-3 / 3])
+    resumed = final_pattern()
+    assert resumed.keys() == pattern.keys()
+    assert all(torch.equal(resumed[k], pattern[k]) for k in pattern)
