@@ -219,9 +219,9 @@ def drop_gradients(accelerator, model, optimizer) -> None:
     from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID  # deferred: heavy
 
     zero._release_preflattened_grad_buffers()
-    for group in list(zero.averaged_gradients):
-        zero.averaged_gradients[group] = None
-        zero.all_grad_tensors[group] = None
+    for buffers in (zero.averaged_gradients, zero.all_grad_tensors):  # at and before the boundary
+        for group in list(buffers):
+            buffers[group] = None
     zero.micro_step_id = INITIAL_MICRO_STEP_ID
 
 

@@ -137,7 +137,7 @@ import torch
 spec = importlib.util.spec_from_file_location("pg_recipe", {recipe!r})
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
-rank, out = int(os.environ["RANK"]), Path({out!r})
+rank, out = int(os.environ.get("RANK", "0")), Path({out!r})
 state = {{"update": 0, "pass": 0}}
 
 
@@ -146,7 +146,8 @@ def local_weights(engine):
     return torch.cat([getattr(p, "ds_tensor", p).detach().flatten().clone() for p in params])
 
 
-update, loss, logits = recipe.Trainer.update, recipe.pg.clipped_policy_loss, recipe.completion_logits
+update, loss = recipe.Trainer.update, recipe.pg.clipped_policy_loss
+logits = recipe.completion_logits
 
 
 def saving_update(self, step):
