@@ -233,3 +233,21 @@ def test_zero_skips_a_non_finite_step_with_nothing_applied(tiny_llama, tmp_path,
         assert changed == [True, False, False, True], (rank, changed)
         assert all(bool(s["after"].isfinite().all()) for s in saved)
         assert torch.equal(saved[1]["before"], saved[0]["after"])  # nothing in between
+
+
+@pytest.mark.slow  # one 2-process run, about ? s here
+@pytest.mark.multiprocess
+def test_zero3_non_finite_update_after_an_applied_one_stops_the_run(tiny_llama, tmp_path, reward):
+    """algo.mini_batches=2 under ZeRO-3: update 2's second mini-batch has a NaN loss on rank 0
+    after its first was applied. DeepSpeed's partitioned optimizer state has no copy to restore,
+    so bad_steps=skip stops the run with one line instead of going on with unsynced weights."""
+    out = tmp_path / "z3applied"
+    out.mkdir()
+    script = tmp_path / "faulty_pg.py"
+    script.write_text(FAULTY_RECIPE.format(recipe=str(RECIPE), out=str(out)))
+    args = ("steps=3", "bad_steps=skip", "rollout.backend=hf", "algo.mini_batches=2")
+    run = launch(3, tiny_llama, out, reward, *args, script=script)
+    assert run.wait(timeout=900) != 0
+    log = (tmp_path / "z3applied.log").read_text()
+    assert "FloatingPointError: an update's loss or gradient is not finite after 1 update" in log
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
