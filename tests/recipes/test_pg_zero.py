@@ -249,5 +249,5 @@ def test_zero3_non_finite_update_after_an_applied_one_stops_the_run(tiny_llama, 
     run = launch(3, tiny_llama, out, reward, *args, script=script)
     assert run.wait(timeout=900) != 0
     log = (tmp_path / "z3applied.log").read_text()
-    assert "FloatingPointError: an update's loss or gradient is not finite after 1 update" in log
+    assert "not finite after 1 update(s) of the step that DeepSpeed has applied" in log, log[-3000:]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
