@@ -20,8 +20,9 @@ to the loss, not folded into the reward.
 Several processes: each rank generates and scores its share of the step's prompts; rewards are
 gathered (rlx/distributed.py, the only place ranks exchange data) so advantages, REINFORCE's
 global whitening and dynamic sampling see the whole batch, and every skip or stop is agreed by
-all ranks before any acts. Under ZeRO-3 every rank runs as many micro-batch passes as the
-busiest one (the extra ones at loss weight 0), since each forward gathers the parameters.
+all ranks before any acts. Under DeepSpeed every rank runs as many micro-batch passes as the
+busiest one (the extra ones at loss weight 0): ZeRO-3's forwards gather the parameters, ZeRO-2's
+backwards reduce gradients, and each loss is agreed finite before its backward (rlx/sharding.py).
 Each rank divides its loss by the whole mini-batch's sequence and token counts (gathered) and
 multiplies it by the number of ranks, so that DDP's gradient average is the gradient of the batch
 loss one process would compute (TRL does this for loss_type "dapo" only).
