@@ -235,7 +235,7 @@ def test_zero_skips_a_non_finite_step_with_nothing_applied(tiny_llama, tmp_path,
         assert torch.equal(saved[1]["before"], saved[0]["after"])  # nothing in between
 
 
-@pytest.mark.slow  # one 2-process run, about ? s here
+@pytest.mark.slow  # one 2-process run, 1 to 2 minutes here
 @pytest.mark.multiprocess
 def test_zero3_non_finite_update_after_an_applied_one_stops_the_run(tiny_llama, tmp_path, reward):
     """algo.mini_batches=2 under ZeRO-3: update 2's second mini-batch has a NaN loss on rank 0
