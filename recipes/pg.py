@@ -20,8 +20,9 @@ to the loss, not folded into the reward.
 Several processes: each rank generates and scores its share of the step's prompts; rewards are
 gathered (rlx/distributed.py, the only place ranks exchange data) so advantages, REINFORCE's
 global whitening and dynamic sampling see the whole batch, and every skip or stop is agreed by
-all ranks before any acts. Under ZeRO-3 every rank runs as many micro-batch passes as the
-busiest one (the extra ones at loss weight 0), since each forward gathers the parameters.
+all ranks before any acts. Under DeepSpeed every rank runs as many micro-batch passes as the
+busiest one (the extra ones at loss weight 0): ZeRO-3's forwards gather the parameters, ZeRO-2's
+backwards reduce gradients, and each loss is agreed finite before its backward (rlx/sharding.py).
 Each rank divides its loss by the whole mini-batch's sequence and token counts (gathered) and
 multiplies it by the number of ranks, so that DDP's gradient average is the gradient of the batch
 loss one process would compute (TRL does this for loss_type "dapo" only).
@@ -169,8 +170,12 @@ class Trainer:
         index x updates_per_step + 1 on, so its budget follows the rollout steps (StepHooks).
 
         A step whose loss or gradient is not finite leaves nothing behind for bad_steps=skip: the
-        check comes before each optimizer step, and the updates the step had already applied
-        (more than one per step) are undone from a copy taken before it (`snapshot`)."""
+        check comes before each optimizer step (under DeepSpeed the loss's before each backward
+        too, and the engine steps only after the check: rlx/sharding.py), the failed update's
+        gradients are dropped, and the updates the step had already applied (more than one per
+        step) are undone from a copy taken before it (`snapshot`). DeepSpeed's partitioned
+        optimizer state has no such copy: there a failure after an applied update of the step
+        stops the run with FloatingPointError (bad_steps=skip holds with one update per step)."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         parts = mini_batch_parts(step.keep, cfg.algo.mini_batches)  # [P]
         num_parts, mine = int(parts.max()) + 1, step.mine
@@ -187,16 +192,14 @@ class Trainer:
         if math.isfinite(stats["loss"]):
             self.updates += applied
             return stats
-        # the caller stops or skips the step: drop what the last backward left, undo the rest
-        self.optimizer.zero_grad(set_to_none=True)
+        # the caller stops or skips the step; the failed update applied nothing: undo the rest
         if before is not None:
             self.restore(before)
-        stage = sharding.zero_stage(self.accelerator)
-        if stage and cfg.bad_steps == "skip" and (applied or stage == 3):
-            done = "updates before it" if applied else "it (ZeRO-3 has no overflow check)"
+        elif applied and cfg.bad_steps == "skip" and sharding.zero_stage(self.accelerator):
             raise FloatingPointError(
-                f"an update's loss or gradient is not finite and DeepSpeed has already applied "
-                f"{done}; bad_steps=skip cannot undo that under DeepSpeed: lower optim.lr"
+                f"an update's loss or gradient is not finite after {applied} update(s) of the "
+                "step that DeepSpeed has applied and bad_steps=skip cannot undo: lower optim.lr, "
+                "or set algo.mini_batches=1 and algo.ppo_epochs=1"
             )
         return stats
 
@@ -442,7 +445,8 @@ def update_policy(
     """`algo.ppo_epochs` passes over the step's mini-batches, one optimizer step per mini-batch.
     With more than one update, the old logprobs are taken once, before the first. Returns each
     update's stats over all ranks; it stops at an update whose loss or gradient is not finite on
-    some rank, before its optimizer step (that update's stats come last, with a NaN loss)."""
+    some rank, before its optimizer step and with its gradients dropped, so that nothing of it is
+    applied (that update's stats come last, with a NaN loss)."""
     # a mini-batch whose every token is masked on every rank takes no step at all (AdamW's
     # momentum and weight decay would still move the weights); decided once, the same on all ranks
     batches = [mb for mb in batches if loss_tokens(mb)]
@@ -460,6 +464,8 @@ def update_policy(
             max_norm, norm = cfg.optim.max_grad_norm, None
             if math.isfinite(stats["loss"]):
                 norm = sharding.optimizer_step(accelerator, model, optimizer, trainable, max_norm)
+            else:  # nothing of this update is applied: drop what its backward passes left
+                sharding.drop_gradients(accelerator, model, optimizer)
             if norm is None:  # no step was taken (a non-finite gradient: the loss says so too)
                 stats.values["loss"] = math.nan
                 return updates + [stats]
@@ -519,7 +525,9 @@ def train_on_batch(
 
     The loss is the whole mini-batch's over all ranks: every rank divides by the global sequence
     and token counts, and multiplies by the number of ranks because DDP averages the gradients.
-    Under ZeRO-3 every rank runs as many passes as the busiest (extra ones at loss weight 0).
+    Under DeepSpeed every rank runs as many passes as the busiest (extra ones at loss weight 0),
+    and the passes stop, on every rank, at a loss that is not finite on some rank (its backward is
+    not run; the stats' loss is then NaN).
     """
     batch, g, algo = mini.batch, mini.batch.group_size, cfg.algo
     world = accelerator.num_processes
@@ -559,7 +567,9 @@ def train_on_batch(
             # AdaLoRA's orthogonality penalty, once per update: each rank adds 1/(its passes x
             # world) of it per pass, so DDP's average of the sums is its gradient
             penalty = adapters.extra_loss(model) / (passes * world)
-            accelerator.backward((loss + penalty) * world)
+            if not sharding.backward(accelerator, model, (loss + penalty) * world):
+                stats.add({"loss": math.nan})  # not finite on some rank: the update stops here
+                break
         if padding:
             continue
         old = logp.detach() if old is None else old.to(logp)

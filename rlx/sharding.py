@@ -5,13 +5,19 @@ here does what plain DDP needs, so the loops call them unconditionally.
 
 - `accelerator_kwargs`: on CPU, DeepSpeed needs the gloo backend named explicitly, and
   accelerate's `cpu=True` (which the loops use for DDP on CPU) would turn DeepSpeed off.
-- `micro_batch` / `optimizer_step`: accelerate steps a DeepSpeed engine inside `backward` when
-  gradients are synchronised, so a micro-batched update marks only its last micro-batch as the
-  accumulation boundary, and the step itself (clipping included) has already happened after it.
-  Without DeepSpeed no step is taken on a gradient that is not finite on some rank.
-- `forward_passes`: under ZeRO-3 every forward gathers the parameters (a collective), so every
-  rank must run as many forward/backward passes as the busiest one; the loop pads with passes at
-  loss weight 0 (after dynamic sampling the ranks keep different numbers of groups).
+- `micro_batch` / `backward` / `optimizer_step` / `drop_gradients`: one update's micro-batched
+  backward passes (only the last is the accumulation boundary), then its step, taken only when the
+  update is finite on every rank; otherwise the accumulated gradients are dropped and nothing is
+  applied. accelerate's own backward steps a DeepSpeed engine inside the boundary's backward,
+  before any check could run, so under DeepSpeed `backward` calls the engine's backward alone and
+  `optimizer_step` its step. Under DeepSpeed the loss is agreed finite on every rank before each
+  backward (a non-finite loss never reaches the engine), and each local gradient is watched as it
+  arrives (`GradientWatch`: ZeRO keeps no whole gradient to check, and its own overflow check
+  only covers fp16, fp32 with the norm computed, and bf16 when asked).
+- `forward_passes`: under DeepSpeed every rank must run as many forward/backward passes as the
+  busiest one (ZeRO-3 gathers the parameters in each forward, ZeRO-2 reduces gradients after each
+  backward, and each loss is agreed finite before its backward: all collectives); the loop pads
+  with passes at loss weight 0 (after dynamic sampling the ranks keep different numbers of groups).
 - `prepare_frozen`: the KL term's reference model on the trainer's device; under ZeRO-3 sharded
   and wrapped by DeepSpeed like the policy (eval mode, no optimizer), as TRL does.
 - `weight_chunks`: under ZeRO-3 every rank holds a slice of each weight; the full weights for the
@@ -25,6 +31,7 @@ import contextlib
 import copy
 import math
 import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -80,8 +87,8 @@ def configure(accelerator, max_grad_norm: float, adapter: bool) -> None:
 
 def forward_passes(accelerator, local: int) -> int:
     """How many micro-batch passes this rank runs when it has `local` of its own: the maximum over
-    ranks under ZeRO-3 (a rank with fewer repeats one at loss weight 0), else `local`."""
-    return distributed.max_over_ranks(local) if zero_stage(accelerator) == 3 else local
+    ranks under DeepSpeed (a rank with fewer repeats one at loss weight 0), else `local`."""
+    return distributed.max_over_ranks(local) if zero_stage(accelerator) else local
 
 
 def prepare_frozen(accelerator, model):
@@ -126,34 +133,54 @@ def full_numel(param: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def micro_batch(accelerator, model, last: bool):
-    """Around one micro-batch's forward and backward: gradients are synchronised (and, under
-    DeepSpeed, the engine steps) only after the last micro-batch of an update."""
+    """Around one micro-batch's forward and backward: gradients are synchronised (under DeepSpeed:
+    reduced into the engine's partitions for the step) only after the last micro-batch of an
+    update, the accumulation boundary."""
     if not zero_stage(accelerator):
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             yield
         return
-    state = accelerator.gradient_state
-    state._set_sync_gradients(last)  # accelerate's own switch for the accumulation boundary
+    model.set_gradient_accumulation_boundary(last)  # before the forward, as DeepSpeed asks
     try:
         yield
     finally:
-        state._set_sync_gradients(True)
+        model.set_gradient_accumulation_boundary(True)
+
+
+def backward(accelerator, model, loss: torch.Tensor) -> bool:
+    """One micro-batch's backward pass (inside `micro_batch`), without the optimizer step. Under
+    DeepSpeed the loss is agreed finite on every rank first: when it is not on some rank, no rank
+    runs the backward and False is returned (the caller drops the update: `drop_gradients`).
+    Without DeepSpeed a non-finite loss goes through (ranks may run different numbers of passes,
+    so there is no common point to agree on) and `optimizer_step` finds its gradient."""
+    if not zero_stage(accelerator):
+        accelerator.backward(loss)
+        return True
+    if distributed.agree(not bool(torch.isfinite(loss.detach()))):
+        return False
+    GradientWatch.of(model)  # watching from the first backward on
+    model.backward(loss)  # the engine's, not accelerate's: that one would step at the boundary
+    return True
 
 
 def optimizer_step(accelerator, model, optimizer, trainable, max_grad_norm: float) -> float | None:
     """Clip and step after an update's backward passes, unless a gradient is not finite on some
     rank: then no step is taken, the gradients are dropped and None is returned (decided by all
     ranks together, so that a skip never leaves the ranks' weights apart). Returns the gradient
-    norm otherwise (NaN when not clipped).
+    norm otherwise (NaN when not clipped, or when DeepSpeed's norm computation is off).
 
-    Under DeepSpeed the engine has already clipped and stepped in the last backward: ZeRO-1/2 in
-    fp32 skip a step whose gradient norm is not finite themselves (their overflow check, which
-    also drops the gradients); ZeRO-3 in fp32 has no such check and applies it. Both return None
-    here for a non-finite norm; the caller knows the stage (recipes/pg.py refuses to go on after
-    a ZeRO-3 step it cannot undo)."""
+    Under DeepSpeed the gradient checked is each backward's local one (GradientWatch): the
+    reduced gradient the engine steps on is their sum over ranks, finite when all of them are.
+    The engine clips and steps in `model.step()`; should DeepSpeed's own overflow check still
+    skip the step (its norm not finite), it has dropped the gradients itself, and None is
+    returned as well."""
     if zero_stage(accelerator):
+        if distributed.agree(GradientWatch.of(model).take()):
+            drop_gradients(accelerator, model, optimizer)
+            return None
+        model.step()
         norm = model.get_global_grad_norm()
-        if norm is None:  # DeepSpeed's norm computation is off: nothing to check
+        if norm is None:  # DeepSpeed's norm computation is off
             return float("nan")
         return None if distributed.agree(not math.isfinite(float(norm))) else float(norm)
     norm = float("nan")
@@ -168,6 +195,64 @@ def optimizer_step(accelerator, model, optimizer, trainable, max_grad_norm: floa
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+def drop_gradients(accelerator, model, optimizer) -> None:
+    """Forget the gradients accumulated since the last step without taking one (every rank).
+
+    A DeepSpeed engine's own zero_grad clears only the parameters' .grad, and accelerate's wrapper
+    of its optimizer ignores zero_grad: the reduced gradients live in the ZeRO optimizer's
+    partitions. This clears what DeepSpeed's overflow branch of its step clears (deepspeed
+    0.19.8, stage_1_and_2.py and stage3.py), and resets the accumulation to its first micro-step."""
+    stage = zero_stage(accelerator)
+    if not stage:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    GradientWatch.of(model).take()
+    zero = model.optimizer
+    zero.zero_grad(set_to_none=True)  # stage 3: also restarts the accumulation
+    if stage == 3:
+        zero.averaged_gradients = {}
+        for bucket in zero.ipg_buckets.values():
+            bucket.clear_params()
+        return
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID  # deferred: heavy
+
+    zero._release_preflattened_grad_buffers()
+    for buffers in (zero.averaged_gradients, zero.all_grad_tensors):  # at and before the boundary
+        for group in list(buffers):
+            buffers[group] = None
+    zero.micro_step_id = INITIAL_MICRO_STEP_ID
+
+
+class GradientWatch:
+    """Whether a gradient that is not finite arrived at a trainable weight since the last `take`:
+    a hook on each weight sees every backward's local gradient as autograd delivers it, before
+    DeepSpeed reduces it into its partitions. It works alike for every ZeRO stage and precision,
+    where reading the partitioned gradients would depend on the stage's buffers. Costs one
+    isfinite pass over the gradients per backward; one watch per engine, made on first use."""
+
+    _watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, params):
+        self.bad: torch.Tensor | None = None  # on the gradients' device: no sync per weight
+        self.handles = [p.register_hook(self.check) for p in params if p.requires_grad]
+
+    @classmethod
+    def of(cls, engine) -> GradientWatch:
+        """The watch over `engine`'s trainable weights (made now if it has none)."""
+        if engine not in cls._watches:
+            cls._watches[engine] = cls(engine.module.parameters())
+        return cls._watches[engine]
+
+    def check(self, grad: torch.Tensor) -> None:
+        bad = ~torch.isfinite(grad).all()
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def take(self) -> bool:
+        """True when a non-finite gradient arrived since the last take (on this rank); resets."""
+        bad, self.bad = self.bad, None
+        return bad is not None and bool(bad)
 
 
 def weight_chunks(model, export) -> Iterator[list[tuple[str, torch.Tensor]]]:

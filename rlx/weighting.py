@@ -73,7 +73,7 @@ def start_weighting(
         if sharding.zero_stage(run.accelerator):
             raise ConfigError(
                 "weighting.method=gradient under DeepSpeed ZeRO is not supported (the engine "
-                "steps inside the backward pass); use launch/cpu_2proc.yaml or one process"
+                "keeps the gradients in its ZeRO buffers); use launch/cpu_2proc.yaml or one process"
             )
         params = layer_parameters(policy, knobs.grad_layers)
         steps = knobs.grad_accumulation_steps

@@ -56,16 +56,59 @@ def test_optimizer_step_with_a_non_finite_gradient_takes_no_step():
     assert weight.detach()[0] < 1
 
 
-def test_deepspeed_step_with_a_non_finite_norm_is_reported():
-    """Under DeepSpeed the engine has stepped (or, ZeRO-1/2, skipped by its overflow check) in the
-    last backward: a non-finite norm comes back as None, so the loop treats it as not finite."""
-    plugin = SimpleNamespace(zero_stage=2)
+class FakeEngine(torch.nn.Module):
+    """What the loop calls on a DeepSpeed engine, over one weight: backward without a step, the
+    step, the norm, the boundary switch, and a ZeRO-3 optimizer holding reduced gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Linear(3, 1, bias=False)
+        self.steps = []
+        self.optimizer = SimpleNamespace(
+            zero_grad=lambda set_to_none: self.module.zero_grad(set_to_none=set_to_none),
+            averaged_gradients={},
+            ipg_buckets={},
+        )
+
+    def set_gradient_accumulation_boundary(self, last: bool) -> None:
+        pass
+
+    def backward(self, loss) -> None:
+        loss.backward()
+        self.optimizer.averaged_gradients[0] = self.module.weight.grad  # "reduced"
+
+    def step(self) -> None:
+        self.steps.append(self.module.weight.grad.clone())
+
+    def get_global_grad_norm(self) -> float:
+        return 0.5
+
+
+def test_deepspeed_update_checks_the_loss_and_the_gradient_before_the_engine_steps():
+    """Under DeepSpeed the loop runs the engine's backward and step itself: a non-finite loss never
+    reaches the engine's backward, a non-finite gradient with a finite loss never reaches its
+    step, and the reduced gradients are dropped. (Before the fix accelerate's backward stepped
+    the engine inside the last backward, before any check.)"""
+    plugin = SimpleNamespace(zero_stage=3)
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
-    for norm, expected in ((math.inf, None), (math.nan, None), (0.5, 0.5)):
-        engine = SimpleNamespace(get_global_grad_norm=lambda n=norm: n)
-        assert sharding.optimizer_step(accelerator, engine, None, [], 1.0) == expected
-    engine = SimpleNamespace(get_global_grad_norm=lambda: None)  # DeepSpeed's norm turned off
-    assert math.isnan(sharding.optimizer_step(accelerator, engine, None, [], 1.0))
+    engine = FakeEngine()
+    x = torch.ones(1, 3)
+
+    def loss(scale: float = 1.0, poison: bool = False):
+        out = engine.module(x)
+        if poison:  # a finite loss whose gradient is not
+            out.register_hook(lambda grad: grad * math.nan)
+        return out.sum() * scale
+
+    assert not sharding.backward(accelerator, engine, loss(math.nan))
+    assert engine.module.weight.grad is None  # its backward was not run
+    assert sharding.backward(accelerator, engine, loss(poison=True))
+    assert sharding.optimizer_step(accelerator, engine, None, [], 1.0) is None
+    assert engine.steps == [] and engine.module.weight.grad is None
+    assert engine.optimizer.averaged_gradients == {}
+    assert sharding.backward(accelerator, engine, loss())
+    assert sharding.optimizer_step(accelerator, engine, None, [], 1.0) == 0.5
+    assert len(engine.steps) == 1 and torch.equal(engine.steps[0], torch.ones(1, 3))
 
 
 def test_skipped_two_update_step_leaves_the_weights_as_they_were(

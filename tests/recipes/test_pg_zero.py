@@ -1,9 +1,11 @@
 """recipes/pg.py under DeepSpeed ZeRO through accelerate (two CPU processes over gloo): ZeRO-3
-really shards, the gathered weight sync is exact, and a ZeRO-2 run killed with SIGKILL resumes to
-the uninterrupted run's rewards and losses."""
+really shards, the gathered weight sync is exact, a ZeRO-2 run killed with SIGKILL resumes to
+the uninterrupted run's rewards and losses, and a step with a non-finite loss or gradient is
+skipped with nothing applied."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from torch.distributed.elastic.utils.distributed import get_free_port
 from transformers import AutoModelForCausalLM
@@ -23,11 +26,18 @@ RECIPE = ROOT / "recipes" / "pg.py"
 
 
 def launch(
-    stage: int, model: str, out: Path, reward: Path, *extra: str, env: dict | None = None
+    stage: int,
+    model: str,
+    out: Path,
+    reward: Path,
+    *extra: str,
+    env: dict | None = None,
+    script: Path = RECIPE,
+    config: Path | None = None,
 ) -> subprocess.Popen:
-    config = ROOT / "launch" / f"cpu_2proc_zero{stage}.yaml"
+    config = config or ROOT / "launch" / f"cpu_2proc_zero{stage}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    cmd += ["--main_process_port", str(get_free_port()), str(RECIPE)]
+    cmd += ["--main_process_port", str(get_free_port()), str(script)]
     cmd += [f"model.name={model}", "rollout.dtype=float32", "rollout.num_samples=4"]
     cmd += ["rollout.max_new_tokens=12", "prompts_per_step=4", "micro_batch_size=4"]
     cmd += ["eval.enabled=false", "log_with=[]", "optim.lr=1e-3", "bf16_autocast=false"]
@@ -115,3 +125,129 @@ def test_zero3_with_lora_is_a_config_error():
         sharding.configure(accelerator, 1.0, adapter=True)
     sharding.configure(accelerator, 0.5, adapter=False)
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
+
+
+# recipes/pg.py with faults injected, per rank, by update (Trainer.update calls) and micro-batch;
+# every update saves this rank's weights (its ZeRO-3 slice) before and after it
+FAULTY_RECIPE = """
+import importlib.util, math, os, sys
+from pathlib import Path
+import torch
+
+spec = importlib.util.spec_from_file_location("pg_recipe", {recipe!r})
+recipe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipe)
+rank, out = int(os.environ.get("RANK", "0")), Path({out!r})
+state = {{"update": 0, "pass": 0}}
+
+
+def local_weights(engine):
+    params = engine.module.parameters()
+    return torch.cat([getattr(p, "ds_tensor", p).detach().flatten().clone() for p in params])
+
+
+update, loss = recipe.Trainer.update, recipe.pg.clipped_policy_loss
+logits = recipe.completion_logits
+
+
+def saving_update(self, step):
+    state["update"] += 1
+    state["pass"] = 0
+    before = local_weights(self.model)
+    stats = update(self, step)
+    saved = {{"before": before, "after": local_weights(self.model)}}
+    torch.save(saved, out / f"update{{state['update']}}-rank{{rank}}.pt")
+    return stats
+
+
+def nan_loss(*args, **kwargs):  # update 2: rank 0's last micro-batch
+    per_token, low, high = loss(*args, **kwargs)
+    state["pass"] += 1
+    if (state["update"], state["pass"], rank) == (2, 2, 0):
+        per_token = per_token * math.nan
+    return per_token, low, high
+
+
+class InfGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def inf_gradient(model, mb):  # update 3: rank 1's first micro-batch, its loss finite
+    out = logits(model, mb)
+    if torch.is_grad_enabled() and (state["update"], state["pass"], rank) == (3, 0, 1):
+        out = InfGradient.apply(out)
+    return out
+
+
+recipe.Trainer.update = saving_update
+recipe.pg.clipped_policy_loss = nan_loss
+recipe.completion_logits = inf_gradient
+sys.exit(recipe.main())
+"""
+
+
+@pytest.mark.slow  # one 2-process run each, 3 to 4 minutes here
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_skips_a_non_finite_step_with_nothing_applied(tiny_llama, tmp_path, reward, stage):
+    """bad_steps=skip under ZeRO-2 and ZeRO-3, two micro-batches per update: update 2's loss is NaN
+    on rank 0's last micro-batch (after the first was accumulated), update 3's gradient is inf on
+    rank 1's first micro-batch with a finite loss. Both steps are skipped on both ranks with every
+    weight as before them; updates 1 and 4 train. ZeRO-2 runs with DeepSpeed's gradient norm off
+    (compute_grad_norm=false, no clipping), so DeepSpeed's own overflow check does not catch it:
+    before the fix, ZeRO-2 applied the NaN update and ZeRO-3 stopped with FloatingPointError."""
+    out = tmp_path / f"z{stage}skip"
+    out.mkdir()
+    script = tmp_path / "faulty_pg.py"
+    script.write_text(FAULTY_RECIPE.format(recipe=str(RECIPE), out=str(out)))
+    extra, config = [], None  # ZeRO-3 samples on vLLM: the hf engine would load under zero.Init
+    if stage == 2:
+        ds = {
+            "zero_optimization": {"stage": 2, "compute_grad_norm": False},
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": False},
+        }
+        (tmp_path / "zero2.json").write_text(json.dumps(ds))
+        config = tmp_path / "zero2.yaml"
+        base = (ROOT / "launch" / "cpu_2proc_zero2.yaml").read_text()
+        config.write_text(base.replace("launch/deepspeed/zero2.json", str(tmp_path / "zero2.json")))
+        extra = ["optim.max_grad_norm=0", "rollout.backend=hf"]  # DeepSpeed clips with its norm
+    args = ("steps=4", "bad_steps=skip", *extra)
+    run = launch(stage, tiny_llama, out, reward, *args, script=script, config=config)
+    log = tmp_path / f"{out.name}.log"
+    assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    skipped = [r["step"] for r in rows if r.get("skipped") == "non-finite loss"]
+    assert len(rows) == 4 and len(skipped) == 2, rows
+    for rank in (0, 1):
+        saved = [torch.load(out / f"update{n}-rank{rank}.pt") for n in (1, 2, 3, 4)]
+        changed = [not torch.equal(s["before"], s["after"]) for s in saved]
+        assert changed == [True, False, False, True], (rank, changed)
+        assert all(bool(s["after"].isfinite().all()) for s in saved)
+        assert torch.equal(saved[1]["before"], saved[0]["after"])  # nothing in between
+
+
+@pytest.mark.slow  # one 2-process run, 1 to 2 minutes here
+@pytest.mark.multiprocess
+def test_zero3_non_finite_update_after_an_applied_one_stops_the_run(tiny_llama, tmp_path, reward):
+    """algo.mini_batches=2 under ZeRO-3: update 2's second mini-batch has a NaN loss on rank 0
+    after its first was applied. DeepSpeed's partitioned optimizer state has no copy to restore,
+    so bad_steps=skip stops the run with one line instead of going on with unsynced weights."""
+    out = tmp_path / "z3applied"
+    out.mkdir()
+    script = tmp_path / "faulty_pg.py"
+    script.write_text(FAULTY_RECIPE.format(recipe=str(RECIPE), out=str(out)))
+    args = ("steps=3", "bad_steps=skip", "algo.mini_batches=2")
+    run = launch(3, tiny_llama, out, reward, *args, script=script)
+    assert run.wait(timeout=900) != 0
+    log = (tmp_path / "z3applied.log").read_text()
+    assert "not finite after 1 update(s) of the step that DeepSpeed has applied" in log, log[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
