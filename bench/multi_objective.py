@@ -17,7 +17,10 @@ Each run's held-out point after training (greedy, eval.json's "after") is (corre
 completion tokens, format), the length minimised. Its hypervolume is measured from one reference
 point fixed before any run: the base model's point (evaluated first, by the same code as a run's
 "before") less MARGIN in every objective, so a run that loses a little in one objective still
-counts and no arm moves the reference. Finished runs in `--out` are read again, not rerun.
+counts and no arm moves the reference. Finished runs in `--out` are read again, not rerun, so
+arms or seeds can be added later to the same folder; `--out` remembers its model, steps and
+`--set` overrides (settings.json) and refuses runs of other settings. `--set KEY=VALUE ...` passes
+recipe overrides to every run, for example `--set prompts_per_step=4` for a cheaper step.
 
 Prints the base point and the reference, each run's final point and hypervolume, each arm's mean
 and std over seeds and its median step time, writes pareto.png (every final point, the base
@@ -86,6 +89,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="runs per arm (seeds 0..n-1)")
     p.add_argument("--arms", nargs="+", type=check_arm, default=DEFAULT_ARMS, help="name[@norm]")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for every run and the base point, e.g. prompts_per_step=4",
+    )
     p.add_argument("--measure-base", default=None, help=argparse.SUPPRESS)  # the subprocess' mode
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -117,8 +127,24 @@ def arm_overrides(arm: str) -> list[str]:
     return [f"rewards=[{rewards}]", f"algo.reward_normalization={normalization}", *method]
 
 
-def common_overrides(model: str, tiny: bool) -> list[str]:
-    return [f"model.name={model}", *(TINY if tiny else [])]
+def common_overrides(model: str, tiny: bool, extra: list[str]) -> list[str]:
+    return [f"model.name={model}", *(TINY if tiny else []), *extra]
+
+
+def check_settings(args: argparse.Namespace, out: Path) -> None:
+    """Record the settings every run of `out` shares (out/settings.json) and refuse to mix runs
+    of other settings, which the finished runs in `out` would otherwise be silently."""
+    settings = {"model": args.model, "steps": args.steps, "set": args.set}
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            raise SystemExit(
+                f"{out} holds runs made with {old}, not {settings}: pass the same --model, "
+                "--steps and --set, or another --out"
+            )
+    else:
+        path.write_text(json.dumps(settings))
 
 
 def measure_base(overrides: list[str], path: Path) -> None:
@@ -140,22 +166,24 @@ def measure_base(overrides: list[str], path: Path) -> None:
     path.write_text(json.dumps(summary))
 
 
-def base_point(model: str, out: Path, tiny: bool) -> list[float]:
+def base_point(model: str, out: Path, tiny: bool, extra: list[str]) -> list[float]:
     """The base model's held-out point, measured once (out/base.json) before any run."""
     path = out / "base.json"
     if not path.exists():
         cmd = [sys.executable, __file__, "--measure-base", str(path), "--"]
-        cmd += common_overrides(model, tiny)
+        cmd += common_overrides(model, tiny, extra)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"the base model's evaluation failed:\n{proc.stderr[-3000:]}")
     return held_out_point(json.loads(path.read_text()))
 
 
-def run(arm: str, seed: int, model: str, steps: int, out: Path, tiny: bool) -> dict:
+def run(
+    arm: str, seed: int, model: str, steps: int, out: Path, tiny: bool, extra: list[str]
+) -> dict:
     """One training run; its before / after held-out points and its median step time."""
     cmd = [sys.executable, str(ROOT / "recipes" / "pg.py"), "--config", str(RECIPE)]
-    cmd += [*arm_overrides(arm), *common_overrides(model, tiny)]
+    cmd += [*arm_overrides(arm), *common_overrides(model, tiny, extra)]
     cmd += [f"steps={steps}", f"seed={seed}", f"rollout.seed={seed}", "max_run_minutes=0"]
     cmd += ["log_with=[]", f"output_dir={out}", "overwrite_output_dir=true"]
     if not finished(out, steps):  # a finished run in --out is read, not run again
@@ -240,7 +268,7 @@ def report(runs: dict, base: list[float], ref: list[float], args) -> None:
             pairs = zip(r["before"], base, strict=True)
             if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in pairs):
                 print(f"warning: {arm} seed {seed}: its base point {r['before']} is not {base}")
-    print(f"\nmodel={args.model} steps={args.steps} seeds={args.seeds}")
+    print(f"\nmodel={args.model} steps={args.steps} seeds={args.seeds} set={args.set}")
     print(f"base model (held-out): {fmt(base)}")
     print(f"hypervolume reference (base less {MARGIN}): {fmt([ref[0], -ref[1], ref[2]])}")
     print("final points:")
@@ -284,16 +312,20 @@ def main() -> None:
         return
     out = Path(args.out or tempfile.mkdtemp(prefix="multi-objective-"))
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(args, out)
     args.out_dir = out
     model, tiny = args.model, args.model == "tiny"
     if tiny:
         from rlx.models.tiny import build_tiny_model
 
         model = str(build_tiny_model(out / "tiny"))
-    base = base_point(model, out, tiny)  # before any run: the reference depends on no arm
+    base = base_point(model, out, tiny, args.set)  # before any run: the reference depends on no arm
     ref = reference_point(base)
     runs = {
-        arm: [run(arm, s, model, args.steps, out / f"{arm}_{s}", tiny) for s in range(args.seeds)]
+        arm: [
+            run(arm, s, model, args.steps, out / f"{arm}_{s}", tiny, args.set)
+            for s in range(args.seeds)
+        ]
         for arm in args.arms
     }
     report(runs, base, ref, args)

@@ -1,5 +1,5 @@
 """bench/multi_objective.py end to end on a tiny model (slow: a base evaluation and three short
-training runs)."""
+training runs), and its refusal to mix runs of other settings in one folder."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ def test_bench_prints_every_run_every_arm_and_both_ratios(tmp_path):
     assert "warning" not in proc.stdout
     assert (tmp_path / "gradient_0" / "weighting.png").exists()
     assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_bench_refuses_a_folder_of_runs_made_with_other_settings(tmp_path):
+    settings = {"model": "tiny", "steps": 2, "set": ["prompts_per_step=4"]}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    cmd = [sys.executable, str(ROOT / "bench" / "multi_objective.py"), "--model", "tiny"]
+    cmd += ["--steps", "2", "--out", str(tmp_path)]  # no --set: other settings
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "prompts_per_step=4" in proc.stderr and "another --out" in proc.stderr
+    assert not (tmp_path / "base.json").exists()  # refused before any evaluation
+    assert json.loads((tmp_path / "settings.json").read_text()) == settings  # kept as it was
