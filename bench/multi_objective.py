@@ -152,8 +152,9 @@ def measure_base(overrides: list[str], path: Path) -> None:
     engine, prompts, rewards and rlx.evaluation.evaluate), into `path`."""
     from rlx.config import PGConfig, load_config
     from rlx.data import load_held_out
-    from rlx.evaluation import evaluate, resolve_rewards
+    from rlx.evaluation import evaluate
     from rlx.models import load_model_and_tokenizer
+    from rlx.rewards import resolve_rewards
     from rlx.rollout import make_engine
 
     cfg = load_config(PGConfig, str(RECIPE), overrides)
