@@ -231,7 +231,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict  # deferred: peft imports transformers
 
-        set_peft_model_state_dict(model, tensors)
+        try:
+            set_peft_model_state_dict(model, tensors)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            raise CheckpointError(adapter_mismatch(weights, err)) from None
     else:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
@@ -244,6 +249,26 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
     set_rng_state(load_pt(rank_rng_file(path, rank, state)))
     return state
+
+
+def adapter_mismatch(weights: Path, err: RuntimeError) -> str:
+    """One message for an adapter checkpoint whose tensor shapes are not the model's."""
+    first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+    try:
+        pruned = json.loads((weights / "adapter_config.json").read_text()).get("rank_pattern")
+    except (OSError, ValueError):
+        pruned = None
+    if pruned:
+        return (
+            f"{weights}: an AdaLoRA adapter saved with its pruned ranks dropped (by rlx before "
+            "it kept every rank in checkpoints, or by PEFT's own save_pretrained), which does "
+            "not load into the full-rank model a resumed run builds; start the run again, or "
+            f"resume from a checkpoint written before AdaLoRA pruned ({first})"
+        )
+    return (
+        f"{weights}: the adapter's shapes are not the model's ({first}); resume with the "
+        "adapter settings (method, rank, target modules) the run was started with"
+    )
 
 
 def load_loop_tensors(path: Path) -> dict:

@@ -138,6 +138,33 @@ def test_adalora_checkpoint_resume_is_exact_past_the_fixed_budget(policy, tmp_pa
     assert any(not torch.equal(lost[n], full[n]) for n in full)
 
 
+def test_an_adapter_checkpoint_of_other_shapes_is_refused_with_one_clear_error(policy, tmp_path):
+    """A checkpoint whose adapter shapes are not the model's (another rank here; an AdaLoRA
+    checkpoint PEFT saved with its pruned ranks dropped in the field) stops with CheckpointError
+    naming the cause, not PEFT's list of size mismatches; the pruned case is told by the
+    rank_pattern of the checkpoint's adapter_config.json."""
+    import json
+
+    from rlx.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    def parts(rank):
+        model = policy(AdapterConfig(method="lora", rank=rank))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    model, optimizer, scheduler = parts(4)
+    saved = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, {})
+    with pytest.raises(CheckpointError, match="adapter settings") as err:
+        load_checkpoint(saved, *parts(8))
+    assert "size mismatch" in str(err.value) and "AdaLoRA" not in str(err.value)
+    config_file = saved / "model" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"rank_pattern": {"layers.0.q_proj": [True]}}))
+    with pytest.raises(CheckpointError, match="AdaLoRA adapter saved with its pruned ranks"):
+        load_checkpoint(saved, *parts(8))
+    load_checkpoint(saved, *parts(4))  # the same shapes load
+
+
 def test_adalora_budget_follows_the_rollout_steps(policy, monkeypatch):
     """StepHooks.start: rollout step s's updates take allocation steps s x 2 + 1, s x 2 + 2
     (2 updates a step at most, 4 steps: total_step 8, tfinal 2). Steps 1 and 2 make no update
