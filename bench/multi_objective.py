@@ -27,6 +27,7 @@ and std over seeds and its median step time, writes pareto.png (every final poin
 point and the reference) in `--out`, and ends with two lines:
     hv_ratio_vs_uniform=<best dynamic arm's mean hypervolume / static_uniform's>
     hv_ratio_vs_best_static=<best dynamic arm's mean / the best static arm's, any normalisation>
+(inf where the static arm's mean hypervolume is 0 and the dynamic arm's is not, nan where both are).
 Run it on an idle machine: anything beside it slows vLLM-CPU by up to 10x.
 """
 
@@ -303,7 +304,10 @@ def report(runs: dict, base: list[float], ref: list[float], args) -> None:
 
 
 def ratio(top: float, bottom: float) -> float:
-    return top / bottom if bottom > 0 else float("nan")
+    """top / bottom; inf when only the top arm has any hypervolume, nan when neither has."""
+    if bottom > 0:
+        return top / bottom
+    return float("inf") if top > 0 else float("nan")
 
 
 def main() -> None:

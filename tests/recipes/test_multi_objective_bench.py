@@ -45,3 +45,14 @@ def test_bench_refuses_a_folder_of_runs_made_with_other_settings(tmp_path):
     assert "prompts_per_step=4" in proc.stderr and "another --out" in proc.stderr
     assert not (tmp_path / "base.json").exists()  # refused before any evaluation
     assert json.loads((tmp_path / "settings.json").read_text()) == settings  # kept as it was
+
+
+def test_ratio_is_inf_where_only_the_dynamic_arm_has_hypervolume():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mo_bench", ROOT / "bench" / "multi_objective.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.ratio(0.3, 0.6) == 0.5
+    assert bench.ratio(0.3, 0.0) == float("inf")
+    assert str(bench.ratio(0.0, 0.0)) == "nan"
