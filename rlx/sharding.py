@@ -20,6 +20,8 @@ here does what plain DDP needs, so the loops call them unconditionally.
   with passes at loss weight 0 (after dynamic sampling the ranks keep different numbers of groups).
 - `prepare_frozen`: the KL term's reference model on the trainer's device; under ZeRO-3 sharded
   and wrapped by DeepSpeed like the policy (eval mode, no optimizer), as TRL does.
+- `whole_model_loading`: a model that is not sharded (the hf rollout engine's copy) loaded whole
+  under a ZeRO-3 launch, where from_pretrained would build it partitioned.
 - `weight_chunks`: under ZeRO-3 every rank holds a slice of each weight; the full weights for the
   rollout engine or the final model are gathered a few tensors at a time
   (`deepspeed.zero.GatheredParameters`), so the whole model is never held twice.
@@ -83,6 +85,31 @@ def configure(accelerator, max_grad_norm: float, adapter: bool) -> None:
     ds["gradient_clipping"] = max_grad_norm
     ds["train_micro_batch_size_per_gpu"] = 1
     ds["gradient_accumulation_steps"] = 1
+
+
+@contextlib.contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """Models loaded within it are whole on this rank even under a ZeRO-3 launch. There
+    transformers' from_pretrained builds a model under `deepspeed.zero.Init` (accelerate registers
+    the ZeRO-3 config with transformers for the policy), which leaves every parameter an empty
+    slice until DeepSpeed wraps the model; a model that is no DeepSpeed engine, such as the hf
+    rollout engine's own copy, must be loaded whole. The registration is lifted while loading and
+    put back after (accelerate's zero3_init_context_manager registers the same ZeRO-3 config
+    again, so it does not do this). No change without DeepSpeed."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    registered = getattr(plugin, "dschf", None)  # the HfDeepSpeedConfig transformers reads
+    if registered is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
 
 
 def forward_passes(accelerator, local: int) -> int:

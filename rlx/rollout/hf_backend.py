@@ -25,6 +25,7 @@ from rlx.rollout.base import (
     encode_prompts,
     unsupported,
 )
+from rlx.sharding import whole_model_loading
 
 NO_ADAPTERS = "use rollout.backend=vllm (with rollout.enable_lora=true), or es.evaluator=hf_batched"
 
@@ -41,7 +42,9 @@ class HFEngine:
         batch_size: int = 64,
         device: str | None = None,
     ):
-        self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+        with whole_model_loading():  # a copy of its own, whole on every rank under ZeRO-3 too
+            self.model, self.tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+        self.synced_gpus = False  # a whole copy: no rank waits for the others' forward passes
         self.weight_version = 0  # the version of the last whole weight update (0: as loaded)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
@@ -57,6 +60,7 @@ class HFEngine:
         engine = cls.__new__(cls)
         engine.model, engine.tokenizer, engine.batch_size = model, tokenizer, batch_size
         engine.device, engine.weight_version = model.device, 0
+        engine.synced_gpus = None  # transformers decides (a model sharded under ZeRO-3: True)
         pad = tokenizer.pad_token_id
         engine.pad_id = pad if pad is not None else tokenizer.eos_token_id
         return engine
@@ -118,6 +122,7 @@ class HFEngine:
             tokenizer=self.tokenizer,
             pad_token_id=self.pad_id,
             return_dict_in_generate=True,
+            synced_gpus=self.synced_gpus,
             output_scores=sampling.logprobs,  # processed: logprobs of the distribution sampled
         )
         new_tokens = out.sequences[:, ids.shape[1] :]  # [B*n, T_new]
