@@ -133,8 +133,8 @@ def common_overrides(model: str, tiny: bool, extra: list[str]) -> list[str]:
 
 
 def check_settings(args: argparse.Namespace, out: Path) -> None:
-    """Record the settings every run of `out` shares (out/settings.json) and refuse to mix runs
-    of other settings, which the finished runs in `out` would otherwise be silently."""
+    """Record the settings every run of `out` shares (out/settings.json), and refuse other
+    settings: the finished runs there would be read back and mixed in with the new ones."""
     settings = {"model": args.model, "steps": args.steps, "set": args.set}
     path = out / "settings.json"
     if path.exists():
