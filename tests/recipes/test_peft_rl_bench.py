@@ -38,6 +38,9 @@ def test_peft_bench_then_the_spectra_of_its_full_fine_tune(tmp_path):
     assert max(share["lora_guard"], share["lora_guard_grad"]) < 1e-3 < share["lora"]
     for v in variants:  # each untrained task's change (small, minus, times) and the forgetting
         assert all(math.isfinite(float(x)) for x in rows[v][3:7]), rows[v]  # loss are numbers
+    # the untrained-task scores are kept per run, so an added seed or variant scores only itself
+    kept = {path.name for path in (tmp_path / "untrained").iterdir()}
+    assert kept == {"base.json", *(f"{v}_0.json" for v in variants)}
     grpo, out = str(tmp_path / "full_0" / "final"), str(tmp_path / "spectra")
     args = ["--base", str(tmp_path / "tiny"), "--grpo", grpo, "--sft-steps", "2", "--out", out]
     spectra = bench("rl_vs_sft_spectra.py", *args)
