@@ -38,7 +38,8 @@ with the trained-task gain within noise of LoRA's; nan when LoRA forgets nothing
 Run it on an idle machine: anything beside it slows vLLM-CPU by up to 10x. With --out, a run
 already finished there is read back (result.json), not run again; its checkpoints are deleted
 once measured (up to 2 GB a run; final/ stays), and each model's untrained-task scores are kept
-in untrained/<run>.json (base.json for the base model), so added seeds or variants score only the new runs.
+in untrained/<run>.json (base.json for the base model): added seeds or variants score only the
+new runs.
 """
 
 from __future__ import annotations
