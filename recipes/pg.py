@@ -174,8 +174,10 @@ class Trainer:
         too, and the engine steps only after the check: rlx/sharding.py), the failed update's
         gradients are dropped, and the updates the step had already applied (more than one per
         step) are undone from a copy taken before it (`snapshot`). DeepSpeed's partitioned
-        optimizer state has no such copy: there a failure after an applied update of the step
-        stops the run with FloatingPointError (bad_steps=skip holds with one update per step)."""
+        optimizer state has no such copy: there the step keeps the updates it applied before the
+        failed one, drops that one and the rest, and counts as trained (`dropped_updates` in its
+        metrics), so that the loop syncs what was applied into the rollout engine, as DeepSpeed
+        itself does with an fp16 overflow."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         parts = mini_batch_parts(step.keep, cfg.algo.mini_batches)  # [P]
         num_parts, mine = int(parts.max()) + 1, step.mine
@@ -189,25 +191,27 @@ class Trainer:
             return None
         stats = merge_updates(updates)
         applied = int(stats.get("updates", 0))  # the non-finite one, if any, is not counted
+        if not math.isfinite(stats["loss"]):  # the caller stops or skips the step
+            if before is not None:  # the failed update applied nothing: undo the rest
+                self.restore(before)
+            elif applied and cfg.bad_steps == "skip" and sharding.zero_stage(self.accelerator):
+                stats = merge_updates(updates[:-1])  # kept: the loop syncs them
+                stats.add({"dropped_updates": 1})
+                if self.accelerator.is_main_process:
+                    print(
+                        f"pg: step {index + 1}: an update's loss or gradient is not finite after "
+                        f"{applied} update(s) that DeepSpeed applied; they are kept, the rest "
+                        "of the step is dropped"
+                    )
         if math.isfinite(stats["loss"]):
             self.updates += applied
-            return stats
-        # the caller stops or skips the step; the failed update applied nothing: undo the rest
-        if before is not None:
-            self.restore(before)
-        elif applied and cfg.bad_steps == "skip" and sharding.zero_stage(self.accelerator):
-            raise FloatingPointError(
-                f"an update's loss or gradient is not finite after {applied} update(s) of the "
-                "step that DeepSpeed has applied and bad_steps=skip cannot undo: lower optim.lr, "
-                "or set algo.mini_batches=1 and algo.ppo_epochs=1"
-            )
         return stats
 
     def snapshot(self) -> dict | None:
         """A copy of what the step's optimizer updates change (the trainable weights, AdamW's
         state, the adapter hooks' count and AdaLoRA's allocator), taken when bad_steps=skip may
         have to undo updates: more than one per step, outside DeepSpeed (whose partitioned
-        optimizer state has no such copy; update() refuses to go on there instead). It costs
+        optimizer state has no such copy; update() keeps what was applied there instead). It costs
         three copies of the trainable weights while the step runs."""
         zero = sharding.zero_stage(self.accelerator)
         if self.cfg.bad_steps != "skip" or self.updates_per_step == 1 or zero:
@@ -639,6 +643,8 @@ def step_metrics(step: int, scored, reward_fns, stats: Stats | None, clock, lr: 
     }
     if stats["peak_gpu_gib"] > 0:
         row["peak_gpu_gib"] = stats["peak_gpu_gib"]
+    if stats.get("dropped_updates", 0) > 0:  # DeepSpeed kept the step's earlier updates
+        row["dropped_updates"] = int(stats["dropped_updates"])
     if stats["tis_max"] > 0:
         row |= {
             "tis_mean": stats["tis_sum"] / tokens,

@@ -167,11 +167,11 @@ update, loss = recipe.Trainer.update, recipe.pg.clipped_policy_loss
 logits = recipe.completion_logits
 
 
-def saving_update(self, step):
+def saving_update(self, *args):
     state["update"] += 1
     state["pass"] = 0
     before = local_weights(self.model)
-    stats = update(self, step)
+    stats = update(self, *args)
     saved = {{"before": before, "after": local_weights(self.model)}}
     torch.save(saved, out / f"update{{state['update']}}-rank{{rank}}.pt")
     return stats
@@ -254,17 +254,27 @@ def test_zero_skips_a_non_finite_step_with_nothing_applied(tiny_llama, tmp_path,
 
 @pytest.mark.slow  # one 2-process run, 1 to 2 minutes here
 @pytest.mark.multiprocess
-def test_zero3_non_finite_update_after_an_applied_one_stops_the_run(tiny_llama, tmp_path, reward):
-    """algo.mini_batches=2 under ZeRO-3: update 2's second mini-batch has a NaN loss on rank 0
-    after its first was applied. DeepSpeed's partitioned optimizer state has no copy to restore,
-    so bad_steps=skip stops the run with one line instead of going on with unsynced weights."""
+def test_zero3_keeps_the_updates_applied_before_a_non_finite_one(tiny_llama, tmp_path, reward):
+    """algo.mini_batches=2 under ZeRO-3: step 2's second update has a NaN loss on rank 0 after its
+    first was applied. DeepSpeed's partitioned optimizer state has no copy to restore, so the step
+    keeps that first update, drops the failed one and counts as trained (the loop syncs its
+    weights); step 3's first update has an inf gradient on rank 1 and is skipped with nothing
+    applied. Before the fix, step 2 stopped the run with FloatingPointError."""
     out = tmp_path / "z3applied"
     out.mkdir()
     script = tmp_path / "faulty_pg.py"
     script.write_text(FAULTY_RECIPE.format(recipe=str(RECIPE), out=str(out)))
     args = ("steps=3", "bad_steps=skip", "algo.mini_batches=2")
     run = launch(3, tiny_llama, out, reward, *args, script=script)
-    assert run.wait(timeout=900) != 0
-    log = (tmp_path / "z3applied.log").read_text()
-    assert "not finite after 1 update(s) of the step that DeepSpeed has applied" in log, log[-3000:]
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    log = tmp_path / "z3applied.log"
+    assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert "update(s) that DeepSpeed applied; they are kept" in log.read_text()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3], rows
+    assert (rows[1]["updates"], rows[1]["dropped_updates"]) == (1, 1), rows[1]
+    assert "skipped" not in rows[1] and rows[2].get("skipped") == "non-finite loss", rows
+    for rank in (0, 1):
+        saved = [torch.load(out / f"update{n}-rank{rank}.pt") for n in (1, 2, 3)]
+        changed = [not torch.equal(s["before"], s["after"]) for s in saved]
+        assert changed == [True, True, False], (rank, changed)
+        assert all(bool(s["after"].isfinite().all()) for s in saved)
