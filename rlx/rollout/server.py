@@ -8,7 +8,7 @@ with two of vLLM's optional route sets:
   /start_weight_update, /update_weights, /finish_weight_update, /weight_info. These also expose
   /collective_rpc, so `rlx serve` binds 127.0.0.1 unless given a token (rollout.token or
   RLX_SERVE_TOKEN), which it then requires on every path but /health (rlx/rollout/auth.py).
-  The trainer sends it on every call (`_Server._headers`), and the weight-sync group checks that
+  The trainer sends it on every call (rlx/rollout/http.py), and the weight-sync group checks that
   every member holds it before weights travel.
 
 `ServerEngine` implements the RolloutEngine protocol over HTTP. Weight sync goes through vLLM's
@@ -16,12 +16,9 @@ weight-transfer API, over vLLM's nccl engine on GPUs (rlx/rollout/nccl_sender.py
 engine (rlx/rollout/weight_transfer.py), as rollout.sync_backend says. Only trainer rank 0 sends
 weights. The design, in four parts (docs/scale.md has the operator's view):
 
-Dispatch by load. All HTTP goes through one asyncio event loop in a background thread (aiohttp),
-so a call in flight costs a coroutine, not a thread: 80 servers join a weight-sync group at once
-without a thread pool to wait behind. Each server takes at most `max_in_flight`
-(rollout.max_in_flight) generation requests at a time; every new request goes to the server
-with the fewest in flight (ties: the first), and waits when all are full. vLLM batches what
-each server holds.
+Dispatch by load. All HTTP goes through one asyncio event loop in a background thread, and each
+generation request goes to the server with the fewest in flight, at most rollout.max_in_flight
+each (rlx/rollout/http.py).
 
 Sync as a transaction. `weight_update(version)` pauses every server, starts an update, lets the
 caller's `update_weights(chunk)` calls send the chunks, then finishes with the version and
@@ -59,10 +56,7 @@ the phase of the sync it was in.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import errno
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
@@ -73,7 +67,7 @@ from rlx.config.common import RolloutConfig
 from rlx.errors import UserError
 from rlx.rollout.adapter_upload import ROUTE as UPLOAD_ROUTE
 from rlx.rollout.adapter_upload import adapter_payload
-from rlx.rollout.auth import auth_headers, resolve_token
+from rlx.rollout.auth import resolve_token
 from rlx.rollout.base import (
     Adapter,
     Completion,
@@ -85,6 +79,7 @@ from rlx.rollout.base import (
     engine_dtype,
     unsupported,
 )
+from rlx.rollout.http import EventLoop, Refused, Server, dispatch
 from rlx.rollout.weight_transfer import (
     GlooSender,
     RolloutWorkerError,
@@ -104,203 +99,6 @@ class SyncFailed(RolloutWorkerError):
 class ServerRestarted(RolloutWorkerError):
     """A server reports no weights of this run (restarted, or an update of ours it did not
     finish): the loop re-pushes the current weights (rlx.rollout.sync.generate_synced)."""
-
-
-def server_url(address: str) -> str:
-    """'host:port' (or a full http:// URL) -> the server's base URL."""
-    address = address.strip().rstrip("/")
-    return address if address.startswith(("http://", "https://")) else f"http://{address}"
-
-
-class _Loop:
-    """An asyncio event loop in a daemon thread, and the one aiohttp session of an engine."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="rlx rollout http", daemon=True
-        )
-        self.thread.start()
-        self._session = None
-
-    async def session(self):
-        import aiohttp
-
-        if self._session is None:  # created on the loop: aiohttp binds it to the running loop
-            # no connection limit: each server's generation limit is the dispatcher's
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        return self._session
-
-    def submit(self, coro) -> Future:
-        if not self.loop.is_running():  # closed: the call would wait for ever
-            coro.close()
-            raise RolloutWorkerError("the rollout engine was closed; make a new one")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro):
-        """Run `coro` on the loop and wait for it (the calling thread blocks, the loop goes on)."""
-        job = self.submit(coro)
-        try:
-            return job.result()
-        except BaseException:
-            job.cancel()
-            raise
-
-    def close(self) -> None:
-        async def stop():
-            if self._session is not None:
-                await self._session.close()
-
-        if self.loop.is_running():
-            with contextlib.suppress(Exception):
-                self.submit(stop()).result(timeout=5)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=5)
-
-
-class _Server:
-    """One rollout server: its URL, its generation requests in flight, and HTTP calls that
-    fail with one clear error."""
-
-    def __init__(self, address: str, timeout_s: float, loop: _Loop, token: str = ""):
-        self.url = server_url(address)
-        self.timeout_s = timeout_s
-        self.loop = loop
-        self.token = token
-        self.in_flight = 0  # generation requests sent and not answered (the dispatcher's count)
-        self.peak_in_flight = 0
-
-    def _headers(self) -> dict[str, str]:
-        """The headers of every call: the server's token (rlx/rollout/auth.py), if any."""
-        return auth_headers(self.token)
-
-    def call(self, what: str, method: str, path: str, **kwargs):
-        """One HTTP call, waited for; any failure -> RolloutWorkerError naming this server and
-        `what`. kwargs: `json=` (the body) and `params=` (the query)."""
-        return self.loop.run(self.acall(what, method, path, **kwargs))
-
-    async def acall(self, what: str, method: str, path: str, timeout_s: float | None = None, **kw):
-        """`call` on the event loop. A kept-alive connection that the server closed meanwhile
-        (uvicorn does after an error answer) fails when reused, before the request reached the
-        server: the call is sent once more on a new connection."""
-        try:
-            return await self._acall(what, method, path, timeout_s, **kw)
-        except _Reset:
-            return await self._acall(what, method, path, timeout_s, **kw)
-
-    async def _acall(self, what: str, method: str, path: str, timeout_s: float | None, **kw):
-        import aiohttp
-
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-        session = await self.loop.session()
-        try:
-            async with session.request(
-                method, f"{self.url}{path}", timeout=limits, headers=self._headers(), **kw
-            ) as response:
-                if response.status == 401:
-                    raise RolloutWorkerError(
-                        f"rollout server {self.url} refused the call while {what} (HTTP 401): "
-                        "set rollout.token (or RLX_SERVE_TOKEN) to the token its `rlx serve` "
-                        "runs with"
-                    )
-                if response.status != 200:
-                    text = await response.text()
-                    raise _Refused(
-                        f"rollout server {self.url} answered HTTP {response.status} while "
-                        f"{what}: {text[:300]}",
-                        response.status,
-                    )
-                if "json" not in response.headers.get("content-type", ""):
-                    return await response.text()  # e.g. vLLM's adapter endpoints: plain text
-                return await response.json()
-        except TimeoutError:
-            raise RolloutWorkerError(
-                f"rollout server {self.url} did not answer within rollout.timeout_s="
-                f"{timeout_s:g} s while {what}: it is hung or overloaded"
-            ) from None
-        except aiohttp.ClientError as err:
-            reset = isinstance(err, aiohttp.ServerDisconnectedError | ConnectionResetError) or (
-                getattr(err, "errno", None) == errno.ECONNRESET
-            )
-            raise (_Reset if reset else RolloutWorkerError)(
-                f"rollout server {self.url} is unreachable while {what} ({_reason(err)}): "
-                "is `rlx serve` running there?"
-            ) from None
-
-    async def wait_ready(self, deadline: float) -> dict:
-        """Poll /health until the server answers or `deadline` (time.monotonic()) passes; then
-        the model it serves (/v1/models)."""
-        while True:
-            try:
-                await self.acall("checking its health", "GET", "/health", timeout_s=5)
-                break
-            except RolloutWorkerError:
-                if time.monotonic() > deadline:
-                    raise RolloutWorkerError(
-                        f"rollout server {self.url} was not ready within rollout.timeout_s="
-                        f"{self.timeout_s:g} s: start it with `rlx serve` (same model and "
-                        "rollout settings) and check its log"
-                    ) from None
-            await asyncio.sleep(1.0)
-        return (await self.acall("listing its model", "GET", "/v1/models"))["data"][0]
-
-
-class _Reset(RolloutWorkerError):
-    """The server closed the connection under the request (sent once more, then this error)."""
-
-
-class _Refused(RolloutWorkerError):
-    """The server answered the call with an HTTP error `status` (so it is up)."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
-def _reason(err: Exception) -> str:
-    if isinstance(getattr(err, "os_error", None), ConnectionRefusedError):
-        return "connection refused"
-    text = str(err) or type(err).__name__
-    return "connection refused" if "refused" in text.lower() else text[:200]
-
-
-async def dispatch(
-    servers: Sequence[_Server], calls: Sequence[tuple[str, dict]], limit: int
-) -> list:
-    """POST each (what, body) of `calls` to /inference/v1/generate on the least-loaded server
-    with a free slot (at most `limit` in flight per server); the answers in call order. The
-    first failure cancels the rest and is raised."""
-    free = asyncio.Condition()
-    tasks: list[asyncio.Task] = []
-
-    async def one(server: _Server, what: str, body: dict):
-        try:
-            answer = await server.acall(what, "POST", "/inference/v1/generate", json=body)
-            answer["_server"] = server.url  # for the version check's error line
-            return answer
-        finally:
-            server.in_flight -= 1
-            async with free:
-                free.notify_all()
-
-    try:
-        for what, body in calls:
-            async with free:
-                await free.wait_for(lambda: any(s.in_flight < limit for s in servers))
-            server = min((s for s in servers if s.in_flight < limit), key=lambda s: s.in_flight)
-            server.in_flight += 1
-            server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
-            tasks.append(asyncio.ensure_future(one(server, what, body)))
-            # a failure already back ends the dispatch now, not after every call went out
-            for task in tasks:
-                if task.done() and task.exception() is not None:
-                    raise task.exception()
-            await asyncio.sleep(0)
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 class _Update:
@@ -347,9 +145,9 @@ class ServerEngine:
         if not servers:
             raise UserError("rollout.backend=server needs rollout.servers=[host:port, ...]")
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-        self._loop = _Loop()
+        self._loop = EventLoop()
         self.token = resolve_token(token)  # None or "": RLX_SERVE_TOKEN
-        self.servers = [_Server(a, timeout_s, self._loop, self.token) for a in servers]
+        self.servers = [Server(a, timeout_s, self._loop, self.token) for a in servers]
         self.timeout_s = timeout_s
         self.sync_address, self.sync_port = sync_address, sync_port
         self.sync_backend = resolve_sync_backend(sync_backend)  # nccl asked without CUDA: here
@@ -439,7 +237,7 @@ class ServerEngine:
         ]
         try:
             answers = self._loop.run(dispatch(self.servers, calls, self.max_in_flight))
-        except _Refused:
+        except Refused:
             if self.synced:  # e.g. a restarted server that lost our adapter (module docstring)
                 self._find_restarted()
             raise

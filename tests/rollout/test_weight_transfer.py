@@ -25,7 +25,7 @@ from vllm.distributed.weight_transfer.nccl_engine import (
 from rlx.cli import main as rlx_main
 from rlx.cli.serve import serve_command
 from rlx.config import ConfigError, RolloutConfig
-from rlx.rollout import nccl_sender, server
+from rlx.rollout import http, nccl_sender
 from rlx.rollout.gloo_worker import GlooInitInfo, worker_rank
 from rlx.rollout.nccl_sender import NcclSender
 from rlx.rollout.server import RolloutWorkerError, ServerEngine, make_sender, rank_offsets
@@ -291,8 +291,8 @@ def fake_gpu_engine(tiny_tied, fakes, open_group, monkeypatch) -> ServerEngine:
     async def wait_ready(self, deadline):
         return (await acall(self, "listing its model", "GET", "/v1/models"))["data"][0]
 
-    monkeypatch.setattr(server._Server, "wait_ready", wait_ready)
-    monkeypatch.setattr(server._Server, "acall", acall)
+    monkeypatch.setattr(http.Server, "wait_ready", wait_ready)
+    monkeypatch.setattr(http.Server, "acall", acall)
     return ServerEngine(tiny_tied, list(fakes), timeout_s=30, sync_backend="auto")
 
 
