@@ -195,8 +195,9 @@ class Trainer:
             if before is not None:  # the failed update applied nothing: undo the rest
                 self.restore(before)
             elif applied and cfg.bad_steps == "skip" and sharding.zero_stage(self.accelerator):
-                stats = merge_updates(updates[:-1])  # kept: the loop syncs them
-                stats.add({"dropped_updates": 1})
+                failed = updates.pop()
+                stats = merge_updates(updates)  # kept: the loop syncs them
+                stats.add({"dropped_updates": failed["dropped_updates"], "flops": failed["flops"]})
                 if self.accelerator.is_main_process:
                     print(
                         f"pg: step {index + 1}: an update's loss or gradient is not finite after "
@@ -450,7 +451,8 @@ def update_policy(
     With more than one update, the old logprobs are taken once, before the first. Returns each
     update's stats over all ranks; it stops at an update whose loss or gradient is not finite on
     some rank, before its optimizer step and with its gradients dropped, so that nothing of it is
-    applied (that update's stats come last, with a NaN loss)."""
+    applied (that update's stats come last, with a NaN loss and the count of updates dropped:
+    it and the ones after it)."""
     # a mini-batch whose every token is masked on every rank takes no step at all (AdamW's
     # momentum and weight decay would still move the weights); decided once, the same on all ranks
     batches = [mb for mb in batches if loss_tokens(mb)]
@@ -459,24 +461,26 @@ def update_policy(
         for mb in batches:
             mb.old_logprobs = policy_logprobs(cfg, accelerator, model, mb.batch)
             old_pass_flops += 2 * matmul_params * real_tokens(mb.batch)
+    planned = [mb for _ in range(cfg.algo.ppo_epochs) for mb in batches]
     updates = []
-    for _ in range(cfg.algo.ppo_epochs):
-        for mb in batches:
-            t0 = time.perf_counter()
-            stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
-            stats = stats.over_ranks()  # the same loss on every rank
-            max_norm, norm = cfg.optim.max_grad_norm, None
-            if math.isfinite(stats["loss"]):
-                norm = sharding.optimizer_step(accelerator, model, optimizer, trainable, max_norm)
-            else:  # nothing of this update is applied: drop what its backward passes left
-                sharding.drop_gradients(accelerator, model, optimizer)
-            if norm is None:  # no step was taken (a non-finite gradient: the loss says so too)
-                stats.values["loss"] = math.nan
-                return updates + [stats]
-            if max_norm > 0:
-                stats.add({"grad_norm": norm})
-            stats.add({"seconds": time.perf_counter() - t0, "updates": 1})
+    for done, mb in enumerate(planned):
+        t0 = time.perf_counter()
+        stats = train_on_batch(cfg, accelerator, model, ref_model, mb, matmul_params)
+        stats = stats.over_ranks()  # the same loss on every rank
+        max_norm, norm = cfg.optim.max_grad_norm, None
+        if math.isfinite(stats["loss"]):
+            norm = sharding.optimizer_step(accelerator, model, optimizer, trainable, max_norm)
+        else:  # nothing of this update is applied: drop what its backward passes left
+            sharding.drop_gradients(accelerator, model, optimizer)
+        if norm is None:  # no step was taken (a non-finite gradient: the loss says so too)
+            stats.values["loss"] = math.nan
+            stats.add({"dropped_updates": len(planned) - done})  # this one and the rest
             updates.append(stats)
+            break
+        if max_norm > 0:
+            stats.add({"grad_norm": norm})
+        stats.add({"seconds": time.perf_counter() - t0, "updates": 1})
+        updates.append(stats)
     if updates:
         updates[0].add({"flops": old_pass_flops})
     return updates

@@ -1,7 +1,7 @@
 """recipes/pg.py under DeepSpeed ZeRO through accelerate (two CPU processes over gloo): ZeRO-3
 really shards, the gathered weight sync is exact, a ZeRO-2 run killed with SIGKILL resumes to
 the uninterrupted run's rewards and losses, and a step with a non-finite loss or gradient is
-skipped with nothing applied."""
+skipped with nothing applied (or, after updates of the step were applied, keeps them)."""
 
 from __future__ import annotations
 

@@ -262,7 +262,7 @@ def test_a_server_that_fails_meanwhile_is_raised_at_once():
 
 
 class FakeServer:
-    """`_Server.acall` for a server of `size` workers: answers what the engine asks and records
+    """`http.Server.acall` for a server of `size` workers: answers what the engine asks and records
     the weight-sync calls; `refuse`: a path it answers with an HTTP error."""
 
     def __init__(self, size, refuse=None):
