@@ -189,23 +189,22 @@ class Trainer:
         updates = update_policy(cfg, *args, batches, self.forward_params)
         if not updates:
             return None
-        stats = merge_updates(updates)
-        applied = int(stats.get("updates", 0))  # the non-finite one, if any, is not counted
-        if not math.isfinite(stats["loss"]):  # the caller stops or skips the step
-            if before is not None:  # the failed update applied nothing: undo the rest
+        failed = None if math.isfinite(updates[-1]["loss"]) else updates.pop()  # applied nothing
+        zero = sharding.zero_stage(self.accelerator)
+        if failed is not None and not (updates and cfg.bad_steps == "skip" and zero):
+            if before is not None:  # undo the updates the step applied before the failed one
                 self.restore(before)
-            elif applied and cfg.bad_steps == "skip" and sharding.zero_stage(self.accelerator):
-                failed = updates.pop()
-                stats = merge_updates(updates)  # kept: the loop syncs them
-                stats.add({"dropped_updates": failed["dropped_updates"], "flops": failed["flops"]})
-                if self.accelerator.is_main_process:
-                    print(
-                        f"pg: step {index + 1}: an update's loss or gradient is not finite after "
-                        f"{applied} update(s) that DeepSpeed applied; they are kept, the rest "
-                        "of the step is dropped"
-                    )
-        if math.isfinite(stats["loss"]):
-            self.updates += applied
+            return merge_updates([*updates, failed])  # a NaN loss: the caller stops or skips
+        stats = merge_updates(updates)
+        if failed is not None:  # DeepSpeed: the applied updates are kept, and the loop syncs them
+            stats.add({"dropped_updates": failed["dropped_updates"], "flops": failed["flops"]})
+            if self.accelerator.is_main_process:
+                print(
+                    f"pg: step {index + 1}: an update's loss or gradient is not finite after "
+                    f"{len(updates)} update(s) that DeepSpeed applied; they are kept, the rest "
+                    "of the step is dropped"
+                )
+        self.updates += len(updates)
         return stats
 
     def snapshot(self) -> dict | None:
